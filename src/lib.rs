@@ -1,0 +1,3 @@
+//! `safe`: reinforcement-learning fine-tuning of Hugging Face causal language models on Candle.
+
+pub mod model;

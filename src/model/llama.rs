@@ -1,0 +1,498 @@
+//! Llama / Qwen2 / Mistral decoder, built only from ops that have a backward in Candle.
+//!
+//! Why not candle-transformers: its fused `rms_norm`, `rope` and `softmax_last_dim` have no backward (gradients are
+//! silently dropped), it returns last-position logits only and its padding mask is not causal+padding. Here:
+//! manual RMSNorm, rotate-half RoPE from per-row position ids, composite softmax, an additive finite mask (no NaN
+//! rows under left padding), grouped-query attention without copying K/V, and a KV cache. Tensor names are HF's.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+
+use super::config::ModelConfig;
+
+/// Value added to masked attention scores. Finite, so a fully masked row stays a uniform distribution, not NaN.
+pub const MASK_VALUE: f32 = -1.0e30;
+
+/// Where a model's tensors come from and whether they are trained.
+pub struct ParamStore {
+    tensors: HashMap<String, Tensor>,
+    trainable: bool,
+    /// Trainable variables in creation order with their HF names.
+    vars: Vec<(String, Var)>,
+}
+
+impl ParamStore {
+    pub fn new(tensors: HashMap<String, Tensor>, trainable: bool) -> Self {
+        Self { tensors, trainable, vars: Vec::new() }
+    }
+
+    /// Take the tensor `name` (expected shape `shape`), wrapping it in a [`Var`] if the model is trainable.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensors.remove(name).with_context(|| format!("weight `{name}` is missing"))?;
+        if t.dims() != shape {
+            bail!("weight `{name}` has shape {:?}, expected {:?}", t.dims(), shape);
+        }
+        if self.trainable {
+            let var = Var::from_tensor(&t)?;
+            let t = var.as_tensor().clone();
+            self.vars.push((name.to_string(), var));
+            Ok(t)
+        } else {
+            Ok(t)
+        }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(p: &mut ParamStore, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = p.take(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias { Some(p.take(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    /// `x` is `[.., in]`; flattened to 2-D so one GEMM covers every row.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().expect("linear input has a last dim");
+        let rows = x.elem_count() / in_dim;
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+/// RMSNorm from primitive ops (Candle's fused `rms_norm` has no backward). Computed in f32 as transformers does.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(p: &mut ParamStore, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: p.take(&format!("{name}.weight"), &[dim])?, eps })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        xf.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Softmax over the last dimension from primitive ops. The max is detached: softmax does not depend on the shift.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Log-softmax over the last dimension from primitive ops.
+pub fn log_softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// `rotate_half` RoPE: x·cos + rotate_half(x)·sin with `cos`, `sin` of shape `[b, 1, s, d]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Per-layer cached keys and values, `[b, kv_heads, t, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers] }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keep only the batch rows `rows` (compaction when rows finish, or sharing a prompt across a group).
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(rows, 0)?;
+            *v = v.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(p: &mut ParamStore, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Self {
+            q_proj: Linear::load(p, &format!("{prefix}.q_proj"), h, cfg.num_heads * d, cfg.qkv_bias)?,
+            k_proj: Linear::load(p, &format!("{prefix}.k_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
+            v_proj: Linear::load(p, &format!("{prefix}.v_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
+            o_proj: Linear::load(p, &format!("{prefix}.o_proj"), cfg.num_heads * d, h, cfg.o_bias)?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous();
+        let q = apply_rope(&heads(self.q_proj.forward(x)?, nh)?, &rope.0, &rope.1)?;
+        let k = apply_rope(&heads(self.k_proj.forward(x)?, nkv)?, &rope.0, &rope.1)?;
+        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let t = k.dim(2)?;
+        // Grouped-query attention without repeating K/V: the n_rep query heads sharing a KV head are stacked
+        // along the query axis, so one batched matmul per KV head covers them.
+        let n_rep = nh / nkv;
+        let q = q.reshape((b, nkv, n_rep * s, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nkv, n_rep, s, t))?;
+        let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?;
+        let probs = softmax_last_dim(&scores)?.reshape((b, nkv, n_rep * s, t))?;
+        let y = probs.matmul(&v)?.reshape((b, nh, s, d))?.transpose(1, 2)?.reshape((b, s, nh * d))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(p: &mut ParamStore, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: Linear::load(p, &format!("{prefix}.gate_proj"), h, i, b)?,
+            up_proj: Linear::load(p, &format!("{prefix}.up_proj"), h, i, b)?,
+            down_proj: Linear::load(p, &format!("{prefix}.down_proj"), i, h, b)?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(p: &mut ParamStore, i: usize, cfg: &ModelConfig) -> Result<Self> {
+        let prefix = format!("model.layers.{i}");
+        let eps = cfg.rms_norm_eps;
+        Ok(Self {
+            input_layernorm: RmsNorm::load(p, &format!("{prefix}.input_layernorm"), cfg.hidden_size, eps)?,
+            self_attn: Attention::load(p, &format!("{prefix}.self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(
+                p,
+                &format!("{prefix}.post_attention_layernorm"),
+                cfg.hidden_size,
+                eps,
+            )?,
+            mlp: Mlp::load(p, &format!("{prefix}.mlp"), cfg)?,
+        })
+    }
+}
+
+/// A causal decoder with its LM head. Holds its trainable variables when built trainable.
+pub struct CausalLm {
+    cfg: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    /// `None` when tied to `embed_tokens`.
+    lm_head: Option<Tensor>,
+    inv_freq: Tensor,
+    vars: Vec<(String, Var)>,
+    device: Device,
+    dtype: DType,
+}
+
+impl CausalLm {
+    /// Build from HF-named tensors (already on `device` in `dtype`). Leftover tensors are an error, so a wrong
+    /// architecture cannot load by accident.
+    pub fn from_tensors(
+        cfg: &ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        trainable: bool,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut p = ParamStore::new(tensors, trainable);
+        let embed_tokens = p.take("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?;
+        let layers = (0..cfg.num_layers).map(|i| Block::load(&mut p, i, cfg)).collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(&mut p, "model.norm", cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            // Some tied checkpoints still store a copy of the head; it must equal the embedding, so drop it.
+            p.tensors.remove("lm_head.weight");
+            None
+        } else if p.has("lm_head.weight") {
+            Some(p.take("lm_head.weight", &[cfg.vocab_size, cfg.hidden_size])?)
+        } else {
+            bail!("weight `lm_head.weight` is missing and tie_word_embeddings is false");
+        };
+        // Rotary tables are buffers, not weights.
+        p.tensors.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
+        if !p.tensors.is_empty() {
+            let mut extra: Vec<_> = p.tensors.keys().cloned().collect();
+            extra.sort();
+            extra.truncate(5);
+            bail!("unexpected weights for {}: {}", cfg.arch.hf_class(), extra.join(", "));
+        }
+        let inv_freq = Tensor::new(cfg.rope_inv_freq(), device)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            vars: p.vars,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Trainable variables with their HF names (empty for a frozen model).
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Every weight with its HF name, in a stable order, as saved to `model.safetensors`.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        let lin = |out: &mut Vec<(String, Tensor)>, name: String, l: &Linear| {
+            out.push((format!("{name}.weight"), l.weight.clone()));
+            if let Some(b) = &l.bias {
+                out.push((format!("{name}.bias"), b.clone()));
+            }
+        };
+        for (i, b) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), b.input_layernorm.weight.clone()));
+            lin(&mut out, format!("{p}.self_attn.q_proj"), &b.self_attn.q_proj);
+            lin(&mut out, format!("{p}.self_attn.k_proj"), &b.self_attn.k_proj);
+            lin(&mut out, format!("{p}.self_attn.v_proj"), &b.self_attn.v_proj);
+            lin(&mut out, format!("{p}.self_attn.o_proj"), &b.self_attn.o_proj);
+            out.push((format!("{p}.post_attention_layernorm.weight"), b.post_attention_layernorm.weight.clone()));
+            lin(&mut out, format!("{p}.mlp.gate_proj"), &b.mlp.gate_proj);
+            lin(&mut out, format!("{p}.mlp.up_proj"), &b.mlp.up_proj);
+            lin(&mut out, format!("{p}.mlp.down_proj"), &b.mlp.down_proj);
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.weight.clone()));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), h.clone()));
+        }
+        out
+    }
+
+    /// cos/sin of shape `[b, 1, s, head_dim]` for per-row positions `[b, s]` (u32).
+    fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let pos = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+        Ok((emb.cos()?.to_dtype(self.dtype)?, emb.sin()?.to_dtype(self.dtype)?))
+    }
+
+    /// Final hidden states `[b, s, hidden]` (after the last norm: the LM head's input).
+    ///
+    /// `input_ids` and `positions` are `[b, s]` u32; `mask` is the additive `[b, 1, s, t]` mask from
+    /// [`attention_mask`] where `t` = cached length + s. With `cache`, keys and values are appended to it.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let mut x = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, s, ()))?;
+        let rope = self.rope_tables(positions)?;
+        let mask = mask.to_dtype(self.dtype)?;
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.len() != self.layers.len() {
+                *c = KvCache::new(self.layers.len());
+            }
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = layer.input_layernorm.forward(&x)?;
+            x = (x + layer.self_attn.forward(&h, &rope, &mask, slot)?)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            x = (x + layer.mlp.forward(&h)?)?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// The LM head's weight `[vocab, hidden]` (the embedding when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Logits for hidden states `[.., hidden]` → `[.., vocab]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let dims = hidden.dims().to_vec();
+        let h = *dims.last().unwrap();
+        let rows = hidden.elem_count() / h;
+        let y = hidden.reshape((rows, h))?.matmul(&self.lm_head_weight().t()?)?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.cfg.vocab_size;
+        Ok(y.reshape(out)?)
+    }
+
+    /// Logits at every position `[b, s, vocab]`.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let h = self.forward_hidden(input_ids, positions, mask, cache)?;
+        self.logits(&h)
+    }
+}
+
+/// The additive attention mask `[b, 1, s, t]` for queries at cache positions `past..past+s` over `t = past+s`
+/// keys. `key_valid[row][j]` says whether key `j` is a real token (false = padding). A query may attend to a valid
+/// key at or before itself (and within the sliding window); it may always attend to itself, so a padding row is
+/// never fully masked. Masked entries get [`MASK_VALUE`].
+pub fn attention_mask(
+    key_valid: &[Vec<bool>],
+    q_len: usize,
+    sliding_window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let b = key_valid.len();
+    let t = key_valid.first().map_or(0, Vec::len);
+    if t < q_len {
+        bail!("attention mask: {t} keys for {q_len} queries");
+    }
+    let past = t - q_len;
+    let mut data = vec![MASK_VALUE; b * q_len * t];
+    for (r, valid) in key_valid.iter().enumerate() {
+        if valid.len() != t {
+            bail!("attention mask: rows of different lengths");
+        }
+        for i in 0..q_len {
+            let abs = past + i;
+            let row = &mut data[(r * q_len + i) * t..(r * q_len + i + 1) * t];
+            for (j, v) in valid.iter().enumerate().take(abs + 1) {
+                let in_window = sliding_window.is_none_or(|w| abs - j < w);
+                if (*v && in_window) || j == abs {
+                    row[j] = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(data, (b, 1, q_len, t), device)?)
+}
+
+/// Position ids counted from each row's first real token (padding gets 0), as transformers does for left padding.
+pub fn positions_from_mask(key_valid: &[Vec<bool>]) -> Vec<Vec<u32>> {
+    key_valid
+        .iter()
+        .map(|row| {
+            let mut n = 0u32;
+            row.iter()
+                .map(|&v| {
+                    let p = n.saturating_sub(1);
+                    if v {
+                        n += 1;
+                        n - 1
+                    } else {
+                        p
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}

@@ -1,0 +1,11 @@
+//! Models: config mirror, our trainable decoder, loading (dir | hub | gguf), tokenizer and chat template.
+
+pub mod config;
+pub mod llama;
+pub mod load;
+pub mod tokenizer;
+
+pub use config::{Arch, HfConfig, ModelConfig};
+pub use llama::{attention_mask, positions_from_mask, CausalLm, KvCache};
+pub use load::{LoadedModel, ModelSource};
+pub use tokenizer::Tokenizer;
