@@ -1,0 +1,238 @@
+//! Our decoder against `transformers` (tiny Qwen2 and Llama fixtures: every position, unpadded and left-padded),
+//! against candle-transformers on the same weights, and the gradient check: every trainable tensor gets one.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+use safe::model::{attention_mask, positions_from_mask, CausalLm, KvCache, LoadedModel, ModelSource};
+use serde_json::Value;
+
+const TOL: f32 = 1e-5;
+
+fn load(name: &str, trainable: bool) -> CausalLm {
+    let dir = common::fixture(&format!("tiny/{name}"));
+    let src = ModelSource::parse(dir.to_str().unwrap(), None).unwrap();
+    let lm = LoadedModel::load(&src, &Device::Cpu, DType::F32).unwrap();
+    lm.into_model(trainable, &Device::Cpu, DType::F32).unwrap().0
+}
+
+fn raw_tensors(name: &str) -> HashMap<String, Tensor> {
+    let path = common::fixture(&format!("tiny/{name}/model.safetensors"));
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn rows_of(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .collect()
+}
+
+fn max_abs_diff(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> f32 {
+    assert_eq!(ours.len(), reference.len(), "row count");
+    ours.iter()
+        .zip(reference)
+        .flat_map(|(a, b)| {
+            assert_eq!(a.len(), b.len(), "row width");
+            a.iter().zip(b).map(|(x, y)| (x - y).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+/// Logits `[s, vocab]` of one unpadded sequence.
+fn logits_unpadded(model: &CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
+    let dev = Device::Cpu;
+    let valid = vec![vec![true; ids.len()]];
+    let pos = positions_from_mask(&valid);
+    let input = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
+    let pos = Tensor::new(pos, &dev).unwrap();
+    let mask = attention_mask(&valid, ids.len(), None, &dev).unwrap();
+    model.forward(&input, &pos, &mask, None).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+}
+
+fn check_fixture(name: &str) {
+    let model = load(name, false);
+    let reference = common::read_json(&common::fixture(&format!("tiny/{name}/reference_logits.json")));
+    let seqs = reference["sequences"].as_array().unwrap();
+    let mut worst = 0.0f32;
+    for seq in seqs {
+        let ids = ids_of(&seq["input_ids"]);
+        let d = max_abs_diff(&logits_unpadded(&model, &ids), &rows_of(&seq["logits"]));
+        worst = worst.max(d);
+    }
+    // Left padding: a batch of the first two sequences, the second padded with id 0 on the left.
+    let a = ids_of(&seqs[0]["input_ids"]);
+    let b = ids_of(&seqs[1]["input_ids"]);
+    let pad = a.len() - b.len();
+    let valid = vec![vec![true; a.len()], [vec![false; pad], vec![true; b.len()]].concat()];
+    let batch: Vec<u32> = a.iter().copied().chain(std::iter::repeat_n(0, pad)).chain(b.iter().copied()).collect();
+    let dev = Device::Cpu;
+    let input = Tensor::from_vec(batch, (2, a.len()), &dev).unwrap();
+    let pos = Tensor::new(positions_from_mask(&valid), &dev).unwrap();
+    let mask = attention_mask(&valid, a.len(), None, &dev).unwrap();
+    let logits = model.forward(&input, &pos, &mask, None).unwrap();
+    let row0: Vec<Vec<f32>> = logits.get(0).unwrap().to_vec2().unwrap();
+    let row1: Vec<Vec<f32>> = logits.get(1).unwrap().narrow(0, pad, b.len()).unwrap().to_vec2().unwrap();
+    assert!(row0
+        .iter()
+        .flatten()
+        .chain(logits.get(1).unwrap().to_vec2::<f32>().unwrap().iter().flatten())
+        .all(|x| x.is_finite()));
+    worst = worst.max(max_abs_diff(&row0, &rows_of(&seqs[0]["logits"])));
+    let padded_ref = rows_of(&reference["left_padded_second_row_logits"]);
+    worst = worst.max(max_abs_diff(&row1, &padded_ref));
+    eprintln!("{name}: max |logit - transformers| = {worst:e}");
+    assert!(worst < TOL, "{name}: max abs logit difference {worst} exceeds {TOL}");
+}
+
+#[test]
+fn tiny_qwen2_logits_match_transformers_every_position_and_left_padded() {
+    check_fixture("tiny-qwen2");
+}
+
+#[test]
+fn tiny_llama_logits_match_transformers_every_position_and_left_padded() {
+    check_fixture("tiny-llama");
+}
+
+#[test]
+fn tiny_llama_matches_candle_transformers_llama() {
+    use candle_transformers::models::llama as ct;
+    let ours = load("tiny-llama", false);
+    let c = ours.config();
+    let cfg = ct::Config {
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        vocab_size: c.vocab_size,
+        num_hidden_layers: c.num_layers,
+        num_attention_heads: c.num_heads,
+        num_key_value_heads: c.num_kv_heads,
+        use_flash_attn: false,
+        rms_norm_eps: c.rms_norm_eps,
+        rope_theta: c.rope_theta as f32,
+        bos_token_id: None,
+        eos_token_id: None,
+        rope_scaling: None,
+        max_position_embeddings: c.max_position_embeddings,
+        tie_word_embeddings: c.tie_word_embeddings,
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(raw_tensors("tiny-llama"), DType::F32, &Device::Cpu);
+    let theirs = ct::Llama::load(vb, &cfg).unwrap();
+    let reference = common::read_json(&common::fixture("tiny/tiny-llama/reference_logits.json"));
+    for seq in reference["sequences"].as_array().unwrap() {
+        let ids = ids_of(&seq["input_ids"]);
+        let mut cache = ct::Cache::new(false, DType::F32, &cfg, &Device::Cpu).unwrap();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let last: Vec<f32> = theirs.forward(&input, 0, &mut cache).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let ours_last = logits_unpadded(&ours, &ids).pop().unwrap();
+        let d = max_abs_diff(&[ours_last], &[last]);
+        assert!(d < TOL, "candle-transformers llama differs by {d}");
+    }
+}
+
+#[test]
+fn tiny_qwen2_matches_candle_transformers_qwen2_every_position() {
+    use candle_transformers::models::qwen2 as ct;
+    let ours = load("tiny-qwen2", false);
+    let c = ours.config();
+    let cfg = ct::Config {
+        vocab_size: c.vocab_size,
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        num_hidden_layers: c.num_layers,
+        num_attention_heads: c.num_heads,
+        num_key_value_heads: c.num_kv_heads,
+        max_position_embeddings: c.max_position_embeddings,
+        sliding_window: c.max_position_embeddings,
+        max_window_layers: c.num_layers,
+        tie_word_embeddings: c.tie_word_embeddings,
+        rope_theta: c.rope_theta,
+        rms_norm_eps: c.rms_norm_eps,
+        use_sliding_window: false,
+        hidden_act: candle_nn::Activation::Silu,
+    };
+    let tensors = raw_tensors("tiny-qwen2");
+    let embed = tensors["model.embed_tokens.weight"].clone();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let mut theirs = ct::Model::new(&cfg, vb).unwrap();
+    let reference = common::read_json(&common::fixture("tiny/tiny-qwen2/reference_logits.json"));
+    for seq in reference["sequences"].as_array().unwrap() {
+        let ids = ids_of(&seq["input_ids"]);
+        theirs.clear_kv_cache();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let hidden = theirs.forward(&input, 0, None).unwrap().squeeze(0).unwrap();
+        let logits: Vec<Vec<f32>> = hidden.matmul(&embed.t().unwrap()).unwrap().to_vec2().unwrap();
+        let d = max_abs_diff(&logits_unpadded(&ours, &ids), &logits);
+        assert!(d < TOL, "candle-transformers qwen2 differs by {d}");
+    }
+}
+
+/// A loss over every position must reach every trainable tensor: the fused Candle ops we avoid would leave
+/// some gradients missing (silently zero).
+fn check_every_tensor_gets_gradient(name: &str) {
+    let model = load(name, true);
+    let dev = Device::Cpu;
+    let ids: Vec<u32> = vec![1, 17, 300, 42, 7, 99, 254, 3];
+    let valid = vec![[vec![false; 2], vec![true; 6]].concat(), vec![true; 8]];
+    let input = Tensor::new(vec![ids.clone(), ids.iter().rev().copied().collect::<Vec<_>>()], &dev).unwrap();
+    let pos = Tensor::new(positions_from_mask(&valid), &dev).unwrap();
+    let mask = attention_mask(&valid, 8, None, &dev).unwrap();
+    let logits = model.forward(&input, &pos, &mask, None).unwrap();
+    let logp = safe::model::llama::log_softmax_last_dim(&logits).unwrap();
+    // Mean log-prob of a fixed target at every position (a language-model loss over all positions).
+    let target = Tensor::new(vec![vec![5u32; 8], vec![9u32; 8]], &dev).unwrap();
+    let picked = logp.gather(&target.unsqueeze(D::Minus1).unwrap(), D::Minus1).unwrap();
+    let loss = picked.mean_all().unwrap().neg().unwrap();
+    let grads = loss.backward().unwrap();
+    assert!(!model.vars().is_empty());
+    let names: Vec<String> = model.named_tensors().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names.len(), model.vars().len(), "every named tensor is trainable");
+    for (name, var) in model.vars() {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient norm² {norm}");
+    }
+}
+
+#[test]
+fn every_trainable_tensor_gets_a_gradient_qwen2() {
+    check_every_tensor_gets_gradient("tiny-qwen2");
+}
+
+#[test]
+fn every_trainable_tensor_gets_a_gradient_llama() {
+    check_every_tensor_gets_gradient("tiny-llama");
+}
+
+#[test]
+fn kv_cache_decode_equals_full_forward() {
+    let model = load("tiny-llama", false);
+    let dev = Device::Cpu;
+    let ids: Vec<u32> = vec![1, 400, 2, 2, 9, 10, 11, 12, 13, 14];
+    let full = logits_unpadded(&model, &ids);
+    let mut cache = KvCache::new(model.config().num_layers);
+    let mut valid = vec![vec![true; 6]];
+    let input = Tensor::new(&ids[..6], &dev).unwrap().unsqueeze(0).unwrap();
+    let pos = Tensor::new(positions_from_mask(&valid), &dev).unwrap();
+    let mask = attention_mask(&valid, 6, None, &dev).unwrap();
+    let mut rows: Vec<Vec<f32>> =
+        model.forward(&input, &pos, &mask, Some(&mut cache)).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    for (i, &id) in ids.iter().enumerate().skip(6) {
+        valid[0].push(true);
+        let input = Tensor::new(&[[id]], &dev).unwrap();
+        let pos = Tensor::new(&[[i as u32]], &dev).unwrap();
+        let mask = attention_mask(&valid, 1, None, &dev).unwrap();
+        let step = model.forward(&input, &pos, &mask, Some(&mut cache)).unwrap();
+        rows.push(step.squeeze(0).unwrap().squeeze(0).unwrap().to_vec1().unwrap());
+    }
+    assert_eq!(cache.len(), ids.len());
+    let d = max_abs_diff(&rows, &full);
+    assert!(d < TOL, "cached decode differs from full forward by {d}");
+}
