@@ -1,3 +1,4 @@
 //! `safe`: reinforcement-learning fine-tuning of Hugging Face causal language models on Candle.
 
 pub mod model;
+pub mod rollout;

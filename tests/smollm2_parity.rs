@@ -3,24 +3,15 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use candle_core::{DType, Device, Tensor, D};
-use safe::model::{attention_mask, positions_from_mask, CausalLm, KvCache, LoadedModel, ModelSource};
+use safe::model::{attention_mask, positions_from_mask, CausalLm, KvCache};
 use serde_json::Value;
 
 /// Reference logits are rounded to 4 decimals (±5e-5) and transformers' own sdpa-vs-eager noise is ~7e-5.
 const LOGIT_TOL: f32 = 2e-4;
 
 fn model() -> &'static CausalLm {
-    static MODEL: OnceLock<CausalLm> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let path = common::smollm2_gguf();
-        let src = ModelSource::parse(path.to_str().unwrap(), None).unwrap();
-        assert!(matches!(src, ModelSource::Gguf(_)));
-        let lm = LoadedModel::load(&src, &Device::Cpu, DType::F32).unwrap();
-        lm.into_model(false, &Device::Cpu, DType::F32).unwrap().0
-    })
+    common::smollm2()
 }
 
 fn reference() -> Value {

@@ -30,3 +30,21 @@ pub fn smollm2_gguf() -> PathBuf {
 pub fn read_json(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
+
+/// Load a model (dir, .gguf or hub id) frozen, f32 on CPU.
+pub fn load_frozen(id: &str) -> safe::model::CausalLm {
+    use candle_core::{DType, Device};
+    let src = safe::model::ModelSource::parse(id, None).unwrap();
+    let lm = safe::model::LoadedModel::load(&src, &Device::Cpu, DType::F32).unwrap();
+    lm.into_model(false, &Device::Cpu, DType::F32).unwrap().0
+}
+
+/// SmolLM2, loaded once per test binary.
+pub fn smollm2() -> &'static safe::model::CausalLm {
+    static MODEL: std::sync::OnceLock<safe::model::CausalLm> = std::sync::OnceLock::new();
+    MODEL.get_or_init(|| load_frozen(smollm2_gguf().to_str().unwrap()))
+}
+
+pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}

@@ -1,0 +1,202 @@
+//! Batched generation: prompts left-padded into a batch, one prefill, then one decode step per token over a KV
+//! cache. Each row has its own position ids and random stream. Finished rows are dropped from the batch (the cache
+//! keeps only live rows), so no compute goes to padding after a row stops.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use super::rng::{RowKey, RowRng};
+use super::sampling::{sample, SamplingParams};
+use crate::model::{attention_mask, positions_from_mask, CausalLm, KvCache, Tokenizer};
+
+/// Why a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// Sampled an EOS id (included in the completion).
+    Eos,
+    /// The decoded text reached a stop string (the token completing it is included).
+    Stop,
+    /// Hit `max_new_tokens` without EOS: the completion is truncated.
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationConfig {
+    pub sampling: SamplingParams,
+    pub max_new_tokens: usize,
+    pub eos_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+    /// Rows decoded together (prompts × samples are chunked by this).
+    pub batch_size: usize,
+    /// Token id used to left-pad prompts (never attended to).
+    pub pad_id: u32,
+}
+
+/// One completion to produce: its prompt ids and the key of its random stream.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub key: RowKey,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub ids: Vec<u32>,
+    /// Log-prob of each sampled id under the temperature-scaled full distribution.
+    pub logprobs: Vec<f32>,
+    pub finish: FinishReason,
+}
+
+/// State of one live row during decoding.
+struct Row {
+    index: usize,
+    history: Vec<u32>,
+    prompt_len: usize,
+    valid: Vec<bool>,
+    next_pos: u32,
+    rng: RowRng,
+    ids: Vec<u32>,
+    logprobs: Vec<f32>,
+}
+
+/// Generate one completion per request, in request order. `tokenizer` is needed only for stop strings.
+pub fn generate(
+    model: &CausalLm,
+    tokenizer: Option<&Tokenizer>,
+    requests: &[Request],
+    cfg: &GenerationConfig,
+    progress: Option<&ProgressBar>,
+) -> Result<Vec<Completion>> {
+    if cfg.batch_size == 0 {
+        bail!("generation batch size must be at least 1");
+    }
+    if !cfg.stop_strings.is_empty() && tokenizer.is_none() {
+        bail!("stop strings need a tokenizer");
+    }
+    let mut out: Vec<Option<Completion>> = vec![None; requests.len()];
+    for (chunk_no, chunk) in requests.chunks(cfg.batch_size).enumerate() {
+        let base = chunk_no * cfg.batch_size;
+        for (i, c) in generate_batch(model, tokenizer, chunk, cfg)?.into_iter().enumerate() {
+            out[base + i] = Some(c);
+        }
+        if let Some(p) = progress {
+            p.inc(chunk.len() as u64);
+        }
+    }
+    Ok(out.into_iter().map(|c| c.expect("every request produced a completion")).collect())
+}
+
+fn generate_batch(
+    model: &CausalLm,
+    tokenizer: Option<&Tokenizer>,
+    requests: &[Request],
+    cfg: &GenerationConfig,
+) -> Result<Vec<Completion>> {
+    let dev = model.device();
+    let width = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+    if requests.iter().any(|r| r.prompt.is_empty()) {
+        bail!("cannot generate from an empty prompt");
+    }
+    let mut rows: Vec<Row> = requests
+        .iter()
+        .enumerate()
+        .map(|(index, r)| {
+            let pad = width - r.prompt.len();
+            Row {
+                index,
+                history: r.prompt.clone(),
+                prompt_len: r.prompt.len(),
+                valid: [vec![false; pad], vec![true; r.prompt.len()]].concat(),
+                next_pos: r.prompt.len() as u32,
+                rng: RowRng::new(r.key),
+                ids: Vec::new(),
+                logprobs: Vec::new(),
+            }
+        })
+        .collect();
+    let mut done: Vec<Option<Completion>> = vec![None; requests.len()];
+
+    // Prefill: the whole padded prompt batch at once; only the last column's logits are needed.
+    let mut cache = KvCache::new(model.config().num_layers);
+    let flat: Vec<u32> = requests
+        .iter()
+        .flat_map(|r| std::iter::repeat_n(cfg.pad_id, width - r.prompt.len()).chain(r.prompt.iter().copied()))
+        .collect();
+    let input = Tensor::from_vec(flat, (requests.len(), width), dev)?;
+    let valid: Vec<Vec<bool>> = rows.iter().map(|r| r.valid.clone()).collect();
+    let pos = Tensor::new(positions_from_mask(&valid), dev)?;
+    let mask = attention_mask(&valid, width, model.config().sliding_window, dev)?;
+    let hidden = model.forward_hidden(&input, &pos, &mask, Some(&mut cache))?;
+    let mut logits = model.logits(&hidden.narrow(1, width - 1, 1)?)?;
+
+    while !rows.is_empty() {
+        let table: Vec<Vec<f32>> = logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?;
+        let mut keep = Vec::with_capacity(rows.len());
+        for (slot, (row, row_logits)) in rows.iter_mut().zip(&table).enumerate() {
+            let (token, lp) = sample(row_logits, &cfg.sampling, &row.history, &mut row.rng);
+            row.ids.push(token);
+            row.logprobs.push(lp);
+            row.history.push(token);
+            let finish = if cfg.eos_ids.contains(&token) {
+                Some(FinishReason::Eos)
+            } else if hits_stop(tokenizer, &row.ids, &cfg.stop_strings)? {
+                Some(FinishReason::Stop)
+            } else if row.ids.len() >= cfg.max_new_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            match finish {
+                Some(finish) => {
+                    done[row.index] = Some(Completion {
+                        ids: std::mem::take(&mut row.ids),
+                        logprobs: std::mem::take(&mut row.logprobs),
+                        finish,
+                    })
+                }
+                None => keep.push(slot as u32),
+            }
+        }
+        if keep.len() < rows.len() {
+            let kept: std::collections::HashSet<u32> = keep.iter().copied().collect();
+            let mut slot = 0u32;
+            rows.retain(|_| {
+                let k = kept.contains(&slot);
+                slot += 1;
+                k
+            });
+            if rows.is_empty() {
+                break;
+            }
+            cache.select_rows(&Tensor::new(keep.as_slice(), dev)?)?;
+        }
+        // One decode step for the live rows.
+        let last: Vec<u32> = rows.iter().map(|r| *r.history.last().unwrap()).collect();
+        let positions: Vec<u32> = rows.iter().map(|r| r.next_pos).collect();
+        for r in rows.iter_mut() {
+            r.valid.push(true);
+            r.next_pos += 1;
+        }
+        let n = rows.len();
+        let input = Tensor::from_vec(last, (n, 1), dev)?;
+        let pos = Tensor::from_vec(positions, (n, 1), dev)?;
+        let valid: Vec<Vec<bool>> = rows.iter().map(|r| r.valid.clone()).collect();
+        let mask = attention_mask(&valid, 1, model.config().sliding_window, dev)?;
+        logits = model.forward(&input, &pos, &mask, Some(&mut cache))?;
+        debug_assert!(rows.iter().all(|r| r.history.len() > r.prompt_len));
+    }
+    Ok(done.into_iter().map(|c| c.expect("every row finished")).collect())
+}
+
+/// Whether the decoded completion contains a stop string. Only the tail can newly match, so decode just enough
+/// trailing tokens to cover the longest stop string (a token decodes to at least one byte, or to nothing).
+fn hits_stop(tokenizer: Option<&Tokenizer>, ids: &[u32], stops: &[String]) -> Result<bool> {
+    let (Some(tok), false) = (tokenizer, stops.is_empty()) else { return Ok(false) };
+    let longest = stops.iter().map(String::len).max().unwrap_or(0);
+    let tail = &ids[ids.len().saturating_sub(longest + 2)..];
+    let text = tok.decode(tail, false)?;
+    Ok(stops.iter().any(|s| text.contains(s.as_str())))
+}

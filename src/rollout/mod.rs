@@ -1,0 +1,9 @@
+//! Rollout: batched KV-cache generation and sampling.
+
+pub mod generate;
+pub mod rng;
+pub mod sampling;
+
+pub use generate::{generate, Completion, FinishReason, GenerationConfig, Request};
+pub use rng::{RowKey, RowRng};
+pub use sampling::SamplingParams;
