@@ -316,19 +316,27 @@ pub mod hub {
         snap.join("config.json").is_file().then_some(snap)
     }
 
-    /// A local directory holding the model's files, downloading them first unless offline.
+    /// A local directory holding the model's files, from the cache the environment names; downloads first unless
+    /// `HF_HUB_OFFLINE` is set.
     pub fn resolve(repo: &str, revision: &str) -> Result<PathBuf> {
-        let cache = cache_dir();
-        if offline() {
-            return cached_snapshot(&cache, repo, revision).with_context(|| {
-                format!(
-                    "hub model {repo}@{revision} is not in the cache {} and HF_HUB_OFFLINE is set \
-                     (download it first, or unset HF_HUB_OFFLINE)",
-                    cache.display()
-                )
-            });
+        resolve_in(&cache_dir(), offline(), repo, revision)
+    }
+
+    /// [`resolve`] with the cache directory and offline mode given explicitly.
+    pub fn resolve_in(cache: &Path, offline: bool, repo: &str, revision: &str) -> Result<PathBuf> {
+        if let Some(snap) = cached_snapshot(cache, repo, revision) {
+            if offline || snap.join("tokenizer.json").is_file() {
+                return Ok(snap);
+            }
         }
-        let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache.clone()))
+        if offline {
+            bail!(
+                "hub model {repo}@{revision} is not in the cache {} and HF_HUB_OFFLINE is set \
+                 (download it first, or unset HF_HUB_OFFLINE)",
+                cache.display()
+            );
+        }
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache.to_path_buf()))
             .with_progress(true)
             .build()
             .context("cannot start the hub client")?;
