@@ -1,6 +1,8 @@
 //! Models: config mirror, our trainable decoder, loading (dir | hub | gguf), tokenizer and chat template.
 
+pub mod builtin;
 pub mod config;
+pub mod device;
 pub mod llama;
 pub mod load;
 pub mod tokenizer;
