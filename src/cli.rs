@@ -297,7 +297,7 @@ pub fn summary(r: &Recipe, resume: &Resume) -> String {
          algorithm:  {} (loss_type {}, scale_rewards {}, beta {}, epsilon {}/{}, num_iterations {})\n\
          batch:      {} prompts × {} generations = {n} completions per step; micro-batches: {micro}\n\
          rollout:    {source}\n\
-         optimizer:  AdamW lr {} ({} schedule, {} warm-up steps), max_grad_norm {}\n\
+         optimizer:  AdamW lr {:?} ({} schedule, {} warm-up steps), max_grad_norm {}\n\
          rewards:    {}\n\
          recipe:     hash {}\n",
         r.run.dir().display(),

@@ -56,13 +56,23 @@ fn every_schema_default_is_valid_and_defaults_resolve() {
     assert_eq!(r.optim.max_grad_norm, 1.0);
     assert_eq!(r.rewards.len(), 1);
     assert_eq!(r.rewards[0].source, RewardSource::Rule(Rule::ExactAnswer { field: "answer".into() }));
-    // Every spec's default, typed by its own kind (fill would panic otherwise) and documented.
-    for k in schema::KEYS {
+    // Every literal default fits its own kind; `when` and `SameAs` refer to keys earlier in the same table
+    // (validation resolves keys in schema order).
+    for (i, k) in schema::KEYS.iter().enumerate() {
         assert!(!k.doc.is_empty(), "{} has no doc", k.path);
         if let schema::Default::Value(lit) = k.default {
-            let v: toml_edit::Value = lit.parse().unwrap_or_else(|_| panic!("{}: default {lit} is not TOML", k.path));
-            let _ = v;
+            assert!(k.default_value().is_some(), "{}: default {lit} does not fit {}", k.path, k.kind.describe());
         }
+        let earlier = |p: &str| schema::KEYS[..i].iter().any(|e| e.path == p && e.table() == k.table());
+        if let schema::Default::SameAs(p) = k.default {
+            assert!(earlier(p), "{}: SameAs {p} must come earlier", k.path);
+        }
+        if let Some(w) = k.when {
+            assert!(earlier(w.key), "{}: when {} must come earlier", k.path, w.key);
+        }
+    }
+    for k in recipe::RESUMABLE_KEYS {
+        assert!(schema::spec(k).is_some(), "{k}");
     }
 }
 
@@ -106,7 +116,7 @@ fn wrong_type_and_out_of_range_name_key_and_line() {
     let e = err(&format!("{MINIMAL}\n[rollout]\ntop_p = 1.5\n"), &[]);
     assert!(e.contains("`rollout.top_p` = 1.5 is out of range: must be number in (0, 1]"), "{e}");
     let e = err(&format!("{MINIMAL}\n[algorithm]\nloss_type = \"ppo\"\n"), &[]);
-    assert!(e.contains("`algorithm.loss_type` = \"ppo\" is out of range: must be one of \"dapo\""), "{e}");
+    assert!(e.contains("`algorithm.loss_type` = \"ppo\" is not valid: must be one of \"dapo\""), "{e}");
 }
 
 #[test]
@@ -119,7 +129,7 @@ fn parse_errors_and_missing_required_keys() {
     );
     assert!(e.contains("recipe.toml: [model] is missing required key `model.id`"), "{e}");
     let e = err(&MINIMAL.replace("source = \"builtin:arithmetic\"", "source = \"builtin:nope\""), &[]);
-    assert!(e.contains("`data.source` = \"builtin:nope\" is out of range") && e.contains("builtin:arithmetic"), "{e}");
+    assert!(e.contains("`data.source` = \"builtin:nope\" is not valid") && e.contains("builtin:arithmetic"), "{e}");
 }
 
 #[test]
@@ -174,13 +184,13 @@ fn overrides_apply_before_cross_key_checks() {
 fn reward_rules_and_their_parameters() {
     let base = "[model]\nid = \"m/x\"\n[data]\nsource = \"d.jsonl\"\n";
     let e = err(&format!("{base}[[reward]]\nname = \"a\"\nrule = \"fuzzy\"\n"), &[]);
-    assert!(e.contains("recipe.toml:7: `reward.rule` = \"fuzzy\" is out of range: must be one of"), "{e}");
+    assert!(e.contains("recipe.toml:7: `reward.rule` = \"fuzzy\" is not valid: must be one of"), "{e}");
     let e = err(&format!("{base}[[reward]]\nname = \"a\"\nrule = \"regex\"\n"), &[]);
     assert!(e.contains("recipe.toml:5: [[reward]] #1 is missing required key `reward.pattern`"), "{e}");
     let e = err(&format!("{base}[[reward]]\nname = \"a\"\nrule = \"exact_answer\"\npattern = \"x\"\n"), &[]);
     assert!(e.contains("recipe.toml:8: `reward.pattern` only applies when `reward.rule` is \"regex\""), "{e}");
     let e = err(&format!("{base}[[reward]]\nname = \"a\"\nrule = \"regex\"\npattern = \"(\"\n"), &[]);
-    assert!(e.contains("`reward.pattern` = \"(\" is out of range: must be a valid regular expression"), "{e}");
+    assert!(e.contains("`reward.pattern` = \"(\" is not valid: must be a valid regular expression"), "{e}");
     let e = err(&format!("{base}[[reward]]\nname = \"a\"\nrule = \"length\"\ntarget = 5\n[[reward]]\nname = \"a\"\nrule = \"contains\"\ntext = \"x\"\n"), &[]);
     assert!(e.contains("recipe.toml:10: `reward.name` = \"a\" is already used (at recipe.toml:6)"), "{e}");
     let e = err(base, &[]);

@@ -376,7 +376,7 @@ pub fn explain(markdown: bool) -> String {
         for k in schema::keys_of(t.name) {
             let (ty, def) = (k.kind.describe(), k.default_text());
             if markdown {
-                let cell = |s: &str| s.replace('|', "\\|");
+                let cell = |s: &str| s.replace('|', "\\|").replace('<', "&lt;").replace('>', "&gt;");
                 out.push_str(&format!(
                     "| `{}` | {} | `{}` | {} |\n",
                     k.path,

@@ -28,6 +28,20 @@ impl Value {
         }
     }
 
+    /// From a parsed TOML value; `Err` names the TOML type we have no use for.
+    pub fn from_toml(v: &toml_edit::Value) -> Result<Value, &'static str> {
+        use toml_edit::Value as V;
+        Ok(match v {
+            V::String(s) => Value::Str(s.value().clone()),
+            V::Integer(i) => Value::Int(*i.value()),
+            V::Float(f) => Value::Float(*f.value()),
+            V::Boolean(b) => Value::Bool(*b.value()),
+            V::Array(a) => Value::List(a.iter().map(Value::from_toml).collect::<Result<_, _>>()?),
+            V::Datetime(_) => return Err("a date/time"),
+            V::InlineTable(_) => return Err("an inline table"),
+        })
+    }
+
     pub(crate) fn type_name(&self) -> &'static str {
         match self {
             Value::Int(_) => "an integer",
@@ -232,6 +246,13 @@ impl KeySpec {
     pub fn name(&self) -> &'static str {
         self.path.split_once('.').map(|(_, k)| k).unwrap_or(self.path)
     }
+    /// The literal default typed by the key's own kind; `None` for required and `SameAs` defaults, or a bad literal.
+    pub fn default_value(&self) -> Option<Value> {
+        let Default::Value(lit) = self.default else { return None };
+        let v = Value::from_toml(&lit.parse::<toml_edit::Value>().ok()?).ok()?;
+        self.kind.check(&v).ok()
+    }
+
     /// The default as docs show it.
     pub fn default_text(&self) -> String {
         let base = match self.default {

@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::schema::{self, Default, KeySpec, Kind, Mismatch, Value};
+use super::Schedule;
 use super::{AlgorithmKind, BuiltinData, DTypeSpec, LossType, RewardKind, RolloutSourceKind, RuleKind, ScaleRewards};
 use super::{
     AlgorithmSettings, DataSettings, DataSource, DeviceSpec, ModelSettings, OptimSettings, Recipe, RecipeError,
     Resolved, RewardSettings, RewardSource, RolloutSettings, RolloutSource, Rule, RunSettings,
 };
-use super::{Schedule, RESUMABLE_KEYS};
 
 /// Where a value came from, for messages.
 #[derive(Debug, Clone, PartialEq)]
@@ -185,16 +185,7 @@ fn walk(ctx: &mut Ctx, table: &str, t: &dyn toml_edit::TableLike, out: &mut BTre
 }
 
 fn to_value(v: &toml_edit::Value) -> Result<Value, &'static str> {
-    use toml_edit::Value as V;
-    Ok(match v {
-        V::String(s) => Value::Str(s.value().clone()),
-        V::Integer(i) => Value::Int(*i.value()),
-        V::Float(f) => Value::Float(*f.value()),
-        V::Boolean(b) => Value::Bool(*b.value()),
-        V::Array(a) => Value::List(a.iter().map(to_value).collect::<Result<_, _>>()?),
-        V::Datetime(_) => return Err("a date/time"),
-        V::InlineTable(_) => return Err("an inline table"),
-    })
+    Value::from_toml(v)
 }
 
 fn expected(kind: &Kind) -> String {
@@ -210,7 +201,9 @@ fn typed(ctx: &mut Ctx, spec: &KeySpec, v: &Value, origin: &Origin) -> Option<Va
             None
         }
         Err(Mismatch::Range { allowed }) => {
-            ctx.err(origin, format!("`{}` = {} is out of range: must be {allowed}", spec.path, v.to_toml()));
+            // Numbers have ranges; strings have rules (a choice, a device, a regex that compiles...).
+            let what = if matches!(v, Value::Str(_)) { "is not valid" } else { "is out of range" };
+            ctx.err(origin, format!("`{}` = {} {what}: must be {allowed}", spec.path, v.to_toml()));
             None
         }
     }
@@ -354,9 +347,8 @@ fn fill_one(table: &str, mut given: Given, what: &str, ctx: &mut Ctx) -> Filled 
         }
         let entry = match (entry, spec.default) {
             (Some(e), _) => e,
-            (None, Default::Value(lit)) => {
-                let v = lit.parse::<toml_edit::Value>().ok().and_then(|v| to_value(&v).ok());
-                let v = v.and_then(|v| spec.kind.check(&v).ok()).expect("schema defaults are valid (tested)");
+            (None, Default::Value(_)) => {
+                let v = spec.default_value().expect("schema defaults are valid (tested)");
                 Entry { value: v, origin: Origin::Default }
             }
             (None, Default::SameAs(other)) => {
@@ -532,7 +524,6 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
         },
     };
     cross_checks(&recipe, tables, rewards, ctx);
-    debug_assert!(RESUMABLE_KEYS.iter().all(|k| schema::spec(k).is_some()));
     Some(recipe)
 }
 
