@@ -1,1 +1,12 @@
-fn main() {}
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = safe::cli::Cli::parse(); // usage errors exit 2, --help/--version exit 0 (clap)
+    match safe::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::from(safe::exit::SUCCESS as u8),
+        Err(failure) => {
+            eprintln!("error: {:#}", failure.error);
+            std::process::ExitCode::from(failure.code as u8)
+        }
+    }
+}

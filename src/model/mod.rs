@@ -2,7 +2,6 @@
 
 pub mod builtin;
 pub mod config;
-pub mod device;
 pub mod llama;
 pub mod load;
 pub mod tokenizer;

@@ -1,5 +1,6 @@
-//! Rollout: batched KV-cache generation and sampling.
+//! Rollout: batched KV-cache generation and sampling, and the `safe generate` command.
 
+pub mod command;
 pub mod generate;
 pub mod rng;
 pub mod sampling;

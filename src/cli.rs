@@ -1,0 +1,326 @@
+//! The command line: argument types (clap derive) and dispatch. `main.rs` only parses and maps the exit code.
+
+use std::path::PathBuf;
+
+use anyhow::anyhow;
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+use crate::exit::{self, Failure, OrExit};
+use crate::recipe::{self, DTypeSpec, DeviceSpec, Recipe, RewardSource, RolloutSource, Rule};
+
+const ABOUT: &str = "Fine-tune Hugging Face causal language models with reinforcement learning (GRPO), on Candle.";
+
+const LONG_ABOUT: &str = "\
+Fine-tune Hugging Face causal language models with reinforcement learning (GRPO), on Candle.
+
+A run is described by a TOML recipe: the model, the prompts, how completions are sampled, the algorithm,
+the optimizer and the rewards. Start from configs/example.toml; `safe check --explain` lists every key.
+
+Examples:
+  safe check --config configs/example.toml
+  safe train --config configs/example.toml --set rollout.max_new_tokens=128
+  safe generate --model ../shared/fixtures/tiny/tiny-llama --prompt 'Hello' --max-new-tokens 16";
+
+#[derive(Parser, Debug)]
+#[command(name = "safe", version, about = ABOUT, long_about = LONG_ABOUT, after_help = exit::HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    Train(TrainArgs),
+    Check(CheckArgs),
+    Generate(GenerateArgs),
+}
+
+/// Train a model as a recipe describes.
+#[derive(Args, Debug)]
+#[command(
+    about = "Train a model as a recipe describes",
+    long_about = "\
+Train a model as a recipe describes, writing metrics, completions and checkpoints to <run.output_dir>/<run.name>/.
+
+The recipe is validated completely before anything is loaded; any problem is reported with its file and line
+and the exit code is 2.
+
+Example:
+  safe train --config configs/example.toml --set run.max_steps=20 --set optim.lr=2e-6",
+    after_help = exit::HELP
+)]
+pub struct TrainArgs {
+    /// The recipe (TOML).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// Override a recipe key, e.g. `--set rollout.max_new_tokens=128`, `--set model.id=/models/x`,
+    /// `--set reward.0.weight=2`. Repeatable; applied before validation.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// `auto`: continue from the newest complete checkpoint of the run, if any; `never`: start fresh (refuses a
+    /// non-empty run directory); or a checkpoint directory to resume from.
+    #[arg(long, value_name = "auto|DIR|never", default_value = "auto")]
+    pub resume: Resume,
+}
+
+/// `--resume auto|DIR|never`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    Auto,
+    Never,
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for Resume {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "never" => Self::Never,
+            "" => return Err("expected auto, never or a checkpoint directory".into()),
+            dir => Self::Dir(PathBuf::from(dir)),
+        })
+    }
+}
+
+/// Validate a recipe and print it fully resolved.
+#[derive(Args, Debug)]
+#[command(
+    about = "Validate a recipe and print it fully resolved, or document every recipe key",
+    long_about = "\
+Validate a recipe and print it fully resolved (every key, defaults included) as TOML on stdout.
+Exit code 0 when the recipe is valid, 2 (with every problem, by file and line) when not.
+
+With --explain, print every recipe key with its type, default and meaning instead (no --config needed).
+
+Examples:
+  safe check --config configs/example.toml
+  safe check --config configs/example.toml --set algorithm.loss_type=grpo
+  safe check --explain",
+    after_help = exit::HELP
+)]
+pub struct CheckArgs {
+    /// The recipe (TOML).
+    #[arg(long, short = 'c', value_name = "FILE", required_unless_present = "explain")]
+    pub config: Option<PathBuf>,
+    /// Override a recipe key, e.g. `--set rollout.max_new_tokens=128`. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Print every recipe key: path, type, default and a one-line description.
+    #[arg(long)]
+    pub explain: bool,
+    /// With --explain: Markdown (the text of docs/recipe.md).
+    #[arg(long, requires = "explain")]
+    pub markdown: bool,
+}
+
+/// Sample completions from a model.
+#[derive(Args, Debug, Clone)]
+#[command(
+    about = "Sample completions from a model (batched)",
+    long_about = "\
+Sample completions from a model: a local directory in Hugging Face layout, a .gguf file, or a hub id.
+Prompts come from --prompt or from a JSONL file with a `prompt` field (a string or chat messages).
+
+Examples:
+  safe generate --model ../shared/fixtures/tiny/tiny-llama --prompt 'Once upon a time' --max-new-tokens 32
+  safe generate --model HuggingFaceTB/SmolLM2-135M-Instruct --input prompts.jsonl --chat --temperature 0 \\
+      --format jsonl --output out.jsonl",
+    after_help = exit::HELP,
+    group(ArgGroup::new("prompts").required(true).args(["prompt", "input"]))
+)]
+pub struct GenerateArgs {
+    /// Local HF directory, .gguf file, or hub id org/name.
+    #[arg(long, value_name = "M")]
+    pub model: String,
+    /// A single prompt.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Option<String>,
+    /// A JSONL file with one {"prompt": ...} object per line.
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Render prompts with the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Most tokens generated per completion.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = at_least_one)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, value_name = "T", default_value_t = 1.0, value_parser = non_negative)]
+    pub temperature: f64,
+    /// Nucleus sampling threshold in (0, 1]; 1 = off.
+    #[arg(long, value_name = "P", default_value_t = 1.0, value_parser = unit_open_closed)]
+    pub top_p: f64,
+    /// Sample among the K most likely tokens; 0 = off.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub top_k: usize,
+    /// Drop tokens below P × the top probability; 0 = off.
+    #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = unit_closed)]
+    pub min_p: f64,
+    /// Penalty on tokens already present; 1 = off.
+    #[arg(long, value_name = "R", default_value_t = 1.0, value_parser = positive)]
+    pub repetition_penalty: f64,
+    /// Random seed; outputs do not depend on batch composition.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Completions per prompt.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one)]
+    pub num_samples: usize,
+    /// Sequences generated at once.
+    #[arg(long, value_name = "B", default_value_t = 16, value_parser = at_least_one)]
+    pub batch_size: usize,
+    /// Stop string (repeatable); generation also stops at the model's EOS ids.
+    #[arg(long, value_name = "S")]
+    pub stop: Vec<String>,
+    /// Hub revision (branch, tag or commit); ignored for local models.
+    #[arg(long, value_name = "R")]
+    pub revision: Option<String>,
+    /// auto | cpu | cuda | cuda:N | metal.
+    #[arg(long, value_name = "D", default_value = "auto")]
+    pub device: DeviceSpec,
+    /// auto (f32 on CPU, bf16 on GPU) | f32 | bf16.
+    #[arg(long, value_name = "D", default_value = "auto")]
+    pub dtype: DTypeSpec,
+    /// Write here instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// text: completions separated by blank lines; jsonl: one JSON object per completion.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Text,
+    Jsonl,
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("expected an integer ≥ 1".into()),
+    }
+}
+
+fn float_in(s: &str, ok: impl Fn(f64) -> bool, what: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && ok(x) => Ok(x),
+        _ => Err(format!("expected a number {what}")),
+    }
+}
+fn non_negative(s: &str) -> Result<f64, String> {
+    float_in(s, |x| x >= 0.0, "≥ 0")
+}
+fn positive(s: &str) -> Result<f64, String> {
+    float_in(s, |x| x > 0.0, "> 0")
+}
+fn unit_open_closed(s: &str) -> Result<f64, String> {
+    float_in(s, |x| x > 0.0 && x <= 1.0, "in (0, 1]")
+}
+fn unit_closed(s: &str) -> Result<f64, String> {
+    float_in(s, |x| (0.0..=1.0).contains(&x), "in [0, 1]")
+}
+
+/// Run a parsed command line. The error carries the exit code.
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Check(args) => check(&args),
+        Command::Train(args) => train(&args),
+        Command::Generate(args) => crate::rollout::command::run(&args).or_exit(exit::BAD_INPUT),
+    }
+}
+
+fn load(config: &std::path::Path, sets: &[String]) -> Result<Recipe, Failure> {
+    recipe::load(config, sets).map_err(|e| Failure::bad_input(anyhow!(e).context("invalid recipe")))
+}
+
+fn check(args: &CheckArgs) -> Result<(), Failure> {
+    if args.explain {
+        print!("{}", recipe::explain(args.markdown));
+        return Ok(());
+    }
+    let config = args.config.as_ref().expect("clap requires --config without --explain");
+    let recipe = load(config, &args.sets)?;
+    print!("{}", recipe.to_toml_string());
+    Ok(())
+}
+
+fn train(args: &TrainArgs) -> Result<(), Failure> {
+    let recipe = load(&args.config, &args.sets)?;
+    print!("{}", summary(&recipe, &args.resume));
+    Err(Failure::training(anyhow!("training is not available in this build yet")))
+}
+
+/// What a run will do, in a few lines: the batch arithmetic users most often get wrong comes first.
+pub fn summary(r: &Recipe, resume: &Resume) -> String {
+    let ro = &r.rollout;
+    let a = &r.algorithm;
+    let n = ro.completions_per_step();
+    let micro = match a.micro_batch_size {
+        0 => "auto (chosen by the trainer to fit memory)".to_string(),
+        m => format!("{} of {m} completions", n / m),
+    };
+    let source = match &ro.source {
+        RolloutSource::Sample => format!(
+            "sample, ≤ {} new tokens, temperature {}, top_p {}, top_k {}, min_p {}",
+            ro.max_new_tokens, ro.temperature, ro.top_p, ro.top_k, ro.min_p
+        ),
+        RolloutSource::File(p) => format!("replayed from {}", p.display()),
+    };
+    let data = match &r.data.source {
+        recipe::DataSource::Jsonl(p) => p.display().to_string(),
+        recipe::DataSource::Builtin(b) => format!("builtin:{b}"),
+    };
+    let rewards: Vec<String> = r
+        .rewards
+        .iter()
+        .map(|w| {
+            let RewardSource::Rule(rule) = &w.source;
+            let rule = match rule {
+                Rule::ExactAnswer { field } => format!("exact_answer vs `{field}`"),
+                Rule::Regex { pattern } => format!("regex {pattern:?}"),
+                Rule::Length { target } => format!("length, target {target}"),
+                Rule::Contains { text } => format!("contains {text:?}"),
+            };
+            format!("{} (×{}: {rule})", w.name, w.weight)
+        })
+        .collect();
+    let resume = match resume {
+        Resume::Auto => "auto".to_string(),
+        Resume::Never => "never".to_string(),
+        Resume::Dir(d) => d.display().to_string(),
+    };
+    format!(
+        "run:        {} (max_steps {}, seed {}, resume {resume})\n\
+         model:      {} @ {} (dtype {}, device {})\n\
+         data:       {data}\n\
+         algorithm:  {} (loss_type {}, scale_rewards {}, beta {}, epsilon {}/{}, num_iterations {})\n\
+         batch:      {} prompts × {} generations = {n} completions per step; micro-batches: {micro}\n\
+         rollout:    {source}\n\
+         optimizer:  AdamW lr {:?} ({} schedule, {} warm-up steps), max_grad_norm {}\n\
+         rewards:    {}\n\
+         recipe:     hash {}\n",
+        r.run.dir().display(),
+        r.run.max_steps,
+        r.run.seed,
+        r.model.id,
+        r.model.revision,
+        r.model.dtype,
+        r.model.device,
+        a.kind,
+        a.loss_type,
+        a.scale_rewards,
+        a.beta,
+        a.epsilon,
+        a.epsilon_high,
+        a.num_iterations,
+        ro.prompts_per_step,
+        ro.num_generations,
+        r.optim.lr,
+        r.optim.schedule,
+        r.optim.warmup_steps,
+        r.optim.max_grad_norm,
+        rewards.join(", "),
+        r.hash(),
+    )
+}

@@ -1,0 +1,396 @@
+//! Recipes: a TOML file (plus `--set` overrides) validated into typed settings.
+//!
+//! ```no_run
+//! let recipe = safe::recipe::load(std::path::Path::new("configs/example.toml"), &["rollout.max_new_tokens=32".into()])?;
+//! assert_eq!(recipe.rollout.max_new_tokens, 32);
+//! # Ok::<(), safe::recipe::RecipeError>(())
+//! ```
+//!
+//! [`schema`] holds every key (type, default, range, doc); [`validate`] is the only code that reads raw input.
+//! Everything downstream takes the typed settings and never re-checks them.
+
+pub mod schema;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use schema::{
+    AlgorithmKind, BuiltinData, DTypeSpec, LossType, RewardKind, RolloutSourceKind, RuleKind, ScaleRewards, Schedule,
+    Value, RESUMABLE_KEYS,
+};
+
+/// Everything wrong with a recipe, one problem per line, each starting with `file:line:` or `--set `k=v`:`.
+#[derive(Debug, Clone)]
+pub struct RecipeError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for RecipeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.problems.join("\n"))
+    }
+}
+
+impl std::error::Error for RecipeError {}
+
+/// Read and validate a recipe file, then apply `--set table.key=value` overrides (before cross-key checks).
+pub fn load(path: &Path, sets: &[String]) -> Result<Recipe, RecipeError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| RecipeError { problems: vec![format!("{}: cannot read the recipe: {e}", path.display())] })?;
+    from_str(&text, &path.display().to_string(), sets)
+}
+
+/// Validate recipe text; `origin` names it in messages (usually the file path).
+pub fn from_str(text: &str, origin: &str, sets: &[String]) -> Result<Recipe, RecipeError> {
+    validate::from_str(text, origin, sets)
+}
+
+/// A validated recipe. Settings are public and already checked; [`Recipe::to_toml_string`] gives the resolved file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recipe {
+    pub run: RunSettings,
+    pub model: ModelSettings,
+    pub data: DataSettings,
+    pub rollout: RolloutSettings,
+    pub algorithm: AlgorithmSettings,
+    pub optim: OptimSettings,
+    pub rewards: Vec<RewardSettings>,
+    resolved: Resolved,
+}
+
+/// Every applicable key with its final value, in schema order: the source of the resolved TOML and the hash.
+#[derive(Debug, Clone, PartialEq)]
+struct Resolved {
+    tables: Vec<(&'static str, Value)>,
+    rewards: Vec<Vec<(&'static str, Value)>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSettings {
+    pub name: String,
+    pub output_dir: PathBuf,
+    pub seed: u64,
+    pub max_steps: u64,
+    pub log_every: u64,
+    /// 0 = only at the end.
+    pub save_every: u64,
+    pub keep_last: usize,
+    /// 0 = never.
+    pub completions_every: u64,
+    pub max_bad_steps: u64,
+}
+
+impl RunSettings {
+    /// `<output_dir>/<name>`.
+    pub fn dir(&self) -> PathBuf {
+        self.output_dir.join(&self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSettings {
+    /// Local HF directory, `.gguf` file or hub id; `crate::model::ModelSource::parse` decides which.
+    pub id: String,
+    pub revision: String,
+    pub dtype: DTypeSpec,
+    pub device: DeviceSpec,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataSource {
+    Jsonl(PathBuf),
+    Builtin(BuiltinData),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataSettings {
+    pub source: DataSource,
+    pub prompt_field: String,
+    pub shuffle: bool,
+    pub max_prompt_tokens: usize,
+    pub chat: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RolloutSource {
+    Sample,
+    /// Replay recorded rollouts from this JSONL.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutSettings {
+    pub prompts_per_step: usize,
+    pub num_generations: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 0.0 = off.
+    pub min_p: f64,
+    pub repetition_penalty: f64,
+    pub stop: Vec<String>,
+    pub source: RolloutSource,
+    /// 0 = all completions of a step at once; see [`RolloutSettings::generation_batch_size`].
+    pub batch_size: usize,
+}
+
+impl RolloutSettings {
+    /// `prompts_per_step × num_generations`.
+    pub fn completions_per_step(&self) -> usize {
+        self.prompts_per_step * self.num_generations
+    }
+    /// Sequences per generation batch, with 0 resolved to the whole step.
+    pub fn generation_batch_size(&self) -> usize {
+        if self.batch_size == 0 {
+            self.completions_per_step()
+        } else {
+            self.batch_size
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlgorithmSettings {
+    pub kind: AlgorithmKind,
+    pub beta: f64,
+    pub epsilon: f64,
+    /// Already resolved: equals `epsilon` when the recipe leaves it unset.
+    pub epsilon_high: f64,
+    pub num_iterations: usize,
+    pub loss_type: LossType,
+    pub scale_rewards: ScaleRewards,
+    pub mask_truncated_completions: bool,
+    /// 0 = auto (the trainer picks); otherwise divides `completions_per_step` (checked at load).
+    pub micro_batch_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimSettings {
+    pub lr: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// 0.0 = no clipping.
+    pub max_grad_norm: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RewardSettings {
+    pub name: String,
+    pub weight: f64,
+    pub source: RewardSource,
+}
+
+/// One variant per `reward.kind`; later kinds (model, command, http) add variants.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RewardSource {
+    Rule(Rule),
+}
+
+/// A rule reward with its (validated) parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rule {
+    /// Last number in the completion equals the data column `field`.
+    ExactAnswer { field: String },
+    /// The completion matches `pattern` (compiles: checked at load).
+    Regex { pattern: String },
+    /// Completion length near `target` tokens.
+    Length { target: usize },
+    /// The completion contains `text`.
+    Contains { text: String },
+}
+
+/// `model.device` and `safe generate --device`: auto | cpu | cuda | cuda:N | metal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    Cuda(usize),
+    Metal,
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            "metal" => Ok(Self::Metal),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| "one of \"auto\", \"cpu\", \"cuda\", \"cuda:N\", \"metal\"".to_string()),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Metal => f.write_str("metal"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Open the device. `auto` takes a GPU when this build has one and it is present, else the CPU.
+    pub fn device(self) -> anyhow::Result<candle_core::Device> {
+        use anyhow::Context;
+        use candle_core::{utils, Device};
+        Ok(match self {
+            Self::Auto if utils::cuda_is_available() => Device::new_cuda(0)?,
+            Self::Auto if utils::metal_is_available() => Device::new_metal(0)?,
+            Self::Auto | Self::Cpu => Device::Cpu,
+            Self::Cuda(n) => Device::new_cuda(n).with_context(|| {
+                format!("opening cuda:{n} (a build with `--features cuda` and a visible GPU is needed)")
+            })?,
+            Self::Metal => {
+                Device::new_metal(0).context("opening metal (a build with `--features metal` on macOS is needed)")?
+            }
+        })
+    }
+}
+
+impl DTypeSpec {
+    /// `auto` = f32 on CPU, bf16 on GPU.
+    pub fn resolve(self, device: &candle_core::Device) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+            Self::Auto if device.is_cpu() => candle_core::DType::F32,
+            Self::Auto => candle_core::DType::BF16,
+        }
+    }
+}
+
+impl Recipe {
+    /// The fully resolved recipe: every applicable key with its value (defaults included), in schema order.
+    /// Loading this text gives back an equal `Recipe`.
+    pub fn to_toml_string(&self) -> String {
+        let mut out = String::new();
+        for t in schema::TABLES {
+            if t.array {
+                for entry in &self.resolved.rewards {
+                    out.push_str(&format!("[[{}]]\n", t.name));
+                    write_keys(&mut out, entry.iter().map(|(p, v)| (*p, v)));
+                    out.push('\n');
+                }
+            } else {
+                out.push_str(&format!("[{}]\n", t.name));
+                let keys = self.resolved.tables.iter().filter(|(p, _)| schema::spec(p).unwrap().table() == t.name);
+                write_keys(&mut out, keys.map(|(p, v)| (*p, v)));
+                out.push('\n');
+            }
+        }
+        out.truncate(out.trim_end().len());
+        out.push('\n');
+        out
+    }
+
+    /// A stable 64-bit FNV-1a hash of the resolved TOML, as 16 hex digits.
+    pub fn hash(&self) -> String {
+        format!("{:016x}", fnv1a(self.to_toml_string().as_bytes()))
+    }
+
+    /// Like [`Recipe::hash`] but ignoring [`RESUMABLE_KEYS`]: equal for recipes a checkpoint may resume under.
+    pub fn resume_hash(&self) -> String {
+        let mut copy = self.clone();
+        copy.resolved.tables.retain(|(p, _)| !RESUMABLE_KEYS.contains(p));
+        format!("{:016x}", fnv1a(copy.to_toml_string().as_bytes()))
+    }
+
+    /// Paths of keys whose values differ (`reward.<i>.<key>` for rewards), in schema order.
+    pub fn changed_keys(&self, other: &Recipe) -> Vec<String> {
+        let mut out = Vec::new();
+        for spec in schema::KEYS.iter().filter(|s| s.table() != "reward") {
+            let find = |r: &Recipe| r.resolved.tables.iter().find(|(p, _)| *p == spec.path).map(|(_, v)| v.clone());
+            if find(self) != find(other) {
+                out.push(spec.path.to_string());
+            }
+        }
+        let n = self.resolved.rewards.len().max(other.resolved.rewards.len());
+        for i in 0..n {
+            let (a, b) = (self.resolved.rewards.get(i), other.resolved.rewards.get(i));
+            for spec in schema::keys_of("reward") {
+                let find = |e: Option<&Vec<(&str, Value)>>| {
+                    e.and_then(|e| e.iter().find(|(p, _)| *p == spec.path).map(|(_, v)| v.clone()))
+                };
+                if find(a) != find(b) {
+                    out.push(format!("reward.{i}.{}", spec.name()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Keys that differ and may not change on resume (empty = resuming under `other` is allowed).
+    pub fn resume_conflicts(&self, other: &Recipe) -> Vec<String> {
+        self.changed_keys(other).into_iter().filter(|k| !RESUMABLE_KEYS.contains(&k.as_str())).collect()
+    }
+}
+
+fn write_keys<'a>(out: &mut String, keys: impl Iterator<Item = (&'static str, &'a Value)>) {
+    for (path, value) in keys {
+        let name = path.split_once('.').map(|(_, k)| k).unwrap_or(path);
+        out.push_str(&format!("{name} = {}\n", value.to_toml()));
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Every key grouped by table: `safe check --explain` (text) and docs/recipe.md (`markdown = true`).
+pub fn explain(markdown: bool) -> String {
+    let mut out = String::new();
+    if markdown {
+        out.push_str("# Recipe reference\n\n");
+        out.push_str("<!-- Generated by `safe check --explain --markdown`; do not edit. Regenerate with:\n");
+        out.push_str("     cargo run -- check --explain --markdown > docs/recipe.md -->\n\n");
+        out.push_str("A recipe is a TOML file. Every key below may also be set on the command line with\n");
+        out.push_str("`--set table.key=value` (`--set reward.0.weight=2` for the first `[[reward]]`); strings need\n");
+        out.push_str("no quotes there. Unknown keys are errors. `safe check --config F` prints the resolved recipe.\n");
+        out.push_str(&format!(
+            "\nKeys that may change when resuming a run: {}.\n",
+            RESUMABLE_KEYS.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    for t in schema::TABLES {
+        let header = if t.array { format!("[[{}]]", t.name) } else { format!("[{}]", t.name) };
+        if markdown {
+            out.push_str(&format!("\n## `{header}`\n\n{}\n\n", t.doc));
+            out.push_str("| key | type | default | description |\n|---|---|---|---|\n");
+        } else {
+            out.push_str(&format!("{header}\n  {}\n", t.doc));
+        }
+        for k in schema::keys_of(t.name) {
+            let (ty, def) = (k.kind.describe(), k.default_text());
+            if markdown {
+                let cell = |s: &str| s.replace('|', "\\|").replace('<', "&lt;").replace('>', "&gt;");
+                out.push_str(&format!(
+                    "| `{}` | {} | `{}` | {} |\n",
+                    k.path,
+                    cell(&ty),
+                    cell(&def).replace('`', "'"),
+                    cell(k.doc)
+                ));
+            } else {
+                out.push_str(&format!("  {:<38} {ty}\n      default: {def}\n      {}\n", k.path, k.doc));
+            }
+        }
+        if !markdown {
+            out.push('\n');
+        }
+    }
+    out
+}

@@ -1,0 +1,593 @@
+//! The recipe schema: every key's type, default, allowed values and one-line doc, in one table.
+//!
+//! Everything else derives from [`KEYS`]: parsing and `--set` typing (validate.rs), defaults, the resolved TOML,
+//! `safe check --explain` and docs/recipe.md. Adding a key means adding one [`KeySpec`] here and one field in the
+//! typed settings (mod.rs); a test checks every default parses under its own kind.
+
+use std::fmt;
+
+/// A recipe value after typing. Floats and integers stay distinct so `--set` and the resolved TOML keep the kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    List(Vec<Value>),
+}
+
+impl Value {
+    /// The value as a TOML literal. `{:?}` on f64 is the shortest text that parses back to the same bits.
+    pub fn to_toml(&self) -> String {
+        match self {
+            Value::Int(i) => i.to_string(),
+            Value::Float(f) => format!("{f:?}"),
+            Value::Bool(b) => b.to_string(),
+            Value::Str(s) => toml_edit::Value::from(s.as_str()).to_string().trim().to_string(),
+            Value::List(items) => format!("[{}]", items.iter().map(Value::to_toml).collect::<Vec<_>>().join(", ")),
+        }
+    }
+
+    /// From a parsed TOML value; `Err` names the TOML type we have no use for.
+    pub fn from_toml(v: &toml_edit::Value) -> Result<Value, &'static str> {
+        use toml_edit::Value as V;
+        Ok(match v {
+            V::String(s) => Value::Str(s.value().clone()),
+            V::Integer(i) => Value::Int(*i.value()),
+            V::Float(f) => Value::Float(*f.value()),
+            V::Boolean(b) => Value::Bool(*b.value()),
+            V::Array(a) => Value::List(a.iter().map(Value::from_toml).collect::<Result<_, _>>()?),
+            V::Datetime(_) => return Err("a date/time"),
+            V::InlineTable(_) => return Err("an inline table"),
+        })
+    }
+
+    pub(crate) fn type_name(&self) -> &'static str {
+        match self {
+            Value::Int(_) => "an integer",
+            Value::Float(_) => "a float",
+            Value::Bool(_) => "a boolean",
+            Value::Str(_) => "a string",
+            Value::List(_) => "a list",
+        }
+    }
+}
+
+/// A closed or open interval of floats.
+#[derive(Debug, Clone, Copy)]
+pub struct FloatRange {
+    pub min: f64,
+    pub max: f64,
+    pub min_open: bool,
+    pub max_open: bool,
+}
+
+impl FloatRange {
+    pub const fn new(min: f64, max: f64) -> Self {
+        Self { min, max, min_open: false, max_open: false }
+    }
+    pub const fn positive() -> Self {
+        Self { min: 0.0, max: f64::INFINITY, min_open: true, max_open: false }
+    }
+    pub const fn non_negative() -> Self {
+        Self::new(0.0, f64::INFINITY)
+    }
+    pub fn contains(&self, x: f64) -> bool {
+        x.is_finite()
+            && (if self.min_open { x > self.min } else { x >= self.min })
+            && (if self.max_open { x < self.max } else { x <= self.max })
+    }
+}
+
+impl fmt::Display for FloatRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.max.is_infinite() {
+            return write!(f, "{} {}", if self.min_open { ">" } else { "≥" }, self.min);
+        }
+        let (l, r) = (if self.min_open { "(" } else { "[" }, if self.max_open { ")" } else { "]" });
+        write!(f, "in {l}{}, {}{r}", self.min, self.max)
+    }
+}
+
+/// What a key accepts.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    Int {
+        min: i64,
+        max: i64,
+    },
+    Float(FloatRange),
+    Bool,
+    /// A string; `check` adds a rule beyond "is a string" (non-empty, a device spec, a compiling regex...).
+    Str {
+        check: Option<fn(&str) -> Result<(), String>>,
+    },
+    /// One of a fixed set of strings (the `NAMES` of a [`choice_enum!`] type).
+    Choice(&'static [&'static str]),
+    StrList,
+    /// Exactly two floats, each in the range (Adam's betas).
+    FloatPair(FloatRange),
+}
+
+/// Why a value does not fit a [`Kind`].
+pub enum Mismatch {
+    /// Wrong TOML type: the message says what was expected.
+    Type { expected: String },
+    /// Right type, outside the allowed values.
+    Range { allowed: String },
+}
+
+impl Kind {
+    /// Short type name for docs and messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Kind::Int { min, max } if *max == i64::MAX => format!("integer ≥ {min}"),
+            Kind::Int { min, max } => format!("integer in [{min}, {max}]"),
+            Kind::Float(r) if r.min == f64::NEG_INFINITY && r.max == f64::INFINITY => "number".into(),
+            Kind::Float(r) => format!("number {r}"),
+            Kind::Bool => "boolean".into(),
+            Kind::Str { .. } => "string".into(),
+            Kind::Choice(names) => names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(" | "),
+            Kind::StrList => "list of strings".into(),
+            Kind::FloatPair(r) => format!("[number, number], each {r}"),
+        }
+    }
+
+    /// The type part of a "must be ..." message.
+    pub fn expected(&self) -> String {
+        match self {
+            Kind::Int { .. } => "an integer".into(),
+            Kind::Float(_) => "a number".into(),
+            Kind::Bool => "true or false".into(),
+            Kind::Str { .. } => "a string".into(),
+            Kind::Choice(_) => format!("a string, one of {}", self.describe()),
+            Kind::StrList => "a list of strings, e.g. [\"\\n\\n\"]".into(),
+            Kind::FloatPair(_) => "a list of two numbers, e.g. [0.9, 0.999]".into(),
+        }
+    }
+
+    /// Whether a `--set` value for this key is taken verbatim when it is not a quoted TOML string.
+    pub fn is_stringy(&self) -> bool {
+        matches!(self, Kind::Str { .. } | Kind::Choice(_))
+    }
+
+    /// Type and range check; returns the normalised value (integers widen to floats for float keys).
+    pub fn check(&self, v: &Value) -> Result<Value, Mismatch> {
+        let ty = || Mismatch::Type { expected: self.expected() };
+        match (self, v) {
+            (Kind::Int { min, max }, Value::Int(i)) => {
+                if i < min || i > max {
+                    return Err(Mismatch::Range { allowed: self.describe() });
+                }
+                Ok(v.clone())
+            }
+            (Kind::Int { .. }, _) => Err(ty()),
+            (Kind::Float(r), Value::Int(_) | Value::Float(_)) => {
+                let x = match v {
+                    Value::Int(i) => *i as f64,
+                    Value::Float(x) => *x,
+                    _ => unreachable!(),
+                };
+                if !r.contains(x) {
+                    return Err(Mismatch::Range { allowed: self.describe() });
+                }
+                Ok(Value::Float(x))
+            }
+            (Kind::Float(_), _) => Err(ty()),
+            (Kind::Bool, Value::Bool(_)) => Ok(v.clone()),
+            (Kind::Bool, _) => Err(ty()),
+            (Kind::Str { check }, Value::Str(s)) => {
+                if let Some(check) = check {
+                    check(s).map_err(|allowed| Mismatch::Range { allowed })?;
+                }
+                Ok(v.clone())
+            }
+            (Kind::Str { .. }, _) => Err(ty()),
+            (Kind::Choice(names), Value::Str(s)) => {
+                if !names.contains(&s.as_str()) {
+                    return Err(Mismatch::Range { allowed: format!("one of {}", self.describe()) });
+                }
+                Ok(v.clone())
+            }
+            (Kind::Choice(_), _) => Err(ty()),
+            (Kind::StrList, Value::List(items)) if items.iter().all(|i| matches!(i, Value::Str(_))) => Ok(v.clone()),
+            (Kind::StrList, _) => Err(ty()),
+            (Kind::FloatPair(r), Value::List(items)) if items.len() == 2 => {
+                let mut out = Vec::new();
+                for item in items {
+                    let x = match item {
+                        Value::Int(i) => *i as f64,
+                        Value::Float(x) => *x,
+                        _ => return Err(ty()),
+                    };
+                    if !r.contains(x) {
+                        return Err(Mismatch::Range { allowed: self.describe() });
+                    }
+                    out.push(Value::Float(x));
+                }
+                Ok(Value::List(out))
+            }
+            (Kind::FloatPair(_), _) => Err(ty()),
+        }
+    }
+}
+
+/// A key's default.
+#[derive(Clone, Copy)]
+pub enum Default {
+    /// A TOML literal, typed by the key's kind like any other value.
+    Value(&'static str),
+    /// No default: the recipe must give it (when the key applies).
+    Required,
+    /// Copies another key's resolved value (`algorithm.epsilon_high` = `algorithm.epsilon`).
+    SameAs(&'static str),
+}
+
+/// A key that only applies when another key (same table or same `[[reward]]` entry) has a given value.
+#[derive(Clone, Copy)]
+pub struct When {
+    pub key: &'static str,
+    pub is: &'static [&'static str],
+}
+
+pub struct KeySpec {
+    /// `table.key`; for array tables the path has no index (`reward.weight`).
+    pub path: &'static str,
+    pub kind: Kind,
+    pub default: Default,
+    pub when: Option<When>,
+    pub doc: &'static str,
+}
+
+impl KeySpec {
+    pub fn table(&self) -> &'static str {
+        self.path.split_once('.').map(|(t, _)| t).unwrap_or(self.path)
+    }
+    pub fn name(&self) -> &'static str {
+        self.path.split_once('.').map(|(_, k)| k).unwrap_or(self.path)
+    }
+    /// The literal default typed by the key's own kind; `None` for required and `SameAs` defaults, or a bad literal.
+    pub fn default_value(&self) -> Option<Value> {
+        let Default::Value(lit) = self.default else { return None };
+        let v = Value::from_toml(&lit.parse::<toml_edit::Value>().ok()?).ok()?;
+        self.kind.check(&v).ok()
+    }
+
+    /// The default as docs show it.
+    pub fn default_text(&self) -> String {
+        let base = match self.default {
+            Default::Value(lit) => lit.to_string(),
+            Default::Required => "required".to_string(),
+            Default::SameAs(other) => format!("= {other}"),
+        };
+        match self.when {
+            Some(w) => format!("{base} (only when {} is {})", w.key, quoted_list(w.is)),
+            None => base,
+        }
+    }
+}
+
+pub(crate) fn quoted_list(names: &[&str]) -> String {
+    names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(" or ")
+}
+
+pub struct TableSpec {
+    pub name: &'static str,
+    /// `[[name]]`: an array of tables.
+    pub array: bool,
+    pub doc: &'static str,
+}
+
+/// Defines a string-valued enum whose names are the single source for its recipe choices and parsing.
+macro_rules! choice_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $var:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vm])* $var),+ }
+        impl $name {
+            pub const NAMES: &'static [&'static str] = &[$($s),+];
+            pub fn as_str(self) -> &'static str { match self { $(Self::$var => $s),+ } }
+            pub fn from_name(s: &str) -> Option<Self> { match s { $($s => Some(Self::$var),)+ _ => None } }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.as_str()) }
+        }
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                Self::from_name(s).ok_or_else(|| format!("`{s}` is not one of {}", $crate::recipe::schema::quoted_list(Self::NAMES)))
+            }
+        }
+    };
+}
+
+choice_enum!(
+    /// Training and generation dtype.
+    DTypeSpec { /// f32 on CPU, bf16 on GPU.
+    Auto = "auto", F32 = "f32", Bf16 = "bf16" }
+);
+choice_enum!(
+    /// The RL algorithm. Later versions add `grpo_lambda`, `ppo`, `safe`.
+    AlgorithmKind { Grpo = "grpo" }
+);
+choice_enum!(
+    /// TRL's loss aggregations (see ../shared/algorithms.md §6.1).
+    LossType { Dapo = "dapo", Grpo = "grpo", DrGrpo = "dr_grpo", Bnpo = "bnpo" }
+);
+choice_enum!(
+    /// What the group-centred reward is divided by.
+    ScaleRewards { Group = "group", Batch = "batch", None = "none" }
+);
+choice_enum!(
+    /// Learning-rate schedule after warm-up.
+    Schedule { Constant = "constant", Linear = "linear", Cosine = "cosine" }
+);
+choice_enum!(
+    /// Where a step's completions come from.
+    RolloutSourceKind { Sample = "sample", File = "file" }
+);
+choice_enum!(
+    /// Reward source. Later versions add `model`, `command`, `http`.
+    RewardKind { Rule = "rule" }
+);
+choice_enum!(
+    /// Built-in rule rewards.
+    RuleKind { ExactAnswer = "exact_answer", Regex = "regex", Length = "length", Contains = "contains" }
+);
+choice_enum!(
+    /// Built-in datasets (`data.source = "builtin:<name>"`).
+    BuiltinData { Arithmetic = "arithmetic" }
+);
+
+fn non_empty(s: &str) -> Result<(), String> {
+    if s.trim().is_empty() {
+        return Err("a non-empty string".into());
+    }
+    Ok(())
+}
+
+fn run_name(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.contains(['/', '\\']) || s == "." || s == ".." {
+        return Err("a non-empty name without `/` or `\\` (it names a directory)".into());
+    }
+    Ok(())
+}
+
+fn device(s: &str) -> Result<(), String> {
+    s.parse::<super::DeviceSpec>().map(|_| ())
+}
+
+fn data_source(s: &str) -> Result<(), String> {
+    match s.strip_prefix("builtin:") {
+        Some(name) => BuiltinData::from_name(name).map(|_| ()).ok_or_else(|| {
+            format!("a built-in dataset: one of {}", quoted_list_prefixed("builtin:", BuiltinData::NAMES))
+        }),
+        None if s.ends_with(".jsonl") => Ok(()),
+        None => Err(format!(
+            "a .jsonl file or a built-in dataset ({})",
+            quoted_list_prefixed("builtin:", BuiltinData::NAMES)
+        )),
+    }
+}
+
+fn quoted_list_prefixed(prefix: &str, names: &[&str]) -> String {
+    names.iter().map(|n| format!("\"{prefix}{n}\"")).collect::<Vec<_>>().join(", ")
+}
+
+fn regex_pattern(s: &str) -> Result<(), String> {
+    regex::Regex::new(s).map(|_| ()).map_err(|e| format!("a valid regular expression ({e})"))
+}
+
+const INT_MAX: i64 = i64::MAX;
+const fn int(min: i64) -> Kind {
+    Kind::Int { min, max: INT_MAX }
+}
+const NON_EMPTY: Kind = Kind::Str { check: Some(non_empty) };
+
+const fn key(path: &'static str, kind: Kind, default: &'static str, doc: &'static str) -> KeySpec {
+    KeySpec { path, kind, default: Default::Value(default), when: None, doc }
+}
+
+pub static TABLES: &[TableSpec] = &[
+    TableSpec { name: "run", array: false, doc: "Naming, length and bookkeeping of the run." },
+    TableSpec { name: "model", array: false, doc: "The policy model to fine-tune." },
+    TableSpec {
+        name: "data",
+        array: false,
+        doc: "The prompts. Relative paths are resolved from the current directory.",
+    },
+    TableSpec { name: "rollout", array: false, doc: "How completions are produced each step." },
+    TableSpec {
+        name: "algorithm",
+        array: false,
+        doc: "The RL objective. GRPO keys follow TRL's GRPOConfig names and defaults.",
+    },
+    TableSpec { name: "optim", array: false, doc: "AdamW and the learning-rate schedule." },
+    TableSpec {
+        name: "reward",
+        array: true,
+        doc: "One `[[reward]]` table per reward function; the rewards are weighted and summed. At least one.",
+    },
+];
+
+/// Every recipe key. Order here is the order of the resolved TOML and of the docs.
+pub static KEYS: &[KeySpec] = &[
+    // [run]
+    key("run.name", Kind::Str { check: Some(run_name) }, "\"run\"", "Run name; the run directory is <output_dir>/<name>."),
+    key("run.output_dir", NON_EMPTY, "\"runs\"", "Directory that holds run directories."),
+    key("run.seed", int(0), "0", "Seed for data order, sampling and anything else random."),
+    key("run.max_steps", int(1), "100", "Number of optimizer steps to train for (may change on resume)."),
+    key("run.log_every", int(1), "1", "Write a metrics line every this many steps."),
+    key("run.save_every", int(0), "50", "Checkpoint every this many steps; 0 = only at the end."),
+    key("run.keep_last", int(1), "3", "Number of checkpoints kept; older ones are deleted."),
+    key("run.completions_every", int(0), "10", "Write completions/step-<N>.jsonl every this many steps; 0 = never."),
+    key("run.max_bad_steps", int(0), "3", "Stop (exit 1) after this many non-finite steps in a row; 0 = stop at the first."),
+    // [model]
+    KeySpec {
+        path: "model.id",
+        kind: NON_EMPTY,
+        default: Default::Required,
+        when: None,
+        doc: "A local directory in HF layout, a .gguf file, or a hub id org/name.",
+    },
+    key("model.revision", NON_EMPTY, "\"main\"", "Hub revision (branch, tag or commit); ignored for local models."),
+    key("model.dtype", Kind::Choice(DTypeSpec::NAMES), "\"auto\"", "Weights dtype; auto = f32 on CPU, bf16 on GPU."),
+    key(
+        "model.device",
+        Kind::Str { check: Some(device) },
+        "\"auto\"",
+        "\"auto\", \"cpu\", \"cuda\", \"cuda:N\" or \"metal\"; auto = the first GPU if built with one, else CPU.",
+    ),
+    // [data]
+    KeySpec {
+        path: "data.source",
+        kind: Kind::Str { check: Some(data_source) },
+        default: Default::Required,
+        when: None,
+        doc: "A .jsonl file (one JSON object per line) or a built-in dataset \"builtin:arithmetic\".",
+    },
+    key(
+        "data.prompt_field",
+        NON_EMPTY,
+        "\"prompt\"",
+        "Column holding the prompt: a string or a list of {role, content} messages.",
+    ),
+    key("data.shuffle", Kind::Bool, "true", "Shuffle prompts each epoch (seeded by run.seed)."),
+    key("data.max_prompt_tokens", int(1), "256", "Longer prompts are truncated on the left, with a counted warning."),
+    key("data.chat", Kind::Bool, "true", "Render prompts with the model's chat template."),
+    // [rollout]
+    key("rollout.prompts_per_step", int(1), "8", "Distinct prompts per optimizer step."),
+    key("rollout.num_generations", int(1), "8", "Completions per prompt (the GRPO group size G; ≥ 2 for grpo)."),
+    key("rollout.max_new_tokens", int(1), "64", "Most tokens generated per completion (TRL: max_completion_length)."),
+    key("rollout.temperature", Kind::Float(FloatRange::positive()), "1.0", "Sampling temperature; log-probs use it too."),
+    key(
+        "rollout.top_p",
+        Kind::Float(FloatRange { min: 0.0, max: 1.0, min_open: true, max_open: false }),
+        "1.0",
+        "Nucleus sampling; 1.0 = off.",
+    ),
+    key("rollout.top_k", int(0), "0", "Sample among the k most likely tokens; 0 = off."),
+    key("rollout.min_p", Kind::Float(FloatRange::new(0.0, 1.0)), "0.0", "Drop tokens below min_p × the top probability; 0 = off."),
+    key("rollout.repetition_penalty", Kind::Float(FloatRange::positive()), "1.0", "Penalty on already-seen tokens; 1.0 = off."),
+    key("rollout.stop", Kind::StrList, "[]", "Stop strings; generation also stops at the model's EOS ids."),
+    key(
+        "rollout.source",
+        Kind::Choice(RolloutSourceKind::NAMES),
+        "\"sample\"",
+        "\"sample\" from the policy, or replay completions from rollout.file.",
+    ),
+    KeySpec {
+        path: "rollout.file",
+        kind: NON_EMPTY,
+        default: Default::Required,
+        when: Some(When { key: "rollout.source", is: &["file"] }),
+        doc: "JSONL of recorded rollouts (prompt, completion, rewards) to train on.",
+    },
+    key("rollout.batch_size", int(0), "0", "Sequences generated at once; 0 = all completions of a step together."),
+    // [algorithm]
+    key("algorithm.kind", Kind::Choice(AlgorithmKind::NAMES), "\"grpo\"", "The algorithm."),
+    key("algorithm.beta", Kind::Float(FloatRange::non_negative()), "0.0", "KL coefficient (k3 to a frozen reference); 0 = no reference model."),
+    key("algorithm.epsilon", Kind::Float(FloatRange::new(0.0, 1.0)), "0.2", "Lower clipping bound: ratio ≥ 1 − epsilon."),
+    KeySpec {
+        path: "algorithm.epsilon_high",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::SameAs("algorithm.epsilon"),
+        when: None,
+        doc: "Upper clipping bound: ratio ≤ 1 + epsilon_high (DAPO suggests 0.28).",
+    },
+    key("algorithm.num_iterations", int(1), "1", "Updates per batch of rollouts (μ); > 1 reuses stored old log-probs."),
+    key("algorithm.loss_type", Kind::Choice(LossType::NAMES), "\"dapo\"", "Token-loss aggregation, as in TRL."),
+    key(
+        "algorithm.scale_rewards",
+        Kind::Choice(ScaleRewards::NAMES),
+        "\"group\"",
+        "Divide centred rewards by the group std, the batch std, or nothing.",
+    ),
+    key("algorithm.mask_truncated_completions", Kind::Bool, "false", "Exclude completions cut at max_new_tokens from the loss."),
+    key(
+        "algorithm.micro_batch_size",
+        int(0),
+        "0",
+        "Completions per forward/backward pass (gradients accumulate); 0 = auto, chosen by the trainer.",
+    ),
+    // [optim]
+    key("optim.lr", Kind::Float(FloatRange::new(0.0, 1.0)), "1e-6", "Peak learning rate."),
+    key(
+        "optim.betas",
+        Kind::FloatPair(FloatRange { min: 0.0, max: 1.0, min_open: false, max_open: true }),
+        "[0.9, 0.999]",
+        "AdamW β1, β2.",
+    ),
+    key("optim.eps", Kind::Float(FloatRange::positive()), "1e-8", "AdamW ε."),
+    key("optim.weight_decay", Kind::Float(FloatRange::non_negative()), "0.0", "Decoupled weight decay."),
+    key("optim.max_grad_norm", Kind::Float(FloatRange::non_negative()), "1.0", "Clip the global gradient norm to this; 0 = no clipping."),
+    key("optim.schedule", Kind::Choice(Schedule::NAMES), "\"constant\"", "Learning-rate schedule after warm-up."),
+    key("optim.warmup_steps", int(0), "0", "Linear warm-up from 0 over this many steps."),
+    // [[reward]]
+    KeySpec {
+        path: "reward.name",
+        kind: NON_EMPTY,
+        default: Default::Required,
+        when: None,
+        doc: "Unique name; metrics are rewards/<name>/mean.",
+    },
+    key("reward.kind", Kind::Choice(RewardKind::NAMES), "\"rule\"", "Reward source."),
+    key("reward.weight", Kind::Float(FloatRange::new(f64::NEG_INFINITY, f64::INFINITY)), "1.0", "Weight in the summed reward."),
+    KeySpec {
+        path: "reward.rule",
+        kind: Kind::Choice(RuleKind::NAMES),
+        default: Default::Required,
+        when: Some(When { key: "reward.kind", is: &["rule"] }),
+        doc: "exact_answer: last number = the data's answer; regex: format match; length: near target; contains: has text.",
+    },
+    KeySpec {
+        path: "reward.field",
+        kind: NON_EMPTY,
+        default: Default::Value("\"answer\""),
+        when: Some(When { key: "reward.rule", is: &["exact_answer"] }),
+        doc: "Data column exact_answer compares with.",
+    },
+    KeySpec {
+        path: "reward.pattern",
+        kind: Kind::Str { check: Some(regex_pattern) },
+        default: Default::Required,
+        when: Some(When { key: "reward.rule", is: &["regex"] }),
+        doc: "Regular expression the completion must match (regex crate syntax).",
+    },
+    KeySpec {
+        path: "reward.target",
+        kind: int(1),
+        default: Default::Required,
+        when: Some(When { key: "reward.rule", is: &["length"] }),
+        doc: "Target completion length in tokens.",
+    },
+    KeySpec {
+        path: "reward.text",
+        kind: NON_EMPTY,
+        default: Default::Required,
+        when: Some(When { key: "reward.rule", is: &["contains"] }),
+        doc: "Text the completion must contain.",
+    },
+];
+
+/// Keys that may differ between a checkpoint's recipe and the recipe it resumes with.
+pub const RESUMABLE_KEYS: &[&str] = &[
+    "run.max_steps",
+    "run.log_every",
+    "run.save_every",
+    "run.keep_last",
+    "run.completions_every",
+    "run.max_bad_steps",
+];
+
+pub fn spec(path: &str) -> Option<&'static KeySpec> {
+    KEYS.iter().find(|k| k.path == path)
+}
+
+pub fn table(name: &str) -> Option<&'static TableSpec> {
+    TABLES.iter().find(|t| t.name == name)
+}
+
+pub fn keys_of(table: &str) -> impl Iterator<Item = &'static KeySpec> + '_ {
+    KEYS.iter().filter(move |k| k.table() == table)
+}

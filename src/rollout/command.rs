@@ -1,0 +1,3 @@
+pub fn run(_args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
+    anyhow::bail!("generate: not wired yet")
+}
