@@ -118,4 +118,54 @@ mod tests {
         assert_eq!(m.vars().len(), 2 + 9 * cfg.num_layers);
         assert!(config("huge").unwrap_err().to_string().contains("available: tiny"));
     }
+
+    #[test]
+    fn byte_tokenizer_maps_bytes_to_ids_and_round_trips() {
+        let tok = byte_tokenizer().unwrap();
+        let text = "<|im_start|>user\n2 + 3 = é?<|im_end|>";
+        let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+        let mut want = vec![257u32];
+        want.extend("user\n2 + 3 = é?".bytes().map(u32::from));
+        want.push(258);
+        assert_eq!(ids, want);
+        assert_eq!(tok.decode(&ids, false).unwrap(), text);
+        assert_eq!(tok.get_vocab_size(true), BYTE_VOCAB + SPECIAL_TOKENS.len());
+    }
+}
+
+/// ChatML without a default system prompt.
+pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + \
+message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// GPT-2's reversible byte → printable-char map (so every byte is one vocabulary entry).
+fn bytes_to_unicode() -> Vec<char> {
+    let printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut map = vec!['\0'; 256];
+    for &b in &printable {
+        map[b as usize] = char::from_u32(b).unwrap();
+    }
+    let mut extra = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            map[b as usize] = char::from_u32(256 + extra).unwrap();
+            extra += 1;
+        }
+    }
+    map
+}
+
+/// The byte-level tokenizer of the built-in models: ids 0..256 are bytes, then the ChatML specials.
+pub fn byte_tokenizer() -> Result<tokenizers::Tokenizer> {
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let vocab: tokenizers::models::bpe::Vocab =
+        bytes_to_unicode().into_iter().enumerate().map(|(id, c)| (c.to_string(), id as u32)).collect();
+    let bpe = BPE::builder().vocab_and_merges(vocab, vec![]).build().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
+    tok.with_decoder(Some(ByteLevel::default()));
+    let specials: Vec<tokenizers::AddedToken> =
+        SPECIAL_TOKENS.iter().map(|s| tokenizers::AddedToken::from(s.to_string(), true)).collect();
+    tok.add_special_tokens(&specials);
+    Ok(tok)
 }
