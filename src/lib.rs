@@ -1,4 +1,5 @@
 //! `safe`: reinforcement-learning fine-tuning of Hugging Face causal language models on Candle.
 
+pub mod advantage;
 pub mod model;
 pub mod rollout;
