@@ -1,5 +1,6 @@
 //! `safe`: reinforcement-learning fine-tuning of Hugging Face causal language models on Candle.
 
 pub mod advantage;
+pub mod algo;
 pub mod model;
 pub mod rollout;
