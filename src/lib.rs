@@ -3,4 +3,5 @@
 pub mod advantage;
 pub mod algo;
 pub mod model;
+pub mod optim;
 pub mod rollout;
