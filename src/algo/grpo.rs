@@ -22,7 +22,9 @@ pub struct GrpoLossConfig {
     /// Loss aggregation (`loss_type`) and its normalisers.
     pub aggregation: Aggregation,
     /// Multiply k3 by the non-detached ρ (TRL `use_bias_correction_kl`, DeepSeek-V3.2): same value on-policy, different
-    /// gradient. Default `true`, as measured in TRL 1.16 (../shared/algorithms.md §6.1).
+    /// gradient (the KL gradient becomes β·(logp − ref) per token). Default `true`, as algorithms.md §6.1 measured in
+    /// TRL 1.16; other TRL versions' `GRPOConfig` document `False`, so set it explicitly when comparing with TRL.
+    /// The ρ here is the unclipped ratio, without the `delta` cap.
     pub use_bias_correction_kl: bool,
 }
 
@@ -326,5 +328,36 @@ mod tests {
         }
         assert_eq!(g[0][0], 0.0);
         assert_eq!(g[1][0], 0.0);
+    }
+    #[test]
+    fn grpo_bias_corrected_kl_gradient() {
+        // On-policy (old = logp.detach(), ρ = 1), A = 0 so only β·KL acts; bnpo over N = 3 tokens, β = 0.04.
+        // x = ref − logp, k3 = e^x − x − 1, ∂k3/∂logp = 1 − e^x.
+        // Without correction: ∂loss/∂logp = β/N·(1 − e^x): (−1.0, −1.2) → 0.04/3·(1 − e^−0.2) = 0.0024169232922935744,
+        //   (−0.5, −0.4) → 0.04/3·(1 − e^0.1) = −0.0014022789076753, (−2.0, −2.5) → 0.005246257870498221.
+        // With correction (k3·ρ, ∂ρ/∂logp = ρ = 1): β/N·(1 − e^x + k3) = β/N·(−x) = β/N·(logp − ref):
+        //   0.04/3·[0.2, −0.1, 0.5] = [0.0026666…, −0.0013333…, 0.0066666…]. Loss values are equal (ρ = 1).
+        let dev = Device::Cpu;
+        let logp = Var::new(&[[-1.0f32, -0.5, -2.0]], &dev).unwrap();
+        let reference = Tensor::new(&[[-1.2f32, -0.4, -2.5]], &dev).unwrap();
+        let adv = Tensor::new(&[0.0f32], &dev).unwrap();
+        let mask = Tensor::ones((1, 3), candle_core::DType::F32, &dev).unwrap();
+        let expected = [
+            (false, [0.0024169232922935744, -0.0014022789076753, 0.005246257870498221]),
+            (true, [0.04 / 3.0 * 0.2, 0.04 / 3.0 * -0.1, 0.04 / 3.0 * 0.5]),
+        ];
+        let mut values = vec![];
+        for (bc, e) in expected {
+            let mut c = cfg(LossType::Bnpo, bc);
+            c.aggregation.max_completion_length = 3;
+            let old = logp.as_tensor().detach();
+            let (loss, _) = grpo_token_loss(logp.as_tensor(), &old, Some(&reference), &adv, &mask, &c).unwrap();
+            values.push(scalar(&loss).unwrap());
+            let g = loss.backward().unwrap().get(logp.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+            for (a, b) in g[0].iter().zip(e) {
+                close(*a as f64, b, 1e-8);
+            }
+        }
+        assert_eq!(values[0], values[1]);
     }
 }
