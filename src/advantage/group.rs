@@ -5,12 +5,14 @@
 //! function abstained) is left out of all statistics and gets advantage 0, so it neither pushes nor pulls the policy.
 
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 
 /// Added to the std before dividing (TRL's constant), so a near-zero std cannot blow the advantage up.
 pub const STD_EPS: f64 = 1e-4;
 
 /// How the centred reward r − mean_g is scaled (TRL `scale_rewards`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ScaleRewards {
     /// Divide by the group's std + eps (TRL default).
     #[default]
@@ -63,7 +65,7 @@ fn mean_std_u(values: &[f64]) -> (f64, f64) {
 /// Group-relative advantages of `rewards` (one per completion; `None`/NaN = missing), grouped by `group_size`
 /// consecutive completions (the G generations of one prompt).
 pub fn group_advantages(rewards: &[Option<f64>], group_size: usize, scale: ScaleRewards) -> Result<GroupAdvantages> {
-    if group_size == 0 || rewards.len() % group_size != 0 {
+    if group_size == 0 || !rewards.len().is_multiple_of(group_size) {
         bail!("{} rewards do not split into groups of {group_size}", rewards.len());
     }
     let valid = |r: &Option<f64>| r.filter(|x| !x.is_nan());
@@ -189,7 +191,7 @@ mod tests {
             close(out.frac_reward_zero_std, 1.0 / 3.0);
         }
         // reward_std as TRL logs it: mean group std (√0.5 + 0 + √2)/3 = 0.7071067811865476, or the batch std.
-        close(group_advantages(&r, 2, ScaleRewards::Group).unwrap().reward_std, 0.7071067811865476);
+        close(group_advantages(&r, 2, ScaleRewards::Group).unwrap().reward_std, std::f64::consts::FRAC_1_SQRT_2);
         close(group_advantages(&r, 2, ScaleRewards::Batch).unwrap().reward_std, 1.0488088481701516);
         assert!(group_advantages(&r, 4, ScaleRewards::Group).is_err());
     }

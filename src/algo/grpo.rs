@@ -22,7 +22,7 @@ pub struct GrpoLossConfig {
     /// Loss aggregation (`loss_type`) and its normalisers.
     pub aggregation: Aggregation,
     /// Multiply k3 by the non-detached ρ (TRL `use_bias_correction_kl`, DeepSeek-V3.2): same value on-policy, different
-    /// gradient (the KL gradient becomes β·(logp − ref) per token). Default `true`, as algorithms.md §6.1 measured in
+    /// gradient (on-policy the KL gradient becomes β·(logp − ref) per token). Default `true`, as algorithms.md §6.1 measured in
     /// TRL 1.16; other TRL versions' `GRPOConfig` document `False`, so set it explicitly when comparing with TRL.
     /// The ρ here is the unclipped ratio, without the `delta` cap.
     pub use_bias_correction_kl: bool,

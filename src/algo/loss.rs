@@ -8,12 +8,14 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
 
 // ---------------------------------------------------------------------------------------------------------------
 // KL estimators (Schulman's k1/k2/k3, per token; algorithms.md §0), d = logp − ref.
 
 /// Which per-token estimate of KL(π ‖ π_ref) to use from the sampled token's log-probs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum KlEstimator {
     /// k1 = d: unbiased, high variance, can be negative.
     K1,
@@ -142,7 +144,8 @@ pub fn masked_mean(x: &[Vec<f64>], mask: &[Vec<f64>]) -> f64 {
 // Aggregation of per-token losses into the scalar that is differentiated (TRL `loss_type`).
 
 /// How per-token losses become one scalar (algorithms.md §6.1). All but `Dapo` divide by the accumulation steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LossType {
     /// Mean over sequences of each sequence's token mean (length-biased: short sequences weigh more per token).
     Grpo,
@@ -338,5 +341,17 @@ mod tests {
         let mut rows = vec![vec![1.0, 1.0, 1.0], vec![1.0, 1.0, 0.0]];
         mask_truncated_completions_rows(&mut rows, &[vec![4, 4, 4], vec![4, 2]], &eos);
         assert_eq!(rows, vec![vec![0.0; 3], vec![1.0, 1.0, 0.0]]);
+    }
+    #[test]
+    fn loss_type_recipe_names() {
+        // TRL's spellings, as a recipe writes them.
+        let parse = |s: &str| serde_json::from_str::<LossType>(&format!("\"{s}\"")).unwrap();
+        assert_eq!(parse("grpo"), LossType::Grpo);
+        assert_eq!(parse("bnpo"), LossType::Bnpo);
+        assert_eq!(parse("dr_grpo"), LossType::DrGrpo);
+        assert_eq!(parse("dapo"), LossType::Dapo);
+        assert_eq!(LossType::default(), LossType::Dapo);
+        let scale: crate::advantage::ScaleRewards = serde_json::from_str("\"batch\"").unwrap();
+        assert_eq!(scale, crate::advantage::ScaleRewards::Batch);
     }
 }
