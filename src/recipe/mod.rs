@@ -16,7 +16,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use schema::{
-    AlgorithmKind, BuiltinData, DTypeSpec, LossType, RewardKind, RolloutSourceKind, RuleKind, ScaleRewards, Schedule,
+    AlgorithmKind, BuiltinData, DTypeSpec, LossType, LrSchedule, RewardKind, RolloutSourceKind, RuleKind, ScaleRewards,
     Value, RESUMABLE_KEYS,
 };
 
@@ -175,7 +175,7 @@ pub struct OptimSettings {
     pub weight_decay: f64,
     /// 0.0 = no clipping.
     pub max_grad_norm: f64,
-    pub schedule: Schedule,
+    pub schedule: LrSchedule,
     pub warmup_steps: u64,
 }
 

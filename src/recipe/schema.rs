@@ -267,38 +267,16 @@ impl KeySpec {
     }
 }
 
-pub(crate) fn quoted_list(names: &[&str]) -> String {
-    names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(" or ")
-}
+pub use crate::advantage::ScaleRewards;
+pub use crate::algo::loss::LossType;
+pub(crate) use crate::choice::quoted_list;
+pub use crate::optim::schedule::LrSchedule;
 
 pub struct TableSpec {
     pub name: &'static str,
     /// `[[name]]`: an array of tables.
     pub array: bool,
     pub doc: &'static str,
-}
-
-/// Defines a string-valued enum whose names are the single source for its recipe choices and parsing.
-macro_rules! choice_enum {
-    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $var:ident = $s:literal),+ $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name { $($(#[$vm])* $var),+ }
-        impl $name {
-            pub const NAMES: &'static [&'static str] = &[$($s),+];
-            pub fn as_str(self) -> &'static str { match self { $(Self::$var => $s),+ } }
-            pub fn from_name(s: &str) -> Option<Self> { match s { $($s => Some(Self::$var),)+ _ => None } }
-        }
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.as_str()) }
-        }
-        impl std::str::FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
-                Self::from_name(s).ok_or_else(|| format!("`{s}` is not one of {}", $crate::recipe::schema::quoted_list(Self::NAMES)))
-            }
-        }
-    };
 }
 
 choice_enum!(
@@ -309,18 +287,6 @@ choice_enum!(
 choice_enum!(
     /// The RL algorithm. Later versions add `grpo_lambda`, `ppo`, `safe`.
     AlgorithmKind { Grpo = "grpo" }
-);
-choice_enum!(
-    /// TRL's loss aggregations (see ../shared/algorithms.md §6.1).
-    LossType { Dapo = "dapo", Grpo = "grpo", DrGrpo = "dr_grpo", Bnpo = "bnpo" }
-);
-choice_enum!(
-    /// What the group-centred reward is divided by.
-    ScaleRewards { Group = "group", Batch = "batch", None = "none" }
-);
-choice_enum!(
-    /// Learning-rate schedule after warm-up.
-    Schedule { Constant = "constant", Linear = "linear", Cosine = "cosine" }
 );
 choice_enum!(
     /// Where a step's completions come from.
@@ -521,7 +487,7 @@ pub static KEYS: &[KeySpec] = &[
     key("optim.eps", Kind::Float(FloatRange::positive()), "1e-8", "AdamW ε."),
     key("optim.weight_decay", Kind::Float(FloatRange::non_negative()), "0.0", "Decoupled weight decay."),
     key("optim.max_grad_norm", Kind::Float(FloatRange::non_negative()), "1.0", "Clip the global gradient norm to this; 0 = no clipping."),
-    key("optim.schedule", Kind::Choice(Schedule::NAMES), "\"constant\"", "Learning-rate schedule after warm-up."),
+    key("optim.schedule", Kind::Choice(LrSchedule::NAMES), "\"linear\"", "Learning-rate schedule after warm-up (TRL's default: linear decay to 0 at run.max_steps)."),
     key("optim.warmup_steps", int(0), "0", "Linear warm-up from 0 over this many steps."),
     // [[reward]]
     KeySpec {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::schema::{self, Default, KeySpec, Kind, Mismatch, Value};
-use super::Schedule;
+use super::LrSchedule;
 use super::{AlgorithmKind, BuiltinData, DTypeSpec, LossType, RewardKind, RolloutSourceKind, RuleKind, ScaleRewards};
 use super::{
     AlgorithmSettings, DataSettings, DataSource, DeviceSpec, ModelSettings, OptimSettings, Recipe, RecipeError,
@@ -510,7 +510,7 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
             eps: float(optim, "optim.eps"),
             weight_decay: float(optim, "optim.weight_decay"),
             max_grad_norm: float(optim, "optim.max_grad_norm"),
-            schedule: choice(optim, "optim.schedule", Schedule::from_name),
+            schedule: choice(optim, "optim.schedule", LrSchedule::from_name),
             warmup_steps: uint(optim, "optim.warmup_steps"),
         },
         rewards: reward_settings,

@@ -1,0 +1,202 @@
+//! Group-relative advantages with TRL's GRPO semantics (`sum_then_normalize`; ../shared/algorithms.md §6.1).
+//!
+//! A_i = (r_i − nanmean_g) / (nanstd_g + 1e-4), where g is the group of G consecutive completions of one prompt and
+//! nanstd is the **unbiased** (n − 1) std over the group's valid rewards. A missing reward (`None` or NaN: every reward
+//! function abstained) is left out of all statistics and gets advantage 0, so it neither pushes nor pulls the policy.
+
+use anyhow::{bail, Result};
+
+/// Added to the std before dividing (TRL's constant), so a near-zero std cannot blow the advantage up.
+pub const STD_EPS: f64 = 1e-4;
+
+choice_enum!(
+/// How the centred reward r − mean_g is scaled (TRL `scale_rewards`).
+    ScaleRewards {
+        /// Divide by the group's std + eps (TRL default).
+        Group = "group",
+        /// Divide by the std of the whole batch + eps; the centring is still by the group mean.
+        Batch = "batch",
+        /// No division (Dr. GRPO): A = r − mean_g.
+        None = "none",
+    }
+);
+
+impl Default for ScaleRewards {
+    fn default() -> Self {
+        Self::Group
+    }
+}
+
+/// Advantages and the statistics TRL logs about them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupAdvantages {
+    /// One per completion, in input order; 0 for missing rewards and zero-variance groups.
+    pub advantages: Vec<f64>,
+    /// Mean of each group's valid rewards (NaN if the group has none).
+    pub group_mean: Vec<f64>,
+    /// Unbiased std of each group's valid rewards; 0 when fewer than 2 are valid (treated as zero variance).
+    pub group_std: Vec<f64>,
+    /// Fraction of groups whose std is zero (`frac_reward_zero_std`). Always from the group std: TRL logs the same
+    /// for `group`/`none`, but for `batch` it logs whether the single batch std is zero, which says little.
+    pub frac_reward_zero_std: f64,
+    /// Mean of all valid rewards (`reward`); NaN if none is valid.
+    pub reward_mean: f64,
+    /// The std TRL logs as `reward_std`: mean of the group stds (`group`, `none`) or the batch std (`batch`).
+    pub reward_std: f64,
+    /// Unbiased std of all valid rewards in the batch; 0 when fewer than 2 are valid.
+    pub batch_std: f64,
+}
+
+/// A std counts as zero like `torch.isclose(std, 0)` (atol 1e-8).
+fn is_zero_std(std: f64) -> bool {
+    std.abs() <= 1e-8
+}
+
+/// Mean and unbiased std of the valid values; `(NaN, 0)` if none, `(x, 0)` if one (undefined std → zero variance).
+fn mean_std_u(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (f64::NAN, 0.0);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
+    (mean, var.sqrt())
+}
+
+/// Group-relative advantages of `rewards` (one per completion; `None`/NaN = missing), grouped by `group_size`
+/// consecutive completions (the G generations of one prompt).
+pub fn group_advantages(rewards: &[Option<f64>], group_size: usize, scale: ScaleRewards) -> Result<GroupAdvantages> {
+    if group_size == 0 || !rewards.len().is_multiple_of(group_size) {
+        bail!("{} rewards do not split into groups of {group_size}", rewards.len());
+    }
+    let valid = |r: &Option<f64>| r.filter(|x| !x.is_nan());
+    let all: Vec<f64> = rewards.iter().filter_map(valid).collect();
+    let (reward_mean, batch_std) = mean_std_u(&all);
+
+    let num_groups = rewards.len() / group_size;
+    let mut group_mean = Vec::with_capacity(num_groups);
+    let mut group_std = Vec::with_capacity(num_groups);
+    let mut advantages = Vec::with_capacity(rewards.len());
+    for group in rewards.chunks(group_size) {
+        let values: Vec<f64> = group.iter().filter_map(valid).collect();
+        let (mean, std) = mean_std_u(&values);
+        group_mean.push(mean);
+        group_std.push(std);
+        for r in group {
+            let a = match valid(r) {
+                // Zero variance: every valid reward ties, there is nothing to prefer (exactly 0, not rounding noise).
+                Some(_) if is_zero_std(std) => 0.0,
+                Some(x) => match scale {
+                    ScaleRewards::Group => (x - mean) / (std + STD_EPS),
+                    ScaleRewards::Batch => (x - mean) / (batch_std + STD_EPS),
+                    ScaleRewards::None => x - mean,
+                },
+                None => 0.0,
+            };
+            advantages.push(a);
+        }
+    }
+    let zero = group_std.iter().filter(|s| is_zero_std(**s)).count();
+    let frac_reward_zero_std = zero as f64 / num_groups.max(1) as f64;
+    let reward_std = match scale {
+        ScaleRewards::Batch => batch_std,
+        _ => group_std.iter().sum::<f64>() / num_groups.max(1) as f64,
+    };
+    Ok(GroupAdvantages { advantages, group_mean, group_std, frac_reward_zero_std, reward_mean, reward_std, batch_std })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) {
+        assert!((a - b).abs() <= 1e-12, "{a} vs {b}");
+    }
+
+    #[test]
+    fn advantage_group_with_ties() {
+        // G = 4, rewards [1, 1, 0, 0.5]: mean = 2.5/4 = 0.625;
+        // deviations 0.375, 0.375, −0.625, −0.125; squares sum 0.140625·2 + 0.390625 + 0.015625 = 0.6875;
+        // std_u = √(0.6875/3) = 0.47871355387816905; divisor 0.47881355387816905;
+        // A = 0.375/0.478813… = 0.7831858496123865 (twice, the tie), −0.625/… = −1.3053097493539774,
+        // −0.125/… = −0.2610619498707955.
+        let out = group_advantages(&[Some(1.0), Some(1.0), Some(0.0), Some(0.5)], 4, ScaleRewards::Group).unwrap();
+        close(out.group_mean[0], 0.625);
+        close(out.group_std[0], 0.47871355387816905);
+        for (a, e) in out.advantages.iter().zip([
+            0.7831858496123865,
+            0.7831858496123865,
+            -1.3053097493539774,
+            -0.2610619498707955,
+        ]) {
+            close(*a, e);
+        }
+        assert_eq!(out.advantages[0], out.advantages[1], "tied rewards get identical advantages");
+        assert_eq!(out.frac_reward_zero_std, 0.0);
+    }
+
+    #[test]
+    fn advantage_zero_variance_group() {
+        // [0.1, 0.1, 0.1]: mean in f64 is not exactly 0.1, but std_u is ~1e-17 (≤ 1e-8) → zero variance → A = 0
+        // exactly, in every scaling mode.
+        for scale in [ScaleRewards::Group, ScaleRewards::Batch, ScaleRewards::None] {
+            let out = group_advantages(&[Some(0.1), Some(0.1), Some(0.1)], 3, scale).unwrap();
+            assert_eq!(out.advantages, vec![0.0, 0.0, 0.0]);
+            assert_eq!(out.frac_reward_zero_std, 1.0);
+        }
+    }
+
+    #[test]
+    fn advantage_missing_reward() {
+        // G = 3, [2, None, 0]: valid {2, 0}, mean 1, std_u = √((1 + 1)/1) = √2 = 1.4142135623730951;
+        // A = ±1/(1.4142135623730951 + 1e-4) = ±0.7070567847218314; the missing one gets 0. NaN means the same.
+        for missing in [None, Some(f64::NAN)] {
+            let out = group_advantages(&[Some(2.0), missing, Some(0.0)], 3, ScaleRewards::Group).unwrap();
+            close(out.group_mean[0], 1.0);
+            close(out.group_std[0], std::f64::consts::SQRT_2);
+            close(out.advantages[0], 0.7070567847218314);
+            assert_eq!(out.advantages[1], 0.0);
+            close(out.advantages[2], -0.7070567847218314);
+            close(out.reward_mean, 1.0);
+        }
+        // One valid reward: std undefined → zero variance → A = 0; an all-missing group has NaN mean and A = 0.
+        let out = group_advantages(&[Some(3.0), None, None, None], 2, ScaleRewards::Group).unwrap();
+        assert_eq!(out.advantages, vec![0.0; 4]);
+        assert_eq!(out.group_std, vec![0.0, 0.0]);
+        assert!(out.group_mean[1].is_nan());
+        assert_eq!(out.frac_reward_zero_std, 1.0);
+    }
+
+    #[test]
+    fn advantage_batch_group_none_scaling() {
+        // G = 2, groups [1, 0], [0.5, 0.5], [3, 1]; group means 0.5, 0.5, 2; group std_u √0.5, 0, √2.
+        // Batch: mean 6/6 = 1, squares 0 + 1 + 0.25 + 0.25 + 4 + 0 = 5.5, std_u = √(5.5/5) = 1.0488088481701516.
+        // group: ±0.5/(0.7071067811865476 + 1e-4) = ±0.7070067953266834, 0, 0, ±1/(1.4142135623730951 + 1e-4) =
+        //   ±0.7070567847218314;
+        // batch: ±0.5/1.0489088481701516 = ±0.47668584441084927, 0, 0, ±1/1.0489088… = ±0.9533716888216985;
+        // none: ±0.5, 0, 0, ±1.
+        let r = [Some(1.0), Some(0.0), Some(0.5), Some(0.5), Some(3.0), Some(1.0)];
+        let cases = [
+            (ScaleRewards::Group, [0.7070067953266834, 0.0, 0.7070567847218314]),
+            (ScaleRewards::Batch, [0.47668584441084927, 0.0, 0.9533716888216985]),
+            (ScaleRewards::None, [0.5, 0.0, 1.0]),
+        ];
+        for (scale, e) in cases {
+            let out = group_advantages(&r, 2, scale).unwrap();
+            let expected = [e[0], -e[0], e[1], -e[1], e[2], -e[2]];
+            for (a, x) in out.advantages.iter().zip(expected) {
+                close(*a, x);
+            }
+            close(out.batch_std, 1.0488088481701516);
+            close(out.reward_mean, 1.0);
+            close(out.frac_reward_zero_std, 1.0 / 3.0);
+        }
+        // reward_std as TRL logs it: mean group std (√0.5 + 0 + √2)/3 = 0.7071067811865476, or the batch std.
+        close(group_advantages(&r, 2, ScaleRewards::Group).unwrap().reward_std, std::f64::consts::FRAC_1_SQRT_2);
+        close(group_advantages(&r, 2, ScaleRewards::Batch).unwrap().reward_std, 1.0488088481701516);
+        assert!(group_advantages(&r, 4, ScaleRewards::Group).is_err());
+    }
+}

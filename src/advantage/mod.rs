@@ -1,0 +1,8 @@
+//! Advantages: turning per-completion rewards into the per-completion signal the policy loss scales.
+//!
+//! Pure functions over plain `f64` slices, so every algorithm (GRPO now, PPO/SAFE later) can call and test them
+//! without a model.
+
+pub mod group;
+
+pub use group::{group_advantages, GroupAdvantages, ScaleRewards, STD_EPS};

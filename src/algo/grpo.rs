@@ -1,0 +1,363 @@
+//! GRPO's token loss with TRL's semantics (../shared/algorithms.md §6.1), assembled from the shared pieces in
+//! [`super::loss`]:
+//!
+//! ρ_t = exp(logp_t − logp_old_t), ℓ_t = −min(ρ̃_t·A, clip(ρ_t, 1 − ε_low, 1 + ε_high)·A) + β·k3_t,
+//! then aggregated over the completion mask per [`LossType`](super::loss::LossType).
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+use super::loss::{
+    aggregate, aggregate_tensor, clip_flags, clip_indicators_tensor, clipped_surrogate, clipped_surrogate_tensor,
+    kl_k3, masked_mean, masked_mean_tensor, scalar, Aggregation, ClipConfig, KlEstimator,
+};
+
+/// GRPO loss hyperparameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GrpoLossConfig {
+    /// KL coefficient β on k3 to the frozen reference (TRL default 0.0: no reference model at all).
+    pub beta: f64,
+    /// Ratio clipping (ε_low, ε_high, optional delta).
+    pub clip: ClipConfig,
+    /// Loss aggregation (`loss_type`) and its normalisers.
+    pub aggregation: Aggregation,
+    /// Multiply k3 by the non-detached ρ (TRL `use_bias_correction_kl`, DeepSeek-V3.2): same value on-policy, different
+    /// gradient (on-policy the KL gradient becomes β·(logp − ref) per token). Default `true`, as algorithms.md §6.1 measured in
+    /// TRL 1.16; other TRL versions' `GRPOConfig` document `False`, so set it explicitly when comparing with TRL.
+    /// The ρ here is the unclipped ratio, without the `delta` cap.
+    pub use_bias_correction_kl: bool,
+}
+
+impl Default for GrpoLossConfig {
+    fn default() -> Self {
+        Self {
+            beta: 0.0,
+            clip: ClipConfig::default(),
+            aggregation: Aggregation::new(Default::default(), 512),
+            use_bias_correction_kl: true,
+        }
+    }
+}
+
+/// What TRL logs from the loss, each a masked mean over this micro-batch's active tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GrpoLossMetrics {
+    /// `kl`: mean per-token KL term (k3, times ρ under bias correction); None without a reference.
+    pub kl: Option<f64>,
+    /// `clip_ratio/low_mean`: fraction of tokens with ρ < 1 − ε_low and A < 0.
+    pub clip_low: f64,
+    /// `clip_ratio/high_mean`: fraction of tokens with ρ > 1 + ε_high and A > 0.
+    pub clip_high: f64,
+    /// `clip_ratio/region_mean`: fraction clipped on either side.
+    pub clip_region: f64,
+}
+
+/// The KL term of one token: k3, times ρ under bias correction.
+fn kl_term(logp: f64, ref_logp: f64, ratio: f64, cfg: &GrpoLossConfig) -> f64 {
+    let k3 = kl_k3(logp, ref_logp);
+    if cfg.use_bias_correction_kl {
+        k3 * ratio
+    } else {
+        k3
+    }
+}
+
+/// GRPO loss on Tensors: `logp`, `old_logp`, `ref_logp` and `mask` are `[B, T]`, `advantages` `[B]`.
+/// `old_logp` is the sampling policy's log-probs (pass `logp.detach()` when μ = 1: ρ = 1 with the right gradient).
+/// `ref_logp` is required when β ≠ 0. Returns the scalar loss (differentiable wrt `logp`) and the metrics.
+pub fn grpo_token_loss(
+    logp: &Tensor,
+    old_logp: &Tensor,
+    ref_logp: Option<&Tensor>,
+    advantages: &Tensor,
+    mask: &Tensor,
+    cfg: &GrpoLossConfig,
+) -> Result<(Tensor, GrpoLossMetrics)> {
+    if cfg.beta != 0.0 && ref_logp.is_none() {
+        bail!("GRPO with beta = {} needs reference log-probs", cfg.beta);
+    }
+    let old_logp = old_logp.detach();
+    let ratio = (logp - &old_logp)?.exp()?;
+    let mut per_token = clipped_surrogate_tensor(&ratio, advantages, &cfg.clip)?;
+    let mut kl = None;
+    if let Some(ref_logp) = ref_logp {
+        let mut term = KlEstimator::K3.tensor(logp, &ref_logp.detach())?;
+        if cfg.use_bias_correction_kl {
+            term = (term * &ratio)?;
+        }
+        kl = Some(scalar(&masked_mean_tensor(&term.detach(), mask)?)?);
+        if cfg.beta != 0.0 {
+            per_token = (per_token + (term * cfg.beta)?)?;
+        }
+    }
+    let loss = aggregate_tensor(&per_token, mask, &cfg.aggregation)?;
+    let (low, high, region) = clip_indicators_tensor(&ratio, advantages, &cfg.clip)?;
+    let metrics = GrpoLossMetrics {
+        kl,
+        clip_low: scalar(&masked_mean_tensor(&low, mask)?)?,
+        clip_high: scalar(&masked_mean_tensor(&high, mask)?)?,
+        clip_region: scalar(&masked_mean_tensor(&region, mask)?)?,
+    };
+    Ok((loss, metrics))
+}
+
+/// The same loss over rows of `f64` (`[B][T]`, advantages `[B]`); also returns the per-token ℓ (0 where masked).
+pub fn grpo_token_loss_f64(
+    logp: &[Vec<f64>],
+    old_logp: &[Vec<f64>],
+    ref_logp: Option<&[Vec<f64>]>,
+    advantages: &[f64],
+    mask: &[Vec<f64>],
+    cfg: &GrpoLossConfig,
+) -> Result<(f64, Vec<Vec<f64>>, GrpoLossMetrics)> {
+    if cfg.beta != 0.0 && ref_logp.is_none() {
+        bail!("GRPO with beta = {} needs reference log-probs", cfg.beta);
+    }
+    let rows = [logp.len(), old_logp.len(), advantages.len(), ref_logp.map_or(mask.len(), |r| r.len())];
+    if rows.iter().any(|&n| n != mask.len()) {
+        bail!("GRPO inputs disagree on the number of completions: {rows:?} vs mask {}", mask.len());
+    }
+    let (mut per_token, mut kl_rows, mut low, mut high) = (vec![], vec![], vec![], vec![]);
+    for i in 0..mask.len() {
+        let (mut l, mut k, mut lo, mut hi) = (vec![], vec![], vec![], vec![]);
+        for t in 0..mask[i].len() {
+            if mask[i][t] == 0.0 {
+                l.push(0.0);
+                k.push(0.0);
+                lo.push(0.0);
+                hi.push(0.0);
+                continue;
+            }
+            let ratio = (logp[i][t] - old_logp[i][t]).exp();
+            let mut ell = clipped_surrogate(ratio, advantages[i], &cfg.clip);
+            if let Some(r) = ref_logp {
+                let term = kl_term(logp[i][t], r[i][t], ratio, cfg);
+                k.push(term);
+                ell += cfg.beta * term;
+            }
+            let (is_low, is_high) = clip_flags(ratio, advantages[i], &cfg.clip);
+            lo.push(is_low as u8 as f64);
+            hi.push(is_high as u8 as f64);
+            l.push(ell);
+        }
+        per_token.push(l);
+        kl_rows.push(k);
+        low.push(lo);
+        high.push(hi);
+    }
+    let loss = aggregate(&per_token, mask, &cfg.aggregation)?;
+    let (clip_low, clip_high) = (masked_mean(&low, mask), masked_mean(&high, mask));
+    let metrics = GrpoLossMetrics {
+        kl: ref_logp.map(|_| masked_mean(&kl_rows, mask)),
+        clip_low,
+        clip_high,
+        clip_region: clip_low + clip_high,
+    };
+    Ok((loss, per_token, metrics))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algo::loss::LossType;
+    use candle_core::{Device, Var};
+
+    fn close(a: f64, b: f64, tol: f64) {
+        assert!((a - b).abs() <= tol, "{a} vs {b} (tol {tol})");
+    }
+
+    /// §6.1's worked example: G = 2, rewards [1, 0], two completions of 3 and 2 tokens padded to T = 4.
+    struct Example {
+        logp: Vec<Vec<f64>>,
+        old: Vec<Vec<f64>>,
+        reference: Vec<Vec<f64>>,
+        adv: Vec<f64>,
+        mask: Vec<Vec<f64>>,
+    }
+
+    fn example() -> Example {
+        // Rewards [1, 0]: mean 0.5, std_u = √0.5 = 0.7071067811865476, A = ±0.5/0.7072067811865476 =
+        // ±0.7070067953266834 (crate::advantage computes exactly this).
+        let adv = crate::advantage::group_advantages(&[Some(1.0), Some(0.0)], 2, Default::default()).unwrap();
+        let logp = vec![vec![-1.0, -0.7, -0.2, 0.0], vec![-0.3, -1.1, 0.0, 0.0]];
+        let diff = [[0.1, -0.3, 0.25, 0.0], [0.05, 0.3, 0.0, 0.0]]; // logp − logp_old
+        let old: Vec<Vec<f64>> =
+            logp.iter().zip(diff).map(|(r, d)| r.iter().zip(d).map(|(l, d)| l - d).collect()).collect();
+        Example {
+            logp,
+            old,
+            reference: vec![vec![-1.1, -0.6, -0.2, 0.0], vec![-0.5, -0.9, 0.0, 0.0]],
+            adv: adv.advantages,
+            mask: vec![vec![1.0, 1.0, 1.0, 0.0], vec![1.0, 1.0, 0.0, 0.0]],
+        }
+    }
+
+    fn cfg(loss_type: LossType, bias_correction: bool) -> GrpoLossConfig {
+        GrpoLossConfig {
+            beta: 0.04,
+            clip: ClipConfig { eps_low: 0.2, eps_high: 0.2, delta: None },
+            aggregation: Aggregation::new(loss_type, 4),
+            use_bias_correction_kl: bias_correction,
+        }
+    }
+
+    // Per-token ℓ without bias correction (A = 0.7070067953266834, β = 0.04):
+    // row 0, A > 0: t0 ρ = e^0.1 = 1.1051709 in range: −1.1051709·A + 0.04·k3(−1.0, −1.1) [= e^−0.1 + 0.1 − 1 =
+    //   0.0048374] = −0.7811698523554739; t1 ρ = e^−0.3 = 0.7408182 < 0.8 but A > 0 so unclipped: −0.5237635 +
+    //   0.04·(e^0.1 − 0.1 − 1 = 0.0051709) = −0.5235566794007712; t2 ρ = e^0.25 = 1.2840254 > 1.2, A > 0: clipped
+    //   high, −1.2·A + 0.04·k3(−0.2, −0.2) [= 0] = −0.8484081543920201.
+    // row 1, A < 0: t0 ρ = e^0.05 = 1.0512711: 0.7432550 + 0.04·(e^−0.2 + 0.2 − 1 = 0.0187308) = 0.7440050389915009;
+    //   t1 ρ = e^0.3 = 1.3498588 > 1.2 with A < 0: unclipped (pessimistic side), 0.9543541 + 0.04·(e^0.2 − 0.2 − 1 =
+    //   0.0214028) = 0.955215460014215.
+    // Aggregates: row sums −2.1531346861482652 and 1.699220499005736;
+    // grpo = (−2.15313/3 + 1.69922/2)/2 = (−0.7177116 + 0.8496102)/2 = 0.06594934372671812;
+    // bnpo = dapo = (−2.15313 + 1.69922)/5 = −0.09078283742850982; dr_grpo = −0.4539142/(2·4) = −0.05673927339281863.
+    // Clip: 1 of 5 active tokens clipped high (row 0 t2), none low. kl = mean k3 over 5 tokens = 0.010028369469951804.
+    const ELL: [[f64; 3]; 2] =
+        [[-0.7811698523554739, -0.5235566794007712, -0.8484081543920201], [0.7440050389915009, 0.955215460014215, 0.0]];
+    const AGG: [(LossType, f64); 4] = [
+        (LossType::Grpo, 0.06594934372671812),
+        (LossType::Bnpo, -0.09078283742850982),
+        (LossType::Dapo, -0.09078283742850982),
+        (LossType::DrGrpo, -0.05673927339281863),
+    ];
+    // With bias correction every k3 is multiplied by its ρ (values from the same Python, ρ·k3 instead of k3):
+    // ℓ = [[−0.7811495021276356, −0.5236102877106734, −0.8484081543920201], [0.7440434528413513, 0.9555149777521652]];
+    // grpo 0.06602828360999091, bnpo = dapo −0.09072190272736255, dr_grpo −0.0567011892046016, kl 0.0115517369986345.
+    const ELL_BC: [[f64; 3]; 2] = [
+        [-0.7811495021276356, -0.5236102877106734, -0.8484081543920201],
+        [0.7440434528413513, 0.9555149777521652, 0.0],
+    ];
+    const AGG_BC: [(LossType, f64); 4] = [
+        (LossType::Grpo, 0.06602828360999091),
+        (LossType::Bnpo, -0.09072190272736255),
+        (LossType::Dapo, -0.09072190272736255),
+        (LossType::DrGrpo, -0.0567011892046016),
+    ];
+
+    fn tensor(rows: &[Vec<f64>]) -> Tensor {
+        let flat: Vec<f32> = rows.iter().flatten().map(|&x| x as f32).collect();
+        Tensor::from_vec(flat, (rows.len(), rows[0].len()), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn grpo_worked_example_f64_and_tensor() {
+        let ex = example();
+        for (bc, ell, aggs, kl) in [(false, ELL, AGG, 0.010028369469951804), (true, ELL_BC, AGG_BC, 0.0115517369986345)]
+        {
+            for (loss_type, expected) in aggs {
+                let c = cfg(loss_type, bc);
+                let (loss, per_token, m) =
+                    grpo_token_loss_f64(&ex.logp, &ex.old, Some(&ex.reference), &ex.adv, &ex.mask, &c).unwrap();
+                close(loss, expected, 1e-9);
+                for (i, row) in ell.iter().enumerate() {
+                    for (t, e) in row.iter().enumerate().take(3 - i) {
+                        close(per_token[i][t], *e, 1e-12);
+                    }
+                }
+                close(m.kl.unwrap(), kl, 1e-12);
+                assert_eq!((m.clip_low, m.clip_high, m.clip_region), (0.0, 0.2, 0.2));
+
+                // f32 Tensor path.
+                let adv = Tensor::new(ex.adv.iter().map(|&a| a as f32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+                let (loss_t, mt) = grpo_token_loss(
+                    &tensor(&ex.logp),
+                    &tensor(&ex.old),
+                    Some(&tensor(&ex.reference)),
+                    &adv,
+                    &tensor(&ex.mask),
+                    &c,
+                )
+                .unwrap();
+                close(scalar(&loss_t).unwrap(), expected, 1e-5);
+                close(mt.kl.unwrap(), kl, 1e-6);
+                close(mt.clip_high, 0.2, 1e-7);
+                assert_eq!((mt.clip_low, mt.clip_region), (0.0, mt.clip_high));
+            }
+        }
+        // dapo with a global normaliser (e.g. 10 active tokens across 2 accumulated micro-batches): sum/10.
+        let mut c = cfg(LossType::Dapo, false);
+        c.aggregation.dapo_num_items = Some(10.0);
+        let (loss, _, _) = grpo_token_loss_f64(&ex.logp, &ex.old, Some(&ex.reference), &ex.adv, &ex.mask, &c).unwrap();
+        close(loss, -0.09078283742850982 / 2.0, 1e-12);
+        // grpo/bnpo/dr_grpo divide by the accumulation steps.
+        let mut c = cfg(LossType::Grpo, false);
+        c.aggregation.grad_accum_steps = 2;
+        let (loss, _, _) = grpo_token_loss_f64(&ex.logp, &ex.old, Some(&ex.reference), &ex.adv, &ex.mask, &c).unwrap();
+        close(loss, 0.06594934372671812 / 2.0, 1e-12);
+        // β ≠ 0 without a reference is an error.
+        assert!(grpo_token_loss_f64(&ex.logp, &ex.old, None, &ex.adv, &ex.mask, &c).is_err());
+    }
+
+    #[test]
+    fn grpo_clipping_both_sides_zero_gradient() {
+        // β = 0, bnpo over 6 active tokens. Row 0 (A = +1): logp − old = [0.5 → ρ 1.6487 > 1.2 clipped high,
+        // −0.5 → ρ 0.6065 unclipped (A > 0), 0 → ρ 1]. Row 1 (A = −1): [−0.5 → ρ 0.6065 < 0.8 clipped low,
+        // 0.5 → ρ 1.6487 unclipped (A < 0), 0 → ρ 1].
+        // Unclipped tokens have ℓ = −ρA, ∂ℓ/∂logp = −ρA, divided by 6; clipped tokens are constant: gradient 0.
+        let dev = Device::Cpu;
+        let diff = [[0.5f32, -0.5, 0.0], [-0.5, 0.5, 0.0]];
+        let old = Tensor::new(&[[-1.0f32, -2.0, -0.5], [-1.5, -0.3, -0.8]], &dev).unwrap();
+        let logp = Var::from_tensor(&(&old + Tensor::new(&diff, &dev).unwrap()).unwrap()).unwrap();
+        let adv = Tensor::new(&[1.0f32, -1.0], &dev).unwrap();
+        let mask = Tensor::ones((2, 3), candle_core::DType::F32, &dev).unwrap();
+        let c = GrpoLossConfig {
+            beta: 0.0,
+            clip: ClipConfig::default(),
+            aggregation: Aggregation::new(LossType::Bnpo, 3),
+            use_bias_correction_kl: true,
+        };
+        let (loss, m) = grpo_token_loss(logp.as_tensor(), &old, None, &adv, &mask, &c).unwrap();
+        close(m.clip_low, 1.0 / 6.0, 1e-7);
+        close(m.clip_high, 1.0 / 6.0, 1e-7);
+        close(m.clip_region, 2.0 / 6.0, 1e-7);
+        assert!(m.kl.is_none());
+        let grads = loss.backward().unwrap();
+        let g = grads.get(logp.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        let a = [1.0f64, -1.0];
+        for i in 0..2 {
+            for t in 0..3 {
+                let (rho, adv_i) = ((diff[i][t] as f64).exp(), a[i]);
+                let (low, high) = clip_flags(rho, adv_i, &c.clip);
+                if low || high {
+                    assert_eq!(g[i][t], 0.0, "clipped token ({i},{t}) must get exactly zero gradient");
+                } else {
+                    close(g[i][t] as f64, -rho * adv_i / 6.0, 1e-6);
+                }
+            }
+        }
+        assert_eq!(g[0][0], 0.0);
+        assert_eq!(g[1][0], 0.0);
+    }
+    #[test]
+    fn grpo_bias_corrected_kl_gradient() {
+        // On-policy (old = logp.detach(), ρ = 1), A = 0 so only β·KL acts; bnpo over N = 3 tokens, β = 0.04.
+        // x = ref − logp, k3 = e^x − x − 1, ∂k3/∂logp = 1 − e^x.
+        // Without correction: ∂loss/∂logp = β/N·(1 − e^x): (−1.0, −1.2) → 0.04/3·(1 − e^−0.2) = 0.0024169232922935744,
+        //   (−0.5, −0.4) → 0.04/3·(1 − e^0.1) = −0.0014022789076753, (−2.0, −2.5) → 0.005246257870498221.
+        // With correction (k3·ρ, ∂ρ/∂logp = ρ = 1): β/N·(1 − e^x + k3) = β/N·(−x) = β/N·(logp − ref):
+        //   0.04/3·[0.2, −0.1, 0.5] = [0.0026666…, −0.0013333…, 0.0066666…]. Loss values are equal (ρ = 1).
+        let dev = Device::Cpu;
+        let logp = Var::new(&[[-1.0f32, -0.5, -2.0]], &dev).unwrap();
+        let reference = Tensor::new(&[[-1.2f32, -0.4, -2.5]], &dev).unwrap();
+        let adv = Tensor::new(&[0.0f32], &dev).unwrap();
+        let mask = Tensor::ones((1, 3), candle_core::DType::F32, &dev).unwrap();
+        let expected = [
+            (false, [0.0024169232922935744, -0.0014022789076753, 0.005246257870498221]),
+            (true, [0.04 / 3.0 * 0.2, 0.04 / 3.0 * -0.1, 0.04 / 3.0 * 0.5]),
+        ];
+        let mut values = vec![];
+        for (bc, e) in expected {
+            let mut c = cfg(LossType::Bnpo, bc);
+            c.aggregation.max_completion_length = 3;
+            let old = logp.as_tensor().detach();
+            let (loss, _) = grpo_token_loss(logp.as_tensor(), &old, Some(&reference), &adv, &mask, &c).unwrap();
+            values.push(scalar(&loss).unwrap());
+            let g = loss.backward().unwrap().get(logp.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+            for (a, b) in g[0].iter().zip(e) {
+                close(*a as f64, b, 1e-8);
+            }
+        }
+        assert_eq!(values[0], values[1]);
+    }
+}

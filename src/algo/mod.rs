@@ -1,0 +1,4 @@
+//! RL algorithms: shared loss pieces ([`loss`]) and each algorithm's token loss built from them.
+
+pub mod grpo;
+pub mod loss;

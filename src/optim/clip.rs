@@ -1,0 +1,76 @@
+//! Global gradient-norm clipping, as `torch.nn.utils.clip_grad_norm_` (L2, `error_if_nonfinite = False`).
+
+use anyhow::Result;
+use candle_core::{backprop::GradStore, DType, Var};
+
+/// Added to the norm in the scale, as torch does, so a zero norm cannot divide by zero.
+const NORM_EPS: f64 = 1e-6;
+
+/// Total L2 norm of the gradients of `vars` (vars without a gradient count as zero). If it is finite and
+/// `max_norm / (norm + 1e-6) < 1`, every gradient is scaled by that factor in `grads`. Returns the pre-clip norm;
+/// a non-finite norm is returned with the gradients untouched, for the caller to skip the step.
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f64) -> Result<f64> {
+    let mut sum_sq = 0.0f64;
+    for (_, var) in vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            sum_sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+    }
+    let norm = sum_sq.sqrt();
+    let scale = max_norm / (norm + NORM_EPS);
+    if norm.is_finite() && scale < 1.0 {
+        for (_, var) in vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let scaled = (g * scale)?;
+                grads.insert(var.as_tensor(), scaled);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn setup() -> (GradStore, Vec<(String, Var)>) {
+        let dev = Device::Cpu;
+        let a = Var::new(&[1.0f32, 2.0], &dev).unwrap();
+        let b = Var::new(&[3.0f32], &dev).unwrap();
+        // loss = 3·a0 + 4·a1 + 12·b → grads [3, 4] and [12]; norm √(9 + 16 + 144) = √169 = 13.
+        let w = Tensor::new(&[3.0f32, 4.0], &dev).unwrap();
+        let loss = ((a.as_tensor() * &w).unwrap().sum_all().unwrap()
+            + (b.as_tensor() * 12.0).unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        (grads, vec![("a".into(), a), ("b".into(), b)])
+    }
+
+    #[test]
+    fn clip_grad_norm_hand_values() {
+        // max_norm 6.5: scale = 6.5/(13 + 1e-6) = 0.49999996153846…; grads ≈ [1.5, 2.0], [6.0].
+        let (mut grads, vars) = setup();
+        let norm = clip_grad_norm(&mut grads, &vars, 6.5).unwrap();
+        assert!((norm - 13.0).abs() < 1e-12);
+        let scale = 6.5 / (13.0 + 1e-6);
+        let ga = grads.get(vars[0].1.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let gb = grads.get(vars[1].1.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(ga, vec![(3.0 * scale) as f32, (4.0 * scale) as f32]);
+        assert_eq!(gb, vec![(12.0 * scale) as f32]);
+        // Below the threshold: untouched, norm still reported.
+        let (mut grads, vars) = setup();
+        assert!((clip_grad_norm(&mut grads, &vars, 100.0).unwrap() - 13.0).abs() < 1e-12);
+        assert_eq!(grads.get(vars[0].1.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![3.0, 4.0]);
+    }
+
+    #[test]
+    fn clip_grad_norm_non_finite_is_reported() {
+        let (mut grads, vars) = setup();
+        let bad = Tensor::new(&[f32::NAN], &Device::Cpu).unwrap();
+        grads.insert(vars[1].1.as_tensor(), bad);
+        let norm = clip_grad_norm(&mut grads, &vars, 1.0).unwrap();
+        assert!(norm.is_nan());
+        assert_eq!(grads.get(vars[0].1.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![3.0, 4.0]);
+    }
+}
