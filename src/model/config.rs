@@ -129,9 +129,16 @@ impl Arch {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (transformers' "linear").
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.x frequency-band scaling.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
 }
 
 /// Validated model settings: everything the model needs, nothing left to default.
@@ -287,12 +294,14 @@ impl HfConfig {
                     factor: need(p.factor, "factor")?,
                     low_freq_factor: need(p.low_freq_factor, "low_freq_factor")?,
                     high_freq_factor: need(p.high_freq_factor, "high_freq_factor")?,
-                    original_max_position_embeddings: p
-                        .original_max_position_embeddings
-                        .with_context(|| format!("{origin}: llama3 rope scaling needs original_max_position_embeddings"))?,
+                    original_max_position_embeddings: p.original_max_position_embeddings.with_context(|| {
+                        format!("{origin}: llama3 rope scaling needs original_max_position_embeddings")
+                    })?,
                 }
             }
-            other => bail!("{origin}: rope scaling type {other:?} is not supported (supported: default, linear, llama3)"),
+            other => {
+                bail!("{origin}: rope scaling type {other:?} is not supported (supported: default, linear, llama3)")
+            }
         };
         Ok((theta, scaling))
     }

@@ -111,8 +111,7 @@ fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
             tensors.insert(name, t.to_dtype(dtype)?.to_device(device)?);
         }
     }
-    let tokenizer =
-        if dir.join("tokenizer.json").is_file() { Some(Tokenizer::from_dir(dir, &config)?) } else { None };
+    let tokenizer = if dir.join("tokenizer.json").is_file() { Some(Tokenizer::from_dir(dir, &config)?) } else { None };
     Ok(LoadedModel { config, tensors, tokenizer, origin: dir.display().to_string() })
 }
 
@@ -283,12 +282,8 @@ pub mod hub {
     use super::*;
 
     /// Files a model directory may hold besides weights; fetched when present upstream.
-    const OPTIONAL: &[&str] = &[
-        "generation_config.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "chat_template.jinja",
-    ];
+    const OPTIONAL: &[&str] =
+        &["generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
 
     pub fn cache_dir() -> PathBuf {
         if let Ok(p) = std::env::var("HF_HUB_CACHE") {
@@ -336,11 +331,7 @@ pub mod hub {
             .with_progress(true)
             .build()
             .context("cannot start the hub client")?;
-        let r = api.repo(hf_hub::Repo::with_revision(
-            repo.to_string(),
-            hf_hub::RepoType::Model,
-            revision.to_string(),
-        ));
+        let r = api.repo(hf_hub::Repo::with_revision(repo.to_string(), hf_hub::RepoType::Model, revision.to_string()));
         let fetch = |f: &str| r.get(f).with_context(|| format!("downloading {f} of {repo}@{revision}"));
         let config = fetch("config.json")?;
         fetch("tokenizer.json")?;
