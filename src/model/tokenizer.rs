@@ -620,3 +620,28 @@ fn add_gguf_added_tokens(tok: &mut tokenizers::Tokenizer, tokens: &[String], typ
         tok.add_tokens(&user);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+    fn splits(pre: &str, text: &str) -> Vec<String> {
+        let tokens: Vec<String> = bytes_to_unicode().iter().map(|c| c.to_string()).collect();
+        let tok = byte_level_bpe(&tokens, &[], pre, "test").unwrap();
+        let mut pts = PreTokenizedString::from(text);
+        tok.get_pre_tokenizer().unwrap().pre_tokenize(&mut pts).unwrap();
+        pts.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(s, _, _)| s.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn gguf_pre_tokenizer_regexes() {
+        assert_eq!(splits("llama-bpe", "I'm 123456!"), ["I", "'m", "Ġ", "123", "456", "!"]);
+        assert_eq!(splits("qwen2", "ab 12"), ["ab", "Ġ", "1", "2"]);
+        assert_eq!(splits("smollm", "ab 12"), ["ab", "Ġ12"]);
+        assert_eq!(splits("something-new", "ab 12"), ["ab", "Ġ12"]);
+    }
+}
