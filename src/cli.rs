@@ -226,7 +226,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Check(args) => check(&args),
         Command::Train(args) => train(&args),
-        Command::Generate(args) => crate::rollout::command::run(&args).or_exit(exit::BAD_INPUT),
+        Command::Generate(args) => {
+            // Loading and prompt preparation are input (exit 2); a failure while sampling is a run failure (exit 1).
+            let prepared = crate::rollout::command::prepare(&args).or_exit(exit::BAD_INPUT)?;
+            crate::rollout::command::run(&args, prepared).or_exit(exit::TRAINING_FAILED)
+        }
     }
 }
 

@@ -137,29 +137,15 @@ mod tests {
 pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + \
 message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// GPT-2's reversible byte → printable-char map (so every byte is one vocabulary entry).
-fn bytes_to_unicode() -> Vec<char> {
-    let printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
-    let mut map = vec!['\0'; 256];
-    for &b in &printable {
-        map[b as usize] = char::from_u32(b).unwrap();
-    }
-    let mut extra = 0;
-    for b in 0..256u32 {
-        if !printable.contains(&b) {
-            map[b as usize] = char::from_u32(256 + extra).unwrap();
-            extra += 1;
-        }
-    }
-    map
-}
-
-/// The byte-level tokenizer of the built-in models: ids 0..256 are bytes, then the ChatML specials.
+/// The byte-level `tokenizers` model of the built-in models: ids 0..256 are bytes, then the ChatML specials.
 pub fn byte_tokenizer() -> Result<tokenizers::Tokenizer> {
     use tokenizers::models::bpe::BPE;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    let vocab: tokenizers::models::bpe::Vocab =
-        bytes_to_unicode().into_iter().enumerate().map(|(id, c)| (c.to_string(), id as u32)).collect();
+    let vocab: tokenizers::models::bpe::Vocab = super::tokenizer::bytes_to_unicode()
+        .into_iter()
+        .enumerate()
+        .map(|(id, c)| (c.to_string(), id as u32))
+        .collect();
     let bpe = BPE::builder().vocab_and_merges(vocab, vec![]).build().map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut tok = tokenizers::Tokenizer::new(bpe);
     tok.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
@@ -168,4 +154,18 @@ pub fn byte_tokenizer() -> Result<tokenizers::Tokenizer> {
         SPECIAL_TOKENS.iter().map(|s| tokenizers::AddedToken::from(s.to_string(), true)).collect();
     tok.add_special_tokens(&specials);
     Ok(tok)
+}
+
+/// The built-in models' tokenizer with its special tokens and ChatML template.
+pub fn tokenizer(cfg: &ModelConfig, origin: &str) -> Result<super::Tokenizer> {
+    let [_, im_start, im_end] = SPECIAL_TOKENS;
+    super::Tokenizer::from_parts(
+        byte_tokenizer()?,
+        Some(im_start),
+        Some(im_end),
+        Some(im_end),
+        Some(CHAT_TEMPLATE),
+        cfg,
+        origin,
+    )
 }

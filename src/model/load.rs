@@ -13,6 +13,9 @@ use super::config::{Arch, HfConfig, ModelConfig, RopeScaling};
 use super::llama::CausalLm;
 use super::tokenizer::Tokenizer;
 
+/// Built-in models are always created from this seed, so `builtin:tiny` names one fixed set of weights.
+const BUILTIN_SEED: u64 = 0;
+
 /// Where a model comes from, decided from the `id` string alone.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
@@ -22,11 +25,17 @@ pub enum ModelSource {
     Gguf(PathBuf),
     /// A hub repository `org/name` at a revision (branch, tag or commit).
     Hub { repo: String, revision: String },
+    /// `builtin:<name>`: a model created in-process from a fixed seed (see [`super::builtin`]).
+    Builtin(String),
 }
 
 impl ModelSource {
     /// A path that exists is a directory or a GGUF file; `org/name` that is not a path is a hub id.
     pub fn parse(id: &str, revision: Option<&str>) -> Result<Self> {
+        if let Some(name) = id.strip_prefix("builtin:") {
+            super::builtin::config(name)?;
+            return Ok(Self::Builtin(name.to_string()));
+        }
         let path = Path::new(id);
         if path.is_dir() {
             return Ok(Self::Dir(path.to_path_buf()));
@@ -66,6 +75,13 @@ impl LoadedModel {
             ModelSource::Hub { repo, revision } => {
                 let dir = hub::resolve(repo, revision)?;
                 load_dir(&dir, device, dtype).with_context(|| format!("loading hub model {repo}@{revision}"))
+            }
+            ModelSource::Builtin(name) => {
+                let origin = format!("builtin:{name}");
+                let config = super::builtin::config(name)?;
+                let tensors = super::builtin::weights(&config, BUILTIN_SEED, device, dtype)?;
+                let tokenizer = Some(super::builtin::tokenizer(&config, &origin)?);
+                Ok(LoadedModel { config, tensors, tokenizer, origin })
             }
         }
     }
@@ -169,8 +185,7 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
         }
         tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
     }
-    // MERGE-NOTE: strict once the GGUF tokenizer lands.
-    let tokenizer = Tokenizer::from_gguf(&content, path, &config).ok();
+    let tokenizer = Some(Tokenizer::from_gguf(&content, path, &config)?);
     Ok(LoadedModel { config, tensors, tokenizer, origin })
 }
 

@@ -1,6 +1,7 @@
 //! Models: config mirror, our trainable decoder, loading (dir | hub | gguf), tokenizer and chat template.
 
 pub mod builtin;
+pub mod chat;
 pub mod config;
 pub mod llama;
 pub mod load;
@@ -9,4 +10,4 @@ pub mod tokenizer;
 pub use config::{Arch, HfConfig, ModelConfig};
 pub use llama::{attention_mask, positions_from_mask, CausalLm, KvCache};
 pub use load::{LoadedModel, ModelSource};
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{ChatMessage, Tokenizer};

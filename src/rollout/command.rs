@@ -1,3 +1,144 @@
-pub fn run(_args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
-    anyhow::bail!("generate: not wired yet")
+//! `safe generate`: load a model, render prompts (optionally through the chat template), sample in batches, and
+//! print text or JSON lines.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+
+use super::{generate, GenerationConfig, Request, RowKey, SamplingParams};
+use crate::cli::{GenerateArgs, OutputFormat};
+use crate::model::tokenizer::ChatMessage;
+use crate::model::{LoadedModel, ModelSource};
+
+/// A prompt as users write it in JSONL: plain text or chat messages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Messages(Vec<ChatMessage>),
+}
+
+/// Read `prompt` fields from a JSONL file; a bad line names the file and line.
+pub fn read_prompts(path: &Path) -> Result<Vec<PromptInput>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("{}:{}: cannot read line", path.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
+        let p = v.get("prompt").with_context(|| format!("{}:{}: no `prompt` field", path.display(), i + 1))?;
+        let p: PromptInput = serde_json::from_value(p.clone()).with_context(|| {
+            format!("{}:{}: `prompt` must be a string or a list of {{role, content}} messages", path.display(), i + 1)
+        })?;
+        out.push(p);
+    }
+    if out.is_empty() {
+        bail!("{} has no prompts", path.display());
+    }
+    Ok(out)
+}
+
+/// Everything before sampling: all errors here are bad input (exit 2).
+pub struct Prepared {
+    model: crate::model::CausalLm,
+    tokenizer: crate::model::Tokenizer,
+    texts: Vec<String>,
+    prompt_ids: Vec<Vec<u32>>,
+}
+
+pub fn prepare(args: &GenerateArgs) -> Result<Prepared> {
+    let prompts = match (&args.prompt, &args.input) {
+        (Some(p), None) => vec![PromptInput::Text(p.clone())],
+        (None, Some(f)) => read_prompts(f)?,
+        _ => bail!("give exactly one of --prompt or --input"),
+    };
+    let device = args.device.device()?;
+    let dtype = args.dtype.resolve(&device);
+    let source = ModelSource::parse(&args.model, args.revision.as_deref())?;
+    let loaded = LoadedModel::load(&source, &device, dtype)?;
+    let origin = loaded.origin.clone();
+    let (model, tokenizer) = loaded.into_model(false, &device, dtype)?;
+    let tokenizer = tokenizer.with_context(|| format!("{origin} has no tokenizer (tokenizer.json)"))?;
+    let mut texts = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let text = match (p, args.chat) {
+            (PromptInput::Text(t), false) => t,
+            (PromptInput::Text(t), true) => {
+                tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: t }], true)?
+            }
+            (PromptInput::Messages(m), _) => tokenizer.apply_chat_template(&m, true)?,
+        };
+        texts.push(text);
+    }
+    let prompt_ids = texts.iter().map(|t| tokenizer.encode(t)).collect::<Result<Vec<_>>>()?;
+    if let Some(i) = prompt_ids.iter().position(Vec::is_empty) {
+        bail!("prompt {i} is empty after tokenisation");
+    }
+    Ok(Prepared { model, tokenizer, texts, prompt_ids })
+}
+
+pub fn run(args: &GenerateArgs, p: Prepared) -> Result<()> {
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+    };
+    let eos_ids = p.tokenizer.eos_ids().to_vec();
+    let pad_id = p.tokenizer.pad_id().or(eos_ids.first().copied()).unwrap_or(0);
+    let cfg = GenerationConfig {
+        sampling,
+        max_new_tokens: args.max_new_tokens,
+        eos_ids,
+        stop_strings: args.stop.clone(),
+        batch_size: args.batch_size,
+        pad_id,
+    };
+    let mut requests = Vec::new();
+    for (i, ids) in p.prompt_ids.iter().enumerate() {
+        for s in 0..args.num_samples {
+            requests.push(Request {
+                prompt: ids.clone(),
+                key: RowKey { seed: args.seed, step: 0, prompt: i as u64, sample: s as u64 },
+            });
+        }
+    }
+    let bar = ProgressBar::new(requests.len() as u64);
+    bar.set_style(ProgressStyle::with_template("{spinner} generating {pos}/{len} completions [{elapsed}]").unwrap());
+    let completions = generate(&p.model, Some(&p.tokenizer), &requests, &cfg, Some(&bar))?;
+    bar.finish_and_clear();
+
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let jsonl = matches!(args.format, OutputFormat::Jsonl);
+    for (r, c) in requests.iter().zip(&completions) {
+        let text = p.tokenizer.decode(&c.ids, true)?;
+        if jsonl {
+            let line = serde_json::json!({
+                "prompt_index": r.key.prompt, "sample_index": r.key.sample,
+                "prompt": p.texts[r.key.prompt as usize], "completion": text,
+                "finish_reason": c.finish, "num_tokens": c.ids.len(), "token_ids": c.ids,
+                "logprob_sum": c.logprobs.iter().map(|&x| x as f64).sum::<f64>(),
+            });
+            writeln!(out, "{line}")?;
+        } else {
+            if requests.len() > 1 {
+                writeln!(out, "=== prompt {} sample {} ({:?}) ===", r.key.prompt, r.key.sample, c.finish)?;
+            }
+            writeln!(out, "{text}")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
 }
