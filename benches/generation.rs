@@ -101,6 +101,7 @@ fn candle_llama(model: &CausalLm, prompt: &[u32]) -> f64 {
 }
 
 fn main() {
+    safe::init_threads();
     let path = gguf_path();
     let src = ModelSource::parse(&path, None).expect("run scripts/fetch-smollm2.sh first");
     let loaded = LoadedModel::load(&src, &Device::Cpu, DType::F32).expect("load SmolLM2");

@@ -1,6 +1,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    safe::init_threads();
     let cli = safe::cli::Cli::parse(); // usage errors exit 2, --help/--version exit 0 (clap)
     match safe::cli::run(cli) {
         Ok(()) => std::process::ExitCode::from(safe::exit::SUCCESS as u8),
