@@ -126,3 +126,23 @@ fn sampled_logprobs_equal_teacher_forced_forward_at_temperature() {
         assert!(d < 2e-4, "rollout log-probs differ from the teacher-forced forward by {d}");
     }
 }
+
+#[test]
+fn stop_strings_end_a_completion_after_the_token_that_completes_them() {
+    let tok = common::smollm2_tokenizer();
+    let prompt = tok
+        .apply_chat_template(&[safe::model::ChatMessage::new("user", "What is the capital of France?")], true)
+        .unwrap();
+    let reqs =
+        vec![Request { prompt: tok.encode(&prompt).unwrap(), key: RowKey { seed: 0, step: 0, prompt: 0, sample: 0 } }];
+    let mut cfg = config(SamplingParams::greedy(), 30, vec![2], 1);
+    let plain = generate(common::smollm2(), Some(tok), &reqs, &cfg, None).unwrap();
+    let plain_text = tok.decode(&plain[0].ids, true).unwrap();
+    assert!(plain_text.contains("Paris") && !plain_text.ends_with("Paris"), "{plain_text}");
+    cfg.stop_strings = vec!["Paris".into()];
+    let out = generate(common::smollm2(), Some(tok), &reqs, &cfg, None).unwrap();
+    assert_eq!(out[0].finish, FinishReason::Stop);
+    let text = tok.decode(&out[0].ids, true).unwrap();
+    assert!(text.ends_with("Paris"), "{text}");
+    assert_eq!(out[0].ids[..], plain[0].ids[..out[0].ids.len()], "same greedy prefix");
+}

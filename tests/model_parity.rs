@@ -236,3 +236,40 @@ fn kv_cache_decode_equals_full_forward() {
     let d = max_abs_diff(&rows, &full);
     assert!(d < TOL, "cached decode differs from full forward by {d}");
 }
+
+/// Mistral is Llama with a sliding window: with a window wider than the sequence it equals the Llama fixture; a
+/// narrow window changes exactly the positions that would have attended further back.
+#[test]
+fn mistral_sliding_window_masks_keys_beyond_the_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = common::fixture("tiny/tiny-llama");
+    for f in ["model.safetensors", "generation_config.json"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut cfg = common::read_json(&src.join("config.json"));
+    cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    cfg["model_type"] = "mistral".into();
+    let write = |window: usize| {
+        let mut c = cfg.clone();
+        c["sliding_window"] = window.into();
+        std::fs::write(tmp.path().join("config.json"), c.to_string()).unwrap();
+        common::load_frozen(tmp.path().to_str().unwrap())
+    };
+    let ids: Vec<u32> = vec![1, 17, 300, 42, 7, 99, 254, 3, 88, 501];
+    let llama = logits_unpadded(&load("tiny-llama", false), &ids);
+    let wide = write(64);
+    assert_eq!(wide.config().sliding_window, Some(64));
+    let run = |m: &CausalLm| {
+        let dev = Device::Cpu;
+        let valid = vec![vec![true; ids.len()]];
+        let input = Tensor::new(ids.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+        let pos = Tensor::new(positions_from_mask(&valid), &dev).unwrap();
+        let mask = attention_mask(&valid, ids.len(), m.config().sliding_window, &dev).unwrap();
+        m.forward(&input, &pos, &mask, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap()
+    };
+    assert!(max_abs_diff(&run(&wide), &llama) < TOL);
+    let narrow = run(&write(4));
+    // Positions 0..4 see at most 4 keys either way; from position 4 on the window cuts keys off.
+    assert!(max_abs_diff(&narrow[..4], &llama[..4]) < TOL);
+    assert!(max_abs_diff(&narrow[4..], &llama[4..]) > 1e-3);
+}

@@ -48,3 +48,13 @@ pub fn smollm2() -> &'static safe::model::CausalLm {
 pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
+
+/// SmolLM2's tokenizer (rebuilt from the GGUF metadata), loaded once per test binary.
+pub fn smollm2_tokenizer() -> &'static safe::model::Tokenizer {
+    static TOK: std::sync::OnceLock<safe::model::Tokenizer> = std::sync::OnceLock::new();
+    TOK.get_or_init(|| {
+        let src = safe::model::ModelSource::parse(smollm2_gguf().to_str().unwrap(), None).unwrap();
+        let lm = safe::model::LoadedModel::load(&src, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+        lm.tokenizer.expect("the GGUF carries a tokenizer")
+    })
+}
