@@ -357,6 +357,14 @@ impl CausalLm {
         &self.vars
     }
 
+    /// A no-grad view of this model: the same weight storage (so it sees every optimizer update) but no
+    /// variables, so forwards through it record no autograd graph and free activations as they go. Rollout and
+    /// old/reference log-probs use this.
+    pub fn frozen_view(&self) -> Result<CausalLm> {
+        let tensors = self.named_tensors().into_iter().map(|(n, t)| (n, t.detach())).collect();
+        CausalLm::from_tensors(&self.cfg, tensors, false, &self.device, self.dtype)
+    }
+
     /// Every weight with its HF name, in a stable order, as saved to `model.safetensors`.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];

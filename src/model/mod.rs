@@ -5,6 +5,7 @@ pub mod chat;
 pub mod config;
 pub mod llama;
 pub mod load;
+pub mod logprobs;
 pub mod tokenizer;
 
 pub use config::{Arch, HfConfig, ModelConfig};

@@ -1,0 +1,104 @@
+//! Per-token log-probs of completions given their prompts: the quantity every policy-gradient loss and KL term
+//! is built from. Prompts are left-padded to one width and completions right-padded to another, so completion
+//! token `j` of every row sits at the same column and one forward covers the batch. Only completion positions go
+//! through the LM head, in chunks, and only the sampled token's log-prob is kept, so at most one chunk of
+//! `[rows, chunk, vocab]` logits exists at a time (the whole micro-batch's, when gradients are recorded).
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+use super::llama::{attention_mask, log_softmax_last_dim, positions_from_mask, CausalLm};
+
+/// A batch of prompt + completion sequences laid out for one forward.
+pub struct SequenceBatch {
+    /// `[b, P + C]` token ids (padding: `pad_id`).
+    pub input_ids: Tensor,
+    /// `[b, P + C]` position ids counted from each row's first prompt token.
+    pub positions: Tensor,
+    /// Additive causal + padding mask `[b, 1, P + C, P + C]`.
+    pub mask: Tensor,
+    /// P: the padded prompt width.
+    pub prompt_width: usize,
+    /// C: the padded completion width.
+    pub completion_width: usize,
+    /// `[b, C]` completion ids (the targets; padding positions hold `pad_id`).
+    pub targets: Tensor,
+    /// `[b, C]` f32: 1 for real completion tokens (up to and including EOS), 0 for padding.
+    pub completion_mask: Tensor,
+}
+
+impl SequenceBatch {
+    pub fn new(
+        prompts: &[Vec<u32>],
+        completions: &[Vec<u32>],
+        pad_id: u32,
+        sliding_window: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
+        if prompts.len() != completions.len() || prompts.is_empty() {
+            bail!("sequence batch: {} prompts for {} completions", prompts.len(), completions.len());
+        }
+        if prompts.iter().any(Vec::is_empty) {
+            bail!("sequence batch: empty prompt");
+        }
+        let p = prompts.iter().map(Vec::len).max().unwrap();
+        let c = completions.iter().map(Vec::len).max().unwrap().max(1);
+        let b = prompts.len();
+        let mut ids = Vec::with_capacity(b * (p + c));
+        let mut valid = Vec::with_capacity(b);
+        let mut targets = Vec::with_capacity(b * c);
+        let mut cmask = Vec::with_capacity(b * c);
+        for (pr, co) in prompts.iter().zip(completions) {
+            let (lpad, rpad) = (p - pr.len(), c - co.len());
+            ids.extend(std::iter::repeat_n(pad_id, lpad).chain(pr.iter().copied()));
+            ids.extend(co.iter().copied().chain(std::iter::repeat_n(pad_id, rpad)));
+            valid.push([vec![false; lpad], vec![true; pr.len() + co.len()], vec![false; rpad]].concat());
+            targets.extend(co.iter().copied().chain(std::iter::repeat_n(pad_id, rpad)));
+            cmask.extend(std::iter::repeat_n(1f32, co.len()).chain(std::iter::repeat_n(0f32, rpad)));
+        }
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (b, p + c), device)?,
+            positions: Tensor::new(positions_from_mask(&valid), device)?,
+            mask: attention_mask(&valid, p + c, sliding_window, device)?,
+            prompt_width: p,
+            completion_width: c,
+            targets: Tensor::from_vec(targets, (b, c), device)?,
+            completion_mask: Tensor::from_vec(cmask, (b, c), device)?,
+        })
+    }
+}
+
+/// Log-probs `[b, C]` (f32) of each completion token under `softmax(logits / temperature)`, and optionally the
+/// per-token entropy `[b, C]` of that distribution. `chunk` = completion positions per LM-head call (0 = all).
+/// Differentiable when `model` is trainable; padding positions hold finite values the mask removes.
+pub fn completion_logprobs(
+    model: &CausalLm,
+    batch: &SequenceBatch,
+    temperature: f64,
+    chunk: usize,
+    with_entropy: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, &batch.mask, None)?;
+    // The hidden state at column t predicts the token at column t + 1.
+    let (p, c) = (batch.prompt_width, batch.completion_width);
+    let hidden = hidden.narrow(1, p - 1, c)?;
+    let chunk = if chunk == 0 { c } else { chunk.min(c) };
+    let inv_t = if temperature > 0.0 { 1.0 / temperature } else { 1.0 };
+    let mut lps = Vec::new();
+    let mut ents = Vec::new();
+    let mut start = 0;
+    while start < c {
+        let len = chunk.min(c - start);
+        let logits = (model.logits(&hidden.narrow(1, start, len)?)?.to_dtype(DType::F32)? * inv_t)?;
+        let logp = log_softmax_last_dim(&logits)?;
+        let target = batch.targets.narrow(1, start, len)?.contiguous()?.unsqueeze(D::Minus1)?;
+        lps.push(logp.gather(&target, D::Minus1)?.squeeze(D::Minus1)?);
+        if with_entropy {
+            ents.push((logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?);
+        }
+        start += len;
+    }
+    let lp = Tensor::cat(&lps, 1)?;
+    let ent = if with_entropy { Some(Tensor::cat(&ents, 1)?) } else { None };
+    Ok((lp, ent))
+}
