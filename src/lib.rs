@@ -6,6 +6,7 @@ pub mod advantage;
 pub mod algo;
 pub mod cli;
 pub mod exit;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod recipe;

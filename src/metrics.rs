@@ -1,0 +1,181 @@
+//! Metrics: one JSON object per logged step in `metrics.jsonl` (TRL's names, so dashboards and scripts written for
+//! TRL read ours), and a short line for people. Metric names are constants here and nowhere else.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+/// Metric names (TRL's where TRL has one).
+pub mod names {
+    pub const STEP: &str = "step";
+    pub const REWARD: &str = "reward";
+    pub const REWARD_STD: &str = "reward_std";
+    pub const FRAC_REWARD_ZERO_STD: &str = "frac_reward_zero_std";
+    pub const COMPLETION_MEAN_LENGTH: &str = "completions/mean_length";
+    pub const COMPLETION_CLIPPED_RATIO: &str = "completions/clipped_ratio";
+    pub const KL: &str = "kl";
+    pub const ENTROPY: &str = "entropy";
+    pub const LOSS: &str = "loss";
+    pub const GRAD_NORM: &str = "grad_norm";
+    pub const LEARNING_RATE: &str = "learning_rate";
+    pub const CLIP_LOW: &str = "clip_ratio/low_mean";
+    pub const CLIP_HIGH: &str = "clip_ratio/high_mean";
+    pub const CLIP_REGION: &str = "clip_ratio/region_mean";
+    pub const TIMING_ROLLOUT: &str = "timing/rollout";
+    pub const TIMING_REWARD: &str = "timing/reward";
+    pub const TIMING_UPDATE: &str = "timing/update";
+    pub const TIMING_STEP: &str = "timing/step";
+    pub const TOKENS_PER_SECOND: &str = "tokens_per_second";
+
+    /// `rewards/<name>/mean` and `rewards/<name>/std`.
+    pub fn reward_mean(name: &str) -> String {
+        format!("rewards/{name}/mean")
+    }
+    pub fn reward_std(name: &str) -> String {
+        format!("rewards/{name}/std")
+    }
+}
+
+/// One logged step: names and values in the order they were added.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Record {
+    values: Vec<(String, f64)>,
+}
+
+impl Record {
+    pub fn new(step: u64) -> Self {
+        Self { values: vec![(names::STEP.to_string(), step as f64)] }
+    }
+
+    /// Add or replace a value.
+    pub fn set(&mut self, name: impl Into<String>, value: f64) {
+        let name = name.into();
+        match self.values.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.values.push((name, value)),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.values.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+
+    /// The JSON line. The step is an integer; a non-finite value is written as null (JSON has no NaN), so a
+    /// script sees "missing", never a wrong number.
+    pub fn to_json_line(&self) -> String {
+        // Written by hand to keep insertion order (serde_json's map sorts keys).
+        let fields: Vec<String> = self
+            .values
+            .iter()
+            .map(|(name, v)| {
+                let value = if name == names::STEP {
+                    (*v as u64).to_string()
+                } else {
+                    serde_json::Number::from_f64(*v).map_or("null".to_string(), |n| n.to_string())
+                };
+                format!("{}:{value}", serde_json::Value::from(name.as_str()))
+            })
+            .collect();
+        format!("{{{}}}", fields.join(","))
+    }
+
+    /// A line for people: step, reward ± std, KL, loss, step time.
+    pub fn console_line(&self) -> String {
+        let f = |n: &str| self.get(n).map_or("-".to_string(), |v| format!("{v:.4}"));
+        format!(
+            "step {:>5} | reward {} ± {} | kl {} | loss {} | grad {} | {:.1}s",
+            self.get(names::STEP).unwrap_or(0.0) as u64,
+            f(names::REWARD),
+            f(names::REWARD_STD),
+            f(names::KL),
+            f(names::LOSS),
+            f(names::GRAD_NORM),
+            self.get(names::TIMING_STEP).unwrap_or(0.0),
+        )
+    }
+}
+
+/// Appends records to `metrics.jsonl`, one flushed line per step (a crash loses at most the line being written).
+pub struct MetricsWriter {
+    file: File,
+    path: PathBuf,
+}
+
+impl MetricsWriter {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {} for writing", path.display()))?;
+        Ok(Self { file, path: path.to_path_buf() })
+    }
+
+    pub fn write(&mut self, record: &Record) -> Result<()> {
+        writeln!(self.file, "{}", record.to_json_line()).with_context(|| format!("writing {}", self.path.display()))?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+/// Drop every line logged after `step` (and any partial last line), so a run resumed from the checkpoint of
+/// `step` writes the same file an uninterrupted run would.
+pub fn truncate_after(path: &Path, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut kept = String::new();
+    for line in BufReader::new(file).lines() {
+        let line = line?;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { break };
+        match v.get(names::STEP).and_then(|s| s.as_u64()) {
+            Some(s) if s <= step => {
+                kept.push_str(&line);
+                kept.push('\n');
+            }
+            _ => break,
+        }
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_serialise_in_order_with_null_for_non_finite() {
+        let mut r = Record::new(3);
+        r.set(names::REWARD, 0.5);
+        r.set(names::reward_mean("correct"), 0.25);
+        r.set(names::KL, f64::NAN);
+        r.set(names::REWARD, 0.75);
+        assert_eq!(r.to_json_line(), r#"{"step":3,"reward":0.75,"rewards/correct/mean":0.25,"kl":null}"#);
+        assert!(r.console_line().starts_with("step     3 | reward 0.7500"));
+    }
+
+    #[test]
+    fn truncate_after_keeps_lines_up_to_the_step_and_drops_a_partial_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("metrics.jsonl");
+        let mut w = MetricsWriter::open(&p).unwrap();
+        for s in 1..=5 {
+            let mut r = Record::new(s);
+            r.set(names::LOSS, s as f64);
+            w.write(&r).unwrap();
+        }
+        std::fs::OpenOptions::new().append(true).open(&p).unwrap().write_all(b"{\"step\":6,\"lo").unwrap();
+        truncate_after(&p, 3).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().count(), 3);
+        assert!(text.ends_with("{\"step\":3,\"loss\":3.0}\n"));
+        truncate_after(&p, 10).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), text);
+    }
+}
