@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod recipe;
+pub mod reward;
 pub mod rollout;
 
 /// Fix the CPU thread count once, before any work. Candle asks for it on every matmul and, unless

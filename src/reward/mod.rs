@@ -1,0 +1,41 @@
+//! Rewards: scoring completions, one step's batch at a time.
+//!
+//! A step's rewards go through one [`RewardPipeline`]: every source scores the whole batch (concurrently, so slow
+//! model/HTTP sources overlap), each answer is validated (right length, finite), then the values are combined into one
+//! scalar per completion. Gates (G-RA) slot in between validation and the weighted sum, and shaping (PAR and its
+//! baselines) after it; sources other than rules only need to implement [`RewardSource`].
+
+pub mod pipeline;
+pub mod rule;
+
+pub use pipeline::{RewardPipeline, ScoredBatch};
+pub use rule::{last_number, RuleSource};
+
+use serde_json::{Map, Value};
+
+use crate::rollout::FinishReason;
+
+/// What a reward sees of one sample. Borrowed, so a step builds its batch without copying completions.
+#[derive(Debug, Clone, Copy)]
+pub struct RewardInput<'a> {
+    /// The prompt as the model saw it (chat template applied, if any).
+    pub prompt: &'a str,
+    /// The decoded completion.
+    pub completion: &'a str,
+    /// The completion's token ids (EOS included when sampled), for token-count rewards.
+    pub completion_ids: &'a [u32],
+    pub finish: FinishReason,
+    /// Every data column of the sample's row other than the prompt (e.g. `answer`).
+    pub columns: &'a Map<String, Value>,
+}
+
+/// One reward function. Batch-level so that model and HTTP sources can score many samples per call.
+pub trait RewardSource: Send + Sync {
+    /// The reward's name from the recipe (metrics are `rewards/<name>/...`).
+    fn name(&self) -> &str;
+
+    /// One value per sample, in order; `None` means "not applicable" and leaves the sample out of this reward's
+    /// share of the sum (TRL's semantics). The pipeline rejects a wrong length or a non-finite value, naming the
+    /// reward, so sources need not check their own output.
+    fn score(&self, batch: &[RewardInput]) -> anyhow::Result<Vec<Option<f64>>>;
+}

@@ -1,0 +1,164 @@
+//! The reward step: score every source → validate → (gates, later) → weighted sum → metrics (→ shaping, later).
+//!
+//! The order follows algorithms.md §5.3: every reward is validated before anything is combined, so a NaN hidden
+//! behind a closed gate (or a zero weight) still stops the step instead of being trained on.
+
+use std::collections::HashSet;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::{RewardInput, RewardSource, RuleSource};
+use crate::recipe::{self, RewardSettings};
+
+/// One `[[reward]]` entry. Gates (`gate = { on, min }`) will be a field here.
+struct Entry {
+    weight: f64,
+    source: Box<dyn RewardSource>,
+}
+
+/// The rewards of a recipe, scored and combined together once per step.
+pub struct RewardPipeline {
+    entries: Vec<Entry>,
+}
+
+/// One step's rewards.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredBatch {
+    /// Each reward's raw (unweighted) values in recipe order, for logging and the completions files.
+    pub per_reward: Vec<(String, Vec<Option<f64>>)>,
+    /// Per sample: Σ weight × value over the rewards that gave a value (TRL's NaN-aware sum); NaN when none did,
+    /// which the advantage step treats as missing.
+    pub total: Vec<f64>,
+    /// `rewards/<name>/mean`, `rewards/<name>/std` per reward in recipe order, then `reward` and `reward_std`.
+    pub metrics: Vec<(String, f64)>,
+}
+
+impl RewardPipeline {
+    /// The recipe's rewards. Names must be unique (they key the metrics) and weights finite.
+    pub fn from_settings(settings: &[RewardSettings]) -> Result<Self> {
+        let sources = settings
+            .iter()
+            .map(|s| {
+                let source: Box<dyn RewardSource> = match &s.source {
+                    recipe::RewardSource::Rule(rule) => Box::new(RuleSource::new(&s.name, rule)?),
+                };
+                Ok((source, s.weight))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(sources)
+    }
+
+    /// A pipeline over ready-made sources with their weights, for sources the recipe does not build (tests, and the
+    /// model/command/http sources until the recipe has them).
+    pub fn new(sources: Vec<(Box<dyn RewardSource>, f64)>) -> Result<Self> {
+        if sources.is_empty() {
+            bail!("at least one reward is needed");
+        }
+        let mut seen = HashSet::new();
+        for (source, weight) in &sources {
+            let name = source.name();
+            if !seen.insert(name.to_string()) {
+                bail!("two rewards are named `{name}`; names must be unique (they key the metrics)");
+            }
+            if !weight.is_finite() {
+                bail!("reward `{name}`: weight must be finite, got {weight}");
+            }
+        }
+        Ok(RewardPipeline { entries: sources.into_iter().map(|(source, weight)| Entry { weight, source }).collect() })
+    }
+
+    /// The reward names, in recipe order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| e.source.name())
+    }
+
+    /// Score one step's batch. Fails (naming the reward, and the sample where there is one) if any source fails,
+    /// returns the wrong number of values, or returns a non-finite value: no step trains on a partial or
+    /// garbage batch of rewards.
+    pub fn score(&self, batch: &[RewardInput]) -> Result<ScoredBatch> {
+        let raw = self.score_sources(batch);
+        let mut per_reward = Vec::with_capacity(self.entries.len());
+        for (entry, values) in self.entries.iter().zip(raw) {
+            let name = entry.source.name();
+            let values = values.with_context(|| format!("reward `{name}` failed"))?;
+            validate(name, &values, batch.len())?;
+            per_reward.push((name.to_string(), values));
+        }
+        // Gates (G-RA) go here: they read the validated raw values and turn gated-off values into Some(0.0).
+        let total = self.weighted_sum(&per_reward, batch.len())?;
+        let metrics = metrics(&per_reward, &total);
+        Ok(ScoredBatch { per_reward, total, metrics })
+    }
+
+    /// Every source on its own thread, so slow ones (models, servers) overlap; the first runs on the caller's thread.
+    fn score_sources(&self, batch: &[RewardInput]) -> Vec<Result<Vec<Option<f64>>>> {
+        let Some((first, rest)) = self.entries.split_first() else { return Vec::new() };
+        std::thread::scope(|s| {
+            let handles: Vec<_> = rest.iter().map(|e| s.spawn(|| e.source.score(batch))).collect();
+            let mut out = vec![first.source.score(batch)];
+            out.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("panicked")))));
+            out
+        })
+    }
+
+    /// TRL's NaN-aware weighted sum: a `None` is left out of its sample's sum; all `None` → NaN.
+    fn weighted_sum(&self, per_reward: &[(String, Vec<Option<f64>>)], n: usize) -> Result<Vec<f64>> {
+        (0..n)
+            .map(|i| {
+                let terms = self.entries.iter().zip(per_reward).filter_map(|(e, (_, v))| v[i].map(|x| e.weight * x));
+                let total = terms.fold(None, |acc: Option<f64>, t| Some(acc.unwrap_or(0.0) + t));
+                match total {
+                    None => Ok(f64::NAN),
+                    Some(t) if t.is_finite() => Ok(t),
+                    Some(t) => {
+                        bail!("the weighted reward of sample {i} is {t} (finite rewards, but the sum overflowed)")
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// A source's answer must have one value per sample, each finite where given.
+fn validate(name: &str, values: &[Option<f64>], n: usize) -> Result<()> {
+    if values.len() != n {
+        bail!("reward `{name}` returned {} values for a batch of {n} samples", values.len());
+    }
+    if let Some((i, x)) = values.iter().enumerate().find_map(|(i, v)| v.filter(|x| !x.is_finite()).map(|x| (i, x))) {
+        bail!(
+            "reward `{name}` returned {x} for sample {i}; rewards must be finite (return None for \"not applicable\")"
+        );
+    }
+    Ok(())
+}
+
+/// Mean and **unbiased** std (n − 1, TRL's `nanstd`) of the valid values. NaN where undefined: mean with no values,
+/// std with fewer than two (as TRL logs them).
+fn mean_std(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+    let n = values.clone().count();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = values.clone().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, f64::NAN);
+    }
+    let var = values.map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
+    (mean, var.sqrt())
+}
+
+/// `rewards/<name>/mean|std` over each reward's non-None values, then `reward` and `reward_std` over the non-NaN
+/// totals of the whole batch. TRL's `reward_std` is the mean of the group stds under `scale_rewards = group`; the
+/// trainer knows the groups and takes that one from the advantage step instead.
+fn metrics(per_reward: &[(String, Vec<Option<f64>>)], total: &[f64]) -> Vec<(String, f64)> {
+    let mut out = Vec::with_capacity(2 * per_reward.len() + 2);
+    for (name, values) in per_reward {
+        let (mean, std) = mean_std(values.iter().flatten().copied());
+        out.push((format!("rewards/{name}/mean"), mean));
+        out.push((format!("rewards/{name}/std"), std));
+    }
+    let (mean, std) = mean_std(total.iter().copied().filter(|x| !x.is_nan()));
+    out.push(("reward".to_string(), mean));
+    out.push(("reward_std".to_string(), std));
+    out
+}

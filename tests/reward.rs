@@ -1,0 +1,162 @@
+//! The reward pipeline: weighted NaN-aware sums, metrics, and the errors that stop a step.
+
+use anyhow::Result;
+use safe::recipe::{RewardSettings, RewardSource as Settings, Rule};
+use safe::reward::{RewardInput, RewardPipeline, RewardSource};
+use safe::rollout::FinishReason;
+use serde_json::{json, Map, Value};
+
+/// A source that returns fixed values.
+struct Fixed(&'static str, Vec<Option<f64>>);
+
+impl RewardSource for Fixed {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn score(&self, _: &[RewardInput]) -> Result<Vec<Option<f64>>> {
+        Ok(self.1.clone())
+    }
+}
+
+fn fixed(name: &'static str, v: &[Option<f64>], w: f64) -> (Box<dyn RewardSource>, f64) {
+    (Box::new(Fixed(name, v.to_vec())), w)
+}
+
+fn batch<'a>(completions: &[&'a str], columns: &'a Map<String, Value>) -> Vec<RewardInput<'a>> {
+    completions
+        .iter()
+        .map(|c| RewardInput { prompt: "q", completion: c, completion_ids: &[], finish: FinishReason::Eos, columns })
+        .collect()
+}
+
+fn metric(m: &[(String, f64)], name: &str) -> f64 {
+    m.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no metric {name}")).1
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-12
+}
+
+#[test]
+fn weighted_sum_skips_none_and_all_none_is_nan() {
+    // a (w 1.0) = [1, None, 0.5, None], b (w 0.5) = [0, 1, None, None]
+    // total = [1·1 + 0.5·0, 0.5·1, 1·0.5, NaN] = [1.0, 0.5, 0.5, NaN]
+    let p = RewardPipeline::new(vec![
+        fixed("a", &[Some(1.0), None, Some(0.5), None], 1.0),
+        fixed("b", &[Some(0.0), Some(1.0), None, None], 0.5),
+    ])
+    .unwrap();
+    let cols = Map::new();
+    let out = p.score(&batch(&["", "", "", ""], &cols)).unwrap();
+    assert_eq!(&out.total[..3], &[1.0, 0.5, 0.5]);
+    assert!(out.total[3].is_nan());
+    assert_eq!(out.per_reward[1], ("b".to_string(), vec![Some(0.0), Some(1.0), None, None]));
+
+    // Metrics, unbiased std over the non-None values:
+    // a: {1, 0.5}: mean 0.75, var_u = (0.25² + 0.25²)/1 = 0.125, std 0.3535533905932738
+    // b: {0, 1}: mean 0.5, var_u = 0.5, std 0.7071067811865476
+    // reward over non-NaN totals {1, 0.5, 0.5}: mean 2/3, var_u = ((1/3)² + 2·(1/6)²)/2 = 1/12, std 0.28867513459481287
+    let m = &out.metrics;
+    let names: Vec<_> = m.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["rewards/a/mean", "rewards/a/std", "rewards/b/mean", "rewards/b/std", "reward", "reward_std"]);
+    assert!(close(metric(m, "rewards/a/mean"), 0.75));
+    assert!(close(metric(m, "rewards/a/std"), 0.3535533905932738));
+    assert!(close(metric(m, "rewards/b/mean"), 0.5));
+    assert!(close(metric(m, "rewards/b/std"), 0.7071067811865476));
+    assert!(close(metric(m, "reward"), 2.0 / 3.0));
+    assert!(close(metric(m, "reward_std"), 0.28867513459481287));
+}
+
+#[test]
+fn undefined_metrics_are_nan() {
+    // Only one value for `a`: std undefined; `b` has none: mean and std undefined.
+    let p = RewardPipeline::new(vec![fixed("a", &[Some(2.0), None], 1.0), fixed("b", &[None, None], 1.0)]).unwrap();
+    let cols = Map::new();
+    let out = p.score(&batch(&["", ""], &cols)).unwrap();
+    assert_eq!(metric(&out.metrics, "rewards/a/mean"), 2.0);
+    assert!(metric(&out.metrics, "rewards/a/std").is_nan());
+    assert!(metric(&out.metrics, "rewards/b/mean").is_nan());
+    assert_eq!(metric(&out.metrics, "reward"), 2.0);
+    assert!(metric(&out.metrics, "reward_std").is_nan());
+}
+
+#[test]
+fn non_finite_value_is_an_error_naming_reward_and_sample() {
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        // Even with weight 0, where the value would not reach the sum.
+        let p = RewardPipeline::new(vec![
+            fixed("ok", &[Some(1.0); 3], 1.0),
+            fixed("rm", &[Some(0.1), None, Some(bad)], 0.0),
+        ])
+        .unwrap();
+        let cols = Map::new();
+        let err = p.score(&batch(&["", "", ""], &cols)).unwrap_err().to_string();
+        assert!(err.contains("`rm`") && err.contains("sample 2"), "{err}");
+    }
+}
+
+#[test]
+fn wrong_length_is_an_error_naming_reward() {
+    let p = RewardPipeline::new(vec![fixed("ok", &[Some(1.0); 2], 1.0), fixed("short", &[Some(1.0)], 1.0)]).unwrap();
+    let cols = Map::new();
+    let err = p.score(&batch(&["", ""], &cols)).unwrap_err().to_string();
+    assert!(err.contains("`short`") && err.contains("1 values") && err.contains("2 samples"), "{err}");
+}
+
+#[test]
+fn source_error_names_reward() {
+    struct Failing;
+    impl RewardSource for Failing {
+        fn name(&self) -> &str {
+            "server"
+        }
+        fn score(&self, _: &[RewardInput]) -> Result<Vec<Option<f64>>> {
+            anyhow::bail!("connection refused")
+        }
+    }
+    let p = RewardPipeline::new(vec![fixed("ok", &[Some(1.0)], 1.0), (Box::new(Failing), 1.0)]).unwrap();
+    let cols = Map::new();
+    let err = format!("{:#}", p.score(&batch(&[""], &cols)).unwrap_err());
+    assert!(err.contains("`server`") && err.contains("connection refused"), "{err}");
+}
+
+#[test]
+fn bad_pipelines_are_rejected() {
+    assert!(RewardPipeline::new(vec![]).is_err());
+    assert!(RewardPipeline::new(vec![fixed("a", &[], 1.0), fixed("a", &[], 1.0)]).is_err());
+    assert!(RewardPipeline::new(vec![fixed("a", &[], f64::NAN)]).is_err());
+}
+
+#[test]
+fn from_settings_rule_rewards_end_to_end() {
+    let settings = [
+        RewardSettings {
+            name: "correct".into(),
+            weight: 1.0,
+            source: Settings::Rule(Rule::ExactAnswer { field: "answer".into() }),
+        },
+        RewardSettings {
+            name: "format".into(),
+            weight: 0.5,
+            source: Settings::Rule(Rule::Regex { pattern: r"answer is -?\d".into() }),
+        },
+        RewardSettings {
+            name: "polite".into(),
+            weight: -0.25,
+            source: Settings::Rule(Rule::Contains { text: "sorry".into() }),
+        },
+    ];
+    let p = RewardPipeline::from_settings(&settings).unwrap();
+    assert_eq!(p.names().collect::<Vec<_>>(), ["correct", "format", "polite"]);
+    let cols = json!({"answer": "1,234"}).as_object().unwrap().clone();
+    // 1: correct 1, format 1, polite 0 → 1 + 0.5 = 1.5
+    // 2: correct 0 (last number 3), format 0, polite 1 → −0.25
+    // 3: correct 1, format 0, polite 0 → 1.0
+    let out = p.score(&batch(&["The answer is 1,234.", "sorry, 3", "1234"], &cols)).unwrap();
+    assert_eq!(out.total, vec![1.5, -0.25, 1.0]);
+    assert!(close(metric(&out.metrics, "rewards/correct/mean"), 2.0 / 3.0));
+
+    let missing = Map::new();
+    let err = format!("{:#}", p.score(&batch(&["1"], &missing)).unwrap_err());
+    assert!(err.contains("`answer`") && err.contains("`correct`"), "{err}");
+}
