@@ -4,6 +4,7 @@
 mod choice;
 pub mod advantage;
 pub mod algo;
+pub mod checkpoint;
 pub mod cli;
 pub mod exit;
 pub mod metrics;

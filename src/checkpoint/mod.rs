@@ -1,0 +1,318 @@
+//! Checkpoints: `<run_dir>/checkpoints/step-<N>/`, each one a Hugging Face model directory (so transformers and
+//! `safe generate` open it unchanged) plus the optimizer moments and the training state needed for exact resume.
+//!
+//! Crash safety is by construction, not by recovery: a checkpoint is written completely into a hidden temporary
+//! directory, fsynced, and only then renamed into place; `latest` is replaced the same way. A process killed at any
+//! moment leaves every visible `step-*` directory complete and `latest` naming one of them (or nothing new).
+
+mod fsio;
+mod safetensors_io;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{CausalLm, Tokenizer};
+use crate::optim::adamw::{AdamW, AdamWState};
+
+pub use safetensors_io::write_safetensors;
+
+/// Folder under the run directory that holds every checkpoint.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// Pointer file in [`CHECKPOINTS_DIR`] naming the newest complete checkpoint directory.
+pub const LATEST_FILE: &str = "latest";
+/// Written last; its `complete: true` marks a checkpoint usable.
+pub const STATE_FILE: &str = "state.json";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const CONFIG_FILE: &str = "config.json";
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Prefix of every in-progress or half-deleted entry; anything with it is garbage on the next save.
+const TMP_PREFIX: &str = ".tmp-";
+/// Bumped when `state.json` changes incompatibly.
+const STATE_FORMAT: u32 = 1;
+
+/// Files a checkpoint must have besides `state.json` to count as complete.
+const REQUIRED_FILES: [&str; 3] = [MODEL_FILE, CONFIG_FILE, OPTIMIZER_FILE];
+
+/// `step-<N>`.
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step}")
+}
+
+/// The step of a `step-<N>` directory name (`None` for anything else, including temporaries).
+pub fn parse_step_dir_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("step-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// `<run_dir>/checkpoints`.
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join(CHECKPOINTS_DIR)
+}
+
+/// Everything one checkpoint holds. Extra tensor files (e.g. a critic) are `(file name, tensors)` pairs.
+pub struct SaveRequest<'a> {
+    pub step: u64,
+    pub model: &'a CausalLm,
+    pub tokenizer: &'a Tokenizer,
+    pub optimizer: &'a AdamW,
+    /// The trainer's state (data cursor, RNG, schedule position, controllers, recipe hash, ...), stored verbatim.
+    pub training_state: &'a serde_json::Value,
+    pub extra_tensor_files: &'a [(String, Vec<(String, Tensor)>)],
+}
+
+/// `state.json`. Field order is the file's key order, so `complete` is literally written last.
+#[derive(Debug, Serialize, Deserialize)]
+struct StateFile {
+    format: u32,
+    safe_version: String,
+    step: u64,
+    optimizer: AdamWState,
+    training: serde_json::Value,
+    #[serde(default)]
+    complete: bool,
+}
+
+/// Save a checkpoint atomically, point `latest` at it, then rotate to `keep_last` (0 keeps every checkpoint).
+/// Returns the checkpoint directory. Saving a step that already exists (a resumed run re-reaching it) replaces it
+/// with an atomic directory swap where the OS supports one.
+pub fn save(run_dir: &Path, req: &SaveRequest, keep_last: usize) -> Result<PathBuf> {
+    let root = checkpoints_dir(run_dir);
+    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    remove_stale_temporaries(&root)?;
+
+    let name = step_dir_name(req.step);
+    let pid = std::process::id();
+    let tmp = root.join(format!("{TMP_PREFIX}{name}-{pid}"));
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    write_contents(&tmp, req).with_context(|| format!("writing checkpoint {}", tmp.display()))?;
+    fsio::sync_dir(&tmp)?;
+
+    let dest = root.join(&name);
+    fsio::replace_dir(&tmp, &dest, &root.join(format!("{TMP_PREFIX}old-{name}-{pid}")))
+        .with_context(|| format!("cannot move checkpoint into {}", dest.display()))?;
+    fsio::sync_dir(&root)?;
+
+    fsio::write_atomic(
+        &root.join(LATEST_FILE),
+        format!("{name}\n").as_bytes(),
+        &root.join(format!("{TMP_PREFIX}latest-{pid}")),
+    )?;
+    rotate(&root, keep_last)?;
+    Ok(dest)
+}
+
+/// Write every file of a checkpoint into `dir`, each fsynced, `state.json` last.
+fn write_contents(dir: &Path, req: &SaveRequest) -> Result<()> {
+    let model = req.model;
+    let cfg = model.config();
+    write_safetensors(&dir.join(MODEL_FILE), &model.named_tensors())?;
+    fsio::write_synced(&dir.join(CONFIG_FILE), &pretty(&cfg.to_hf_json(hf_dtype_name(model.dtype())?))?)?;
+    fsio::write_synced(&dir.join(GENERATION_CONFIG_FILE), &pretty(&generation_config(cfg))?)?;
+    req.tokenizer.save(dir)?;
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        fsio::sync_file(&dir.join(file))?;
+    }
+    write_safetensors(&dir.join(OPTIMIZER_FILE), &req.optimizer.state_tensors())?;
+    for (file, tensors) in req.extra_tensor_files {
+        if file.contains('/') || file.starts_with('.') || [STATE_FILE, MODEL_FILE, OPTIMIZER_FILE].contains(&&**file) {
+            bail!("extra checkpoint file name `{file}` is not allowed");
+        }
+        write_safetensors(&dir.join(file), tensors)?;
+    }
+    let state = StateFile {
+        format: STATE_FORMAT,
+        safe_version: env!("CARGO_PKG_VERSION").to_string(),
+        step: req.step,
+        optimizer: req.optimizer.state(),
+        training: req.training_state.clone(),
+        complete: true,
+    };
+    // Serialized from the struct, not a `Value` (whose map sorts keys), so `complete` stays last.
+    fsio::write_synced(&dir.join(STATE_FILE), &pretty(&state)?)
+}
+
+fn pretty<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    let mut s = serde_json::to_string_pretty(v)?;
+    s.push('\n');
+    Ok(s.into_bytes())
+}
+
+/// transformers' name for a dtype in `config.json`.
+fn hf_dtype_name(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        other => bail!("cannot save a model in {other:?}"),
+    })
+}
+
+/// `generation_config.json`: the special ids, so `generate()` stops where `safe` does.
+fn generation_config(cfg: &crate::model::ModelConfig) -> serde_json::Value {
+    let mut v = serde_json::json!({});
+    if let Some(b) = cfg.bos_token_id {
+        v["bos_token_id"] = b.into();
+    }
+    match cfg.eos_token_ids.as_slice() {
+        [] => {}
+        [one] => v["eos_token_id"] = (*one).into(),
+        many => v["eos_token_id"] = many.to_vec().into(),
+    }
+    if let Some(p) = cfg.pad_token_id {
+        v["pad_token_id"] = p.into();
+    }
+    v
+}
+
+/// Remove leftovers of interrupted saves and rotations (anything named `.tmp-*`).
+fn remove_stale_temporaries(root: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(root).with_context(|| format!("cannot list {}", root.display()))? {
+        let entry = entry?;
+        if !entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            continue;
+        }
+        let path = entry.path();
+        let removed =
+            if entry.file_type()?.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        removed.with_context(|| format!("cannot remove stale {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Whether `dir` holds a finished checkpoint: `state.json` parses with `complete: true` and the weight files exist.
+pub fn is_complete(dir: &Path) -> bool {
+    read_state(dir).is_ok_and(|s| s.complete) && REQUIRED_FILES.iter().all(|f| dir.join(f).is_file())
+}
+
+/// Complete `step-*` checkpoints under `root`, oldest first.
+fn complete_steps(root: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Vec::new() };
+    let mut out: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((parse_step_dir_name(e.file_name().to_str()?)?, e.path())))
+        .filter(|(_, p)| is_complete(p))
+        .collect();
+    out.sort_by_key(|(step, _)| *step);
+    out
+}
+
+/// The directory `latest` names, if it is a plain `step-<N>` name.
+fn latest_pointer(root: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(root.join(LATEST_FILE)).ok()?;
+    let name = text.trim();
+    parse_step_dir_name(name)?;
+    Some(root.join(name))
+}
+
+/// The checkpoint to resume from: the one `latest` names if it is complete, else the highest complete step.
+pub fn latest_complete(run_dir: &Path) -> Option<PathBuf> {
+    let root = checkpoints_dir(run_dir);
+    if let Some(p) = latest_pointer(&root).filter(|p| is_complete(p)) {
+        return Some(p);
+    }
+    complete_steps(&root).pop().map(|(_, p)| p)
+}
+
+/// Delete the oldest complete checkpoints beyond `keep_last`; never the newest complete one, never `latest`'s.
+/// Each is renamed to a temporary name before deletion, so a crash mid-delete leaves garbage, not a broken step.
+fn rotate(root: &Path, keep_last: usize) -> Result<()> {
+    if keep_last == 0 {
+        return Ok(());
+    }
+    let steps = complete_steps(root);
+    let protected = latest_pointer(root);
+    let excess = steps.len().saturating_sub(keep_last.max(1));
+    let pid = std::process::id();
+    for (_, path) in steps.iter().take(excess) {
+        if protected.as_deref() == Some(path.as_path()) {
+            continue;
+        }
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let doomed = root.join(format!("{TMP_PREFIX}rotate-{name}-{pid}"));
+        std::fs::rename(path, &doomed).with_context(|| format!("cannot rotate out {}", path.display()))?;
+        std::fs::remove_dir_all(&doomed).with_context(|| format!("cannot remove {}", doomed.display()))?;
+    }
+    fsio::sync_dir(root)
+}
+
+fn read_state(dir: &Path) -> Result<StateFile> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{} cannot be read (not a checkpoint, or an incomplete one)", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is corrupt (not a valid checkpoint state)", path.display()))
+}
+
+/// A complete checkpoint on disk.
+#[derive(Debug)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    state: StateFile,
+}
+
+impl Checkpoint {
+    /// Open a checkpoint directory; errors name `state.json` when it is missing, corrupt or not marked complete.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let state = read_state(dir)?;
+        let path = dir.join(STATE_FILE);
+        if !state.complete {
+            bail!("{} is not marked complete (an interrupted checkpoint)", path.display());
+        }
+        if state.format != STATE_FORMAT {
+            bail!("{} has format {}, this safe reads format {STATE_FORMAT}", path.display(), state.format);
+        }
+        for f in REQUIRED_FILES {
+            if !dir.join(f).is_file() {
+                bail!("checkpoint {} has no {f}", dir.display());
+            }
+        }
+        Ok(Self { dir: dir.to_path_buf(), state })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn step(&self) -> u64 {
+        self.state.step
+    }
+    /// The `safe` version that wrote it.
+    pub fn safe_version(&self) -> &str {
+        &self.state.safe_version
+    }
+    /// An HF model directory: open it with `LoadedModel::load(&ModelSource::Dir(..))` or transformers.
+    pub fn model_dir(&self) -> &Path {
+        &self.dir
+    }
+    /// The trainer's state exactly as passed to [`save`].
+    pub fn state(&self) -> &serde_json::Value {
+        &self.state.training
+    }
+    pub fn optimizer_state(&self) -> AdamWState {
+        self.state.optimizer
+    }
+    /// The AdamW moments from `optimizer.safetensors`.
+    pub fn optimizer_tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        self.tensor_file(OPTIMIZER_FILE, device)
+    }
+    /// Restore `optimizer` (built over the reloaded model's vars) to the saved moments and step.
+    pub fn restore_optimizer(&self, optimizer: &mut AdamW) -> Result<()> {
+        let device = optimizer.vars().first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
+        let tensors = self.optimizer_tensors(&device)?;
+        optimizer
+            .load_state(&self.state.optimizer, &tensors)
+            .with_context(|| format!("restoring the optimizer from {}", self.dir.join(OPTIMIZER_FILE).display()))
+    }
+    /// Any safetensors file of the checkpoint (e.g. an extra file passed to [`save`]).
+    pub fn tensor_file(&self, file: &str, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let path = self.dir.join(file);
+        candle_core::safetensors::load(&path, device).with_context(|| format!("cannot read {}", path.display()))
+    }
+}
