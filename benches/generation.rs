@@ -62,23 +62,7 @@ fn ours(model: &CausalLm, prompts: &[Vec<u32>], batch: usize) -> f64 {
 
 fn candle_llama(model: &CausalLm, prompt: &[u32]) -> f64 {
     use candle_transformers::models::llama as ct;
-    let c = model.config();
-    let cfg = ct::Config {
-        hidden_size: c.hidden_size,
-        intermediate_size: c.intermediate_size,
-        vocab_size: c.vocab_size,
-        num_hidden_layers: c.num_layers,
-        num_attention_heads: c.num_heads,
-        num_key_value_heads: c.num_kv_heads,
-        use_flash_attn: false,
-        rms_norm_eps: c.rms_norm_eps,
-        rope_theta: c.rope_theta as f32,
-        bos_token_id: None,
-        eos_token_id: None,
-        rope_scaling: None,
-        max_position_embeddings: c.max_position_embeddings,
-        tie_word_embeddings: c.tie_word_embeddings,
-    };
+    let cfg = model.config().candle_llama_config();
     let dev = Device::Cpu;
     let vb = candle_nn::VarBuilder::from_tensors(model.named_tensors().into_iter().collect(), DType::F32, &dev);
     let theirs = ct::Llama::load(vb, &cfg).expect("candle-transformers llama");

@@ -106,23 +106,7 @@ fn tiny_llama_logits_match_transformers_every_position_and_left_padded() {
 fn tiny_llama_matches_candle_transformers_llama() {
     use candle_transformers::models::llama as ct;
     let ours = load("tiny-llama", false);
-    let c = ours.config();
-    let cfg = ct::Config {
-        hidden_size: c.hidden_size,
-        intermediate_size: c.intermediate_size,
-        vocab_size: c.vocab_size,
-        num_hidden_layers: c.num_layers,
-        num_attention_heads: c.num_heads,
-        num_key_value_heads: c.num_kv_heads,
-        use_flash_attn: false,
-        rms_norm_eps: c.rms_norm_eps,
-        rope_theta: c.rope_theta as f32,
-        bos_token_id: None,
-        eos_token_id: None,
-        rope_scaling: None,
-        max_position_embeddings: c.max_position_embeddings,
-        tie_word_embeddings: c.tie_word_embeddings,
-    };
+    let cfg = ours.config().candle_llama_config();
     let vb = candle_nn::VarBuilder::from_tensors(raw_tensors("tiny-llama"), DType::F32, &Device::Cpu);
     let theirs = ct::Llama::load(vb, &cfg).unwrap();
     let reference = common::read_json(&common::fixture("tiny/tiny-llama/reference_logits.json"));

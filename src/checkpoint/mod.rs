@@ -115,7 +115,7 @@ fn write_contents(dir: &Path, req: &SaveRequest) -> Result<()> {
     let cfg = model.config();
     write_safetensors(&dir.join(MODEL_FILE), &model.named_tensors())?;
     fsio::write_synced(&dir.join(CONFIG_FILE), &pretty(&cfg.to_hf_json(hf_dtype_name(model.dtype())?))?)?;
-    fsio::write_synced(&dir.join(GENERATION_CONFIG_FILE), &pretty(&generation_config(cfg))?)?;
+    fsio::write_synced(&dir.join(GENERATION_CONFIG_FILE), &pretty(&cfg.special_token_json())?)?;
     req.tokenizer.save(dir)?;
     for file in ["tokenizer.json", "tokenizer_config.json"] {
         fsio::sync_file(&dir.join(file))?;
@@ -154,23 +154,6 @@ fn hf_dtype_name(dtype: DType) -> Result<&'static str> {
         DType::F64 => "float64",
         other => bail!("cannot save a model in {other:?}"),
     })
-}
-
-/// `generation_config.json`: the special ids, so `generate()` stops where `safe` does.
-fn generation_config(cfg: &crate::model::ModelConfig) -> serde_json::Value {
-    let mut v = serde_json::json!({});
-    if let Some(b) = cfg.bos_token_id {
-        v["bos_token_id"] = b.into();
-    }
-    match cfg.eos_token_ids.as_slice() {
-        [] => {}
-        [one] => v["eos_token_id"] = (*one).into(),
-        many => v["eos_token_id"] = many.to_vec().into(),
-    }
-    if let Some(p) = cfg.pad_token_id {
-        v["pad_token_id"] = p.into();
-    }
-    v
 }
 
 /// Remove leftovers of interrupted saves and rotations (anything named `.tmp-*`).

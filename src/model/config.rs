@@ -390,6 +390,16 @@ impl ModelConfig {
             Arch::Mistral => v["sliding_window"] = self.sliding_window.into(),
             Arch::Qwen2 => v["use_sliding_window"] = false.into(),
         }
+        for (k, id) in self.special_token_json().as_object().expect("an object") {
+            v[k] = id.clone();
+        }
+        v
+    }
+
+    /// `bos_token_id` / `eos_token_id` (one id or a list) / `pad_token_id` as HF writes them, for `config.json`
+    /// and `generation_config.json`.
+    pub fn special_token_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({});
         if let Some(b) = self.bos_token_id {
             v["bos_token_id"] = b.into();
         }
@@ -402,5 +412,26 @@ impl ModelConfig {
             v["pad_token_id"] = p.into();
         }
         v
+    }
+
+    /// The same model as candle-transformers' Llama config (for the parity test and the benchmark). Rope scaling
+    /// and biases are not carried over: use it for plain Llama shapes only.
+    pub fn candle_llama_config(&self) -> candle_transformers::models::llama::Config {
+        candle_transformers::models::llama::Config {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            vocab_size: self.vocab_size,
+            num_hidden_layers: self.num_layers,
+            num_attention_heads: self.num_heads,
+            num_key_value_heads: self.num_kv_heads,
+            use_flash_attn: false,
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta: self.rope_theta as f32,
+            bos_token_id: None,
+            eos_token_id: None,
+            rope_scaling: None,
+            max_position_embeddings: self.max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings,
+        }
     }
 }
