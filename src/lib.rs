@@ -5,6 +5,7 @@ mod choice;
 pub mod advantage;
 pub mod algo;
 pub mod cli;
+pub mod data;
 pub mod exit;
 pub mod model;
 pub mod optim;
