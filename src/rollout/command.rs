@@ -1,48 +1,15 @@
 //! `safe generate`: load a model, render prompts (optionally through the chat template), sample in batches, and
 //! print text or JSON lines.
 
-use std::io::{BufRead, Write};
-use std::path::Path;
+use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Deserialize;
 
 use super::{generate, GenerationConfig, Request, RowKey, SamplingParams};
 use crate::cli::{GenerateArgs, OutputFormat};
-use crate::model::tokenizer::ChatMessage;
+use crate::data::{Dataset, Prompt};
 use crate::model::{LoadedModel, ModelSource};
-
-/// A prompt as users write it in JSONL: plain text or chat messages.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum PromptInput {
-    Text(String),
-    Messages(Vec<ChatMessage>),
-}
-
-/// Read `prompt` fields from a JSONL file; a bad line names the file and line.
-pub fn read_prompts(path: &Path) -> Result<Vec<PromptInput>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: cannot read line", path.display(), i + 1))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value =
-            serde_json::from_str(&line).with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
-        let p = v.get("prompt").with_context(|| format!("{}:{}: no `prompt` field", path.display(), i + 1))?;
-        let p: PromptInput = serde_json::from_value(p.clone()).with_context(|| {
-            format!("{}:{}: `prompt` must be a string or a list of {{role, content}} messages", path.display(), i + 1)
-        })?;
-        out.push(p);
-    }
-    if out.is_empty() {
-        bail!("{} has no prompts", path.display());
-    }
-    Ok(out)
-}
 
 /// Everything before sampling: all errors here are bad input (exit 2).
 pub struct Prepared {
@@ -54,8 +21,8 @@ pub struct Prepared {
 
 pub fn prepare(args: &GenerateArgs) -> Result<Prepared> {
     let prompts = match (&args.prompt, &args.input) {
-        (Some(p), None) => vec![PromptInput::Text(p.clone())],
-        (None, Some(f)) => read_prompts(f)?,
+        (Some(p), None) => vec![Prompt::Text(p.clone())],
+        (None, Some(f)) => Dataset::from_jsonl(f, "prompt")?.examples().iter().map(|e| e.prompt.clone()).collect(),
         _ => bail!("give exactly one of --prompt or --input"),
     };
     let device = args.device.device()?;
@@ -65,17 +32,7 @@ pub fn prepare(args: &GenerateArgs) -> Result<Prepared> {
     let origin = loaded.origin.clone();
     let (model, tokenizer) = loaded.into_model(false, &device, dtype)?;
     let tokenizer = tokenizer.with_context(|| format!("{origin} has no tokenizer (tokenizer.json)"))?;
-    let mut texts = Vec::with_capacity(prompts.len());
-    for p in prompts {
-        let text = match (p, args.chat) {
-            (PromptInput::Text(t), false) => t,
-            (PromptInput::Text(t), true) => {
-                tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: t }], true)?
-            }
-            (PromptInput::Messages(m), _) => tokenizer.apply_chat_template(&m, true)?,
-        };
-        texts.push(text);
-    }
+    let texts = prompts.iter().map(|p| p.render(&tokenizer, args.chat)).collect::<Result<Vec<_>>>()?;
     let prompt_ids = texts.iter().map(|t| tokenizer.encode(t)).collect::<Result<Vec<_>>>()?;
     if let Some(i) = prompt_ids.iter().position(Vec::is_empty) {
         bail!("prompt {i} is empty after tokenisation");

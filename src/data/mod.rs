@@ -1,0 +1,117 @@
+//! Training data: JSONL prompts (or a built-in dataset) with their other columns, a seeded epoch sampler whose
+//! state checkpoints as two numbers, and prompt rendering with left truncation.
+//!
+//! One JSONL reader serves both `safe train` and `safe generate --input`, so both report bad lines the same way.
+
+pub mod arithmetic;
+pub mod prompt;
+pub mod sampler;
+
+use std::io::BufRead;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::model::tokenizer::ChatMessage;
+use crate::recipe::{BuiltinData, DataSettings, DataSource};
+
+pub use prompt::{encode_prompt, render, TruncationCounter};
+pub use sampler::{Sampler, SamplerState};
+
+/// A prompt as users write it: plain text, or chat messages that always go through the chat template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Messages(Vec<ChatMessage>),
+}
+
+/// One row: its position in the source, its prompt, and every other column (rewards read e.g. `answer`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    /// 0-based position among the examples (blank lines are not counted).
+    pub index: usize,
+    pub prompt: Prompt,
+    pub columns: Map<String, Value>,
+}
+
+/// A non-empty list of examples.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    examples: Vec<Example>,
+}
+
+impl Dataset {
+    /// The dataset `settings` names: a JSONL file read with `settings.prompt_field`, or a built-in one.
+    pub fn load(settings: &DataSettings) -> Result<Self> {
+        match &settings.source {
+            DataSource::Jsonl(path) => Self::from_jsonl(path, &settings.prompt_field),
+            DataSource::Builtin(BuiltinData::Arithmetic) => Ok(arithmetic::dataset()),
+        }
+    }
+
+    /// Read a JSONL file, one object per line (blank lines skipped). Every error names the file and line.
+    pub fn from_jsonl(path: &Path, prompt_field: &str) -> Result<Self> {
+        let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut examples = Vec::new();
+        for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+            let at = || format!("{}:{}", path.display(), i + 1);
+            let line = line.with_context(|| format!("{}: cannot read the line", at()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let row = parse_row(&line, prompt_field).with_context(at)?;
+            examples.push(Example { index: examples.len(), prompt: row.0, columns: row.1 });
+        }
+        if examples.is_empty() {
+            bail!("{} has no examples (it is empty or only blank lines)", path.display());
+        }
+        Ok(Self { examples })
+    }
+
+    /// Examples built in code (tests, built-in datasets). Indices are renumbered to positions so `get(i).index == i`.
+    pub fn from_examples(mut examples: Vec<Example>) -> Result<Self> {
+        if examples.is_empty() {
+            bail!("a dataset needs at least one example");
+        }
+        for (i, e) in examples.iter_mut().enumerate() {
+            e.index = i;
+        }
+        Ok(Self { examples })
+    }
+
+    pub fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    /// Always false (a dataset is never empty); here for clippy's `len_without_is_empty`.
+    pub fn is_empty(&self) -> bool {
+        self.examples.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<&Example> {
+        self.examples.get(i)
+    }
+
+    pub fn examples(&self) -> &[Example] {
+        &self.examples
+    }
+}
+
+/// One JSONL line into (prompt, other columns); errors say what is wrong, the caller adds file and line.
+fn parse_row(line: &str, prompt_field: &str) -> Result<(Prompt, Map<String, Value>)> {
+    let v: Value = serde_json::from_str(line).context("not valid JSON")?;
+    let Value::Object(mut columns) = v else {
+        bail!("not a JSON object (each line must be {{\"{prompt_field}\": ...}})")
+    };
+    let p = columns.remove(prompt_field).with_context(|| format!("no `{prompt_field}` field"))?;
+    let bad = || format!("`{prompt_field}` must be a string or a non-empty list of {{role, content}} messages");
+    // serde's own message for an untagged enum ("did not match any variant") adds nothing: drop it.
+    let prompt: Prompt = serde_json::from_value(p).map_err(|_| anyhow::anyhow!(bad()))?;
+    if matches!(&prompt, Prompt::Messages(m) if m.is_empty()) {
+        bail!(bad());
+    }
+    Ok((prompt, columns))
+}
