@@ -11,8 +11,10 @@ pub const STD_EPS: f64 = 1e-4;
 
 choice_enum!(
 /// How the centred reward r − mean_g is scaled (TRL `scale_rewards`).
+    #[derive(Default)]
     ScaleRewards {
         /// Divide by the group's std + eps (TRL default).
+        #[default]
         Group = "group",
         /// Divide by the std of the whole batch + eps; the centring is still by the group mean.
         Batch = "batch",
@@ -20,12 +22,6 @@ choice_enum!(
         None = "none",
     }
 );
-
-impl Default for ScaleRewards {
-    fn default() -> Self {
-        Self::Group
-    }
-}
 
 /// Advantages and the statistics TRL logs about them.
 #[derive(Debug, Clone, PartialEq)]

@@ -145,8 +145,10 @@ pub fn masked_mean(x: &[Vec<f64>], mask: &[Vec<f64>]) -> f64 {
 
 choice_enum!(
 /// How per-token losses become one scalar (algorithms.md §6.1). All but `Dapo` divide by the accumulation steps.
+    #[derive(Default)]
     LossType {
         /// Token sum / active tokens of the whole accumulated global batch (TRL's default).
+        #[default]
         Dapo = "dapo",
         /// Mean over sequences of each sequence's token mean (length-biased: short sequences weigh more per token).
         Grpo = "grpo",
@@ -156,12 +158,6 @@ choice_enum!(
         Bnpo = "bnpo",
     }
 );
-
-impl Default for LossType {
-    fn default() -> Self {
-        Self::Dapo
-    }
-}
 
 /// The normalisers [`LossType`] needs beyond the micro-batch itself.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -6,21 +6,17 @@
 
 choice_enum!(
 /// Shape of the learning rate after warm-up.
+    #[derive(Default)]
     LrSchedule {
         /// base lr throughout.
         Constant = "constant",
         /// Linear decay from base at the end of warm-up to 0 at `max_steps` (transformers' default).
+        #[default]
         Linear = "linear",
         /// Half a cosine from base to 0 at `max_steps` (num_cycles 0.5).
         Cosine = "cosine",
     }
 );
-
-impl Default for LrSchedule {
-    fn default() -> Self {
-        Self::Linear
-    }
-}
 
 /// The learning rate for the update after `step` steps, with `warmup_steps` of linear warm-up and `max_steps` in all.
 pub fn lr_at(step: u64, base_lr: f64, schedule: LrSchedule, warmup_steps: u64, max_steps: u64) -> f64 {
