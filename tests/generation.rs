@@ -146,3 +146,28 @@ fn stop_strings_end_a_completion_after_the_token_that_completes_them() {
     assert!(text.ends_with("Paris"), "{text}");
     assert_eq!(out[0].ids[..], plain[0].ids[..out[0].ids.len()], "same greedy prefix");
 }
+
+#[test]
+fn a_prompt_shared_by_several_rows_is_prefilled_once_with_the_same_result() {
+    let ids: Vec<Vec<u32>> = prompts().into_iter().map(|p| p.1).take(2).collect();
+    // Rows: p0, p1, p0, p0, p1: two distinct prompts prefilled, their caches copied to the other rows.
+    let order = [0usize, 1, 0, 0, 1];
+    let reqs: Vec<Request> = order
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| Request {
+            prompt: ids[p].clone(),
+            key: RowKey { seed: 3, step: 0, prompt: p as u64, sample: i as u64 },
+        })
+        .collect();
+    let greedy = config(SamplingParams::greedy(), 16, vec![], 5);
+    let shared = generate(common::smollm2(), None, &reqs, &greedy, None).unwrap();
+    let alone =
+        generate(common::smollm2(), None, &reqs, &config(SamplingParams::greedy(), 16, vec![], 1), None).unwrap();
+    for (s, a) in shared.iter().zip(&alone) {
+        assert_eq!(s.ids, a.ids);
+        let d = s.logprobs.iter().zip(&a.logprobs).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(d < 1e-4, "shared prefill changes log-probs by {d}");
+    }
+    assert_eq!(shared[0].ids, shared[2].ids);
+}

@@ -119,18 +119,37 @@ fn generate_batch(
         .collect();
     let mut done: Vec<Option<Completion>> = vec![None; requests.len()];
 
-    // Prefill: the whole padded prompt batch at once; only the last column's logits are needed.
+    // Prefill each distinct prompt once (the G samples of a GRPO group share one), then copy its cache rows to
+    // every request with that prompt. Only the last column's logits are needed.
+    let mut distinct: Vec<usize> = Vec::new();
+    let mut slot_of: Vec<u32> = Vec::with_capacity(requests.len());
+    let mut first_seen: std::collections::HashMap<&[u32], u32> = std::collections::HashMap::new();
+    for (i, r) in requests.iter().enumerate() {
+        let slot = *first_seen.entry(r.prompt.as_slice()).or_insert_with(|| {
+            distinct.push(i);
+            (distinct.len() - 1) as u32
+        });
+        slot_of.push(slot);
+    }
     let mut cache = KvCache::new(model.config().num_layers);
-    let flat: Vec<u32> = requests
+    let flat: Vec<u32> = distinct
         .iter()
-        .flat_map(|r| std::iter::repeat_n(cfg.pad_id, width - r.prompt.len()).chain(r.prompt.iter().copied()))
+        .flat_map(|&i| {
+            let p = &requests[i].prompt;
+            std::iter::repeat_n(cfg.pad_id, width - p.len()).chain(p.iter().copied())
+        })
         .collect();
-    let input = Tensor::from_vec(flat, (requests.len(), width), dev)?;
-    let valid: Vec<Vec<bool>> = rows.iter().map(|r| r.valid.clone()).collect();
+    let input = Tensor::from_vec(flat, (distinct.len(), width), dev)?;
+    let valid: Vec<Vec<bool>> = distinct.iter().map(|&i| rows[i].valid.clone()).collect();
     let pos = Tensor::new(positions_from_mask(&valid), dev)?;
     let mask = attention_mask(&valid, width, model.config().sliding_window, dev)?;
     let hidden = model.forward_hidden(&input, &pos, &mask, Some(&mut cache))?;
     let mut logits = model.logits(&hidden.narrow(1, width - 1, 1)?)?;
+    if distinct.len() < requests.len() {
+        let slots = Tensor::new(slot_of.as_slice(), dev)?;
+        cache.select_rows(&slots)?;
+        logits = logits.index_select(&slots, 0)?;
+    }
 
     while !rows.is_empty() {
         let table: Vec<Vec<f32>> = logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?;
