@@ -361,3 +361,163 @@ mod tests {
         assert_eq!(values[0], values[1]);
     }
 }
+
+/// One GRPO step's inputs: completions with their prompts, advantages, and (for μ > 1) the sampling policy's
+/// log-probs.
+pub struct UpdateBatch<'a> {
+    pub prompts: &'a [Vec<u32>],
+    pub completions: &'a [Vec<u32>],
+    /// One per completion (group-relative, see [`crate::advantage`]).
+    pub advantages: &'a [f64],
+    /// Per-token log-probs at sampling time; `None` = on-policy (μ = 1): ρ = 1 with `logp.detach()`, as TRL.
+    pub old_logprobs: Option<&'a [Vec<f32>]>,
+    /// Per-completion 0/1 weights on the mask (0 = `mask_truncated_completions` dropped it).
+    pub keep: &'a [bool],
+}
+
+/// How the step is computed.
+pub struct UpdateConfig {
+    pub loss: GrpoLossConfig,
+    /// Completions per forward/backward; gradients are summed over the micro-batches.
+    pub micro_batch_size: usize,
+    /// Sampling temperature: log-probs are taken of `logits / temperature`, as during rollout.
+    pub temperature: f64,
+    /// Global grad-norm clip (≤ 0 = off).
+    pub max_grad_norm: f64,
+    pub pad_id: u32,
+    /// Completion positions per LM-head call.
+    pub logprob_chunk: usize,
+}
+
+/// What the step did, averaged over micro-batches weighted by their active tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateMetrics {
+    pub loss: f64,
+    /// Before clipping; non-finite means the step was not applied.
+    pub grad_norm: f64,
+    pub kl: Option<f64>,
+    pub clip_low: f64,
+    pub clip_high: f64,
+    pub clip_region: f64,
+    pub entropy: f64,
+}
+
+/// Forward and backward over micro-batches (gradients summed, each micro-batch's loss normalised so the sum equals
+/// the loss of the whole batch, per TRL's aggregation), clip, then one optimizer step. The reference model (β > 0)
+/// is a frozen model; its log-probs are computed per micro-batch without a graph. A non-finite loss or grad norm
+/// leaves the weights untouched and is reported in the metrics (the caller skips the step).
+pub fn grpo_update(
+    policy: &crate::model::CausalLm,
+    reference: Option<&crate::model::CausalLm>,
+    optimizer: &mut crate::optim::AdamW,
+    batch: &UpdateBatch,
+    cfg: &UpdateConfig,
+) -> Result<UpdateMetrics> {
+    let (mut grads, mut metrics) = grpo_backward(policy, reference, batch, cfg)?;
+    if !metrics.loss.is_finite() {
+        return Ok(metrics);
+    }
+    let max_norm = if cfg.max_grad_norm > 0.0 { cfg.max_grad_norm } else { f64::INFINITY };
+    metrics.grad_norm = crate::optim::clip_grad_norm(&mut grads, policy.vars(), max_norm)?;
+    if metrics.grad_norm.is_finite() {
+        optimizer.step(&grads)?;
+    }
+    Ok(metrics)
+}
+
+/// The forward/backward half of [`grpo_update`]: the policy's gradients summed over micro-batches, and the
+/// metrics (`grad_norm` is NaN here: it is measured when clipping). With a non-finite loss the gradients are empty.
+pub fn grpo_backward(
+    policy: &crate::model::CausalLm,
+    reference: Option<&crate::model::CausalLm>,
+    batch: &UpdateBatch,
+    cfg: &UpdateConfig,
+) -> Result<(candle_core::backprop::GradStore, UpdateMetrics)> {
+    use crate::model::logprobs::{completion_logprobs, SequenceBatch};
+    let n = batch.completions.len();
+    if n == 0 || batch.prompts.len() != n || batch.advantages.len() != n || batch.keep.len() != n {
+        bail!("GRPO update: inconsistent batch sizes");
+    }
+    if cfg.loss.beta != 0.0 && reference.is_none() {
+        bail!("GRPO update with beta = {} needs a reference model", cfg.loss.beta);
+    }
+    let micro = if cfg.micro_batch_size == 0 { n } else { cfg.micro_batch_size.min(n) };
+    let chunks: Vec<std::ops::Range<usize>> = (0..n).step_by(micro).map(|s| s..(s + micro).min(n)).collect();
+    // dapo divides by the active tokens of the whole step; the others by the number of micro-batches.
+    let active: usize = batch.completions.iter().zip(batch.keep).filter(|(_, k)| **k).map(|(c, _)| c.len()).sum();
+    let mut loss_cfg = cfg.loss;
+    loss_cfg.aggregation.grad_accum_steps = chunks.len();
+    loss_cfg.aggregation.dapo_num_items = Some(active.max(1) as f64);
+    let dev = policy.device();
+    let mut acc = crate::optim::GradAccumulator::new();
+    let (mut loss_sum, mut kl_sum, mut low, mut high, mut region, mut ent, mut weight) =
+        (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    for range in chunks {
+        let seqs = SequenceBatch::new(
+            &batch.prompts[range.clone()],
+            &batch.completions[range.clone()],
+            cfg.pad_id,
+            policy.config().sliding_window,
+            dev,
+        )?;
+        let keep: Vec<f32> = batch.keep[range.clone()].iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
+        let keep = Tensor::new(keep.as_slice(), dev)?.unsqueeze(1)?;
+        let mask = seqs.completion_mask.broadcast_mul(&keep)?;
+        let (logp, entropy) = completion_logprobs(policy, &seqs, cfg.temperature, cfg.logprob_chunk, true)?;
+        let old = match batch.old_logprobs {
+            Some(old) => {
+                let width = seqs.completion_width;
+                let rows: Vec<f32> = old[range.clone()]
+                    .iter()
+                    .flat_map(|r| r.iter().copied().chain(std::iter::repeat(0.0)).take(width))
+                    .collect();
+                Tensor::from_vec(rows, (range.len(), width), dev)?
+            }
+            None => logp.detach(),
+        };
+        let ref_logp = match reference {
+            Some(r) => Some(completion_logprobs(r, &seqs, cfg.temperature, cfg.logprob_chunk, false)?.0),
+            None => None,
+        };
+        let adv =
+            Tensor::from_vec(batch.advantages[range.clone()].iter().map(|&a| a as f32).collect(), range.len(), dev)?;
+        let (loss, m) = grpo_token_loss(&logp, &old, ref_logp.as_ref(), &adv, &mask, &loss_cfg)?;
+        let loss_value = scalar(&loss)?;
+        if !loss_value.is_finite() {
+            let empty = candle_core::backprop::GradStore::default();
+            return Ok((
+                empty,
+                UpdateMetrics {
+                    loss: loss_value,
+                    grad_norm: f64::NAN,
+                    kl: m.kl,
+                    clip_low: m.clip_low,
+                    clip_high: m.clip_high,
+                    clip_region: m.clip_region,
+                    entropy: f64::NAN,
+                },
+            ));
+        }
+        acc.add(loss.backward()?, policy.vars())?;
+        let w = scalar(&mask.sum_all()?)?;
+        loss_sum += loss_value;
+        kl_sum += m.kl.unwrap_or(0.0) * w;
+        low += m.clip_low * w;
+        high += m.clip_high * w;
+        region += m.clip_region * w;
+        ent += scalar(&entropy.expect("requested").detach().mul(&mask)?.sum_all()?)?;
+        weight += w;
+    }
+    let w = weight.max(1.0);
+    let metrics = UpdateMetrics {
+        // The micro-batch losses are normalised to sum to the whole batch's loss.
+        loss: loss_sum,
+        grad_norm: f64::NAN,
+        kl: reference.map(|_| kl_sum / w),
+        clip_low: low / w,
+        clip_high: high / w,
+        clip_region: region / w,
+        entropy: ent / w,
+    };
+    Ok((acc.finish(), metrics))
+}
