@@ -69,7 +69,7 @@ impl SequenceBatch {
 }
 
 /// Log-probs `[b, C]` (f32) of each completion token under `softmax(logits / temperature)`, and optionally the
-/// per-token entropy `[b, C]` of that distribution. `chunk` = completion positions per LM-head call (0 = all).
+/// per-token entropy `[b, C]` of that distribution (a metric: it carries no gradient). `chunk` = completion positions per LM-head call (0 = all).
 /// Differentiable when `model` is trainable; padding positions hold finite values the mask removes.
 pub fn completion_logprobs(
     model: &CausalLm,
@@ -94,7 +94,9 @@ pub fn completion_logprobs(
         let target = batch.targets.narrow(1, start, len)?.contiguous()?.unsqueeze(D::Minus1)?;
         lps.push(logp.gather(&target, D::Minus1)?.squeeze(D::Minus1)?);
         if with_entropy {
-            ents.push((logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?);
+            // A metric: from the detached log-probs, so no vocab-sized tensor joins the autograd graph.
+            let lp = logp.detach();
+            ents.push((lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?);
         }
         start += len;
     }

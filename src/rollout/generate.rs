@@ -54,7 +54,6 @@ pub struct Completion {
 struct Row {
     index: usize,
     history: Vec<u32>,
-    prompt_len: usize,
     valid: Vec<bool>,
     next_pos: u32,
     rng: RowRng,
@@ -108,7 +107,6 @@ fn generate_batch(
             Row {
                 index,
                 history: r.prompt.clone(),
-                prompt_len: r.prompt.len(),
                 valid: [vec![false; pad], vec![true; r.prompt.len()]].concat(),
                 next_pos: r.prompt.len() as u32,
                 rng: RowRng::new(r.key),
@@ -180,12 +178,13 @@ fn generate_batch(
             }
         }
         if keep.len() < rows.len() {
-            let kept: std::collections::HashSet<u32> = keep.iter().copied().collect();
+            // `keep` is ascending: walk it alongside the rows.
             let mut slot = 0u32;
+            let mut next = keep.iter().peekable();
             rows.retain(|_| {
-                let k = kept.contains(&slot);
+                let live = next.next_if_eq(&&slot).is_some();
                 slot += 1;
-                k
+                live
             });
             if rows.is_empty() {
                 break;
@@ -205,7 +204,6 @@ fn generate_batch(
         let valid: Vec<Vec<bool>> = rows.iter().map(|r| r.valid.clone()).collect();
         let mask = attention_mask(&valid, 1, model.config().sliding_window, dev)?;
         logits = model.forward(&input, &pos, &mask, Some(&mut cache))?;
-        debug_assert!(rows.iter().all(|r| r.history.len() > r.prompt_len));
     }
     Ok(done.into_iter().map(|c| c.expect("every row finished")).collect())
 }
