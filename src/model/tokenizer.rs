@@ -410,18 +410,28 @@ fn md_array<'a>(
     }
 }
 
+/// The metadata array `key` converted element by element; an element `convert` rejects is an error saying the
+/// array is not one of `what`.
+fn md_typed<T>(
+    md: &std::collections::HashMap<String, gguf_file::Value>,
+    key: &str,
+    origin: &str,
+    what: &str,
+    convert: impl Fn(&gguf_file::Value) -> Option<T>,
+) -> Result<Option<Vec<T>>> {
+    let Some(arr) = md_array(md, key, origin)? else { return Ok(None) };
+    arr.iter()
+        .map(|v| convert(v).with_context(|| format!("{origin}: GGUF metadata `{key}` is not an array of {what}")))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
 fn md_strings(
     md: &std::collections::HashMap<String, gguf_file::Value>,
     key: &str,
     origin: &str,
 ) -> Result<Option<Vec<String>>> {
-    let Some(arr) = md_array(md, key, origin)? else { return Ok(None) };
-    arr.iter()
-        .map(|v| {
-            v.to_string().cloned().map_err(|_| anyhow!("{origin}: GGUF metadata `{key}` is not an array of strings"))
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    md_typed(md, key, origin, "strings", |v| v.to_string().ok().cloned())
 }
 
 fn md_ints(
@@ -429,11 +439,7 @@ fn md_ints(
     key: &str,
     origin: &str,
 ) -> Result<Option<Vec<i64>>> {
-    let Some(arr) = md_array(md, key, origin)? else { return Ok(None) };
-    arr.iter()
-        .map(|v| as_int(v).with_context(|| format!("{origin}: GGUF metadata `{key}` is not an array of integers")))
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    md_typed(md, key, origin, "integers", as_int)
 }
 
 fn md_floats(
@@ -441,16 +447,7 @@ fn md_floats(
     key: &str,
     origin: &str,
 ) -> Result<Option<Vec<f64>>> {
-    let Some(arr) = md_array(md, key, origin)? else { return Ok(None) };
-    arr.iter()
-        .map(|v| {
-            v.to_f32()
-                .map(f64::from)
-                .or_else(|_| v.to_f64())
-                .map_err(|_| anyhow!("{origin}: GGUF metadata `{key}` is not an array of floats"))
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    md_typed(md, key, origin, "floats", |v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok())
 }
 
 // ---------------------------------------------------------------------------------------------------------------
