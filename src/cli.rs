@@ -61,6 +61,9 @@ pub struct TrainArgs {
     /// non-empty run directory); or a checkpoint directory to resume from.
     #[arg(long, value_name = "auto|DIR|never", default_value = "auto")]
     pub resume: Resume,
+    /// With `--resume never`: delete an existing run directory (checkpoints included) and start over.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// `--resume auto|DIR|never`.
@@ -250,9 +253,26 @@ fn check(args: &CheckArgs) -> Result<(), Failure> {
 }
 
 fn train(args: &TrainArgs) -> Result<(), Failure> {
+    use crate::train::run_dir::{self, Start};
     let recipe = load(&args.config, &args.sets)?;
+    let start = run_dir::resolve_start(&recipe, &args.resume, args.overwrite).map_err(Failure::bad_input)?;
     print!("{}", summary(&recipe, &args.resume));
-    Err(Failure::training(anyhow!("training is not available in this build yet")))
+    if let Start::From(c) = &start {
+        println!("resuming:   from {} (step {})", c.dir().display(), c.step());
+        if c.step() >= recipe.run.max_steps {
+            println!(
+                "nothing to train: the checkpoint is at step {} and run.max_steps = {} (raise run.max_steps, e.g. \
+                 --set run.max_steps={}, to train further)",
+                c.step(),
+                recipe.run.max_steps,
+                c.step() + recipe.run.max_steps
+            );
+            return Ok(());
+        }
+    }
+    crate::train::signal::install();
+    let mut trainer = crate::train::Trainer::new(recipe, start)?;
+    trainer.run()
 }
 
 /// What a run will do, in a few lines: the batch arithmetic users most often get wrong comes first.

@@ -14,6 +14,7 @@ pub mod optim;
 pub mod recipe;
 pub mod reward;
 pub mod rollout;
+pub mod train;
 
 /// Fix the CPU thread count once, before any work. Candle asks for it on every matmul and, unless
 /// `RAYON_NUM_THREADS` is set, recomputes it from /proc and /sys each time: about a quarter of batch-1 decode

@@ -14,7 +14,12 @@ pub mod names {
     pub const REWARD_STD: &str = "reward_std";
     pub const FRAC_REWARD_ZERO_STD: &str = "frac_reward_zero_std";
     pub const COMPLETION_MEAN_LENGTH: &str = "completions/mean_length";
+    pub const COMPLETION_MIN_LENGTH: &str = "completions/min_length";
+    pub const COMPLETION_MAX_LENGTH: &str = "completions/max_length";
+    /// Fraction of completions cut at `max_new_tokens` (no EOS or stop string).
     pub const COMPLETION_CLIPPED_RATIO: &str = "completions/clipped_ratio";
+    /// Mean length of the completions that ended on their own (EOS or stop string); 0 if none did.
+    pub const COMPLETION_MEAN_TERMINATED_LENGTH: &str = "completions/mean_terminated_length";
     pub const KL: &str = "kl";
     pub const ENTROPY: &str = "entropy";
     pub const LOSS: &str = "loss";
@@ -27,6 +32,7 @@ pub mod names {
     pub const TIMING_REWARD: &str = "timing/reward";
     pub const TIMING_UPDATE: &str = "timing/update";
     pub const TIMING_STEP: &str = "timing/step";
+    /// Completion tokens sampled per second of rollout.
     pub const TOKENS_PER_SECOND: &str = "tokens_per_second";
 
     /// `rewards/<name>/mean` and `rewards/<name>/std`.

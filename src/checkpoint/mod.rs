@@ -100,13 +100,19 @@ pub fn save(run_dir: &Path, req: &SaveRequest, keep_last: usize) -> Result<PathB
         .with_context(|| format!("cannot move checkpoint into {}", dest.display()))?;
     fsio::sync_dir(&root)?;
 
-    fsio::write_atomic(
-        &root.join(LATEST_FILE),
-        format!("{name}\n").as_bytes(),
-        &root.join(format!("{TMP_PREFIX}latest-{pid}")),
-    )?;
+    point_latest(&root, req.step)?;
     rotate(&root, keep_last)?;
     Ok(dest)
+}
+
+/// Point `latest` at `step-<step>` under `root` (the checkpoints directory), if that checkpoint exists there.
+pub fn point_latest(root: &Path, step: u64) -> Result<()> {
+    let name = step_dir_name(step);
+    if !root.join(&name).is_dir() {
+        return Ok(());
+    }
+    let tmp = root.join(format!("{TMP_PREFIX}latest-{}", std::process::id()));
+    fsio::write_atomic(&root.join(LATEST_FILE), format!("{name}\n").as_bytes(), &tmp)
 }
 
 /// Write every file of a checkpoint into `dir`, each fsynced, `state.json` last.

@@ -262,6 +262,12 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` without any special tokens added (completions: they follow a prompt).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizer: cannot encode: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// The text of `ids`; `skip_special` drops special tokens such as `<|im_end|>`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner.decode(ids, skip_special).map_err(|e| anyhow!("tokenizer: cannot decode: {e}"))
@@ -274,6 +280,11 @@ impl Tokenizer {
 
     pub fn pad_id(&self) -> Option<u32> {
         self.pad_id
+    }
+
+    /// The id to pad batches with: the pad token, else the first EOS, else 0 (padding is never attended to).
+    pub fn padding_id(&self) -> u32 {
+        self.pad_id.or(self.eos_ids.first().copied()).unwrap_or(0)
     }
 
     pub fn bos_id(&self) -> Option<u32> {

@@ -382,12 +382,22 @@ pub static KEYS: &[KeySpec] = &[
     key("run.name", Kind::Str { check: Some(run_name) }, "\"run\"", "Run name; the run directory is <output_dir>/<name>."),
     key("run.output_dir", NON_EMPTY, "\"runs\"", "Directory that holds run directories."),
     key("run.seed", int(0), "0", "Seed for data order, sampling and anything else random."),
-    key("run.max_steps", int(1), "100", "Number of optimizer steps to train for (may change on resume)."),
+    key(
+        "run.max_steps",
+        int(1),
+        "100",
+        "Training steps (each: one batch of rollouts, then algorithm.num_iterations optimizer updates); may change on resume.",
+    ),
     key("run.log_every", int(1), "1", "Write a metrics line every this many steps."),
     key("run.save_every", int(0), "50", "Checkpoint every this many steps; 0 = only at the end."),
     key("run.keep_last", int(1), "3", "Number of checkpoints kept; older ones are deleted."),
     key("run.completions_every", int(0), "10", "Write completions/step-<N>.jsonl every this many steps; 0 = never."),
-    key("run.max_bad_steps", int(0), "3", "Stop (exit 1) after this many non-finite steps in a row; 0 = stop at the first."),
+    key(
+        "run.max_bad_steps",
+        int(0),
+        "3",
+        "Skip at most this many non-finite (reward, loss or grad-norm) steps in a row; one more stops the run (exit 1). 0 = stop at the first.",
+    ),
     // [model]
     KeySpec {
         path: "model.id",
@@ -470,6 +480,12 @@ pub static KEYS: &[KeySpec] = &[
         "Divide centred rewards by the group std, the batch std, or nothing.",
     ),
     key("algorithm.mask_truncated_completions", Kind::Bool, "false", "Exclude completions cut at max_new_tokens from the loss."),
+    key(
+        "algorithm.use_bias_correction_kl",
+        Kind::Bool,
+        "true",
+        "Multiply k3 by the importance ratio (TRL 1.16's default): same value on-policy, gradient β·(logp − ref).",
+    ),
     key(
         "algorithm.micro_batch_size",
         int(0),

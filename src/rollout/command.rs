@@ -49,7 +49,7 @@ pub fn run(args: &GenerateArgs, p: Prepared) -> Result<()> {
         repetition_penalty: args.repetition_penalty,
     };
     let eos_ids = p.tokenizer.eos_ids().to_vec();
-    let pad_id = p.tokenizer.pad_id().or(eos_ids.first().copied()).unwrap_or(0);
+    let pad_id = p.tokenizer.padding_id();
     let cfg = GenerationConfig {
         sampling,
         max_new_tokens: args.max_new_tokens,

@@ -2,9 +2,11 @@
 
 pub mod command;
 pub mod generate;
+pub mod replay;
 pub mod rng;
 pub mod sampling;
 
 pub use generate::{generate, Completion, FinishReason, GenerationConfig, Request};
+pub use replay::{Replay, Sample};
 pub use rng::{RowKey, RowRng};
 pub use sampling::SamplingParams;

@@ -1,0 +1,649 @@
+//! `safe train`: the loop. It owns the order of the stages and nothing else:
+//!
+//! rollout (sample G completions per prompt, or replay them) → rewards → group advantages → policy update
+//! (μ optimizer steps) → metrics and completions files → checkpoint.
+//!
+//! Exact resume follows from three choices: every random stream is keyed by (run.seed, step, prompt, sample), so no
+//! generator state exists; the data position is the sampler's (epoch, cursor); and everything else that changes
+//! between steps is in [`TrainState`] or the optimizer, both saved in each checkpoint.
+
+pub mod memory;
+pub mod run_dir;
+pub mod signal;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::advantage::group_advantages;
+use crate::algo::grpo::{grpo_update, GrpoLossConfig, UpdateBatch, UpdateConfig, UpdateMetrics};
+use crate::algo::loss::{Aggregation, ClipConfig};
+use crate::checkpoint::{self, Checkpoint, SaveRequest};
+use crate::data::{Dataset, Sampler, SamplerState, TruncationCounter};
+use crate::exit::{self, Failure, OrExit};
+use crate::metrics::{names, MetricsWriter, Record};
+use crate::model::{CausalLm, LoadedModel, ModelSource, Tokenizer};
+use crate::optim::{lr_at, AdamW, AdamWConfig};
+use crate::recipe::{Recipe, RolloutSource};
+use crate::reward::{RewardInput, RewardPipeline, ScoredBatch};
+use crate::rollout::{generate, FinishReason, GenerationConfig, Replay, Request, RowKey, Sample, SamplingParams};
+use run_dir::Start;
+
+/// Everything the loop carries from one step to the next besides weights and optimizer; saved verbatim in each
+/// checkpoint's `state.json` (`training`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Steps completed.
+    pub step: u64,
+    /// The data sampler's position; `None` when replaying a file (its position is a function of the step).
+    pub sampler: Option<SamplerState>,
+    /// Non-finite steps in a row, for `run.max_bad_steps`.
+    pub bad_steps_in_a_row: u64,
+    /// Steps skipped as non-finite, in all.
+    pub skipped_steps: u64,
+    /// Random streams are counter-based, keyed by (seed, step, prompt, sample): the seed is their whole state.
+    pub rng_seed: u64,
+    /// The learning-rate schedule's position is the optimizer's step count (in `state.json`'s `optimizer`).
+    pub optimizer_steps: u64,
+    pub recipe_hash: String,
+    /// The resolved recipe this state was trained under; `--resume` compares it key by key.
+    pub recipe: String,
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutcome {
+    Trained,
+    /// Not applied: a stage produced a non-finite value (or a reward source failed).
+    Skipped { stage: &'static str, reason: String },
+}
+
+/// One step's result: its metrics record and outcome.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub step: u64,
+    pub record: Record,
+    pub outcome: StepOutcome,
+}
+
+/// Where prompts come from.
+enum Prompts {
+    /// Sampled from the policy for a dataset's prompts, each rendered and tokenised once at start-up.
+    Data { dataset: Dataset, sampler: Sampler, encoded: Vec<(String, Vec<u32>)> },
+    Replay(Replay),
+}
+
+pub struct Trainer {
+    recipe: Recipe,
+    run_dir: PathBuf,
+    policy: CausalLm,
+    /// No-grad view of `policy` (same storage) for sampling and old log-probs.
+    sampler_model: CausalLm,
+    reference: Option<CausalLm>,
+    tokenizer: Tokenizer,
+    optimizer: AdamW,
+    rewards: RewardPipeline,
+    prompts: Prompts,
+    generation: GenerationConfig,
+    update: UpdateConfig,
+    plan: memory::Plan,
+    state: TrainState,
+    metrics: MetricsWriter,
+    /// Warnings for the console (truncated prompts, superseded checkpoints), printed once by [`Trainer::run`].
+    notes: Vec<String>,
+}
+
+impl Trainer {
+    /// Load everything and check that the run can go ahead. Every error here is bad input (exit 2): nothing has
+    /// been trained and no checkpoint touched.
+    pub fn new(recipe: Recipe, start: Start) -> Result<Self, Failure> {
+        Self::build(recipe, start).or_exit(exit::BAD_INPUT)
+    }
+
+    fn build(recipe: Recipe, start: Start) -> Result<Self> {
+        // Read before anything is loaded: the plan counts the model's own memory.
+        let device = recipe.model.device.device()?;
+        let available = if device.is_cpu() { memory::available_cpu_bytes() } else { None };
+        let dtype = recipe.model.dtype.resolve(&device);
+        let checkpoint = match &start {
+            Start::From(c) => Some(c),
+            Start::Fresh => None,
+        };
+        let base = ModelSource::parse(&recipe.model.id, Some(&recipe.model.revision))?;
+        let policy_source = match checkpoint {
+            Some(c) => ModelSource::Dir(c.model_dir().to_path_buf()),
+            None => base.clone(),
+        };
+        let loaded = LoadedModel::load(&policy_source, &device, dtype)?;
+        let origin = loaded.origin.clone();
+        let config = loaded.config.clone();
+        let (policy, tokenizer) = loaded.into_model(true, &device, dtype)?;
+        let tokenizer = tokenizer.with_context(|| format!("{origin} has no tokenizer (tokenizer.json)"))?;
+        let a = &recipe.algorithm;
+        let reference = if a.beta > 0.0 {
+            let (r, _) = LoadedModel::load(&base, &device, dtype)?.into_model(false, &device, dtype)?;
+            Some(r)
+        } else {
+            None
+        };
+
+        let ro = &recipe.rollout;
+        let n = ro.completions_per_step();
+        let shape = memory::StepShape {
+            completions: n,
+            micro_batch_size: a.micro_batch_size,
+            max_prompt_tokens: recipe.data.max_prompt_tokens,
+            max_new_tokens: ro.max_new_tokens,
+            reference: reference.is_some(),
+            dtype_bytes: dtype.size_in_bytes(),
+        };
+        let plan = memory::plan(&config, &shape, available).map_err(|e| anyhow!(e))?;
+
+        let mut notes = Vec::new();
+        let mut truncation = TruncationCounter::default();
+        let prompts = match &ro.source {
+            RolloutSource::File(path) => Prompts::Replay(Replay::load(
+                path,
+                &tokenizer,
+                ro.num_generations,
+                recipe.data.max_prompt_tokens,
+                &mut truncation,
+            )?),
+            RolloutSource::Sample => {
+                let dataset = Dataset::load(&recipe.data)?;
+                let chat = recipe.data.chat;
+                if chat && !tokenizer.has_chat_template() {
+                    bail!(
+                        "data.chat = true but {origin} has no chat template: set data.chat = false to use prompts as \
+                         plain text"
+                    );
+                }
+                let encoded = dataset
+                    .examples()
+                    .iter()
+                    .map(|e| {
+                        let text = crate::data::render(e, &tokenizer, chat)?;
+                        let (ids, cut) =
+                            crate::data::encode_prompt(&text, &tokenizer, recipe.data.max_prompt_tokens)?;
+                        truncation.record(cut);
+                        if ids.is_empty() {
+                            bail!("example {} has an empty prompt after tokenisation", e.index);
+                        }
+                        Ok((text, ids))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let seed = recipe.run.seed;
+                let sampler = match checkpoint.map(|c| train_state(c)).transpose()?.and_then(|s| s.sampler) {
+                    Some(s) => Sampler::from_state(seed, dataset.len(), recipe.data.shuffle, s)?,
+                    None => Sampler::new(seed, dataset.len(), recipe.data.shuffle),
+                };
+                Prompts::Data { dataset, sampler, encoded }
+            }
+        };
+        notes.extend(truncation.warning(recipe.data.max_prompt_tokens));
+
+        let rewards = RewardPipeline::from_settings(&recipe.rewards)?;
+        let o = &recipe.optim;
+        let mut optimizer = AdamW::new(
+            policy.vars().to_vec(),
+            AdamWConfig { lr: o.lr, beta1: o.betas[0], beta2: o.betas[1], eps: o.eps, weight_decay: o.weight_decay },
+        )?;
+        let state = match checkpoint {
+            Some(c) => {
+                c.restore_optimizer(&mut optimizer)?;
+                let mut s = train_state(c)?;
+                // The recipe may differ in resumable keys: the state records the one being run now.
+                s.recipe = recipe.to_toml_string();
+                s.recipe_hash = recipe.hash();
+                s
+            }
+            None => TrainState {
+                step: 0,
+                sampler: match &prompts {
+                    Prompts::Data { sampler, .. } => Some(sampler.state()),
+                    Prompts::Replay(_) => None,
+                },
+                bad_steps_in_a_row: 0,
+                skipped_steps: 0,
+                rng_seed: recipe.run.seed,
+                optimizer_steps: 0,
+                recipe_hash: recipe.hash(),
+                recipe: recipe.to_toml_string(),
+            },
+        };
+
+        let run_dir = recipe.run.dir();
+        for name in run_dir::prepare(&recipe, state.step)? {
+            notes.push(format!(
+                "checkpoint {name} was written after step {} (the one this run continues from) and is kept aside",
+                state.step
+            ));
+        }
+        let metrics = MetricsWriter::open(&run_dir.join(run_dir::METRICS_FILE))?;
+        let eos_ids = tokenizer.eos_ids().to_vec();
+        let pad_id = tokenizer.padding_id();
+        let generation = GenerationConfig {
+            sampling: SamplingParams {
+                temperature: ro.temperature,
+                top_p: ro.top_p,
+                top_k: ro.top_k,
+                min_p: ro.min_p,
+                repetition_penalty: ro.repetition_penalty,
+            },
+            max_new_tokens: ro.max_new_tokens,
+            eos_ids,
+            stop_strings: ro.stop.clone(),
+            batch_size: ro.generation_batch_size(),
+            pad_id,
+        };
+        let update = UpdateConfig {
+            loss: GrpoLossConfig {
+                beta: a.beta,
+                clip: ClipConfig { eps_low: a.epsilon, eps_high: a.epsilon_high, delta: None },
+                aggregation: Aggregation::new(a.loss_type, ro.max_new_tokens),
+                use_bias_correction_kl: a.use_bias_correction_kl,
+            },
+            micro_batch_size: plan.micro_batch_size,
+            temperature: ro.temperature,
+            max_grad_norm: o.max_grad_norm,
+            pad_id,
+            logprob_chunk: plan.logprob_chunk,
+        };
+        let sampler_model = policy.frozen_view()?;
+        Ok(Self {
+            recipe,
+            run_dir,
+            policy,
+            sampler_model,
+            reference,
+            tokenizer,
+            optimizer,
+            rewards,
+            prompts,
+            generation,
+            update,
+            plan,
+            state,
+            metrics,
+            notes,
+        })
+    }
+
+    pub fn state(&self) -> &TrainState {
+        &self.state
+    }
+    pub fn policy(&self) -> &CausalLm {
+        &self.policy
+    }
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+    pub fn plan(&self) -> &memory::Plan {
+        &self.plan
+    }
+    pub fn run_dir(&self) -> &std::path::Path {
+        &self.run_dir
+    }
+
+    /// Replace the reward pipeline (tests inject failing or non-finite rewards through this).
+    pub fn set_rewards(&mut self, rewards: RewardPipeline) {
+        self.rewards = rewards;
+    }
+
+    /// Train to `run.max_steps`, logging and checkpointing. Ends with exit 1 after too many non-finite steps in a
+    /// row (the last good checkpoint kept) and with 130 on SIGINT/SIGTERM (after saving the last finished step).
+    pub fn run(&mut self) -> Result<(), Failure> {
+        let max_steps = self.recipe.run.max_steps;
+        let bar = ProgressBar::new(max_steps);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed} < {eta}]")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_position(self.state.step);
+        let say = |line: &str| {
+            if bar.is_hidden() {
+                println!("{line}");
+            } else {
+                bar.println(line);
+            }
+        };
+        for note in std::mem::take(&mut self.notes) {
+            say(&format!("warning: {note}"));
+        }
+        say(&format!(
+            "memory:     micro-batches of {} completions, about {:.2} GB per step",
+            self.plan.micro_batch_size,
+            self.plan.bytes as f64 / 1e9
+        ));
+        let mut saved_at = self.state.step;
+        while self.state.step < max_steps {
+            if signal::requested() {
+                break;
+            }
+            let report = self.step().or_exit(exit::TRAINING_FAILED)?;
+            let r = &self.recipe.run;
+            let step = report.step;
+            if step % r.log_every == 0 || step == max_steps {
+                self.metrics.write(&report.record).or_exit(exit::TRAINING_FAILED)?;
+                say(&report.record.console_line());
+            }
+            let f = |n: &str| report.record.get(n).filter(|v| v.is_finite()).map_or("-".into(), |v| format!("{v:.3}"));
+            bar.set_message(format!("reward {} kl {}", f(names::REWARD), f(names::KL)));
+            bar.set_position(step);
+            if let StepOutcome::Skipped { stage, reason } = &report.outcome {
+                say(&format!("warning: step {step} skipped ({stage}): {reason}"));
+                if self.state.bad_steps_in_a_row > r.max_bad_steps {
+                    bar.abandon();
+                    let last = checkpoint::latest_complete(&self.run_dir)
+                        .map_or("none was written".to_string(), |p| p.display().to_string());
+                    return Err(Failure::training(anyhow!(
+                        "stopping after {} non-finite steps in a row (run.max_bad_steps = {}); the last good \
+                         checkpoint is {last}",
+                        self.state.bad_steps_in_a_row,
+                        r.max_bad_steps
+                    )));
+                }
+            }
+            // A skipped step saves nothing: the newest checkpoint stays the last good one.
+            let due = (r.save_every > 0 && step % r.save_every == 0) || step == max_steps;
+            if due && report.outcome == StepOutcome::Trained {
+                self.save().or_exit(exit::TRAINING_FAILED)?;
+                saved_at = step;
+            }
+        }
+        bar.finish_and_clear();
+        if signal::requested() {
+            if saved_at != self.state.step {
+                self.save().or_exit(exit::INTERRUPTED)?;
+            }
+            return Err(Failure::interrupted(anyhow!(
+                "interrupted after step {}; the checkpoint of that step is saved: continue with --resume auto",
+                self.state.step
+            )));
+        }
+        println!("done: {} steps; checkpoints in {}", self.state.step, checkpoint::checkpoints_dir(&self.run_dir).display());
+        Ok(())
+    }
+
+    /// Write a checkpoint of the current state.
+    pub fn save(&self) -> Result<PathBuf> {
+        let state = serde_json::to_value(&self.state)?;
+        let req = SaveRequest {
+            step: self.state.step,
+            model: &self.policy,
+            tokenizer: &self.tokenizer,
+            optimizer: &self.optimizer,
+            training_state: &state,
+            extra_tensor_files: &[],
+        };
+        checkpoint::save(&self.run_dir, &req, self.recipe.run.keep_last)
+    }
+
+    /// One training step. `Err` is a failure of the run (exit 1); non-finite values are a skipped step instead.
+    pub fn step(&mut self) -> Result<StepReport> {
+        let step = self.state.step + 1;
+        let t_step = Instant::now();
+        let mut record = Record::new(step);
+
+        let t = Instant::now();
+        let (samples, given_rewards) = self.rollout(step)?;
+        let rollout_s = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let scored = self.score(&samples, given_rewards);
+        let reward_s = t.elapsed().as_secs_f64();
+
+        let mut update_s = 0.0;
+        let outcome = match scored {
+            Err(e) => StepOutcome::Skipped { stage: "reward", reason: format!("{e:#}") },
+            Ok(scored) => {
+                for (name, value) in &scored.metrics {
+                    record.set(name.clone(), *value);
+                }
+                let g = self.recipe.rollout.num_generations;
+                let rewards: Vec<Option<f64>> = scored.total.iter().map(|&r| (!r.is_nan()).then_some(r)).collect();
+                let adv = group_advantages(&rewards, g, self.recipe.algorithm.scale_rewards)?;
+                record.set(names::REWARD_STD, adv.reward_std);
+                record.set(names::FRAC_REWARD_ZERO_STD, adv.frac_reward_zero_std);
+                completion_metrics(&mut record, &samples);
+                if let Some(every) = std::num::NonZeroU64::new(self.recipe.run.completions_every) {
+                    if step % every.get() == 0 {
+                        self.write_completions(step, &samples, &scored, &adv.advantages)?;
+                    }
+                }
+                let t = Instant::now();
+                let outcome = self.update(&samples, &adv.advantages, &mut record)?;
+                update_s = t.elapsed().as_secs_f64();
+                outcome
+            }
+        };
+
+        let tokens: usize = samples.iter().map(|s| s.completion_ids.len()).sum();
+        record.set(names::TIMING_ROLLOUT, rollout_s);
+        record.set(names::TIMING_REWARD, reward_s);
+        record.set(names::TIMING_UPDATE, update_s);
+        record.set(names::TIMING_STEP, t_step.elapsed().as_secs_f64());
+        record.set(names::TOKENS_PER_SECOND, tokens as f64 / rollout_s.max(1e-9));
+
+        self.state.step = step;
+        self.state.optimizer_steps = self.optimizer.state().step;
+        if let Prompts::Data { sampler, .. } = &self.prompts {
+            self.state.sampler = Some(sampler.state());
+        }
+        match &outcome {
+            StepOutcome::Trained => self.state.bad_steps_in_a_row = 0,
+            StepOutcome::Skipped { .. } => {
+                self.state.bad_steps_in_a_row += 1;
+                self.state.skipped_steps += 1;
+            }
+        }
+        Ok(StepReport { step, record, outcome })
+    }
+
+    /// The step's samples: `prompts_per_step` groups of `num_generations`, group-major; and the rewards when a replay
+    /// file carries them.
+    fn rollout(&mut self, step: u64) -> Result<(Vec<Sample>, Option<Vec<Option<f64>>>)> {
+        let ro = &self.recipe.rollout;
+        let (dataset, sampler, encoded) = match &mut self.prompts {
+            Prompts::Replay(replay) => return Ok(replay.batch(step, ro.prompts_per_step)),
+            Prompts::Data { dataset, sampler, encoded } => (dataset, sampler, encoded),
+        };
+        let picked = sampler.next_batch(ro.prompts_per_step);
+        let mut requests = Vec::with_capacity(picked.len() * ro.num_generations);
+        for (i, &ex) in picked.iter().enumerate() {
+            for g in 0..ro.num_generations {
+                requests.push(Request {
+                    prompt: encoded[ex].1.clone(),
+                    key: RowKey { seed: self.recipe.run.seed, step, prompt: i as u64, sample: g as u64 },
+                });
+            }
+        }
+        let completions = generate(&self.sampler_model, Some(&self.tokenizer), &requests, &self.generation, None)
+            .context("sampling completions")?;
+        let mut samples = Vec::with_capacity(requests.len());
+        for (k, c) in completions.into_iter().enumerate() {
+            let ex = picked[k / ro.num_generations];
+            samples.push(Sample {
+                prompt_index: ex,
+                sample_index: k % ro.num_generations,
+                prompt_text: encoded[ex].0.clone(),
+                prompt_ids: encoded[ex].1.clone(),
+                completion_text: self.tokenizer.decode(&c.ids, true)?,
+                completion_ids: c.ids,
+                finish: c.finish,
+                columns: dataset.get(ex).expect("sampler indices are in range").columns.clone(),
+            });
+        }
+        Ok((samples, None))
+    }
+
+    /// The step's rewards; `Err` skips the step.
+    fn score(&self, samples: &[Sample], given: Option<Vec<Option<f64>>>) -> Result<ScoredBatch> {
+        if let Some(given) = given {
+            let total: Vec<f64> = given.iter().map(|r| r.unwrap_or(f64::NAN)).collect();
+            let valid: Vec<f64> = total.iter().copied().filter(|x| !x.is_nan()).collect();
+            let mean = if valid.is_empty() { f64::NAN } else { valid.iter().sum::<f64>() / valid.len() as f64 };
+            let metrics = vec![(names::REWARD.to_string(), mean)];
+            return Ok(ScoredBatch { per_reward: Vec::new(), total, metrics });
+        }
+        let inputs: Vec<RewardInput> = samples
+            .iter()
+            .map(|s| RewardInput {
+                prompt: &s.prompt_text,
+                completion: &s.completion_text,
+                completion_ids: &s.completion_ids,
+                finish: s.finish,
+                columns: &s.columns,
+            })
+            .collect();
+        self.rewards.score(&inputs)
+    }
+
+    /// μ optimizer updates on the step's samples. A non-finite loss or grad norm stops the step (weights untouched
+    /// by that update) and makes it a skipped step.
+    fn update(&mut self, samples: &[Sample], advantages: &[f64], record: &mut Record) -> Result<StepOutcome> {
+        let a = &self.recipe.algorithm;
+        let prompts: Vec<Vec<u32>> = samples.iter().map(|s| s.prompt_ids.clone()).collect();
+        let completions: Vec<Vec<u32>> = samples.iter().map(|s| s.completion_ids.clone()).collect();
+        let keep: Vec<bool> =
+            samples.iter().map(|s| !(a.mask_truncated_completions && s.finish == FinishReason::Length)).collect();
+        // μ > 1 reuses the batch: ρ needs the sampling policy's log-probs, taken before the first update.
+        let old = if a.num_iterations > 1 { Some(self.old_logprobs(&prompts, &completions)?) } else { None };
+        let batch = UpdateBatch {
+            prompts: &prompts,
+            completions: &completions,
+            advantages,
+            old_logprobs: old.as_deref(),
+            keep: &keep,
+        };
+        let mu = a.num_iterations as u64;
+        let o = &self.recipe.optim;
+        let total_updates = self.recipe.run.max_steps * mu;
+        let mut sum: Option<UpdateMetrics> = None;
+        let mut lr = 0.0;
+        for it in 0..mu {
+            lr = lr_at(self.optimizer.state().step, o.lr, o.schedule, o.warmup_steps * mu, total_updates);
+            self.optimizer.set_lr(lr);
+            let m = grpo_update(&self.policy, self.reference.as_ref(), &mut self.optimizer, &batch, &self.update)?;
+            let which = if mu > 1 { format!(" (update {} of {mu})", it + 1) } else { String::new() };
+            if !m.loss.is_finite() {
+                return Ok(StepOutcome::Skipped { stage: "loss", reason: format!("the loss is {}{which}", m.loss) });
+            }
+            if !m.grad_norm.is_finite() {
+                return Ok(StepOutcome::Skipped {
+                    stage: "gradient",
+                    reason: format!("the gradient norm is {}{which}", m.grad_norm),
+                });
+            }
+            sum = Some(match sum {
+                None => m,
+                Some(s) => UpdateMetrics {
+                    loss: s.loss + m.loss,
+                    grad_norm: s.grad_norm + m.grad_norm,
+                    kl: s.kl.zip(m.kl).map(|(a, b)| a + b),
+                    clip_low: s.clip_low + m.clip_low,
+                    clip_high: s.clip_high + m.clip_high,
+                    clip_region: s.clip_region + m.clip_region,
+                    // The policy's entropy on its own samples: the first update's.
+                    entropy: s.entropy,
+                },
+            });
+        }
+        let m = sum.expect("μ ≥ 1");
+        let k = mu as f64;
+        if let Some(kl) = m.kl {
+            record.set(names::KL, kl / k);
+        }
+        record.set(names::ENTROPY, m.entropy);
+        record.set(names::LOSS, m.loss / k);
+        record.set(names::GRAD_NORM, m.grad_norm / k);
+        record.set(names::LEARNING_RATE, lr);
+        record.set(names::CLIP_LOW, m.clip_low / k);
+        record.set(names::CLIP_HIGH, m.clip_high / k);
+        record.set(names::CLIP_REGION, m.clip_region / k);
+        Ok(StepOutcome::Trained)
+    }
+
+    /// Per-token log-probs of each completion under the current policy, without a graph, one micro-batch at a time.
+    fn old_logprobs(&self, prompts: &[Vec<u32>], completions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        use crate::model::logprobs::{completion_logprobs, SequenceBatch};
+        let micro = self.update.micro_batch_size.max(1);
+        let mut out = Vec::with_capacity(completions.len());
+        for start in (0..completions.len()).step_by(micro) {
+            let end = (start + micro).min(completions.len());
+            let seqs = SequenceBatch::new(
+                &prompts[start..end],
+                &completions[start..end],
+                self.update.pad_id,
+                self.policy.config().sliding_window,
+                self.policy.device(),
+            )?;
+            let (lp, _) =
+                completion_logprobs(&self.sampler_model, &seqs, self.update.temperature, self.update.logprob_chunk, false)?;
+            for (row, c) in lp.to_vec2::<f32>()?.into_iter().zip(&completions[start..end]) {
+                out.push(row[..c.len()].to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// `completions/step-<N>.jsonl`: one line per completion with its rewards and advantage.
+    fn write_completions(&self, step: u64, samples: &[Sample], scored: &ScoredBatch, advantages: &[f64]) -> Result<()> {
+        use std::io::Write;
+        let path = run_dir::completions_file(&self.run_dir, step);
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
+        );
+        for (i, s) in samples.iter().enumerate() {
+            let rewards: serde_json::Map<String, serde_json::Value> =
+                scored.per_reward.iter().map(|(name, values)| (name.clone(), values[i].into())).collect();
+            let line = serde_json::json!({
+                "step": step,
+                "prompt_index": s.prompt_index,
+                "sample_index": s.sample_index,
+                "prompt": s.prompt_text,
+                "completion": s.completion_text,
+                "finish_reason": s.finish,
+                "num_tokens": s.completion_ids.len(),
+                "rewards": rewards,
+                "reward": finite_or_null(scored.total[i]),
+                "advantage": advantages[i],
+            });
+            writeln!(out, "{line}")?;
+        }
+        out.flush()?;
+        Ok(())
+    }
+}
+
+fn finite_or_null(x: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(x).map_or(serde_json::Value::Null, serde_json::Value::Number)
+}
+
+/// The trainer's state saved in a checkpoint.
+fn train_state(c: &Checkpoint) -> Result<TrainState> {
+    serde_json::from_value(c.state().clone())
+        .with_context(|| format!("{}: the training state is not one this safe can read", c.dir().display()))
+}
+
+/// TRL's completion-length metrics: mean/min/max length, the fraction cut at max_new_tokens, and the mean length
+/// of those that ended on their own.
+fn completion_metrics(record: &mut Record, samples: &[Sample]) {
+    let lens: Vec<f64> = samples.iter().map(|s| s.completion_ids.len() as f64).collect();
+    let n = lens.len().max(1) as f64;
+    let clipped = samples.iter().filter(|s| s.finish == FinishReason::Length).count();
+    let ended: Vec<f64> =
+        samples.iter().filter(|s| s.finish != FinishReason::Length).map(|s| s.completion_ids.len() as f64).collect();
+    record.set(names::COMPLETION_MEAN_LENGTH, lens.iter().sum::<f64>() / n);
+    record.set(names::COMPLETION_MIN_LENGTH, lens.iter().copied().fold(f64::INFINITY, f64::min));
+    record.set(names::COMPLETION_MAX_LENGTH, lens.iter().copied().fold(0.0, f64::max));
+    record.set(names::COMPLETION_CLIPPED_RATIO, clipped as f64 / n);
+    record.set(
+        names::COMPLETION_MEAN_TERMINATED_LENGTH,
+        if ended.is_empty() { 0.0 } else { ended.iter().sum::<f64>() / ended.len() as f64 },
+    );
+}

@@ -1,0 +1,135 @@
+//! The run directory `<output_dir>/<name>/` and where a run starts: fresh, or from a checkpoint (`--resume`).
+//!
+//! Layout: `recipe.resolved.toml`, `metrics.jsonl`, `completions/step-<N>.jsonl`, `checkpoints/step-<N>/`.
+//! Every decision about an existing run directory is made here, before anything is loaded, so a wrong `--resume`
+//! costs nothing and never deletes a checkpoint by accident.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::cli::Resume;
+use crate::recipe::{self, Recipe, RESUMABLE_KEYS};
+
+pub const RESOLVED_RECIPE_FILE: &str = "recipe.resolved.toml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const COMPLETIONS_DIR: &str = "completions";
+/// Checkpoints after the one a run was resumed from (`--resume DIR`) are moved aside under this prefix, never deleted.
+pub const SUPERSEDED_PREFIX: &str = "superseded-";
+
+/// Where the run starts.
+pub enum Start {
+    Fresh,
+    From(Checkpoint),
+}
+
+/// `completions/step-<N>.jsonl`.
+pub fn completions_file(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join(COMPLETIONS_DIR).join(format!("step-{step}.jsonl"))
+}
+
+/// Decide where the run starts. Errors are bad input (exit 2): nothing has been written yet.
+///
+/// - `auto`: the newest complete checkpoint of this run, else a fresh start (a run killed before its first
+///   checkpoint restarts from step 0);
+/// - `never`: a fresh start; an existing non-empty run directory is refused unless `overwrite`, which deletes it;
+/// - `DIR`: that checkpoint (of this run or another one).
+///
+/// A checkpoint whose recipe differs from `recipe` in a key that may not change on resume is refused, naming the keys.
+pub fn resolve_start(recipe: &Recipe, resume: &Resume, overwrite: bool) -> Result<Start> {
+    let run_dir = recipe.run.dir();
+    if overwrite && *resume != Resume::Never {
+        bail!("--overwrite starts the run over: use it with --resume never");
+    }
+    let start = match resume {
+        Resume::Never => {
+            if is_non_empty_dir(&run_dir) {
+                if !overwrite {
+                    bail!(
+                        "run directory {} already exists and is not empty: continue it with --resume auto, start it \
+                         over with --resume never --overwrite (deletes it), or pick another run.name",
+                        run_dir.display()
+                    );
+                }
+                std::fs::remove_dir_all(&run_dir)
+                    .with_context(|| format!("cannot remove {} (--overwrite)", run_dir.display()))?;
+            }
+            Start::Fresh
+        }
+        Resume::Auto => match checkpoint::latest_complete(&run_dir) {
+            Some(dir) => Start::From(Checkpoint::open(&dir)?),
+            None => Start::Fresh,
+        },
+        Resume::Dir(dir) => Start::From(
+            Checkpoint::open(dir).with_context(|| format!("--resume {}: not a usable checkpoint", dir.display()))?,
+        ),
+    };
+    if let Start::From(ckpt) = &start {
+        check_recipe(ckpt, recipe)?;
+    }
+    Ok(start)
+}
+
+/// The recipe a checkpoint was trained under must equal this one except for [`RESUMABLE_KEYS`].
+fn check_recipe(ckpt: &Checkpoint, recipe: &Recipe) -> Result<()> {
+    let state = ckpt.state();
+    let origin = format!("{} (recipe of the checkpoint)", ckpt.dir().join(checkpoint::STATE_FILE).display());
+    let text = state
+        .get("recipe")
+        .and_then(|v| v.as_str())
+        .with_context(|| format!("{origin}: no `recipe` in the training state"))?;
+    let saved = recipe::from_str(text, &origin, &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let conflicts = saved.resume_conflicts(recipe);
+    if !conflicts.is_empty() {
+        let changed: Vec<String> = conflicts.iter().map(|k| format!("`{k}`")).collect();
+        bail!(
+            "cannot resume from {}: the recipe changed {} since that checkpoint; only {} may change on resume. \
+             Restore those keys, start a new run (another run.name), or start over with --resume never --overwrite",
+            ckpt.dir().display(),
+            changed.join(", "),
+            RESUMABLE_KEYS.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn is_non_empty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p).map(|mut d| d.next().is_some()).unwrap_or(false)
+}
+
+/// Make the run directory ready for a run starting after `step` (0 = fresh): create it, write the resolved recipe,
+/// drop metrics lines after `step`, and move this run's checkpoints after `step` aside (`superseded-step-<N>`), so
+/// discovery and rotation only see the line of history being continued. Returns the names moved aside.
+pub fn prepare(recipe: &Recipe, step: u64) -> Result<Vec<String>> {
+    let run_dir = recipe.run.dir();
+    std::fs::create_dir_all(run_dir.join(COMPLETIONS_DIR))
+        .with_context(|| format!("cannot create the run directory {}", run_dir.display()))?;
+    let resolved = run_dir.join(RESOLVED_RECIPE_FILE);
+    std::fs::write(&resolved, recipe.to_toml_string()).with_context(|| format!("cannot write {}", resolved.display()))?;
+    crate::metrics::truncate_after(&run_dir.join(METRICS_FILE), step)?;
+    let root = checkpoint::checkpoints_dir(&run_dir);
+    let mut moved = Vec::new();
+    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(moved) };
+    let mut later: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((checkpoint::parse_step_dir_name(e.file_name().to_str()?)?, e.path())))
+        .filter(|(s, _)| *s > step)
+        .collect();
+    later.sort();
+    for (s, path) in later {
+        let mut name = format!("{SUPERSEDED_PREFIX}{}", checkpoint::step_dir_name(s));
+        let mut n = 1;
+        while root.join(&name).exists() {
+            n += 1;
+            name = format!("{SUPERSEDED_PREFIX}{}-{n}", checkpoint::step_dir_name(s));
+        }
+        std::fs::rename(&path, root.join(&name)).with_context(|| format!("cannot move {} aside", path.display()))?;
+        moved.push(name);
+    }
+    if !moved.is_empty() && step > 0 {
+        // `latest` may name a superseded step: point it at the checkpoint being continued.
+        checkpoint::point_latest(&root, step)?;
+    }
+    Ok(moved)
+}
