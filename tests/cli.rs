@@ -96,15 +96,19 @@ fn check_explain_lists_every_key_without_a_config() {
 }
 
 #[test]
-fn train_validates_then_reports_the_missing_loop() {
-    let out = safe(&["train", "--config", example().to_str().unwrap()]);
+fn train_prints_the_batch_arithmetic_then_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = format!("run.output_dir={}", dir.path().display());
+    let cfg = example();
+    let out = safe(&["train", "--config", cfg.to_str().unwrap(), "--set", &out_dir, "--set", "run.max_steps=1"]);
     let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stdout.contains("4 prompts × 4 generations = 16 completions per step"), "{stdout}");
     assert!(stdout.contains("micro-batches: 2 of 8"), "{stdout}");
-    assert!(stderr.contains("error: training is not available in this build yet"), "{stderr}");
+    assert!(stdout.contains("step     1 | reward"), "{stdout}");
+    assert!(dir.path().join("example/checkpoints/step-1/model.safetensors").is_file());
     // A bad recipe is a 2, before anything else.
-    let out = safe(&["train", "--config", example().to_str().unwrap(), "--set", "algorithm.micro_batch_size=3"]);
+    let out = safe(&["train", "--config", cfg.to_str().unwrap(), "--set", "algorithm.micro_batch_size=3"]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("algorithm.micro_batch_size") && stderr.contains("rollout.prompts_per_step"), "{stderr}");

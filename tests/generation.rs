@@ -61,7 +61,7 @@ fn left_padded_batched_greedy_equals_each_prompt_alone_and_transformers() {
 fn greedy_stops_at_eos_and_includes_it() {
     let ps = prompts();
     let chat = ps.iter().find(|p| p.0 == "chat").unwrap();
-    let reqs = requests(&[chat.1.clone()], 1);
+    let reqs = requests(std::slice::from_ref(&chat.1), 1);
     let out =
         generate(common::smollm2(), None, &reqs, &config(SamplingParams::greedy(), 24, vec![2], 1), None).unwrap();
     let first_eos = chat.2.iter().position(|&t| t == 2).unwrap();

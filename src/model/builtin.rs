@@ -95,6 +95,43 @@ pub fn weights(cfg: &ModelConfig, seed: u64, device: &Device, dtype: DType) -> R
     Ok(out)
 }
 
+/// ChatML without a default system prompt.
+pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + \
+message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// The byte-level `tokenizers` model of the built-in models: ids 0..256 are bytes, then the ChatML specials.
+pub fn byte_tokenizer() -> Result<tokenizers::Tokenizer> {
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let vocab: tokenizers::models::bpe::Vocab = super::tokenizer::bytes_to_unicode()
+        .into_iter()
+        .enumerate()
+        .map(|(id, c)| (c.to_string(), id as u32))
+        .collect();
+    let bpe = BPE::builder().vocab_and_merges(vocab, vec![]).build().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
+    tok.with_decoder(Some(ByteLevel::default()));
+    let specials: Vec<tokenizers::AddedToken> =
+        SPECIAL_TOKENS.iter().map(|s| tokenizers::AddedToken::from(s.to_string(), true)).collect();
+    tok.add_special_tokens(&specials);
+    Ok(tok)
+}
+
+/// The built-in models' tokenizer with its special tokens and ChatML template.
+pub fn tokenizer(cfg: &ModelConfig, origin: &str) -> Result<super::Tokenizer> {
+    let [_, im_start, im_end] = SPECIAL_TOKENS;
+    super::Tokenizer::from_parts(
+        byte_tokenizer()?,
+        Some(im_start),
+        Some(im_end),
+        Some(im_end),
+        Some(CHAT_TEMPLATE),
+        cfg,
+        origin,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,41 +168,4 @@ mod tests {
         assert_eq!(tok.decode(&ids, false).unwrap(), text);
         assert_eq!(tok.get_vocab_size(true), BYTE_VOCAB + SPECIAL_TOKENS.len());
     }
-}
-
-/// ChatML without a default system prompt.
-pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + \
-message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-/// The byte-level `tokenizers` model of the built-in models: ids 0..256 are bytes, then the ChatML specials.
-pub fn byte_tokenizer() -> Result<tokenizers::Tokenizer> {
-    use tokenizers::models::bpe::BPE;
-    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    let vocab: tokenizers::models::bpe::Vocab = super::tokenizer::bytes_to_unicode()
-        .into_iter()
-        .enumerate()
-        .map(|(id, c)| (c.to_string(), id as u32))
-        .collect();
-    let bpe = BPE::builder().vocab_and_merges(vocab, vec![]).build().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut tok = tokenizers::Tokenizer::new(bpe);
-    tok.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
-    tok.with_decoder(Some(ByteLevel::default()));
-    let specials: Vec<tokenizers::AddedToken> =
-        SPECIAL_TOKENS.iter().map(|s| tokenizers::AddedToken::from(s.to_string(), true)).collect();
-    tok.add_special_tokens(&specials);
-    Ok(tok)
-}
-
-/// The built-in models' tokenizer with its special tokens and ChatML template.
-pub fn tokenizer(cfg: &ModelConfig, origin: &str) -> Result<super::Tokenizer> {
-    let [_, im_start, im_end] = SPECIAL_TOKENS;
-    super::Tokenizer::from_parts(
-        byte_tokenizer()?,
-        Some(im_start),
-        Some(im_end),
-        Some(im_end),
-        Some(CHAT_TEMPLATE),
-        cfg,
-        origin,
-    )
 }

@@ -202,7 +202,7 @@ impl HfConfig {
             bail!("{origin}: hidden_size, num_attention_heads and num_hidden_layers must be positive");
         }
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if num_kv_heads == 0 || self.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !self.num_attention_heads.is_multiple_of(num_kv_heads) {
             bail!(
                 "{origin}: num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})",
                 self.num_attention_heads
@@ -211,7 +211,7 @@ impl HfConfig {
         let head_dim = match self.head_dim {
             Some(d) => d,
             None => {
-                if self.hidden_size % self.num_attention_heads != 0 {
+                if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
                     bail!("{origin}: hidden_size is not a multiple of num_attention_heads and head_dim is missing");
                 }
                 self.hidden_size / self.num_attention_heads

@@ -89,6 +89,9 @@ impl fmt::Display for FloatRange {
     }
 }
 
+/// A rule a string value must follow beyond being a string; `Err` says what is allowed.
+pub type StrCheck = fn(&str) -> Result<(), String>;
+
 /// What a key accepts.
 #[derive(Clone, Copy)]
 pub enum Kind {
@@ -100,7 +103,7 @@ pub enum Kind {
     Bool,
     /// A string; `check` adds a rule beyond "is a string" (non-empty, a device spec, a compiling regex...).
     Str {
-        check: Option<fn(&str) -> Result<(), String>>,
+        check: Option<StrCheck>,
     },
     /// One of a fixed set of strings (the `NAMES` of a [`choice_enum!`] type).
     Choice(&'static [&'static str]),

@@ -558,8 +558,8 @@ fn cross_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, rewards: &[
     }
     let n = ro.completions_per_step();
     let mb = r.algorithm.micro_batch_size;
-    if mb > 0 && n % mb != 0 {
-        let divisors: Vec<String> = (1..=n).filter(|d| n % d == 0).map(|d| d.to_string()).collect();
+    if mb > 0 && !n.is_multiple_of(mb) {
+        let divisors: Vec<String> = (1..=n).filter(|d| n.is_multiple_of(*d)).map(|d| d.to_string()).collect();
         ctx.err(
             &at("algorithm", "algorithm.micro_batch_size"),
             format!(

@@ -1,12 +1,14 @@
 //! Rollout: batched KV-cache generation and sampling, and the `safe generate` command.
 
+pub mod batch;
 pub mod command;
 pub mod generate;
 pub mod replay;
 pub mod rng;
 pub mod sampling;
 
+pub use batch::{Rollouts, Sample};
 pub use generate::{generate, Completion, FinishReason, GenerationConfig, Request};
-pub use replay::{Replay, Sample};
+pub use replay::Replay;
 pub use rng::{RowKey, RowRng};
 pub use sampling::SamplingParams;

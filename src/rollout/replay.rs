@@ -23,27 +23,9 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
-use super::FinishReason;
+use super::{FinishReason, Rollouts, Sample};
 use crate::data::{encode_prompt, Prompt, TruncationCounter};
 use crate::model::Tokenizer;
-
-/// One completion with its prompt, ready for rewards and the update (from sampling or a replay file).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    /// Which prompt: the example's index in the dataset, or the group's index in a replay file.
-    pub prompt_index: usize,
-    /// Which of the group's completions (0..G).
-    pub sample_index: usize,
-    /// The prompt as the model saw it.
-    pub prompt_text: String,
-    pub prompt_ids: Vec<u32>,
-    pub completion_text: String,
-    /// EOS included when the completion ended with one.
-    pub completion_ids: Vec<u32>,
-    pub finish: FinishReason,
-    /// Data columns other than the prompt (rewards read e.g. `answer`).
-    pub columns: Map<String, Value>,
-}
 
 /// A replay file, checked and tokenised.
 #[derive(Debug)]
@@ -78,7 +60,7 @@ impl Replay {
             let n = samples.len();
             let (sample, reward) = parse_line(&line, tokenizer, max_prompt_tokens, n, group_size, truncation)
                 .with_context(|| at.clone())?;
-            if n % group_size == 0 {
+            if n.is_multiple_of(group_size) {
                 first_line_of_group = i + 1;
             } else if sample.prompt_ids != samples[n - n % group_size].prompt_ids {
                 let s = &samples[n - n % group_size];
@@ -96,7 +78,7 @@ impl Replay {
         if samples.is_empty() {
             bail!("{} has no rollouts (it is empty or only blank lines)", path.display());
         }
-        if samples.len() % group_size != 0 {
+        if !samples.len().is_multiple_of(group_size) {
             bail!(
                 "{} has {} rollouts, not a multiple of rollout.num_generations = {group_size} (one group of \
                  completions per prompt)",
@@ -126,7 +108,7 @@ impl Replay {
     }
 
     /// The samples (and rewards, if recorded) of step `step` (1-based): `prompts` groups, wrapping around.
-    pub fn batch(&self, step: u64, prompts: usize) -> (Vec<Sample>, Option<Vec<Option<f64>>>) {
+    pub fn batch(&self, step: u64, prompts: usize) -> Rollouts {
         let groups = self.groups() as u64;
         let g = self.group_size;
         let mut out = Vec::with_capacity(prompts * g);
@@ -138,12 +120,13 @@ impl Replay {
                 r.extend_from_slice(&all[group * g..(group + 1) * g]);
             }
         }
-        (out, rewards)
+        Rollouts { samples: out, rewards }
     }
 }
 
 /// Fields with a meaning in a replay line; every other field is a data column.
-const FIELDS: [&str; 7] = ["prompt", "prompt_ids", "completion", "completion_ids", "token_ids", "finish_reason", "reward"];
+const FIELDS: [&str; 7] =
+    ["prompt", "prompt_ids", "completion", "completion_ids", "token_ids", "finish_reason", "reward"];
 
 /// One line into a sample and its reward (`None`: no `reward` field; `Some(None)`: `"reward": null`).
 fn parse_line(
@@ -158,7 +141,8 @@ fn parse_line(
     let Value::Object(mut obj) = v else { bail!("not a JSON object") };
     let ids = |obj: &Map<String, Value>, key: &str| -> Result<Option<Vec<u32>>> {
         let Some(v) = obj.get(key) else { return Ok(None) };
-        let bad = || format!("`{key}` must be a list of token ids (integers below the vocabulary size {})", tok.vocab_size());
+        let bad =
+            || format!("`{key}` must be a list of token ids (integers below the vocabulary size {})", tok.vocab_size());
         let list = v.as_array().with_context(bad)?;
         let ids = list
             .iter()
@@ -215,7 +199,8 @@ fn parse_line(
             let mut ids = tok.encode_plain(text)?;
             let finish = finish.unwrap_or(FinishReason::Eos);
             if finish == FinishReason::Eos && !ids.last().is_some_and(|l| tok.eos_ids().contains(l)) {
-                let eos = tok.eos_ids().first().copied().context("finish_reason eos, but the tokenizer has no EOS id")?;
+                let eos =
+                    tok.eos_ids().first().copied().context("finish_reason eos, but the tokenizer has no EOS id")?;
                 ids.push(eos);
             }
             (ids, finish)
@@ -230,7 +215,9 @@ fn parse_line(
     let reward = match obj.get("reward") {
         None => None,
         Some(Value::Null) => Some(None),
-        Some(v) => Some(Some(v.as_f64().filter(|x| x.is_finite()).context("`reward` must be a finite number or null")?)),
+        Some(v) => {
+            Some(Some(v.as_f64().filter(|x| x.is_finite()).context("`reward` must be a finite number or null")?))
+        }
     };
     for f in FIELDS {
         obj.remove(f);

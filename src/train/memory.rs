@@ -60,7 +60,8 @@ pub fn step_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     let t = (shape.max_prompt_tokens + shape.max_new_tokens) as u64;
     let c = shape.max_new_tokens as u64;
     let (h, i, heads) = (cfg.hidden_size as u64, cfg.intermediate_size as u64, cfg.num_heads as u64);
-    let per_row = cfg.num_layers as u64 * (t * (8 * h + 4 * i) + 3 * heads * t * t) * b + 4 * c * cfg.vocab_size as u64 * 4;
+    let per_row =
+        cfg.num_layers as u64 * (t * (8 * h + 4 * i) + 3 * heads * t * t) * b + 4 * c * cfg.vocab_size as u64 * 4;
     state + micro as u64 * per_row
 }
 
@@ -73,7 +74,7 @@ pub fn plan(cfg: &ModelConfig, shape: &StepShape, available: Option<u64>) -> Res
         (0, None) => n,
         (0, Some(budget)) => {
             // The largest divisor of n that fits.
-            match (1..=n).rev().filter(|d| n % d == 0).find(|&d| step_bytes(cfg, shape, d) <= budget) {
+            match (1..=n).rev().filter(|d| n.is_multiple_of(*d)).find(|&d| step_bytes(cfg, shape, d) <= budget) {
                 Some(d) => d,
                 None => return Err(too_big(cfg, shape, 1, budget, true)),
             }
@@ -95,9 +96,13 @@ fn too_big(cfg: &ModelConfig, shape: &StepShape, micro: usize, budget: u64, auto
     let state = step_bytes(cfg, shape, 0);
     let fits = (1..=shape.completions)
         .rev()
-        .filter(|d| shape.completions % d == 0)
+        .filter(|d| shape.completions.is_multiple_of(*d))
         .find(|&d| step_bytes(cfg, shape, d) <= budget);
-    let what = if auto { "even one completion per micro-batch".to_string() } else { format!("{micro} completions per micro-batch") };
+    let what = if auto {
+        "even one completion per micro-batch".to_string()
+    } else {
+        format!("{micro} completions per micro-batch")
+    };
     let advice = match fits {
         Some(d) if !auto => format!("set algorithm.micro_batch_size = {d} (or 0 for auto)"),
         _ if state > budget => "the model's weights, gradients and optimizer state alone do not fit: use a smaller \

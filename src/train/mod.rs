@@ -29,7 +29,9 @@ use crate::model::{CausalLm, LoadedModel, ModelSource, Tokenizer};
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::recipe::{Recipe, RolloutSource};
 use crate::reward::{RewardInput, RewardPipeline, ScoredBatch};
-use crate::rollout::{generate, FinishReason, GenerationConfig, Replay, Request, RowKey, Sample, SamplingParams};
+use crate::rollout::{
+    generate, FinishReason, GenerationConfig, Replay, Request, Rollouts, RowKey, Sample, SamplingParams,
+};
 use run_dir::Start;
 
 /// Everything the loop carries from one step to the next besides weights and optimizer; saved verbatim in each
@@ -58,7 +60,10 @@ pub struct TrainState {
 pub enum StepOutcome {
     Trained,
     /// Not applied: a stage produced a non-finite value (or a reward source failed).
-    Skipped { stage: &'static str, reason: String },
+    Skipped {
+        stage: &'static str,
+        reason: String,
+    },
 }
 
 /// One step's result: its metrics record and outcome.
@@ -72,7 +77,11 @@ pub struct StepReport {
 /// Where prompts come from.
 enum Prompts {
     /// Sampled from the policy for a dataset's prompts, each rendered and tokenised once at start-up.
-    Data { dataset: Dataset, sampler: Sampler, encoded: Vec<(String, Vec<u32>)> },
+    Data {
+        dataset: Dataset,
+        sampler: Sampler,
+        encoded: Vec<(String, Vec<u32>)>,
+    },
     Replay(Replay),
 }
 
@@ -166,8 +175,7 @@ impl Trainer {
                     .iter()
                     .map(|e| {
                         let text = crate::data::render(e, &tokenizer, chat)?;
-                        let (ids, cut) =
-                            crate::data::encode_prompt(&text, &tokenizer, recipe.data.max_prompt_tokens)?;
+                        let (ids, cut) = crate::data::encode_prompt(&text, &tokenizer, recipe.data.max_prompt_tokens)?;
                         truncation.record(cut);
                         if ids.is_empty() {
                             bail!("example {} has an empty prompt after tokenisation", e.index);
@@ -176,7 +184,7 @@ impl Trainer {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let seed = recipe.run.seed;
-                let sampler = match checkpoint.map(|c| train_state(c)).transpose()?.and_then(|s| s.sampler) {
+                let sampler = match checkpoint.map(train_state).transpose()?.and_then(|s| s.sampler) {
                     Some(s) => Sampler::from_state(seed, dataset.len(), recipe.data.shuffle, s)?,
                     None => Sampler::new(seed, dataset.len(), recipe.data.shuffle),
                 };
@@ -365,7 +373,11 @@ impl Trainer {
                 self.state.step
             )));
         }
-        println!("done: {} steps; checkpoints in {}", self.state.step, checkpoint::checkpoints_dir(&self.run_dir).display());
+        println!(
+            "done: {} steps; checkpoints in {}",
+            self.state.step,
+            checkpoint::checkpoints_dir(&self.run_dir).display()
+        );
         Ok(())
     }
 
@@ -390,7 +402,7 @@ impl Trainer {
         let mut record = Record::new(step);
 
         let t = Instant::now();
-        let (samples, given_rewards) = self.rollout(step)?;
+        let Rollouts { samples, rewards: given_rewards } = self.rollout(step)?;
         let rollout_s = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
@@ -411,7 +423,7 @@ impl Trainer {
                 record.set(names::FRAC_REWARD_ZERO_STD, adv.frac_reward_zero_std);
                 completion_metrics(&mut record, &samples);
                 if let Some(every) = std::num::NonZeroU64::new(self.recipe.run.completions_every) {
-                    if step % every.get() == 0 {
+                    if step.is_multiple_of(every.get()) {
                         self.write_completions(step, &samples, &scored, &adv.advantages)?;
                     }
                 }
@@ -446,7 +458,7 @@ impl Trainer {
 
     /// The step's samples: `prompts_per_step` groups of `num_generations`, group-major; and the rewards when a replay
     /// file carries them.
-    fn rollout(&mut self, step: u64) -> Result<(Vec<Sample>, Option<Vec<Option<f64>>>)> {
+    fn rollout(&mut self, step: u64) -> Result<Rollouts> {
         let ro = &self.recipe.rollout;
         let (dataset, sampler, encoded) = match &mut self.prompts {
             Prompts::Replay(replay) => return Ok(replay.batch(step, ro.prompts_per_step)),
@@ -478,7 +490,7 @@ impl Trainer {
                 columns: dataset.get(ex).expect("sampler indices are in range").columns.clone(),
             });
         }
-        Ok((samples, None))
+        Ok(Rollouts { samples, rewards: None })
     }
 
     /// The step's rewards; `Err` skips the step.
@@ -582,8 +594,13 @@ impl Trainer {
                 self.policy.config().sliding_window,
                 self.policy.device(),
             )?;
-            let (lp, _) =
-                completion_logprobs(&self.sampler_model, &seqs, self.update.temperature, self.update.logprob_chunk, false)?;
+            let (lp, _) = completion_logprobs(
+                &self.sampler_model,
+                &seqs,
+                self.update.temperature,
+                self.update.logprob_chunk,
+                false,
+            )?;
             for (row, c) in lp.to_vec2::<f32>()?.into_iter().zip(&completions[start..end]) {
                 out.push(row[..c.len()].to_vec());
             }

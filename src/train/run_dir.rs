@@ -106,7 +106,8 @@ pub fn prepare(recipe: &Recipe, step: u64) -> Result<Vec<String>> {
     std::fs::create_dir_all(run_dir.join(COMPLETIONS_DIR))
         .with_context(|| format!("cannot create the run directory {}", run_dir.display()))?;
     let resolved = run_dir.join(RESOLVED_RECIPE_FILE);
-    std::fs::write(&resolved, recipe.to_toml_string()).with_context(|| format!("cannot write {}", resolved.display()))?;
+    std::fs::write(&resolved, recipe.to_toml_string())
+        .with_context(|| format!("cannot write {}", resolved.display()))?;
     crate::metrics::truncate_after(&run_dir.join(METRICS_FILE), step)?;
     let root = checkpoint::checkpoints_dir(&run_dir);
     let mut moved = Vec::new();

@@ -1,6 +1,8 @@
 //! Shared test helpers: fixture paths and the SmolLM2 GGUF.
 #![allow(dead_code)]
 
+pub mod train;
+
 use std::path::PathBuf;
 
 /// `../shared/fixtures/<rel>` beside the repository.

@@ -1,0 +1,406 @@
+//! `safe train` end to end: the run directory, the quickstart learning, checkpoints that load elsewhere, replayed
+//! rollouts, non-finite steps, and bad inputs that exit 2 before anything is trained.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{DType, Device};
+use common::train::*;
+use safe::reward::{RewardInput, RewardPipeline, RewardSource};
+use safe::rollout::{generate, GenerationConfig, Request, RowKey, SamplingParams};
+use safe::train::run_dir::Start;
+use safe::train::Trainer;
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
+fn rewards(run: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reward"].as_f64().unwrap()).collect()
+}
+
+#[test]
+fn quickstart_reward_rises() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/quickstart.toml");
+    let out = train(&config, &[&format!("run.output_dir={}", dir.path().display())], "never");
+    ok(&out);
+    let r = rewards(&dir.path().join("quickstart"));
+    assert_eq!(r.len(), 300);
+    let (first, last) = (mean(&r[..10]), mean(&r[r.len() - 10..]));
+    // Measured: 0.031 → 0.163 (seed 0). "Clearly above": at least twice as high and 0.05 higher.
+    assert!(last > 2.0 * first && last > first + 0.05, "first 10 steps {first:.3}, last 10 {last:.3}");
+}
+
+#[test]
+fn run_directory_layout_and_metrics_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), TINY, 5);
+    let out = train(&recipe, &["run.max_steps=2", "run.save_every=1", "run.keep_last=1"], "never");
+    ok(&out);
+    let run = dir.path().join("runs/t");
+    let resolved = std::fs::read_to_string(run.join("recipe.resolved.toml")).unwrap();
+    assert!(resolved.contains("max_steps = 2") && resolved.contains("use_bias_correction_kl = true"));
+    let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    for name in [
+        "step",
+        "reward",
+        "reward_std",
+        "rewards/correct/mean",
+        "rewards/short/mean",
+        "frac_reward_zero_std",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "kl",
+        "entropy",
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "clip_ratio/region_mean",
+        "timing/rollout",
+        "timing/reward",
+        "timing/update",
+        "timing/step",
+        "tokens_per_second",
+    ] {
+        assert!(first.get(name).is_some_and(|v| v.is_number()), "metric `{name}` missing or null in {first}");
+    }
+    assert_eq!(first["step"], 1);
+    // Warm-up of 1 step × μ = 2 updates: the first update of step 1 runs at lr 0, the second at lr/2.
+    assert_eq!(first["learning_rate"].as_f64().unwrap(), 3e-3 / 2.0);
+    // Completions: one line per completion, with each reward and the advantage.
+    let comp = std::fs::read_to_string(run.join("completions/step-2.jsonl")).unwrap();
+    assert_eq!(comp.lines().count(), 8);
+    let c: serde_json::Value = serde_json::from_str(comp.lines().next().unwrap()).unwrap();
+    for k in ["prompt", "completion", "rewards", "reward", "advantage", "finish_reason"] {
+        assert!(c.get(k).is_some(), "completions line lacks `{k}`: {c}");
+    }
+    assert!(c["rewards"]["correct"].is_number() && c["rewards"]["short"].is_number());
+    // keep_last = 1: only the newest checkpoint, and `latest` names it.
+    let ckpts: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(ckpts.len(), 2, "{ckpts:?}");
+    assert!(ckpts.contains(&"step-2".to_string()) && ckpts.contains(&"latest".to_string()));
+    let state = common::read_json(&step_dir(&run, 2).join("state.json"));
+    let t = &state["training"];
+    assert_eq!((t["step"].as_u64(), t["optimizer_steps"].as_u64()), (Some(2), Some(4)));
+    assert_eq!(state["optimizer"]["step"], 4);
+    assert!(t["recipe"].as_str().unwrap().contains("[algorithm]"));
+}
+
+#[test]
+fn resume_refuses_changed_recipes_and_never_refuses_an_existing_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), TINY, 5);
+    ok(&train(&recipe, &["run.max_steps=1"], "never"));
+    // A key that may not change.
+    let out = train(&recipe, &["run.max_steps=2", "optim.lr=1e-2"], "auto");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("`optim.lr`") && stderr(&out).contains("may change on resume"), "{}", stderr(&out));
+    // `never` refuses the non-empty run directory, `--overwrite` starts over.
+    let out = train(&recipe, &["run.max_steps=1"], "never");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--resume never --overwrite"), "{}", stderr(&out));
+    let mut c = safe_cmd();
+    c.args(["train", "--config", recipe.to_str().unwrap(), "--resume", "never", "--overwrite"]);
+    ok(&c.args(["--set", "run.max_steps=1"]).output().unwrap());
+    // Already at max_steps: says so and trains nothing.
+    let out = train(&recipe, &["run.max_steps=1"], "auto");
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to train"));
+    // A directory that is not a checkpoint.
+    let out = train(&recipe, &[], dir.path().to_str().unwrap());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("state.json"), "{}", stderr(&out));
+}
+
+fn load_recipe(dir: &Path, body: &str, sets: &[&str]) -> safe::recipe::Recipe {
+    let path = setup(dir, body, 5);
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    safe::recipe::load(&path, &sets).unwrap()
+}
+
+#[test]
+fn checkpoint_reloads_in_safe_generate_with_identical_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = load_recipe(dir.path(), TINY, &["run.max_steps=2"]);
+    let mut trainer = Trainer::new(recipe, Start::Fresh).unwrap();
+    trainer.run().unwrap();
+    let ckpt = step_dir(trainer.run_dir(), 2);
+    // In-process: the trained policy, sampling with safe generate's random streams (seed 7, step 0).
+    let prompt = "What is 3 + 4?";
+    let ids = trainer.tokenizer().encode(prompt).unwrap();
+    let cfg = GenerationConfig {
+        sampling: SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, min_p: 0.0, repetition_penalty: 1.0 },
+        max_new_tokens: 12,
+        eos_ids: trainer.tokenizer().eos_ids().to_vec(),
+        stop_strings: vec![],
+        batch_size: 16,
+        pad_id: trainer.tokenizer().padding_id(),
+    };
+    let requests: Vec<Request> = (0..3)
+        .map(|s| Request { prompt: ids.clone(), key: RowKey { seed: 7, step: 0, prompt: 0, sample: s } })
+        .collect();
+    let view = trainer.policy().frozen_view().unwrap();
+    let expected: Vec<Vec<u32>> =
+        generate(&view, Some(trainer.tokenizer()), &requests, &cfg, None).unwrap().into_iter().map(|c| c.ids).collect();
+    let out = safe_cmd()
+        .args(["generate", "--model", ckpt.to_str().unwrap(), "--prompt", prompt, "--num-samples", "3"])
+        .args(["--seed", "7", "--max-new-tokens", "12", "--format", "jsonl"])
+        .output()
+        .unwrap();
+    ok(&out);
+    let got: Vec<Vec<u32>> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| common::json_ids(&serde_json::from_str::<serde_json::Value>(l).unwrap()["token_ids"]))
+        .collect();
+    assert_eq!(got, expected);
+}
+
+/// The names of the tensors in a safetensors file, sorted.
+fn tensor_names(path: &Path) -> Vec<String> {
+    let mut names: Vec<String> = candle_core::safetensors::load(path, &Device::Cpu).unwrap().into_keys().collect();
+    names.sort();
+    names
+}
+
+/// The config keys a checkpoint must carry over from its input model.
+const CONFIG_KEYS: [&str; 12] = [
+    "architectures",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+];
+
+fn same_config(ckpt: &Path, input: &Path) {
+    let (a, b) = (common::read_json(&ckpt.join("config.json")), common::read_json(&input.join("config.json")));
+    for k in CONFIG_KEYS {
+        assert_eq!(a[k], b[k], "config.json `{k}`");
+    }
+    let theta = |v: &serde_json::Value| v["rope_theta"].as_f64().or(v["rope_parameters"]["rope_theta"].as_f64());
+    assert_eq!(theta(&a), theta(&b));
+}
+
+#[test]
+fn checkpoint_tensor_names_and_config_match_the_input_model() {
+    // An HF directory (tiny Llama with an untied head) given a byte-level tokenizer.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    let fixture = common::fixture("tiny/tiny-llama");
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), model.join(f)).unwrap();
+    }
+    let cfg = safe::model::builtin::config("tiny").unwrap();
+    safe::model::builtin::tokenizer(&cfg, "test").unwrap().save(&model).unwrap();
+    let body = TINY.replace("builtin:tiny", model.to_str().unwrap()).replace("beta = 0.04", "beta = 0.0");
+    let recipe = setup(dir.path(), &body, 5);
+    ok(&train(&recipe, &["run.max_steps=1"], "never"));
+    let ckpt = step_dir(&dir.path().join("runs/t"), 1);
+    assert_eq!(tensor_names(&ckpt.join("model.safetensors")), tensor_names(&fixture.join("model.safetensors")));
+    same_config(&ckpt, &fixture);
+}
+
+#[test]
+fn smollm2_checkpoint_matches_transformers_names_and_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = common::smollm2_gguf();
+    let body = TINY
+        .replace("builtin:tiny", gguf.to_str().unwrap())
+        .replace("beta = 0.04", "beta = 0.0")
+        .replace("prompts_per_step = 2", "prompts_per_step = 1")
+        .replace("num_generations = 4", "num_generations = 2")
+        .replace("max_new_tokens = 6", "max_new_tokens = 3")
+        .replace("num_iterations = 2", "num_iterations = 1")
+        .replace("micro_batch_size = 4", "micro_batch_size = 2");
+    let recipe = setup(dir.path(), &body, 5);
+    ok(&train(&recipe, &["run.max_steps=1"], "never"));
+    let ckpt = step_dir(&dir.path().join("runs/t"), 1);
+    let check = common::read_json(&common::fixture("smollm2/dequant_check.json"));
+    let mut expected: Vec<String> =
+        check["tensors"].as_array().unwrap().iter().map(|t| t["hf_name"].as_str().unwrap().to_string()).collect();
+    expected.sort();
+    assert_eq!(expected.len(), 272);
+    assert_eq!(tensor_names(&ckpt.join("model.safetensors")), expected);
+    same_config(&ckpt, &common::fixture("smollm2"));
+    // The tokenizer travels with the weights.
+    assert!(ckpt.join("tokenizer.json").is_file() && ckpt.join("tokenizer_config.json").is_file());
+}
+
+/// A reward that is NaN from its `from`-th call on.
+struct NanFrom {
+    calls: AtomicUsize,
+    from: usize,
+}
+
+impl RewardSource for NanFrom {
+    fn name(&self) -> &str {
+        "nan"
+    }
+    fn score(&self, batch: &[RewardInput]) -> anyhow::Result<Vec<Option<f64>>> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(vec![Some(if call >= self.from { f64::NAN } else { 1.0 }); batch.len()])
+    }
+}
+
+#[test]
+fn non_finite_rewards_skip_steps_then_stop_with_exit_1_keeping_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = load_recipe(dir.path(), TINY, &["run.max_steps=10", "run.save_every=1", "run.max_bad_steps=1"]);
+    let mut trainer = Trainer::new(recipe, Start::Fresh).unwrap();
+    let source: Box<dyn RewardSource> = Box::new(NanFrom { calls: AtomicUsize::new(0), from: 3 });
+    trainer.set_rewards(RewardPipeline::new(vec![(source, 1.0)]).unwrap());
+    let failure = trainer.run().unwrap_err();
+    assert_eq!(failure.code, safe::exit::TRAINING_FAILED);
+    let msg = format!("{:#}", failure.error);
+    assert!(msg.contains("2 non-finite steps in a row") && msg.contains("step-2"), "{msg}");
+    // Steps 3 and 4 were skipped (and logged); the newest checkpoint is step 2's, and it resumes.
+    let run = trainer.run_dir().to_path_buf();
+    assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 4);
+    assert_eq!(safe::checkpoint::latest_complete(&run), Some(step_dir(&run, 2)));
+    assert!(!step_dir(&run, 3).exists());
+    let state = &safe::checkpoint::Checkpoint::open(&step_dir(&run, 2)).unwrap();
+    assert_eq!(state.state()["bad_steps_in_a_row"], 0);
+}
+
+#[test]
+fn one_skipped_step_is_tolerated_and_leaves_weights_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = load_recipe(dir.path(), TINY, &["run.max_steps=3", "run.max_bad_steps=1"]);
+    let mut trainer = Trainer::new(recipe, Start::Fresh).unwrap();
+    // NaN on the first call only: step 1 skipped, steps 2-3 train.
+    struct NanFirst(AtomicUsize);
+    impl RewardSource for NanFirst {
+        fn name(&self) -> &str {
+            "first"
+        }
+        fn score(&self, batch: &[RewardInput]) -> anyhow::Result<Vec<Option<f64>>> {
+            let first = self.0.fetch_add(1, Ordering::SeqCst) == 0;
+            Ok(batch
+                .iter()
+                .map(|b| {
+                    Some(if first { f64::NAN } else { b.completion_ids.iter().map(|&t| t % 7).sum::<u32>() as f64 })
+                })
+                .collect())
+        }
+    }
+    trainer.set_rewards(RewardPipeline::new(vec![(Box::new(NanFirst(AtomicUsize::new(0))), 1.0)]).unwrap());
+    let before: Vec<Vec<f32>> = weights(trainer.policy());
+    let report = trainer.step().unwrap();
+    match &report.outcome {
+        safe::train::StepOutcome::Skipped { stage, reason } => {
+            assert_eq!(*stage, "reward");
+            assert!(reason.contains("NaN") && reason.contains("`first`"), "{reason}");
+        }
+        other => panic!("expected a skipped step, got {other:?}"),
+    }
+    assert!(weights(trainer.policy()) == before, "a skipped step must not touch the weights");
+    assert_eq!(trainer.state().bad_steps_in_a_row, 1);
+    trainer.run().unwrap();
+    assert_eq!(trainer.state().step, 3);
+    assert_eq!(trainer.state().skipped_steps, 1);
+    assert!(weights(trainer.policy()) != before, "the trained steps must change the weights");
+}
+
+fn weights(m: &safe::model::CausalLm) -> Vec<Vec<f32>> {
+    m.vars()
+        .iter()
+        .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap())
+        .collect()
+}
+
+#[test]
+fn replayed_rollouts_train_reproducibly_with_recorded_or_scored_rewards() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two groups of 4 completions (text), with recorded rewards; group 1's prompt uses chat messages.
+    let mut lines = String::new();
+    let recorded = [[1.0, 0.0, 0.0, 1.0], [0.5, 0.25, 0.0, 0.0]];
+    for (g, rs) in recorded.iter().enumerate() {
+        for (i, r) in rs.iter().enumerate() {
+            let prompt = if g == 0 {
+                serde_json::json!("What is 2 + 2?")
+            } else {
+                serde_json::json!([{"role": "user", "content": "What is 3 + 3?"}])
+            };
+            let line = serde_json::json!({"prompt": prompt, "completion": format!("{} is it", i + 3), "reward": r, "answer": "4"});
+            lines.push_str(&format!("{line}\n"));
+        }
+    }
+    std::fs::write(dir.path().join("rollouts.jsonl"), &lines).unwrap();
+    let body =
+        TINY.replace("max_new_tokens = 6", "max_new_tokens = 6\nsource = \"file\"\nfile = \"{dir}/rollouts.jsonl\"");
+    let recipe = setup(dir.path(), &body, 5);
+    let sets = ["run.max_steps=3", "rollout.prompts_per_step=1", "algorithm.micro_batch_size=2"];
+    ok(&train(&recipe, &[&sets[..], &["run.name=a"]].concat(), "never"));
+    ok(&train(&recipe, &[&sets[..], &["run.name=b"]].concat(), "never"));
+    let (a, b) = (dir.path().join("runs/a"), dir.path().join("runs/b"));
+    assert_eq!(checkpoint_bytes(&step_dir(&a, 3)), checkpoint_bytes(&step_dir(&b, 3)));
+    // Steps take the groups in order and wrap: 0, 1, 0. The logged reward is the recorded one.
+    assert_eq!(rewards(&a), vec![0.5, 0.1875, 0.5]);
+    // Without recorded rewards the recipe's rewards score the same completions ("3 is it" … "6 is it" vs "4").
+    let unrewarded: String = lines
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("reward");
+            format!("{v}\n")
+        })
+        .collect();
+    std::fs::write(dir.path().join("rollouts.jsonl"), unrewarded).unwrap();
+    ok(&train(&recipe, &[&sets[..], &["run.name=c", "run.max_steps=1"]].concat(), "never"));
+    let m: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(dir.path().join("runs/c/metrics.jsonl")).unwrap().lines().next().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["rewards/correct/mean"], 0.25); // only "4 is it" is right
+}
+
+#[test]
+fn bad_inputs_exit_2_naming_file_and_line_or_key_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), TINY, 5);
+    let run = dir.path().join("runs/t");
+    let data = dir.path().join("data.jsonl");
+    let expect = |sets: &[&str], needles: &[&str]| {
+        let out = train(&recipe, sets, "never");
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        for n in needles {
+            assert!(stderr(&out).contains(n), "stderr lacks {n:?}:\n{}", stderr(&out));
+        }
+        assert!(!run.join("checkpoints").exists(), "nothing may be trained");
+    };
+    // A malformed JSONL line.
+    std::fs::write(&data, "{\"prompt\": \"a\", \"answer\": \"1\"}\n{\"prompt\": \"b\"\n").unwrap();
+    expect(&[], &["data.jsonl:2", "not valid JSON"]);
+    // A line without the prompt field.
+    std::fs::write(&data, "{\"question\": \"a\", \"answer\": \"1\"}\n").unwrap();
+    expect(&[], &["data.jsonl:1", "no `prompt` field"]);
+    std::fs::write(&data, data_lines(5)).unwrap();
+    // Batch sizes that do not divide.
+    expect(&["algorithm.micro_batch_size=3"], &["algorithm.micro_batch_size", "one of 1, 2, 4, 8"]);
+    // An unknown reward rule.
+    let body = std::fs::read_to_string(&recipe).unwrap().replace("rule = \"exact_answer\"", "rule = \"exact\"");
+    std::fs::write(&recipe, &body).unwrap();
+    expect(&[], &["recipe.toml:", "reward.rule", "exact_answer"]);
+    std::fs::write(&recipe, body.replace("rule = \"exact\"", "rule = \"exact_answer\"")).unwrap();
+    // A step that cannot fit in memory.
+    expect(&["rollout.max_new_tokens=1000000"], &["rollout.max_new_tokens", "GB"]);
+    // A replay file with a bad line.
+    std::fs::write(dir.path().join("r.jsonl"), "{\"prompt\": \"a\"}\n").unwrap();
+    let file = format!("rollout.file={}", dir.path().join("r.jsonl").display());
+    expect(&["rollout.source=file", &file], &["r.jsonl:1", "no `completion`"]);
+}
