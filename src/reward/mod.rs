@@ -5,6 +5,7 @@
 //! scalar per completion. Gates (G-RA) slot in between validation and the weighted sum, and shaping (PAR and its
 //! baselines) after it; sources other than rules only need to implement [`RewardSource`].
 
+pub mod gate;
 pub mod pipeline;
 pub mod rule;
 
