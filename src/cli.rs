@@ -306,7 +306,8 @@ pub fn summary(r: &Recipe, resume: &Resume) -> String {
                 Rule::Length { target } => format!("length, target {target}"),
                 Rule::Contains { text } => format!("contains {text:?}"),
             };
-            format!("{} (×{}: {rule})", w.name, w.weight)
+            let gate = w.gate.as_ref().map(|g| format!(", only where {} ≥ {}", g.on, g.min)).unwrap_or_default();
+            format!("{} (×{}: {rule}{gate})", w.name, w.weight)
         })
         .collect();
     let resume = match resume {

@@ -35,6 +35,12 @@ pub mod names {
     /// Completion tokens sampled per second of rollout.
     pub const TOKENS_PER_SECOND: &str = "tokens_per_second";
 
+    /// GRPO-λ: groups given the length-penalised reward, their fraction, and the mean correctness ratio of each mode.
+    pub const GRPO_LAMBDA_N_EFFICIENCY: &str = "grpo_lambda/n_efficiency_groups";
+    pub const GRPO_LAMBDA_FRAC_EFFICIENCY: &str = "grpo_lambda/frac_efficiency";
+    pub const GRPO_LAMBDA_RATIO_EFFICIENCY: &str = "grpo_lambda/ratio_efficiency";
+    pub const GRPO_LAMBDA_RATIO_ACCURACY: &str = "grpo_lambda/ratio_accuracy";
+
     /// `rewards/<name>/mean` and `rewards/<name>/std`.
     pub fn reward_mean(name: &str) -> String {
         format!("rewards/{name}/mean")

@@ -264,3 +264,53 @@ fn docs_recipe_md_is_in_sync() {
         assert!(want.contains(&format!("`{}`", k.path)), "{} missing from the docs", k.path);
     }
 }
+
+const GATED: &str = r#"
+[model]
+id = "org/model"
+
+[data]
+source = "builtin:arithmetic"
+
+[[reward]]
+name = "correct"
+rule = "exact_answer"
+
+[[reward]]
+name = "format"
+rule = "regex"
+pattern = "^[0-9]+$"
+weight = 0.5
+gate = { on = "correct", min = 1.0 }
+"#;
+
+#[test]
+fn gates_parse_inline_dotted_and_set_and_resolve_back() {
+    let r = load(GATED, &[]).unwrap();
+    let g = r.rewards[1].gate.as_ref().unwrap();
+    assert_eq!((g.on.as_str(), g.min), ("correct", 1.0));
+    assert!(r.rewards[0].gate.is_none());
+    // The resolved TOML writes dotted keys and loads back equal.
+    let text = r.to_toml_string();
+    assert!(text.contains("gate.on = \"correct\"\ngate.min = 1.0"), "{text}");
+    assert_eq!(load(&text, &[]).unwrap(), r);
+    // --set reaches nested keys.
+    let r = load(GATED, &["reward.1.gate.min=0.5"]).unwrap();
+    assert_eq!(r.rewards[1].gate.as_ref().unwrap().min, 0.5);
+    let dotted = GATED.replace("gate = { on = \"correct\", min = 1.0 }", "gate.on = \"correct\"\ngate.min = 2");
+    assert_eq!(load(&dotted, &[]).unwrap().rewards[1].gate.as_ref().unwrap().min, 2.0);
+}
+
+#[test]
+fn bad_gates_name_the_line_and_the_problem() {
+    let e = err(GATED, &["reward.1.gate.on=corect"]);
+    assert!(e.contains("gated on `corect`") && e.contains("did you mean `correct`?"), "{e}");
+    let e = err(&GATED.replace("gate = { on = \"correct\", min = 1.0 }", "gate = { on = \"correct\" }"), &[]);
+    assert!(e.starts_with("recipe.toml:17:") && e.contains("needs both `on` and `min`"), "{e}");
+    let e = err(GATED, &["reward.1.gate.on=format"]);
+    assert!(e.contains("`format` is gated on itself"), "{e}");
+    let e = err(GATED, &["reward.0.gate.on=format", "reward.0.gate.min=1"]);
+    assert!(e.contains("cycle"), "{e}");
+    let e = err(&GATED.replace("min = 1.0", "minimum = 1.0"), &[]);
+    assert!(e.contains("unknown key `reward.gate.minimum`"), "{e}");
+}

@@ -134,16 +134,19 @@ fn from_settings_rule_rewards_end_to_end() {
             name: "correct".into(),
             weight: 1.0,
             source: Settings::Rule(Rule::ExactAnswer { field: "answer".into() }),
+            gate: None,
         },
         RewardSettings {
             name: "format".into(),
             weight: 0.5,
             source: Settings::Rule(Rule::Regex { pattern: r"answer is -?\d".into() }),
+            gate: None,
         },
         RewardSettings {
             name: "polite".into(),
             weight: -0.25,
             source: Settings::Rule(Rule::Contains { text: "sorry".into() }),
+            gate: None,
         },
     ];
     let p = RewardPipeline::from_settings(&settings).unwrap();
@@ -159,4 +162,33 @@ fn from_settings_rule_rewards_end_to_end() {
     let missing = Map::new();
     let err = format!("{:#}", p.score(&batch(&["1"], &missing)).unwrap_err());
     assert!(err.contains("`answer`") && err.contains("`correct`"), "{err}");
+}
+
+#[test]
+fn gates_zero_gated_off_rewards_after_validation_and_log_gate_open() {
+    // algorithms.md §5.5's chain: correct (w 1), format (w 0.5, gated on correct ≥ 1), brevity (w 0.2, gated on
+    // format ≥ 1), for (1, 1, 0.8), (0, 1, 0.8), (1, 0, 0.8), (0, 0, 0) → 1.66, 0, 1.0, 0.
+    let mut p = RewardPipeline::new(vec![
+        fixed("correct", &[Some(1.0), Some(0.0), Some(1.0), Some(0.0)], 1.0),
+        fixed("format", &[Some(1.0), Some(1.0), Some(0.0), Some(0.0)], 0.5),
+        fixed("brevity", &[Some(0.8), Some(0.8), Some(0.8), Some(0.0)], 0.2),
+    ])
+    .unwrap();
+    p.set_gates(&[None, Some(("correct", 1.0)), Some(("format", 1.0))]).unwrap();
+    let cols = Map::new();
+    let s = p.score(&batch(&["a", "b", "c", "d"], &cols)).unwrap();
+    assert!(close(s.total[0], 1.66) && s.total[1..] == [0.0, 1.0, 0.0], "{:?}", s.total);
+    assert_eq!(metric(&s.metrics, "rewards/format/gate_open"), 0.5);
+    assert_eq!(metric(&s.metrics, "rewards/brevity/gate_open"), 0.25);
+    // Raw values are what is logged per reward.
+    assert!(close(metric(&s.metrics, "rewards/brevity/mean"), 0.6));
+    // A NaN behind a closed gate still stops the step.
+    let mut p = RewardPipeline::new(vec![fixed("correct", &[Some(0.0)], 1.0), fixed("format", &[Some(f64::NAN)], 0.5)])
+        .unwrap();
+    p.set_gates(&[None, Some(("correct", 1.0))]).unwrap();
+    let e = p.score(&batch(&["a"], &cols)).unwrap_err().to_string();
+    assert!(e.contains("`format`") && e.contains("NaN"), "{e}");
+    // Unknown names and cycles are rejected.
+    assert!(p.set_gates(&[None, Some(("nope", 1.0))]).is_err());
+    assert!(p.set_gates(&[Some(("format", 1.0)), Some(("correct", 1.0))]).unwrap_err().to_string().contains("cycle"));
 }

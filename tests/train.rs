@@ -403,4 +403,79 @@ fn bad_inputs_exit_2_naming_file_and_line_or_key_before_training() {
     std::fs::write(dir.path().join("r.jsonl"), "{\"prompt\": \"a\"}\n").unwrap();
     let file = format!("rollout.file={}", dir.path().join("r.jsonl").display());
     expect(&["rollout.source=file", &file], &["r.jsonl:1", "no `completion`"]);
+    // A replayed completion longer than rollout.max_new_tokens (6).
+    std::fs::write(dir.path().join("r.jsonl"), "{\"prompt\": \"a\", \"completion_ids\": [1,2,3,4,5,6,7]}\n").unwrap();
+    expect(&["rollout.source=file", &file], &["r.jsonl:1", "raise rollout.max_new_tokens"]);
+}
+
+#[test]
+fn grpo_lambda_end_to_end_reproduces_the_worked_example() {
+    // algorithms.md §3.6 as a replay file: 5 groups of 4 completions with the example's correctness and lengths,
+    // α = 0.5, λ = 0.2. The completions file must carry the example's advantages.
+    let dir = tempfile::tempdir().unwrap();
+    let correct = [[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 0], [0, 1, 0, 0]];
+    let lengths =
+        [[100, 200, 300, 400], [150, 120, 450, 500], [300, 310, 320, 330], [220, 180, 260, 90], [500, 250, 400, 200]];
+    let mut lines = String::new();
+    for g in 0..5 {
+        for i in 0..4 {
+            let ids = vec![65u32 + i as u32; lengths[g][i]];
+            let line = serde_json::json!({"prompt_ids": [70 + g], "completion_ids": ids, "reward": correct[g][i]});
+            lines.push_str(&format!("{line}\n"));
+        }
+    }
+    std::fs::write(dir.path().join("rollouts.jsonl"), lines).unwrap();
+    let body = TINY
+        .replace("max_new_tokens = 6", "max_new_tokens = 500\nsource = \"file\"\nfile = \"{dir}/rollouts.jsonl\"")
+        .replace("[algorithm]\n", "[algorithm]\nkind = \"grpo_lambda\"\nalpha = 0.5\nlambda = 0.2\n")
+        .replace("[[reward]]\nname = \"short\"\nrule = \"length\"\ntarget = 3\nweight = 0.1\n", "");
+    let recipe = setup(dir.path(), &body, 5);
+    let sets = ["run.max_steps=1", "rollout.prompts_per_step=5", "algorithm.num_iterations=1", "algorithm.beta=0"];
+    ok(&train(&recipe, &sets, "never"));
+    let run = dir.path().join("runs/t");
+    let m: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().next().unwrap())
+            .unwrap();
+    // Rewards: A 3.0 (σ(z) + σ(−z) = 1 pairwise), B 2, C 0, D 3, E 1 → 9/20.
+    assert!((m["reward"].as_f64().unwrap() - 0.45).abs() < 1e-12, "{m}");
+    assert_eq!(m["grpo_lambda/n_efficiency_groups"], 1.0);
+    assert_eq!(m["grpo_lambda/frac_efficiency"], 0.2);
+    assert_eq!(m["grpo_lambda/ratio_efficiency"], 1.0);
+    assert_eq!(m["grpo_lambda/ratio_accuracy"], 0.375);
+    let adv: Vec<f64> = std::fs::read_to_string(run.join("completions/step-1.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["advantage"].as_f64().unwrap())
+        .collect();
+    let expected = [
+        1.1456200794830882,
+        0.4303575797898239,
+        -0.4303575797898239,
+        -1.1456200794830882,
+        0.8658754297607016,
+        -0.8658754297607016,
+        0.8658754297607016,
+        -0.8658754297607016,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.4999000199960008,
+        0.4999000199960008,
+        0.4999000199960008,
+        -1.4997000599880024,
+        -0.4999000199960008,
+        1.4997000599880024,
+        -0.4999000199960008,
+        -0.4999000199960008,
+    ];
+    for (a, e) in adv.iter().zip(expected) {
+        assert!((a - e).abs() < 1e-12, "{adv:?}");
+    }
+    // Other rewards next to the correctness reward are refused: they would be scored and silently ignored.
+    let with_extra = body.clone() + "\n[[reward]]\nname = \"short\"\nrule = \"length\"\ntarget = 3\n";
+    std::fs::write(&recipe, with_extra.replace("{dir}", dir.path().to_str().unwrap())).unwrap();
+    let out = train(&recipe, &sets, "never");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("computes its reward from `correct` alone"), "{}", stderr(&out));
 }

@@ -16,8 +16,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use schema::{
-    AlgorithmKind, BuiltinData, DTypeSpec, LossType, LrSchedule, RewardKind, RolloutSourceKind, RuleKind, ScaleRewards,
-    Value, RESUMABLE_KEYS,
+    AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LossType, LrSchedule, RewardKind, RolloutSourceKind, RuleKind,
+    ScaleRewards, Value, RESUMABLE_KEYS,
 };
 
 /// Everything wrong with a recipe, one problem per line, each starting with `file:line:` or `--set `k=v`:`.
@@ -155,6 +155,8 @@ impl RolloutSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AlgorithmSettings {
     pub kind: AlgorithmKind,
+    /// Set when `kind = "grpo_lambda"`.
+    pub grpo_lambda: Option<GrpoLambdaSettings>,
     pub beta: f64,
     pub epsilon: f64,
     /// Already resolved: equals `epsilon` when the recipe leaves it unset.
@@ -166,6 +168,15 @@ pub struct AlgorithmSettings {
     pub use_bias_correction_kl: bool,
     /// 0 = auto (the trainer picks); otherwise divides `completions_per_step` (checked at load).
     pub micro_batch_size: usize,
+}
+
+/// GRPO-λ's keys (`algorithm.kind = "grpo_lambda"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrpoLambdaSettings {
+    pub config: crate::algo::grpo_lambda::GrpoLambdaConfig,
+    /// The reward whose raw value decides correctness.
+    pub correctness_reward: String,
+    pub correct_min: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -185,6 +196,15 @@ pub struct RewardSettings {
     pub name: String,
     pub weight: f64,
     pub source: RewardSource,
+    /// G-RA: count this reward only where another one's raw value is ≥ `min`.
+    pub gate: Option<GateSettings>,
+}
+
+/// `gate = { on = "<reward name>", min = δ }` (checked: `on` names another reward, no cycles).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateSettings {
+    pub on: String,
+    pub min: f64,
 }
 
 /// One variant per `reward.kind`; later kinds (model, command, http) add variants.

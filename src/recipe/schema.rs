@@ -224,6 +224,8 @@ pub enum Default {
     Required,
     /// Copies another key's resolved value (`algorithm.epsilon_high` = `algorithm.epsilon`).
     SameAs(&'static str),
+    /// May be left out: then it is absent from the resolved recipe (`reward.gate.on`: no gate).
+    Optional,
 }
 
 /// A key that only applies when another key (same table or same `[[reward]]` entry) has a given value.
@@ -262,6 +264,7 @@ impl KeySpec {
             Default::Value(lit) => lit.to_string(),
             Default::Required => "required".to_string(),
             Default::SameAs(other) => format!("= {other}"),
+            Default::Optional => "none".to_string(),
         };
         match self.when {
             Some(w) => format!("{base} (only when {} is {})", w.key, quoted_list(w.is)),
@@ -271,6 +274,7 @@ impl KeySpec {
 }
 
 pub use crate::advantage::ScaleRewards;
+pub use crate::algo::grpo_lambda::LengthStd;
 pub use crate::algo::loss::LossType;
 pub(crate) use crate::choice::quoted_list;
 pub use crate::optim::schedule::LrSchedule;
@@ -288,8 +292,8 @@ choice_enum!(
     Auto = "auto", F32 = "f32", Bf16 = "bf16" }
 );
 choice_enum!(
-    /// The RL algorithm. Later versions add `grpo_lambda`, `ppo`, `safe`.
-    AlgorithmKind { Grpo = "grpo" }
+    /// The RL algorithm. Later versions add `ppo`, `safe`.
+    AlgorithmKind { Grpo = "grpo", GrpoLambda = "grpo_lambda" }
 );
 choice_enum!(
     /// Where a step's completions come from.
@@ -464,7 +468,47 @@ pub static KEYS: &[KeySpec] = &[
     },
     key("rollout.batch_size", int(0), "0", "Sequences generated at once; 0 = all completions of a step together."),
     // [algorithm]
-    key("algorithm.kind", Kind::Choice(AlgorithmKind::NAMES), "\"grpo\"", "The algorithm."),
+    key(
+        "algorithm.kind",
+        Kind::Choice(AlgorithmKind::NAMES),
+        "\"grpo\"",
+        "grpo (TRL's GRPO), or grpo_lambda (arXiv 2505.18086: the top λ fraction of groups by correctness get a length-penalised reward).",
+    ),
+    KeySpec {
+        path: "algorithm.lambda",
+        kind: Kind::Float(FloatRange { min: 0.0, max: 1.0, min_open: true, max_open: false }),
+        default: Default::Value("0.2"),
+        when: Some(When { key: "algorithm.kind", is: &["grpo_lambda"] }),
+        doc: "Fraction of the step's groups (ranked by correctness ratio) that get the length-penalised reward; at least one.",
+    },
+    KeySpec {
+        path: "algorithm.alpha",
+        kind: Kind::Float(FloatRange::new(0.0, 1.0)),
+        default: Default::Value("0.6"),
+        when: Some(When { key: "algorithm.kind", is: &["grpo_lambda"] }),
+        doc: "Length-penalty strength α: a correct answer earns 1 − α·σ(z) with z its length's z-score among the group's correct answers.",
+    },
+    KeySpec {
+        path: "algorithm.length_std",
+        kind: Kind::Choice(LengthStd::NAMES),
+        default: Default::Value("\"population\""),
+        when: Some(When { key: "algorithm.kind", is: &["grpo_lambda"] }),
+        doc: "Std of the correct answers' lengths: population (n) or sample (n − 1).",
+    },
+    KeySpec {
+        path: "algorithm.correctness_reward",
+        kind: NON_EMPTY,
+        default: Default::Value("\"correct\""),
+        when: Some(When { key: "algorithm.kind", is: &["grpo_lambda"] }),
+        doc: "The [[reward]] whose raw value decides correctness (the recipe's only reward).",
+    },
+    KeySpec {
+        path: "algorithm.correct_min",
+        kind: Kind::Float(FloatRange::new(f64::NEG_INFINITY, f64::INFINITY)),
+        default: Default::Value("1.0"),
+        when: Some(When { key: "algorithm.kind", is: &["grpo_lambda"] }),
+        doc: "A completion is correct when the correctness reward is ≥ this.",
+    },
     key("algorithm.beta", Kind::Float(FloatRange::non_negative()), "0.0", "KL coefficient (k3 to a frozen reference); 0 = no reference model."),
     key("algorithm.epsilon", Kind::Float(FloatRange::new(0.0, 1.0)), "0.2", "Lower clipping bound: ratio ≥ 1 − epsilon."),
     KeySpec {
@@ -545,6 +589,20 @@ pub static KEYS: &[KeySpec] = &[
         default: Default::Required,
         when: Some(When { key: "reward.rule", is: &["length"] }),
         doc: "Target completion length in tokens.",
+    },
+    KeySpec {
+        path: "reward.gate.on",
+        kind: NON_EMPTY,
+        default: Default::Optional,
+        when: None,
+        doc: "G-RA gate: count this reward only where the named reward's raw value is ≥ gate.min (else it adds 0). Write gate = { on = \"correct\", min = 1.0 }.",
+    },
+    KeySpec {
+        path: "reward.gate.min",
+        kind: Kind::Float(FloatRange::new(f64::NEG_INFINITY, f64::INFINITY)),
+        default: Default::Optional,
+        when: None,
+        doc: "G-RA gate threshold δ (compared with ≥); required with gate.on.",
     },
     KeySpec {
         path: "reward.text",

@@ -8,10 +8,13 @@ use std::path::PathBuf;
 
 use super::schema::{self, Default, KeySpec, Kind, Mismatch, Value};
 use super::LrSchedule;
-use super::{AlgorithmKind, BuiltinData, DTypeSpec, LossType, RewardKind, RolloutSourceKind, RuleKind, ScaleRewards};
 use super::{
-    AlgorithmSettings, DataSettings, DataSource, DeviceSpec, ModelSettings, OptimSettings, Recipe, RecipeError,
-    Resolved, RewardSettings, RewardSource, RolloutSettings, RolloutSource, Rule, RunSettings,
+    AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LossType, RewardKind, RolloutSourceKind, RuleKind, ScaleRewards,
+};
+use super::{
+    AlgorithmSettings, DataSettings, DataSource, DeviceSpec, GateSettings, GrpoLambdaSettings, ModelSettings,
+    OptimSettings, Recipe, RecipeError, Resolved, RewardSettings, RewardSource, RolloutSettings, RolloutSource, Rule,
+    RunSettings,
 };
 
 /// Where a value came from, for messages.
@@ -164,6 +167,13 @@ fn walk(ctx: &mut Ctx, table: &str, t: &dyn toml_edit::TableLike, out: &mut BTre
         let span = t.get_key_value(k).and_then(|(key, _)| key.span()).or_else(|| item.span());
         let origin = span.map(|s| Origin::Line(ctx.line_of(s.start))).unwrap_or(Origin::Default);
         let path = format!("{table}.{k}");
+        // A sub-table (`gate = { on = .., min = .. }` or dotted `gate.on = ..`) holds keys `table.k.*`.
+        if let Some(sub) = item.as_table_like() {
+            if schema::KEYS.iter().any(|s| s.path.starts_with(&format!("{path}."))) {
+                walk(ctx, &path, sub, out);
+                continue;
+            }
+        }
         let Some(spec) = schema::spec(&path) else {
             let msg = format!("unknown key `{path}`{}", suggest_key(table, k));
             ctx.err(&origin, msg);
@@ -253,10 +263,11 @@ fn apply_set(arg: &str, raw: &mut Raw, ctx: &mut Ctx) {
         ctx.err(&origin, format!("unknown table `{name}`{}", suggest_table(name)));
         return;
     };
+    // Keys may be nested (`reward.0.gate.on`).
     let (index, key) = match (table.array, parts.as_slice()) {
-        (false, [_, key]) => (None, *key),
-        (true, [_, index, key]) => match index.parse::<usize>() {
-            Ok(i) => (Some(i), *key),
+        (false, [_, rest @ ..]) if !rest.is_empty() => (None, rest.join(".")),
+        (true, [_, index, rest @ ..]) if !rest.is_empty() => match index.parse::<usize>() {
+            Ok(i) => (Some(i), rest.join(".")),
             Err(_) => {
                 ctx.err(&origin, format!("expected {0}.<index>.<key>, e.g. {0}.0.weight=2", table.name));
                 return;
@@ -273,7 +284,7 @@ fn apply_set(arg: &str, raw: &mut Raw, ctx: &mut Ctx) {
     };
     let full = format!("{}.{key}", table.name);
     let Some(spec) = schema::spec(&full) else {
-        ctx.err(&origin, format!("unknown key `{full}`{}", suggest_key(table.name, key)));
+        ctx.err(&origin, format!("unknown key `{full}`{}", suggest_key(table.name, &key)));
         return;
     };
     // Strings need no quotes on a command line; everything else is a TOML value.
@@ -355,6 +366,7 @@ fn fill_one(table: &str, mut given: Given, what: &str, ctx: &mut Ctx) -> Filled 
                 let Some(e) = out.get(other) else { continue };
                 Entry { value: e.value.clone(), origin: Origin::Default }
             }
+            (None, Default::Optional) => continue,
             (None, Default::Required) => {
                 let at = if what.is_empty() { format!("[{table}] ") } else { what.to_string() };
                 ctx.err(&header, format!("{at}is missing required key `{}` ({})", spec.path, spec.doc));
@@ -448,10 +460,17 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
                 RuleKind::Contains => Rule::Contains { text: string(r, "reward.text") },
             }),
         };
+        let gate = match (r.get("reward.gate.on"), r.get("reward.gate.min")) {
+            (Some(_), Some(_)) => {
+                Some(GateSettings { on: string(r, "reward.gate.on"), min: float(r, "reward.gate.min") })
+            }
+            _ => None, // a half-given gate is reported by cross_checks
+        };
         reward_settings.push(RewardSettings {
             name: string(r, "reward.name"),
             weight: float(r, "reward.weight"),
             source,
+            gate,
         });
     }
 
@@ -495,6 +514,17 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
         },
         algorithm: AlgorithmSettings {
             kind: choice(algo, "algorithm.kind", AlgorithmKind::from_name),
+            grpo_lambda: (choice(algo, "algorithm.kind", AlgorithmKind::from_name) == AlgorithmKind::GrpoLambda).then(
+                || GrpoLambdaSettings {
+                    config: crate::algo::grpo_lambda::GrpoLambdaConfig {
+                        lambda: float(algo, "algorithm.lambda"),
+                        alpha: float(algo, "algorithm.alpha"),
+                        length_std: choice(algo, "algorithm.length_std", LengthStd::from_name),
+                    },
+                    correctness_reward: string(algo, "algorithm.correctness_reward"),
+                    correct_min: float(algo, "algorithm.correct_min"),
+                },
+            ),
             beta: float(algo, "algorithm.beta"),
             epsilon: float(algo, "algorithm.epsilon"),
             epsilon_high: float(algo, "algorithm.epsilon_high"),
@@ -538,14 +568,43 @@ fn cross_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, rewards: &[
         }
     };
     let ro = &r.rollout;
-    if r.algorithm.kind == AlgorithmKind::Grpo && ro.num_generations < 2 {
+    if ro.num_generations < 2 {
         ctx.err(
             &at("rollout", "rollout.num_generations"),
             format!(
-                "`rollout.num_generations` = {} but grpo compares completions within a group: set it to 2 or more",
-                ro.num_generations
+                "`rollout.num_generations` = {} but {} compares completions within a group: set it to 2 or more",
+                ro.num_generations, r.algorithm.kind
             ),
         );
+    }
+    if let Some(gl) = &r.algorithm.grpo_lambda {
+        // GRPO-λ replaces the reward with its own (0/1 or length-penalised) from one correctness reward; other
+        // rewards or gates would be scored and silently ignored, so they are refused.
+        let at_key = at("algorithm", "algorithm.correctness_reward");
+        match r.rewards.iter().position(|w| w.name == gl.correctness_reward) {
+            None => ctx.err(
+                &at_key,
+                format!(
+                    "`algorithm.correctness_reward` = \"{}\" is not a [[reward]] of this recipe (rewards: {})",
+                    gl.correctness_reward,
+                    r.rewards.iter().map(|w| w.name.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            ),
+            Some(i) => {
+                // (Gates need a second reward, so refusing the others refuses gates too.)
+                for (j, w) in r.rewards.iter().enumerate().filter(|(j, _)| *j != i) {
+                    let origin = rewards[j].get("reward.name").map(|e| e.origin.clone()).unwrap_or(Origin::Default);
+                    ctx.err(
+                        &origin,
+                        format!(
+                            "reward `{}`: algorithm.kind = \"grpo_lambda\" computes its reward from `{}` alone (0/1 or \
+                             length-penalised); remove the other [[reward]] tables",
+                            w.name, gl.correctness_reward
+                        ),
+                    );
+                }
+            }
+        }
     }
     if r.algorithm.epsilon_high < r.algorithm.epsilon {
         ctx.err(
@@ -587,6 +646,7 @@ fn cross_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, rewards: &[
             "no [[reward]] table: add at least one, e.g.\n\n[[reward]]\nname = \"correct\"\nrule = \"exact_answer\"\n",
         );
     }
+    gate_checks(r, rewards, ctx);
     for (i, reward) in r.rewards.iter().enumerate() {
         if let Some(j) = r.rewards[..i].iter().position(|o| o.name == reward.name) {
             let first = ctx.loc(&rewards[j].get("reward.name").map(|e| e.origin.clone()).unwrap_or(Origin::Default));
@@ -597,6 +657,56 @@ fn cross_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, rewards: &[
                     reward.name
                 ),
             );
+        }
+    }
+}
+
+/// G-RA gates: both keys or neither, `on` names another reward, and no cycles.
+fn gate_checks(r: &Recipe, rewards: &[Filled], ctx: &mut Ctx) {
+    let names: Vec<&str> = r.rewards.iter().map(|w| w.name.as_str()).collect();
+    let mut gates = Vec::with_capacity(rewards.len());
+    let mut ok = true;
+    for (i, t) in rewards.iter().enumerate() {
+        let (on, min) = (t.get("reward.gate.on"), t.get("reward.gate.min"));
+        let at = |e: Option<&Entry>| e.map(|e| e.origin.clone()).unwrap_or(t.header.clone());
+        match (on, min) {
+            (None, None) => gates.push(None),
+            (Some(_), None) | (None, Some(_)) => {
+                ok = false;
+                ctx.err(
+                    &at(on.or(min)),
+                    format!(
+                        "reward `{}`: a gate needs both `on` and `min`, e.g. gate = {{ on = \"correct\", min = 1.0 }}",
+                        names[i]
+                    ),
+                );
+            }
+            (Some(_), Some(_)) => {
+                let g = r.rewards[i].gate.as_ref().expect("built from both keys");
+                match names.iter().position(|n| *n == g.on) {
+                    Some(j) => gates.push(Some(crate::reward::gate::Gate { on: j, min: g.min })),
+                    None => {
+                        ok = false;
+                        let hint = nearest(&g.on, &names).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
+                        ctx.err(
+                            &at(on),
+                            format!(
+                                "reward `{}` is gated on `{}`, which is not a reward of this recipe (rewards: {}){hint}",
+                                names[i],
+                                g.on,
+                                names.join(", ")
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if ok {
+        if let Err(e) = crate::reward::gate::check_gates(&gates, &names) {
+            let first = gates.iter().position(Option::is_some).unwrap_or(0);
+            let at = rewards[first].get("reward.gate.on").map(|e| e.origin.clone()).unwrap_or(Origin::Default);
+            ctx.err(&at, e.to_string());
         }
     }
 }

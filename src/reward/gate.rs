@@ -36,12 +36,12 @@ pub fn check_gates(gates: &[Option<Gate>], names: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Each reward's values after gating, and per reward the fraction of samples whose gate was open.
+pub type Gated = (Vec<Vec<Option<f64>>>, Vec<Option<f64>>);
+
 /// Apply the gates to each reward's raw values (`values[reward][sample]`): gated-off values become `Some(0.0)`.
 /// Also returns, per reward, the fraction of samples whose gate was open (`None` for ungated rewards).
-pub fn apply_gates(
-    values: &[Vec<Option<f64>>],
-    gates: &[Option<Gate>],
-) -> Result<(Vec<Vec<Option<f64>>>, Vec<Option<f64>>)> {
+pub fn apply_gates(values: &[Vec<Option<f64>>], gates: &[Option<Gate>]) -> Result<Gated> {
     if values.len() != gates.len() {
         bail!("{} rewards but {} gate settings", values.len(), gates.len());
     }
@@ -66,11 +66,11 @@ pub fn apply_gates(
             continue;
         }
         let mut opened = 0;
-        for s in 0..n {
+        for (s, v) in out[i].iter_mut().enumerate() {
             if open(i, s) {
                 opened += 1;
             } else {
-                out[i][s] = Some(0.0);
+                *v = Some(0.0);
             }
         }
         frac[i] = Some(if n == 0 { f64::NAN } else { opened as f64 / n as f64 });

@@ -7,13 +7,16 @@ use std::collections::HashSet;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use super::gate::{apply_gates, check_gates, Gate};
 use super::{RewardInput, RewardSource, RuleSource};
 use crate::recipe::{self, RewardSettings};
 
-/// One `[[reward]]` entry. Gates (`gate = { on, min }`) will be a field here.
+/// One `[[reward]]` entry.
 struct Entry {
     weight: f64,
     source: Box<dyn RewardSource>,
+    /// G-RA gate on another entry (by index).
+    gate: Option<Gate>,
 }
 
 /// The rewards of a recipe, scored and combined together once per step.
@@ -45,7 +48,10 @@ impl RewardPipeline {
                 Ok((source, s.weight))
             })
             .collect::<Result<Vec<_>>>()?;
-        Self::new(sources)
+        let mut pipeline = Self::new(sources)?;
+        let gates = settings.iter().map(|s| s.gate.as_ref().map(|g| (g.on.as_str(), g.min))).collect::<Vec<_>>();
+        pipeline.set_gates(&gates)?;
+        Ok(pipeline)
     }
 
     /// A pipeline over ready-made sources with their weights, for sources the recipe does not build (tests, and the
@@ -64,7 +70,35 @@ impl RewardPipeline {
                 bail!("reward `{name}`: weight must be finite, got {weight}");
             }
         }
-        Ok(RewardPipeline { entries: sources.into_iter().map(|(source, weight)| Entry { weight, source }).collect() })
+        let entries = sources.into_iter().map(|(source, weight)| Entry { weight, source, gate: None }).collect();
+        Ok(RewardPipeline { entries })
+    }
+
+    /// G-RA gates, one per reward in order: `Some((other reward's name, min))` or `None`.
+    pub fn set_gates(&mut self, gates: &[Option<(&str, f64)>]) -> Result<()> {
+        if gates.len() != self.entries.len() {
+            bail!("{} gate settings for {} rewards", gates.len(), self.entries.len());
+        }
+        let names: Vec<String> = self.names().map(str::to_string).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let resolved = gates
+            .iter()
+            .map(|g| {
+                g.map(|(on, min)| {
+                    let on = names
+                        .iter()
+                        .position(|n| *n == on)
+                        .with_context(|| format!("gate on unknown reward `{on}`"))?;
+                    Ok(Gate { on, min })
+                })
+                .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        check_gates(&resolved, &names)?;
+        for (e, g) in self.entries.iter_mut().zip(resolved) {
+            e.gate = g;
+        }
+        Ok(())
     }
 
     /// The reward names, in recipe order.
@@ -84,9 +118,17 @@ impl RewardPipeline {
             validate(name, &values, batch.len())?;
             per_reward.push((name.to_string(), values));
         }
-        // Gates (G-RA) go here: they read the validated raw values and turn gated-off values into Some(0.0).
-        let total = self.weighted_sum(&per_reward, batch.len())?;
-        let metrics = metrics(&per_reward, &total);
+        // G-RA: gates read the validated raw values; gated-off values count as 0.
+        let gates: Vec<Option<Gate>> = self.entries.iter().map(|e| e.gate).collect();
+        let raw: Vec<Vec<Option<f64>>> = per_reward.iter().map(|(_, v)| v.clone()).collect();
+        let (gated, open) = apply_gates(&raw, &gates)?;
+        let total = self.weighted_sum(&gated, batch.len())?;
+        let mut metrics = metrics(&per_reward, &total);
+        for ((name, _), frac) in per_reward.iter().zip(open) {
+            if let Some(f) = frac {
+                metrics.insert(metrics.len() - 2, (format!("rewards/{name}/gate_open"), f));
+            }
+        }
         Ok(ScoredBatch { per_reward, total, metrics })
     }
 
@@ -102,10 +144,10 @@ impl RewardPipeline {
     }
 
     /// TRL's NaN-aware weighted sum: a `None` is left out of its sample's sum; all `None` → NaN.
-    fn weighted_sum(&self, per_reward: &[(String, Vec<Option<f64>>)], n: usize) -> Result<Vec<f64>> {
+    fn weighted_sum(&self, values: &[Vec<Option<f64>>], n: usize) -> Result<Vec<f64>> {
         (0..n)
             .map(|i| {
-                let terms = self.entries.iter().zip(per_reward).filter_map(|(e, (_, v))| v[i].map(|x| e.weight * x));
+                let terms = self.entries.iter().zip(values).filter_map(|(e, v)| v[i].map(|x| e.weight * x));
                 let total = terms.fold(None, |acc: Option<f64>, t| Some(acc.unwrap_or(0.0) + t));
                 match total {
                     None => Ok(f64::NAN),

@@ -44,6 +44,7 @@ impl Replay {
         tokenizer: &Tokenizer,
         group_size: usize,
         max_prompt_tokens: usize,
+        max_new_tokens: usize,
         truncation: &mut TruncationCounter,
     ) -> Result<Self> {
         let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -60,6 +61,13 @@ impl Replay {
             let n = samples.len();
             let (sample, reward) = parse_line(&line, tokenizer, max_prompt_tokens, n, group_size, truncation)
                 .with_context(|| at.clone())?;
+            if sample.completion_ids.len() > max_new_tokens {
+                bail!(
+                    "{at}: the completion has {} tokens, more than rollout.max_new_tokens = {max_new_tokens} (the \
+                     memory plan and the dr_grpo normaliser use it): raise rollout.max_new_tokens",
+                    sample.completion_ids.len()
+                );
+            }
             if n.is_multiple_of(group_size) {
                 first_line_of_group = i + 1;
             } else if sample.prompt_ids != samples[n - n % group_size].prompt_ids {

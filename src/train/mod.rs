@@ -159,6 +159,7 @@ impl Trainer {
                 &tokenizer,
                 ro.num_generations,
                 recipe.data.max_prompt_tokens,
+                ro.max_new_tokens,
                 &mut truncation,
             )?),
             RolloutSource::Sample => {
@@ -412,11 +413,14 @@ impl Trainer {
         let mut update_s = 0.0;
         let outcome = match scored {
             Err(e) => StepOutcome::Skipped { stage: "reward", reason: format!("{e:#}") },
-            Ok(scored) => {
+            Ok(mut scored) => {
                 for (name, value) in &scored.metrics {
                     record.set(name.clone(), *value);
                 }
                 let g = self.recipe.rollout.num_generations;
+                if let Some(gl) = &self.recipe.algorithm.grpo_lambda {
+                    grpo_lambda_rewards(gl, &samples, g, &mut scored, &mut record)?;
+                }
                 let rewards: Vec<Option<f64>> = scored.total.iter().map(|&r| (!r.is_nan()).then_some(r)).collect();
                 let adv = group_advantages(&rewards, g, self.recipe.algorithm.scale_rewards)?;
                 record.set(names::REWARD_STD, adv.reward_std);
@@ -639,6 +643,32 @@ impl Trainer {
 
 fn finite_or_null(x: f64) -> serde_json::Value {
     serde_json::Number::from_f64(x).map_or(serde_json::Value::Null, serde_json::Value::Number)
+}
+
+/// GRPO-λ: replace the step's rewards by 0/1 correctness, or the length-penalised reward for the top-λ groups, and
+/// log the selection. Correctness is the raw value of the recipe's correctness reward (or a replay file's reward).
+fn grpo_lambda_rewards(
+    gl: &crate::recipe::GrpoLambdaSettings,
+    samples: &[Sample],
+    group_size: usize,
+    scored: &mut ScoredBatch,
+    record: &mut Record,
+) -> Result<()> {
+    let raw: Vec<Option<f64>> = match scored.per_reward.iter().find(|(n, _)| *n == gl.correctness_reward) {
+        Some((_, v)) => v.clone(),
+        None => scored.total.iter().map(|&x| (!x.is_nan()).then_some(x)).collect(),
+    };
+    let correct: Vec<bool> = raw.iter().map(|v| v.is_some_and(|x| x >= gl.correct_min)).collect();
+    let lengths: Vec<usize> = samples.iter().map(|s| s.completion_ids.len()).collect();
+    let out = crate::algo::grpo_lambda::grpo_lambda_rewards(&correct, &lengths, group_size, &gl.config)?;
+    let groups = out.efficiency.len() as f64;
+    record.set(names::REWARD, out.rewards.iter().sum::<f64>() / out.rewards.len().max(1) as f64);
+    record.set(names::GRPO_LAMBDA_N_EFFICIENCY, out.n_efficiency as f64);
+    record.set(names::GRPO_LAMBDA_FRAC_EFFICIENCY, out.n_efficiency as f64 / groups);
+    record.set(names::GRPO_LAMBDA_RATIO_EFFICIENCY, out.ratio_efficiency);
+    record.set(names::GRPO_LAMBDA_RATIO_ACCURACY, out.ratio_accuracy);
+    scored.total = out.rewards;
+    Ok(())
 }
 
 /// The trainer's state saved in a checkpoint.
