@@ -8,6 +8,7 @@
 pub mod gate;
 pub mod pipeline;
 pub mod rule;
+pub mod shaping;
 
 pub use pipeline::{RewardPipeline, ScoredBatch};
 pub use rule::{last_number, RuleSource};
