@@ -164,8 +164,9 @@ pub fn fitted_poly_coefficients() -> [f64; 6] {
         for r in 0..6 {
             if r != col {
                 let f = m[r][col] / m[col][col];
-                for c in col..7 {
-                    m[r][c] -= f * m[col][c];
+                let pivot_row = m[col];
+                for (c, v) in m[r].iter_mut().enumerate().skip(col) {
+                    *v -= f * pivot_row[c];
                 }
             }
         }
@@ -339,7 +340,7 @@ mod tests {
             (
                 ShapingKind::Meanstd,
                 [-1.224744871391589, 0.0, 1.224744871391589],
-                [-1.414213562373095, 1.414213562373095],
+                [-std::f64::consts::SQRT_2, std::f64::consts::SQRT_2], // ±1.414213562373095
             ),
             (ShapingKind::Clip, [1.183503419072274, 2.0, 2.8164965809277263], [0.5857864376269049, 3.414213562373095]),
             (ShapingKind::Minmax, [0.0, 0.5, 1.0], [0.0, 1.0]),
