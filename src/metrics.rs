@@ -35,6 +35,11 @@ pub mod names {
     /// Completion tokens sampled per second of rollout.
     pub const TOKENS_PER_SECOND: &str = "tokens_per_second";
 
+    /// Shaping: the mean composed reward before and after shaping, and the references used per sample.
+    pub const REWARDS_RAW: &str = "rewards/raw";
+    pub const REWARDS_SHAPED: &str = "rewards/shaped";
+    pub const SHAPING_NUM_REFS: &str = "shaping/num_refs";
+
     /// GRPO-λ: groups given the length-penalised reward, their fraction, and the mean correctness ratio of each mode.
     pub const GRPO_LAMBDA_N_EFFICIENCY: &str = "grpo_lambda/n_efficiency_groups";
     pub const GRPO_LAMBDA_FRAC_EFFICIENCY: &str = "grpo_lambda/frac_efficiency";

@@ -479,3 +479,32 @@ fn grpo_lambda_end_to_end_reproduces_the_worked_example() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("computes its reward from `correct` alone"), "{}", stderr(&out));
 }
+
+#[test]
+fn par_shaping_scores_reference_completions_once_per_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}\n\n[shaping]\nkind = \"par\"\nmax_refs = 3\n", TINY.trim_end())
+        .replace("beta = 0.04", "beta = 0.0");
+    let recipe = setup(dir.path(), &body, 5);
+    ok(&train(&recipe, &["run.max_steps=2", "run.save_every=2"], "never"));
+    let run = dir.path().join("runs/t");
+    let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 2);
+    for line in lines.lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(m["shaping/num_refs"], 3.0, "{m}");
+        let shaped = m["rewards/shaped"].as_f64().unwrap();
+        assert!(shaped > 0.0 && shaped < 1.0, "PAR is a mean of sigmoids: {m}");
+        assert_eq!(m["rewards/raw"], m["reward"]);
+        assert!(m.get("kl").is_none(), "β = 0: the frozen model serves the references only, no KL");
+    }
+    // Two steps of 2 prompts over 5 examples: 4 distinct prompts, each with 3 reference rewards in the checkpoint.
+    let state = common::read_json(&step_dir(&run, 2).join("state.json"));
+    let refs = state["training"]["references"]["by_prompt"].as_object().unwrap();
+    assert_eq!(refs.len(), 4);
+    assert!(refs.values().all(|v| v.as_array().unwrap().len() == 3));
+    // Shaping a GRPO-λ reward is refused.
+    let out = train(&recipe, &["algorithm.kind=grpo_lambda", "reward.1.weight=0"], "never");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("shaping it is defined by no paper"), "{}", stderr(&out));
+}

@@ -11,8 +11,12 @@ use common::train::*;
 
 /// 6 steps straight vs 3 steps + `--resume auto` (with run.max_steps raised, a key that may change) + 3 steps.
 fn three_plus_three_equals_six(examples: usize) {
+    three_plus_three_equals_six_with(examples, TINY);
+}
+
+fn three_plus_three_equals_six_with(examples: usize, body: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let recipe = setup(dir.path(), TINY, examples);
+    let recipe = setup(dir.path(), body, examples);
     ok(&train(&recipe, &["run.name=straight"], "never"));
     ok(&train(&recipe, &["run.name=split", "run.max_steps=3"], "never"));
     let out = train(&recipe, &["run.name=split"], "auto");
@@ -48,6 +52,22 @@ fn resume_auto_exactly_on_an_epoch_boundary() {
     ok(&train(&recipe, &["run.max_steps=3"], "never"));
     let state = common::read_json(&step_dir(&dir.path().join("runs/t"), 3).join("state.json"));
     assert_eq!(state["training"]["sampler"], serde_json::json!({"epoch": 1, "cursor": 0}));
+}
+
+/// TINY with a G-RA gate on its length reward and a `[shaping]` table.
+fn shaped(shaping: &str) -> String {
+    format!("{}\ngate = {{ on = \"correct\", min = 1.0 }}\n\n[shaping]\n{shaping}\n", TINY.trim_end())
+}
+
+#[test]
+fn resume_is_exact_with_par_references_and_gates() {
+    // PAR's references are sampled once per prompt and kept in the checkpoint.
+    three_plus_three_equals_six_with(5, &shaped("kind = \"par\"\nmax_refs = 2"));
+}
+
+#[test]
+fn resume_is_exact_with_running_shaping_statistics() {
+    three_plus_three_equals_six_with(5, &shaped("kind = \"meanstd\"\nceil = 1.0"));
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 pub use schema::{
     AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LossType, LrSchedule, RewardKind, RolloutSourceKind, RuleKind,
-    ScaleRewards, Value, RESUMABLE_KEYS,
+    ScaleRewards, ShapingKind, Value, RESUMABLE_KEYS,
 };
 
 /// Everything wrong with a recipe, one problem per line, each starting with `file:line:` or `--set `k=v`:`.
@@ -55,6 +55,7 @@ pub struct Recipe {
     pub rollout: RolloutSettings,
     pub algorithm: AlgorithmSettings,
     pub optim: OptimSettings,
+    pub shaping: crate::reward::shaping::ShapingConfig,
     pub rewards: Vec<RewardSettings>,
     resolved: Resolved,
 }

@@ -278,6 +278,7 @@ pub use crate::algo::grpo_lambda::LengthStd;
 pub use crate::algo::loss::LossType;
 pub(crate) use crate::choice::quoted_list;
 pub use crate::optim::schedule::LrSchedule;
+pub use crate::reward::shaping::ShapingKind;
 
 pub struct TableSpec {
     pub name: &'static str,
@@ -376,6 +377,11 @@ pub static TABLES: &[TableSpec] = &[
         doc: "The RL objective. GRPO keys follow TRL's GRPOConfig names and defaults.",
     },
     TableSpec { name: "optim", array: false, doc: "AdamW and the learning-rate schedule." },
+    TableSpec {
+        name: "shaping",
+        array: false,
+        doc: "Shaping of the summed reward before advantages (PAR and the baselines of arXiv 2502.18770).",
+    },
     TableSpec {
         name: "reward",
         array: true,
@@ -552,6 +558,36 @@ pub static KEYS: &[KeySpec] = &[
     key("optim.max_grad_norm", Kind::Float(FloatRange::non_negative()), "1.0", "Clip the global gradient norm to this; 0 = no clipping."),
     key("optim.schedule", Kind::Choice(LrSchedule::NAMES), "\"linear\"", "Learning-rate schedule after warm-up (TRL's default: linear decay to 0 at run.max_steps)."),
     key("optim.warmup_steps", int(0), "0", "Linear warm-up from 0 over this many steps."),
+    // [shaping]
+    key(
+        "shaping.kind",
+        Kind::Choice(ShapingKind::NAMES),
+        "\"none\"",
+        "par = mean σ(k·(r − r_ref)) over reference rewards (PAR); centered, sgfc, lsc also use references; meanstd, clip, minmax keep running statistics; sigmoid, tanh, fitted_poly map r (or r − r_ref when relative).",
+    ),
+    key("shaping.relative", Kind::Bool, "false", "sigmoid, tanh, fitted_poly: apply to r − r_ref averaged over references instead of r."),
+    key("shaping.k", Kind::Float(FloatRange::positive()), "1.0", "Sigmoid slope k (par, sgfc, sigmoid)."),
+    key(
+        "shaping.max_refs",
+        int(1),
+        "1",
+        "References per prompt (M): completions of the frozen starting policy, scored by the same rewards, made once per prompt and kept in checkpoints.",
+    ),
+    KeySpec {
+        path: "shaping.ceil",
+        kind: Kind::Float(FloatRange::new(f64::NEG_INFINITY, f64::INFINITY)),
+        default: Default::Optional,
+        when: None,
+        doc: "Cap the reward at this value (before and after the standardising kinds).",
+    },
+    KeySpec {
+        path: "shaping.length_penalty.threshold",
+        kind: int(0),
+        default: Default::Optional,
+        when: None,
+        doc: "Subtract length_penalty.per_token per completion token beyond this many (references too).",
+    },
+    key("shaping.length_penalty.per_token", Kind::Float(FloatRange::non_negative()), "0.01", "Penalty per token beyond length_penalty.threshold."),
     // [[reward]]
     KeySpec {
         path: "reward.name",

@@ -10,6 +10,7 @@ use super::schema::{self, Default, KeySpec, Kind, Mismatch, Value};
 use super::LrSchedule;
 use super::{
     AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LossType, RewardKind, RolloutSourceKind, RuleKind, ScaleRewards,
+    ShapingKind,
 };
 use super::{
     AlgorithmSettings, DataSettings, DataSource, DeviceSpec, GateSettings, GrpoLambdaSettings, ModelSettings,
@@ -432,6 +433,7 @@ fn strings(t: &Filled, path: &str) -> Vec<String> {
 fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut Ctx) -> Option<Recipe> {
     let (run, model, data) = (&tables["run"], &tables["model"], &tables["data"]);
     let (rollout, algo, optim) = (&tables["rollout"], &tables["algorithm"], &tables["optim"]);
+    let shaping = &tables["shaping"];
 
     let source = string(data, "data.source");
     let data_source = match source.strip_prefix("builtin:") {
@@ -544,6 +546,16 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
             schedule: choice(optim, "optim.schedule", LrSchedule::from_name),
             warmup_steps: uint(optim, "optim.warmup_steps"),
         },
+        shaping: crate::reward::shaping::ShapingConfig {
+            kind: choice(shaping, "shaping.kind", ShapingKind::from_name),
+            relative: boolean(shaping, "shaping.relative"),
+            k: float(shaping, "shaping.k"),
+            max_refs: usz(shaping, "shaping.max_refs"),
+            ceil: shaping.get("shaping.ceil").map(|_| float(shaping, "shaping.ceil")),
+            length_penalty: shaping.get("shaping.length_penalty.threshold").map(|_| {
+                (usz(shaping, "shaping.length_penalty.threshold"), float(shaping, "shaping.length_penalty.per_token"))
+            }),
+        },
         rewards: reward_settings,
         resolved: Resolved {
             tables: schema::TABLES
@@ -575,6 +587,16 @@ fn cross_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, rewards: &[
                 "`rollout.num_generations` = {} but {} compares completions within a group: set it to 2 or more",
                 ro.num_generations, r.algorithm.kind
             ),
+        );
+    }
+    let sh = &r.shaping;
+    if r.algorithm.grpo_lambda.is_some()
+        && (sh.kind != ShapingKind::None || sh.ceil.is_some() || sh.length_penalty.is_some())
+    {
+        ctx.err(
+            &at("shaping", "shaping.kind"),
+            "algorithm.kind = \"grpo_lambda\" replaces the reward with its own; shaping it is defined by no paper: \
+             remove the [shaping] keys or use algorithm.kind = \"grpo\"",
         );
     }
     if let Some(gl) = &r.algorithm.grpo_lambda {

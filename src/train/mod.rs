@@ -8,6 +8,7 @@
 //! between steps is in [`TrainState`] or the optimizer, both saved in each checkpoint.
 
 pub mod memory;
+pub mod references;
 pub mod run_dir;
 pub mod signal;
 
@@ -28,10 +29,12 @@ use crate::metrics::{names, MetricsWriter, Record};
 use crate::model::{CausalLm, LoadedModel, ModelSource, Tokenizer};
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::recipe::{Recipe, RolloutSource};
+use crate::reward::shaping::{shape, RunningStats, ShapingKind};
 use crate::reward::{RewardInput, RewardPipeline, ScoredBatch};
 use crate::rollout::{
     generate, FinishReason, GenerationConfig, Replay, Request, Rollouts, RowKey, Sample, SamplingParams,
 };
+use references::{ReferenceRewards, ReferenceSource};
 use run_dir::Start;
 
 /// Everything the loop carries from one step to the next besides weights and optimizer; saved verbatim in each
@@ -53,6 +56,12 @@ pub struct TrainState {
     pub recipe_hash: String,
     /// The resolved recipe this state was trained under; `--resume` compares it key by key.
     pub recipe: String,
+    /// Running reward statistics of the meanstd / clip / minmax shaping kinds.
+    #[serde(default)]
+    pub shaping_stats: RunningStats,
+    /// Reference rewards per prompt (PAR and the other relative shaping kinds).
+    #[serde(default)]
+    pub references: ReferenceRewards,
 }
 
 /// How a step ended.
@@ -132,7 +141,9 @@ impl Trainer {
         let (policy, tokenizer) = loaded.into_model(true, &device, dtype)?;
         let tokenizer = tokenizer.with_context(|| format!("{origin} has no tokenizer (tokenizer.json)"))?;
         let a = &recipe.algorithm;
-        let reference = if a.beta > 0.0 {
+        // The frozen starting policy: the KL reference (β > 0) and the source of PAR's reference completions.
+        let sh = &recipe.shaping;
+        let reference = if a.beta > 0.0 || sh.kind.needs_references(sh.relative) {
             let (r, _) = LoadedModel::load(&base, &device, dtype)?.into_model(false, &device, dtype)?;
             Some(r)
         } else {
@@ -221,6 +232,8 @@ impl Trainer {
                 optimizer_steps: 0,
                 recipe_hash: recipe.hash(),
                 recipe: recipe.to_toml_string(),
+                shaping_stats: RunningStats::default(),
+                references: ReferenceRewards::default(),
             },
         };
 
@@ -407,7 +420,10 @@ impl Trainer {
         let rollout_s = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
-        let scored = self.score(&samples, given_rewards);
+        let scored = self.score(&samples, given_rewards).and_then(|mut s| {
+            self.shape(&samples, &mut s, &mut record)?;
+            Ok(s)
+        });
         let reward_s = t.elapsed().as_secs_f64();
 
         let mut update_s = 0.0;
@@ -519,6 +535,42 @@ impl Trainer {
         self.rewards.score(&inputs)
     }
 
+    /// Shape the composed rewards in place (`[shaping]`), sampling and scoring reference completions for prompts
+    /// that have none yet. Logs `rewards/raw` and `rewards/shaped`.
+    fn shape(&mut self, samples: &[Sample], scored: &mut ScoredBatch, record: &mut Record) -> Result<()> {
+        let cfg = self.recipe.shaping;
+        if cfg.kind == ShapingKind::None && cfg.ceil.is_none() && cfg.length_penalty.is_none() {
+            return Ok(());
+        }
+        if cfg.kind.needs_references(cfg.relative) {
+            let src = ReferenceSource {
+                model: self.reference.as_ref().expect("loaded when shaping needs references"),
+                tokenizer: &self.tokenizer,
+                generation: &self.generation,
+                rewards: &self.rewards,
+                seed: self.recipe.run.seed,
+                shaping: &self.recipe.shaping,
+            };
+            self.state.references.ensure(samples, &src)?;
+            let m: Vec<f64> = samples
+                .iter()
+                .map(|s| self.state.references.of(s.prompt_index).len().min(cfg.max_refs) as f64)
+                .collect();
+            record.set(names::SHAPING_NUM_REFS, m.iter().sum::<f64>() / m.len().max(1) as f64);
+        }
+        let lengths: Vec<usize> = samples.iter().map(|s| s.completion_ids.len()).collect();
+        let refs: Vec<&[f64]> = samples.iter().map(|s| self.state.references.of(s.prompt_index)).collect();
+        let shaped = shape(&scored.total, &lengths, &refs, &mut self.state.shaping_stats, &cfg)?;
+        let mean = |v: &[f64]| {
+            let valid: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+            valid.iter().sum::<f64>() / valid.len().max(1) as f64
+        };
+        record.set(names::REWARDS_RAW, mean(&scored.total));
+        record.set(names::REWARDS_SHAPED, mean(&shaped));
+        scored.total = shaped;
+        Ok(())
+    }
+
     /// μ optimizer updates on the step's samples. A non-finite loss or grad norm stops the step (weights untouched
     /// by that update) and makes it a skipped step.
     fn update(&mut self, samples: &[Sample], advantages: &[f64], record: &mut Record) -> Result<StepOutcome> {
@@ -544,7 +596,9 @@ impl Trainer {
         for it in 0..mu {
             lr = lr_at(self.optimizer.state().step, o.lr, o.schedule, o.warmup_steps * mu, total_updates);
             self.optimizer.set_lr(lr);
-            let m = grpo_update(&self.policy, self.reference.as_ref(), &mut self.optimizer, &batch, &self.update)?;
+            // The frozen model is the KL reference only when β > 0 (it may be loaded for PAR's references alone).
+            let kl_reference = self.reference.as_ref().filter(|_| a.beta > 0.0);
+            let m = grpo_update(&self.policy, kl_reference, &mut self.optimizer, &batch, &self.update)?;
             let which = if mu > 1 { format!(" (update {} of {mu})", it + 1) } else { String::new() };
             if !m.loss.is_finite() {
                 return Ok(StepOutcome::Skipped { stage: "loss", reason: format!("the loss is {}{which}", m.loss) });
