@@ -299,12 +299,12 @@ pub fn summary(r: &Recipe, resume: &Resume) -> String {
         .rewards
         .iter()
         .map(|w| {
-            let RewardSource::Rule(rule) = &w.source;
-            let rule = match rule {
-                Rule::ExactAnswer { field } => format!("exact_answer vs `{field}`"),
-                Rule::Regex { pattern } => format!("regex {pattern:?}"),
-                Rule::Length { target } => format!("length, target {target}"),
-                Rule::Contains { text } => format!("contains {text:?}"),
+            let rule = match &w.source {
+                RewardSource::Rule(Rule::ExactAnswer { field }) => format!("exact_answer vs `{field}`"),
+                RewardSource::Rule(Rule::Regex { pattern }) => format!("regex {pattern:?}"),
+                RewardSource::Rule(Rule::Length { target }) => format!("length, target {target}"),
+                RewardSource::Rule(Rule::Contains { text }) => format!("contains {text:?}"),
+                RewardSource::Command { argv, .. } => format!("command `{}`", argv.join(" ")),
             };
             let gate = w.gate.as_ref().map(|g| format!(", only where {} ≥ {}", g.on, g.min)).unwrap_or_default();
             format!("{} (×{}: {rule}{gate})", w.name, w.weight)

@@ -267,7 +267,7 @@ fn non_finite_rewards_skip_steps_then_stop_with_exit_1_keeping_the_last_good_che
     let failure = trainer.run().unwrap_err();
     assert_eq!(failure.code, safe::exit::TRAINING_FAILED);
     let msg = format!("{:#}", failure.error);
-    assert!(msg.contains("2 non-finite steps in a row") && msg.contains("step-2"), "{msg}");
+    assert!(msg.contains("2 bad steps in a row") && msg.contains("step-2") && msg.contains("NaN"), "{msg}");
     // Steps 3 and 4 were skipped (and logged); the newest checkpoint is step 2's, and it resumes.
     let run = trainer.run_dir().to_path_buf();
     assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 4);

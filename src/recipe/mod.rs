@@ -212,6 +212,12 @@ pub struct GateSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RewardSource {
     Rule(Rule),
+    /// A long-lived process speaking JSON lines (see `crate::reward::command`).
+    Command {
+        argv: Vec<String>,
+        timeout: f64,
+        max_retries: usize,
+    },
 }
 
 /// A rule reward with its (validated) parameter.

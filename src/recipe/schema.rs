@@ -301,8 +301,8 @@ choice_enum!(
     RolloutSourceKind { Sample = "sample", File = "file" }
 );
 choice_enum!(
-    /// Reward source. Later versions add `model`, `command`, `http`.
-    RewardKind { Rule = "rule" }
+    /// Reward source. Later versions add `model`, `http`.
+    RewardKind { Rule = "rule", Command = "command" }
 );
 choice_enum!(
     /// Built-in rule rewards.
@@ -409,7 +409,7 @@ pub static KEYS: &[KeySpec] = &[
         "run.max_bad_steps",
         int(0),
         "3",
-        "Skip at most this many non-finite (reward, loss or grad-norm) steps in a row; one more stops the run (exit 1). 0 = stop at the first.",
+        "Skip at most this many bad steps in a row (a non-finite reward, loss or grad norm, or a reward source that failed); one more stops the run (exit 1). 0 = stop at the first.",
     ),
     // [model]
     KeySpec {
@@ -625,6 +625,27 @@ pub static KEYS: &[KeySpec] = &[
         default: Default::Required,
         when: Some(When { key: "reward.rule", is: &["length"] }),
         doc: "Target completion length in tokens.",
+    },
+    KeySpec {
+        path: "reward.command",
+        kind: Kind::StrList,
+        default: Default::Required,
+        when: Some(When { key: "reward.kind", is: &["command"] }),
+        doc: "Program and arguments, e.g. [\"python3\", \"score.py\"]: started once, sent one JSON line per batch ({prompts, completions, completion_ids, finish_reasons, <columns>}), answers {\"rewards\": [...]}.",
+    },
+    KeySpec {
+        path: "reward.timeout",
+        kind: Kind::Float(FloatRange::positive()),
+        default: Default::Value("60.0"),
+        when: Some(When { key: "reward.kind", is: &["command"] }),
+        doc: "Seconds to wait for an answer; then the process is restarted and the batch sent again.",
+    },
+    KeySpec {
+        path: "reward.max_retries",
+        kind: int(0),
+        default: Default::Value("2"),
+        when: Some(When { key: "reward.kind", is: &["command"] }),
+        doc: "Retries of a batch (after a timeout, a crash or a malformed answer) before the step is skipped.",
     },
     KeySpec {
         path: "reward.gate.on",

@@ -461,6 +461,11 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
                 RuleKind::Length => Rule::Length { target: usz(r, "reward.target") },
                 RuleKind::Contains => Rule::Contains { text: string(r, "reward.text") },
             }),
+            RewardKind::Command => RewardSource::Command {
+                argv: strings(r, "reward.command"),
+                timeout: float(r, "reward.timeout"),
+                max_retries: usz(r, "reward.max_retries"),
+            },
         };
         let gate = match (r.get("reward.gate.on"), r.get("reward.gate.min")) {
             (Some(_), Some(_)) => {

@@ -5,6 +5,7 @@
 //! scalar per completion. Gates (G-RA) slot in between validation and the weighted sum, and shaping (PAR and its
 //! baselines) after it; sources other than rules only need to implement [`RewardSource`].
 
+pub mod command;
 pub mod gate;
 pub mod pipeline;
 pub mod rule;
@@ -40,4 +41,9 @@ pub trait RewardSource: Send + Sync {
     /// share of the sum (TRL's semantics). The pipeline rejects a wrong length or a non-finite value, naming the
     /// reward, so sources need not check their own output.
     fn score(&self, batch: &[RewardInput]) -> anyhow::Result<Vec<Option<f64>>>;
+
+    /// Extra metrics of the last batch (e.g. a command's per-sample metrics), logged as `rewards/<name>/<metric>`.
+    fn metrics(&self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
 }

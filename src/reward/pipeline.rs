@@ -7,6 +7,7 @@ use std::collections::HashSet;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use super::command::CommandSource;
 use super::gate::{apply_gates, check_gates, Gate};
 use super::{RewardInput, RewardSource, RuleSource};
 use crate::recipe::{self, RewardSettings};
@@ -44,6 +45,12 @@ impl RewardPipeline {
             .map(|s| {
                 let source: Box<dyn RewardSource> = match &s.source {
                     recipe::RewardSource::Rule(rule) => Box::new(RuleSource::new(&s.name, rule)?),
+                    recipe::RewardSource::Command { argv, timeout, max_retries } => Box::new(CommandSource::new(
+                        &s.name,
+                        argv,
+                        std::time::Duration::from_secs_f64(*timeout),
+                        *max_retries,
+                    )?),
                 };
                 Ok((source, s.weight))
             })
@@ -124,6 +131,11 @@ impl RewardPipeline {
         let (gated, open) = apply_gates(&raw, &gates)?;
         let total = self.weighted_sum(&gated, batch.len())?;
         let mut metrics = metrics(&per_reward, &total);
+        for e in &self.entries {
+            for (m, v) in e.source.metrics() {
+                metrics.insert(metrics.len() - 2, (format!("rewards/{}/{m}", e.source.name()), v));
+            }
+        }
         for ((name, _), frac) in per_reward.iter().zip(open) {
             if let Some(f) = frac {
                 metrics.insert(metrics.len() - 2, (format!("rewards/{name}/gate_open"), f));

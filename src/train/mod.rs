@@ -326,6 +326,7 @@ impl Trainer {
                 .progress_chars("=> "),
         );
         bar.set_position(self.state.step);
+        // Progress lines go to stdout, warnings to stderr; above the bar when it is drawn.
         let say = |line: &str| {
             if bar.is_hidden() {
                 println!("{line}");
@@ -333,8 +334,15 @@ impl Trainer {
                 bar.println(line);
             }
         };
+        let warn = |line: &str| {
+            if bar.is_hidden() {
+                eprintln!("warning: {line}");
+            } else {
+                bar.println(format!("warning: {line}"));
+            }
+        };
         for note in std::mem::take(&mut self.notes) {
-            say(&format!("warning: {note}"));
+            warn(&note);
         }
         say(&format!(
             "memory:     micro-batches of {} completions, about {:.2} GB per step",
@@ -357,14 +365,14 @@ impl Trainer {
             bar.set_message(format!("reward {} kl {}", f(names::REWARD), f(names::KL)));
             bar.set_position(step);
             if let StepOutcome::Skipped { stage, reason } = &report.outcome {
-                say(&format!("warning: step {step} skipped ({stage}): {reason}"));
+                warn(&format!("step {step} skipped ({stage}): {reason}"));
                 if self.state.bad_steps_in_a_row > r.max_bad_steps {
                     bar.abandon();
                     let last = checkpoint::latest_complete(&self.run_dir)
                         .map_or("none was written".to_string(), |p| p.display().to_string());
                     return Err(Failure::training(anyhow!(
-                        "stopping after {} non-finite steps in a row (run.max_bad_steps = {}); the last good \
-                         checkpoint is {last}",
+                        "stopping after {} bad steps in a row (run.max_bad_steps = {}); the last good checkpoint is \
+                         {last}. Last problem ({stage}): {reason}",
                         self.state.bad_steps_in_a_row,
                         r.max_bad_steps
                     )));

@@ -1,0 +1,214 @@
+//! `kind = "command"`: a long-lived child process that scores batches over JSON lines.
+//!
+//! Protocol, one line each way per batch:
+//! - request: `{"prompts": [...], "completions": [...], "completion_ids": [[...]], "finish_reasons": [...],
+//!   "<column>": [...], ...}` with one entry per sample; every data column (e.g. `answer`) is a list under its own
+//!   name, as TRL passes columns to reward functions (the four names above take precedence over columns);
+//! - answer: `{"rewards": [number | null, ...]}` (null = not applicable), optionally with
+//!   `"metrics": {"<name>": [number, ...] | number}`, logged as `rewards/<reward>/<name>` (the mean of a list).
+//!
+//! The process is started when the run starts (a command that cannot start is bad input), its stderr is forwarded
+//! to ours line by line, and each request has a timeout. A request that times out, finds the process dead, or gets
+//! a malformed answer kills and restarts the process and is sent again, up to `max_retries` times; after that the
+//! batch fails with an error naming the command (the step is skipped; see `run.max_bad_steps`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{Map, Value};
+
+use super::{RewardInput, RewardSource};
+
+pub struct CommandSource {
+    name: String,
+    argv: Vec<String>,
+    timeout: Duration,
+    max_retries: usize,
+    process: Mutex<Option<Process>>,
+    metrics: Mutex<Vec<(String, f64)>>,
+}
+
+struct Process {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<std::io::Result<String>>,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl CommandSource {
+    /// Start the command. `argv[0]` is the program (looked up in PATH), the rest its arguments.
+    pub fn new(name: &str, argv: &[String], timeout: Duration, max_retries: usize) -> Result<Self> {
+        if argv.is_empty() {
+            bail!("reward `{name}`: the command is empty");
+        }
+        let source = Self {
+            name: name.to_string(),
+            argv: argv.to_vec(),
+            timeout,
+            max_retries,
+            process: Mutex::new(None),
+            metrics: Mutex::new(Vec::new()),
+        };
+        *source.process.lock().unwrap() = Some(source.spawn()?);
+        Ok(source)
+    }
+
+    fn describe(&self) -> String {
+        self.argv.join(" ")
+    }
+
+    fn spawn(&self) -> Result<Process> {
+        let mut child = Command::new(&self.argv[0])
+            .args(&self.argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("reward `{}`: cannot start `{}`", self.name, self.describe()))?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let tag = format!("[reward {}] ", self.name);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{tag}{line}");
+            }
+        });
+        Ok(Process { child, stdin, lines })
+    }
+
+    /// One request on a running process.
+    fn exchange(&self, p: &mut Process, request: &str, n: usize) -> Result<(Vec<Option<f64>>, Vec<(String, f64)>)> {
+        writeln!(p.stdin, "{request}").and_then(|_| p.stdin.flush()).context("it does not read its input")?;
+        let line = match p.lines.recv_timeout(self.timeout) {
+            Ok(Ok(line)) => line,
+            Ok(Err(e)) => bail!("reading its answer: {e}"),
+            Err(RecvTimeoutError::Timeout) => bail!("no answer within {:.1} s", self.timeout.as_secs_f64()),
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = p.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                bail!("it exited ({status}) without answering")
+            }
+        };
+        parse_answer(&line, n)
+    }
+}
+
+/// `{"rewards": [...], "metrics": {...}}` with `n` rewards.
+pub fn parse_answer(line: &str, n: usize) -> Result<(Vec<Option<f64>>, Vec<(String, f64)>)> {
+    let short: String = line.chars().take(200).collect();
+    let v: Value = serde_json::from_str(line).with_context(|| format!("its answer is not JSON: {short:?}"))?;
+    let rewards = v
+        .get("rewards")
+        .and_then(Value::as_array)
+        .with_context(|| format!("its answer has no \"rewards\" list: {short:?}"))?;
+    if rewards.len() != n {
+        bail!("it returned {} rewards for a batch of {n}", rewards.len());
+    }
+    let rewards = rewards
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match r {
+            Value::Null => Ok(None),
+            r => r.as_f64().map(Some).with_context(|| format!("reward {i} is {r}, not a number or null")),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut metrics = Vec::new();
+    if let Some(m) = v.get("metrics").and_then(Value::as_object) {
+        for (name, value) in m {
+            let values: Vec<f64> = match value {
+                Value::Array(a) => a.iter().filter_map(Value::as_f64).collect(),
+                v => v.as_f64().into_iter().collect(),
+            };
+            if !values.is_empty() {
+                metrics.push((name.clone(), values.iter().sum::<f64>() / values.len() as f64));
+            }
+        }
+    }
+    Ok((rewards, metrics))
+}
+
+/// The request line for a batch: prompts, completions, ids, finish reasons, and every data column as a list.
+pub fn request_line(batch: &[RewardInput]) -> String {
+    let mut obj = Map::new();
+    let mut columns: Vec<&String> = batch.iter().flat_map(|b| b.columns.keys()).collect();
+    columns.sort();
+    columns.dedup();
+    for c in columns {
+        obj.insert(c.clone(), batch.iter().map(|b| b.columns.get(c).cloned().unwrap_or(Value::Null)).collect());
+    }
+    obj.insert("prompts".into(), batch.iter().map(|b| Value::from(b.prompt)).collect());
+    obj.insert("completions".into(), batch.iter().map(|b| Value::from(b.completion)).collect());
+    obj.insert("completion_ids".into(), batch.iter().map(|b| Value::from(b.completion_ids.to_vec())).collect());
+    obj.insert(
+        "finish_reasons".into(),
+        batch.iter().map(|b| serde_json::to_value(b.finish).unwrap_or(Value::Null)).collect(),
+    );
+    Value::Object(obj).to_string()
+}
+
+impl RewardSource for CommandSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn score(&self, batch: &[RewardInput]) -> Result<Vec<Option<f64>>> {
+        let request = request_line(batch);
+        let mut guard = self.process.lock().unwrap();
+        let mut last = None;
+        for attempt in 0..=self.max_retries {
+            if guard.is_none() {
+                match self.spawn() {
+                    Ok(p) => *guard = Some(p),
+                    Err(e) => {
+                        last = Some(e);
+                        continue;
+                    }
+                }
+            }
+            let p = guard.as_mut().expect("started above");
+            match self.exchange(p, &request, batch.len()) {
+                Ok((rewards, metrics)) => {
+                    *self.metrics.lock().unwrap() = metrics;
+                    return Ok(rewards);
+                }
+                Err(e) => {
+                    if attempt < self.max_retries {
+                        eprintln!(
+                            "warning: reward `{}`: `{}` failed ({e:#}); restarting it (retry {} of {})",
+                            self.name,
+                            self.describe(),
+                            attempt + 1,
+                            self.max_retries
+                        );
+                    }
+                    *guard = None; // kills it
+                    last = Some(e);
+                }
+            }
+        }
+        let e = last.expect("at least one attempt");
+        bail!("command `{}` failed {} times; last: {e:#}", self.describe(), self.max_retries + 1)
+    }
+
+    fn metrics(&self) -> Vec<(String, f64)> {
+        std::mem::take(&mut *self.metrics.lock().unwrap())
+    }
+}
