@@ -305,6 +305,9 @@ pub fn summary(r: &Recipe, resume: &Resume) -> String {
                 RewardSource::Rule(Rule::Length { target }) => format!("length, target {target}"),
                 RewardSource::Rule(Rule::Contains { text }) => format!("contains {text:?}"),
                 RewardSource::Command { argv, .. } => format!("command `{}`", argv.join(" ")),
+                RewardSource::Model { id, chat, .. } => {
+                    format!("reward model {id}{}", if *chat { ", chat" } else { "" })
+                }
             };
             let gate = w.gate.as_ref().map(|g| format!(", only where {} ≥ {}", g.on, g.min)).unwrap_or_default();
             format!("{} (×{}: {rule}{gate})", w.name, w.weight)

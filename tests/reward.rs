@@ -25,7 +25,14 @@ fn fixed(name: &'static str, v: &[Option<f64>], w: f64) -> (Box<dyn RewardSource
 fn batch<'a>(completions: &[&'a str], columns: &'a Map<String, Value>) -> Vec<RewardInput<'a>> {
     completions
         .iter()
-        .map(|c| RewardInput { prompt: "q", completion: c, completion_ids: &[], finish: FinishReason::Eos, columns })
+        .map(|c| RewardInput {
+            prompt: "q",
+            raw_prompt: None,
+            completion: c,
+            completion_ids: &[],
+            finish: FinishReason::Eos,
+            columns,
+        })
         .collect()
 }
 
@@ -149,7 +156,7 @@ fn from_settings_rule_rewards_end_to_end() {
             gate: None,
         },
     ];
-    let p = RewardPipeline::from_settings(&settings).unwrap();
+    let p = RewardPipeline::from_settings(&settings, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
     assert_eq!(p.names().collect::<Vec<_>>(), ["correct", "format", "polite"]);
     let cols = json!({"answer": "1,234"}).as_object().unwrap().clone();
     // 1: correct 1, format 1, polite 0 → 1 + 0.5 = 1.5

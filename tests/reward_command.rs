@@ -53,6 +53,7 @@ fn inputs<'a>(cols: &'a [Map<String, Value>], ids: &'a [u32]) -> Vec<RewardInput
         .zip(cols)
         .map(|(c, cols)| RewardInput {
             prompt: "q",
+            raw_prompt: None,
             completion: c,
             completion_ids: ids,
             finish: FinishReason::Eos,

@@ -47,6 +47,7 @@ pub fn config(name: &str) -> Result<ModelConfig> {
         bos_token_id: Some((BYTE_VOCAB + 1) as u32),
         eos_token_ids: vec![(BYTE_VOCAB + 2) as u32],
         pad_token_id: Some((BYTE_VOCAB + 2) as u32),
+        head: Default::default(),
     })
 }
 

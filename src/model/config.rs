@@ -88,6 +88,15 @@ pub struct HfConfig {
     pub pad_token_id: Option<TokenIds>,
 }
 
+/// Which head sits on the decoder: the LM head of a causal LM (policies), or a scalar `score` head on the last
+/// non-pad token (`*ForSequenceClassification`: reward models).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub enum Head {
+    #[default]
+    CausalLm,
+    SequenceClassification,
+}
+
 /// Architectures we implement. Anything else is an error listing these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Arch {
@@ -97,7 +106,8 @@ pub enum Arch {
 }
 
 pub const SUPPORTED_ARCHITECTURES: &str =
-    "LlamaForCausalLM (Llama 2/3.x, SmolLM2, TinyLlama), Qwen2ForCausalLM (Qwen2, Qwen2.5), MistralForCausalLM";
+    "LlamaForCausalLM (Llama 2/3.x, SmolLM2, TinyLlama), Qwen2ForCausalLM (Qwen2, Qwen2.5), MistralForCausalLM, and \
+     their *ForSequenceClassification reward models";
 
 impl Arch {
     pub fn hf_class(self) -> &'static str {
@@ -167,6 +177,8 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
+    /// The head the checkpoint was saved with.
+    pub head: Head,
 }
 
 impl HfConfig {
@@ -175,8 +187,15 @@ impl HfConfig {
         serde_json::from_str(&text).with_context(|| format!("{} is not a valid model config.json", path.display()))
     }
 
-    fn arch(&self) -> Result<Arch> {
+    fn arch(&self) -> Result<(Arch, Head)> {
         let class = self.architectures.as_ref().and_then(|a| a.first()).map(String::as_str);
+        // `*ForSequenceClassification` is the same decoder with a `score` head.
+        let (class, head) = match class.and_then(|c| c.strip_suffix("ForSequenceClassification")) {
+            Some("Llama") => (Some("LlamaForCausalLM"), Head::SequenceClassification),
+            Some("Qwen2") => (Some("Qwen2ForCausalLM"), Head::SequenceClassification),
+            Some("Mistral") => (Some("MistralForCausalLM"), Head::SequenceClassification),
+            _ => (class, Head::CausalLm),
+        };
         let arch = match (class, self.model_type.as_deref()) {
             (Some("LlamaForCausalLM"), _) | (None, Some("llama")) => Arch::Llama,
             (Some("Qwen2ForCausalLM"), _) | (None, Some("qwen2")) => Arch::Qwen2,
@@ -187,12 +206,12 @@ impl HfConfig {
                 model_type.unwrap_or("(none)")
             ),
         };
-        Ok(arch)
+        Ok((arch, head))
     }
 
     /// Validate into [`ModelConfig`]. `origin` names the file in messages.
     pub fn validate(&self, origin: &str) -> Result<ModelConfig> {
-        let arch = self.arch().with_context(|| format!("in {origin}"))?;
+        let (arch, head) = self.arch().with_context(|| format!("in {origin}"))?;
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
                 bail!("{origin}: hidden_act = {act:?} is not supported (expected \"silu\")");
@@ -258,6 +277,7 @@ impl HfConfig {
             bos_token_id: first(&self.bos_token_id),
             eos_token_ids: self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
             pad_token_id: first(&self.pad_token_id),
+            head,
         })
     }
 

@@ -88,6 +88,18 @@ impl LoadedModel {
 
     /// Build the model (trainable or frozen). Consumes the tensors.
     pub fn into_model(self, trainable: bool, device: &Device, dtype: DType) -> Result<(CausalLm, Option<Tokenizer>)> {
+        if self.config.head == super::config::Head::SequenceClassification {
+            bail!(
+                "{} is a reward model ({}ForSequenceClassification): it scores text and cannot generate; use it as a \
+                 [[reward]] with kind = \"model\"",
+                self.origin,
+                match self.config.arch {
+                    Arch::Llama => "Llama",
+                    Arch::Qwen2 => "Qwen2",
+                    Arch::Mistral => "Mistral",
+                }
+            );
+        }
         let model = CausalLm::from_tensors(&self.config, self.tensors, trainable, device, dtype)
             .with_context(|| format!("building the model from {}", self.origin))?;
         Ok((model, self.tokenizer))
@@ -289,6 +301,7 @@ fn gguf_config(content: &gguf_file::Content, origin: &str) -> Result<ModelConfig
         bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
         eos_token_ids: token_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
         pad_token_id: token_id("tokenizer.ggml.padding_token_id"),
+        head: Default::default(),
     })
 }
 

@@ -208,10 +208,16 @@ pub struct GateSettings {
     pub min: f64,
 }
 
-/// One variant per `reward.kind`; later kinds (model, command, http) add variants.
+/// One variant per `reward.kind`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RewardSource {
     Rule(Rule),
+    /// A sequence-classification reward model (see `crate::reward::model`).
+    Model {
+        id: String,
+        chat: bool,
+        batch_size: usize,
+    },
     /// A long-lived process speaking JSON lines (see `crate::reward::command`).
     Command {
         argv: Vec<String>,

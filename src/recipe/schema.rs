@@ -301,8 +301,8 @@ choice_enum!(
     RolloutSourceKind { Sample = "sample", File = "file" }
 );
 choice_enum!(
-    /// Reward source. Later versions add `model`, `http`.
-    RewardKind { Rule = "rule", Command = "command" }
+    /// Reward source. Later versions add `http`.
+    RewardKind { Rule = "rule", Model = "model", Command = "command" }
 );
 choice_enum!(
     /// Built-in rule rewards.
@@ -625,6 +625,27 @@ pub static KEYS: &[KeySpec] = &[
         default: Default::Required,
         when: Some(When { key: "reward.rule", is: &["length"] }),
         doc: "Target completion length in tokens.",
+    },
+    KeySpec {
+        path: "reward.model",
+        kind: NON_EMPTY,
+        default: Default::Required,
+        when: Some(When { key: "reward.kind", is: &["model"] }),
+        doc: "A sequence-classification reward model (*ForSequenceClassification, one label): a local HF directory or a hub id.",
+    },
+    KeySpec {
+        path: "reward.chat",
+        kind: Kind::Bool,
+        default: Default::Value("false"),
+        when: Some(When { key: "reward.kind", is: &["model"] }),
+        doc: "Score the conversation rendered with the reward model's chat template (else the prompt text + completion).",
+    },
+    KeySpec {
+        path: "reward.batch_size",
+        kind: int(1),
+        default: Default::Value("16"),
+        when: Some(When { key: "reward.kind", is: &["model"] }),
+        doc: "Sequences per reward-model forward.",
     },
     KeySpec {
         path: "reward.command",

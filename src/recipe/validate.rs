@@ -461,6 +461,11 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
                 RuleKind::Length => Rule::Length { target: usz(r, "reward.target") },
                 RuleKind::Contains => Rule::Contains { text: string(r, "reward.text") },
             }),
+            RewardKind::Model => RewardSource::Model {
+                id: string(r, "reward.model"),
+                chat: boolean(r, "reward.chat"),
+                batch_size: usz(r, "reward.batch_size"),
+            },
             RewardKind::Command => RewardSource::Command {
                 argv: strings(r, "reward.command"),
                 timeout: float(r, "reward.timeout"),

@@ -96,7 +96,7 @@ impl CommandSource {
     }
 
     /// One request on a running process.
-    fn exchange(&self, p: &mut Process, request: &str, n: usize) -> Result<(Vec<Option<f64>>, Vec<(String, f64)>)> {
+    fn exchange(&self, p: &mut Process, request: &str, n: usize) -> Result<Answer> {
         writeln!(p.stdin, "{request}").and_then(|_| p.stdin.flush()).context("it does not read its input")?;
         let line = match p.lines.recv_timeout(self.timeout) {
             Ok(Ok(line)) => line,
@@ -111,8 +111,11 @@ impl CommandSource {
     }
 }
 
+/// A parsed answer: one reward per sample (None = not applicable) and named metrics.
+pub type Answer = (Vec<Option<f64>>, Vec<(String, f64)>);
+
 /// `{"rewards": [...], "metrics": {...}}` with `n` rewards.
-pub fn parse_answer(line: &str, n: usize) -> Result<(Vec<Option<f64>>, Vec<(String, f64)>)> {
+pub fn parse_answer(line: &str, n: usize) -> Result<Answer> {
     let short: String = line.chars().take(200).collect();
     let v: Value = serde_json::from_str(line).with_context(|| format!("its answer is not JSON: {short:?}"))?;
     let rewards = v

@@ -7,6 +7,7 @@
 
 pub mod command;
 pub mod gate;
+pub mod model;
 pub mod pipeline;
 pub mod rule;
 pub mod shaping;
@@ -23,6 +24,9 @@ use crate::rollout::FinishReason;
 pub struct RewardInput<'a> {
     /// The prompt as the model saw it (chat template applied, if any).
     pub prompt: &'a str,
+    /// The prompt as the data gave it (text or chat messages), for rewards that render it their own way (a reward
+    /// model's chat template); `None` where unknown.
+    pub raw_prompt: Option<&'a crate::data::Prompt>,
     /// The decoded completion.
     pub completion: &'a str,
     /// The completion's token ids (EOS included when sampled), for token-count rewards.

@@ -7,8 +7,11 @@ use std::collections::HashSet;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use candle_core::{DType, Device};
+
 use super::command::CommandSource;
 use super::gate::{apply_gates, check_gates, Gate};
+use super::model::RewardModel;
 use super::{RewardInput, RewardSource, RuleSource};
 use crate::recipe::{self, RewardSettings};
 
@@ -38,13 +41,17 @@ pub struct ScoredBatch {
 }
 
 impl RewardPipeline {
-    /// The recipe's rewards. Names must be unique (they key the metrics) and weights finite.
-    pub fn from_settings(settings: &[RewardSettings]) -> Result<Self> {
+    /// The recipe's rewards (reward models on `device` in `dtype`). Names must be unique (they key the metrics)
+    /// and weights finite.
+    pub fn from_settings(settings: &[RewardSettings], device: &Device, dtype: DType) -> Result<Self> {
         let sources = settings
             .iter()
             .map(|s| {
                 let source: Box<dyn RewardSource> = match &s.source {
                     recipe::RewardSource::Rule(rule) => Box::new(RuleSource::new(&s.name, rule)?),
+                    recipe::RewardSource::Model { id, chat, batch_size } => {
+                        Box::new(RewardModel::load(&s.name, id, *chat, *batch_size, device, dtype)?)
+                    }
                     recipe::RewardSource::Command { argv, timeout, max_retries } => Box::new(CommandSource::new(
                         &s.name,
                         argv,

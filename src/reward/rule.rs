@@ -130,7 +130,14 @@ mod tests {
     use serde_json::{json, Map};
 
     fn input<'a>(completion: &'a str, ids: &'a [u32], columns: &'a Map<String, Value>) -> RewardInput<'a> {
-        RewardInput { prompt: "p", completion, completion_ids: ids, finish: FinishReason::Eos, columns }
+        RewardInput {
+            prompt: "p",
+            raw_prompt: None,
+            completion,
+            completion_ids: ids,
+            finish: FinishReason::Eos,
+            columns,
+        }
     }
 
     fn columns(v: Value) -> Map<String, Value> {

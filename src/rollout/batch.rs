@@ -11,6 +11,8 @@ pub struct Sample {
     pub prompt_index: usize,
     /// Which of the group's completions (0..G).
     pub sample_index: usize,
+    /// The prompt as the data gave it (text or messages).
+    pub prompt: crate::data::Prompt,
     /// The prompt as the model saw it.
     pub prompt_text: String,
     pub prompt_ids: Vec<u32>,

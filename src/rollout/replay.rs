@@ -170,7 +170,7 @@ fn parse_line(
                 .context("`prompt` must be a string or a non-empty list of {role, content} messages")?,
         ),
     };
-    let (prompt_text, prompt_ids) = match (prompt, prompt_ids) {
+    let (prompt_text, prompt_ids) = match (&prompt, prompt_ids) {
         (_, Some(ids)) if ids.is_empty() => bail!("`prompt_ids` is empty"),
         (Some(p), Some(ids)) => (p.render(tok, false)?, ids),
         (None, Some(ids)) => (tok.decode(&ids, false)?, ids),
@@ -185,6 +185,7 @@ fn parse_line(
         }
         (None, None) => bail!("no `prompt` or `prompt_ids` field"),
     };
+    let prompt = prompt.unwrap_or_else(|| Prompt::Text(prompt_text.clone()));
     // The completion.
     let finish = match obj.get("finish_reason") {
         None => None,
@@ -233,6 +234,7 @@ fn parse_line(
     let sample = Sample {
         prompt_index: n / group_size,
         sample_index: n % group_size,
+        prompt,
         prompt_text,
         prompt_ids,
         completion_text,

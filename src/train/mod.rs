@@ -205,7 +205,7 @@ impl Trainer {
         };
         notes.extend(truncation.warning(recipe.data.max_prompt_tokens));
 
-        let rewards = RewardPipeline::from_settings(&recipe.rewards)?;
+        let rewards = RewardPipeline::from_settings(&recipe.rewards, &device, dtype)?;
         let o = &recipe.optim;
         let mut optimizer = AdamW::new(
             policy.vars().to_vec(),
@@ -507,15 +507,17 @@ impl Trainer {
         let mut samples = Vec::with_capacity(requests.len());
         for (k, c) in completions.into_iter().enumerate() {
             let ex = picked[k / ro.num_generations];
+            let example = dataset.get(ex).expect("sampler indices are in range");
             samples.push(Sample {
                 prompt_index: ex,
                 sample_index: k % ro.num_generations,
+                prompt: example.prompt.clone(),
                 prompt_text: encoded[ex].0.clone(),
                 prompt_ids: encoded[ex].1.clone(),
                 completion_text: self.tokenizer.decode(&c.ids, true)?,
                 completion_ids: c.ids,
                 finish: c.finish,
-                columns: dataset.get(ex).expect("sampler indices are in range").columns.clone(),
+                columns: example.columns.clone(),
             });
         }
         Ok(Rollouts { samples, rewards: None })
@@ -534,6 +536,7 @@ impl Trainer {
             .iter()
             .map(|s| RewardInput {
                 prompt: &s.prompt_text,
+                raw_prompt: Some(&s.prompt),
                 completion: &s.completion_text,
                 completion_ids: &s.completion_ids,
                 finish: s.finish,

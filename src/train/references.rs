@@ -71,6 +71,7 @@ impl ReferenceRewards {
                 let s = missing[k / m];
                 RewardInput {
                     prompt: &s.prompt_text,
+                    raw_prompt: Some(&s.prompt),
                     completion: text,
                     completion_ids: &c.ids,
                     finish: c.finish,
