@@ -305,6 +305,7 @@ pub fn summary(r: &Recipe, resume: &Resume) -> String {
                 RewardSource::Rule(Rule::Length { target }) => format!("length, target {target}"),
                 RewardSource::Rule(Rule::Contains { text }) => format!("contains {text:?}"),
                 RewardSource::Command { argv, .. } => format!("command `{}`", argv.join(" ")),
+                RewardSource::Http { urls, .. } => format!("http {}", urls.join(", ")),
                 RewardSource::Model { id, chat, .. } => {
                     format!("reward model {id}{}", if *chat { ", chat" } else { "" })
                 }

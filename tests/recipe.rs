@@ -314,3 +314,34 @@ fn bad_gates_name_the_line_and_the_problem() {
     let e = err(&GATED.replace("min = 1.0", "minimum = 1.0"), &[]);
     assert!(e.contains("unknown key `reward.gate.minimum`"), "{e}");
 }
+
+#[test]
+fn reward_source_kinds_and_their_keys() {
+    let text = MINIMAL.replace(
+        "rule = \"exact_answer\"",
+        "rule = \"exact_answer\"\n\n[[reward]]\nname = \"rm\"\nkind = \"model\"\nmodel = \"org/rm\"\nchat = true\n\n\
+         [[reward]]\nname = \"cmd\"\nkind = \"command\"\ncommand = [\"python3\", \"score.py\"]\ntimeout = 5\n\n\
+         [[reward]]\nname = \"srv\"\nkind = \"http\"\nurls = [\"http://127.0.0.1:8000/score\"]\nmax_retries = 4",
+    );
+    let r = load(&text, &[]).unwrap();
+    assert_eq!(r.rewards[1].source, RewardSource::Model { id: "org/rm".into(), chat: true, batch_size: 16 });
+    assert_eq!(
+        r.rewards[2].source,
+        RewardSource::Command { argv: vec!["python3".into(), "score.py".into()], timeout: 5.0, max_retries: 2 }
+    );
+    assert_eq!(
+        r.rewards[3].source,
+        RewardSource::Http {
+            urls: vec!["http://127.0.0.1:8000/score".into()],
+            label_field: "answer".into(),
+            timeout: 60.0,
+            max_retries: 4
+        }
+    );
+    assert_eq!(load(&r.to_toml_string(), &[]).unwrap(), r);
+    // Keys of another kind are errors naming the kind; a kind's required key is required.
+    let e = err(&MINIMAL.replace("rule = \"exact_answer\"", "rule = \"exact_answer\"\nurls = [\"http://x\"]"), &[]);
+    assert!(e.contains("`reward.urls` only applies when `reward.kind` is \"http\""), "{e}");
+    let e = err(&MINIMAL.replace("rule = \"exact_answer\"", "kind = \"command\""), &[]);
+    assert!(e.contains("missing required key `reward.command`"), "{e}");
+}

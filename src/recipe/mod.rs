@@ -224,6 +224,13 @@ pub enum RewardSource {
         timeout: f64,
         max_retries: usize,
     },
+    /// Reward servers with OpenRLHF's protocol (see `crate::reward::http`).
+    Http {
+        urls: Vec<String>,
+        label_field: String,
+        timeout: f64,
+        max_retries: usize,
+    },
 }
 
 /// A rule reward with its (validated) parameter.

@@ -301,8 +301,8 @@ choice_enum!(
     RolloutSourceKind { Sample = "sample", File = "file" }
 );
 choice_enum!(
-    /// Reward source. Later versions add `http`.
-    RewardKind { Rule = "rule", Model = "model", Command = "command" }
+    /// Reward source.
+    RewardKind { Rule = "rule", Model = "model", Command = "command", Http = "http" }
 );
 choice_enum!(
     /// Built-in rule rewards.
@@ -655,18 +655,32 @@ pub static KEYS: &[KeySpec] = &[
         doc: "Program and arguments, e.g. [\"python3\", \"score.py\"]: started once, sent one JSON line per batch ({prompts, completions, completion_ids, finish_reasons, <columns>}), answers {\"rewards\": [...]}.",
     },
     KeySpec {
+        path: "reward.urls",
+        kind: Kind::StrList,
+        default: Default::Required,
+        when: Some(When { key: "reward.kind", is: &["http"] }),
+        doc: "Reward servers (OpenRLHF protocol: POST {query, prompts, labels} → {rewards}); the batch is split across them.",
+    },
+    KeySpec {
+        path: "reward.label_field",
+        kind: NON_EMPTY,
+        default: Default::Value("\"answer\""),
+        when: Some(When { key: "reward.kind", is: &["http"] }),
+        doc: "Data column sent as `labels`.",
+    },
+    KeySpec {
         path: "reward.timeout",
         kind: Kind::Float(FloatRange::positive()),
         default: Default::Value("60.0"),
-        when: Some(When { key: "reward.kind", is: &["command"] }),
-        doc: "Seconds to wait for an answer; then the process is restarted and the batch sent again.",
+        when: Some(When { key: "reward.kind", is: &["command", "http"] }),
+        doc: "Seconds to wait for an answer; then the batch is sent again (a command is restarted first).",
     },
     KeySpec {
         path: "reward.max_retries",
         kind: int(0),
         default: Default::Value("2"),
-        when: Some(When { key: "reward.kind", is: &["command"] }),
-        doc: "Retries of a batch (after a timeout, a crash or a malformed answer) before the step is skipped.",
+        when: Some(When { key: "reward.kind", is: &["command", "http"] }),
+        doc: "Retries of a batch (after a timeout, a crash, HTTP 429/5xx or an invalid answer) before the step is skipped.",
     },
     KeySpec {
         path: "reward.gate.on",

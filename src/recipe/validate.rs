@@ -466,6 +466,12 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
                 chat: boolean(r, "reward.chat"),
                 batch_size: usz(r, "reward.batch_size"),
             },
+            RewardKind::Http => RewardSource::Http {
+                urls: strings(r, "reward.urls"),
+                label_field: string(r, "reward.label_field"),
+                timeout: float(r, "reward.timeout"),
+                max_retries: usz(r, "reward.max_retries"),
+            },
             RewardKind::Command => RewardSource::Command {
                 argv: strings(r, "reward.command"),
                 timeout: float(r, "reward.timeout"),

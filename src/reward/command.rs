@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
-use super::{RewardInput, RewardSource};
+use super::{Answer, RewardInput, RewardSource};
 
 pub struct CommandSource {
     name: String,
@@ -110,9 +110,6 @@ impl CommandSource {
         parse_answer(&line, n)
     }
 }
-
-/// A parsed answer: one reward per sample (None = not applicable) and named metrics.
-pub type Answer = (Vec<Option<f64>>, Vec<(String, f64)>);
 
 /// `{"rewards": [...], "metrics": {...}}` with `n` rewards.
 pub fn parse_answer(line: &str, n: usize) -> Result<Answer> {

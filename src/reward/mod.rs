@@ -7,6 +7,7 @@
 
 pub mod command;
 pub mod gate;
+pub mod http;
 pub mod model;
 pub mod pipeline;
 pub mod rule;
@@ -18,6 +19,9 @@ pub use rule::{last_number, RuleSource};
 use serde_json::{Map, Value};
 
 use crate::rollout::FinishReason;
+
+/// A remote source's answer: one reward per sample (None = not applicable) and named metrics of the batch.
+pub type Answer = (Vec<Option<f64>>, Vec<(String, f64)>);
 
 /// What a reward sees of one sample. Borrowed, so a step builds its batch without copying completions.
 #[derive(Debug, Clone, Copy)]

@@ -11,6 +11,7 @@ use candle_core::{DType, Device};
 
 use super::command::CommandSource;
 use super::gate::{apply_gates, check_gates, Gate};
+use super::http::HttpSource;
 use super::model::RewardModel;
 use super::{RewardInput, RewardSource, RuleSource};
 use crate::recipe::{self, RewardSettings};
@@ -51,6 +52,15 @@ impl RewardPipeline {
                     recipe::RewardSource::Rule(rule) => Box::new(RuleSource::new(&s.name, rule)?),
                     recipe::RewardSource::Model { id, chat, batch_size } => {
                         Box::new(RewardModel::load(&s.name, id, *chat, *batch_size, device, dtype)?)
+                    }
+                    recipe::RewardSource::Http { urls, label_field, timeout, max_retries } => {
+                        Box::new(HttpSource::new(
+                            &s.name,
+                            urls,
+                            label_field,
+                            std::time::Duration::from_secs_f64(*timeout),
+                            *max_retries,
+                        )?)
                     }
                     recipe::RewardSource::Command { argv, timeout, max_retries } => Box::new(CommandSource::new(
                         &s.name,

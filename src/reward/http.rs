@@ -1,0 +1,186 @@
+//! `kind = "http"`: reward servers with OpenRLHF's remote reward-model protocol.
+//!
+//! The batch is split into contiguous shares, one per URL, posted concurrently as JSON
+//! `{"query": [prompt + completion, ...], "prompts": [...], "labels": [...]}` (labels from the data column
+//! `label_field`, null where a row has none). A server answers `{"rewards": [...]}` (number or null per sample),
+//! optionally with `"scores"` (ignored) and `"extra_logs": {"<name>": [...] | number}` (logged as
+//! `rewards/<reward>/<name>`, the mean of a list).
+//!
+//! Each share has a timeout and is retried with exponential back-off (0.25 s, 0.5 s, 1 s, ...) after a transport
+//! error, an HTTP 429 or 5xx, or an answer that does not validate (not JSON, a non-finite number, the wrong number
+//! of rewards). Other 4xx answers are not retried. If any share still fails, the whole batch fails with an error
+//! naming the URL: no step trains on a partial batch of rewards.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use super::{Answer, RewardInput, RewardSource};
+
+pub struct HttpSource {
+    name: String,
+    urls: Vec<String>,
+    label_field: String,
+    max_retries: usize,
+    backoff: Duration,
+    agent: ureq::Agent,
+    metrics: Mutex<Vec<(String, f64)>>,
+}
+
+/// Why an attempt failed, and whether trying again may help.
+struct Attempt {
+    error: anyhow::Error,
+    retry: bool,
+}
+
+impl HttpSource {
+    pub fn new(name: &str, urls: &[String], label_field: &str, timeout: Duration, max_retries: usize) -> Result<Self> {
+        if urls.is_empty() {
+            bail!("reward `{name}`: no URL");
+        }
+        for u in urls {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                bail!("reward `{name}`: `{u}` is not an http:// or https:// URL");
+            }
+        }
+        Ok(Self {
+            name: name.to_string(),
+            urls: urls.to_vec(),
+            label_field: label_field.to_string(),
+            max_retries,
+            backoff: Duration::from_millis(250),
+            agent: ureq::AgentBuilder::new().timeout(timeout).build(),
+            metrics: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The request body for a share of the batch.
+    fn body(&self, share: &[RewardInput]) -> String {
+        let query: Vec<String> = share.iter().map(|b| format!("{}{}", b.prompt, b.completion)).collect();
+        let prompts: Vec<&str> = share.iter().map(|b| b.prompt).collect();
+        let labels: Vec<Value> =
+            share.iter().map(|b| b.columns.get(&self.label_field).cloned().unwrap_or(Value::Null)).collect();
+        serde_json::json!({ "query": query, "prompts": prompts, "labels": labels }).to_string()
+    }
+
+    fn attempt(&self, url: &str, body: &str, n: usize) -> Result<Answer, Attempt> {
+        let transient = |error: anyhow::Error| Attempt { error, retry: true };
+        let response = match self.agent.post(url).set("Content-Type", "application/json").send_string(body) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(code, r)) => {
+                let text: String = r.into_string().unwrap_or_default().chars().take(200).collect();
+                let error = anyhow!("HTTP {code}: {text:?}");
+                return Err(Attempt { error, retry: code == 429 || code >= 500 });
+            }
+            Err(ureq::Error::Transport(t)) => return Err(transient(anyhow!("{t}"))),
+        };
+        let text = response.into_string().map_err(|e| transient(anyhow!("reading the answer: {e}")))?;
+        parse(&text, n).map_err(transient)
+    }
+
+    /// One share: attempts with back-off until success, a permanent error, or `max_retries` retries.
+    fn post(&self, url: &str, share: &[RewardInput]) -> Result<Answer> {
+        let body = self.body(share);
+        let mut tries = 0;
+        loop {
+            match self.attempt(url, &body, share.len()) {
+                Ok(v) => return Ok(v),
+                Err(a) if a.retry && tries < self.max_retries => {
+                    eprintln!(
+                        "warning: reward `{}`: {url}: {:#}; retrying ({} of {})",
+                        self.name,
+                        a.error,
+                        tries + 1,
+                        self.max_retries
+                    );
+                    std::thread::sleep(self.backoff * 2u32.saturating_pow(tries as u32));
+                    tries += 1;
+                }
+                Err(a) => {
+                    return Err(a.error.context(format!("{url} failed after {} attempt(s)", tries + 1)));
+                }
+            }
+        }
+    }
+}
+
+/// Validate an answer: JSON with `rewards`, one finite number or null per sample; `extra_logs` averaged.
+fn parse(text: &str, n: usize) -> Result<Answer> {
+    let short: String = text.chars().take(200).collect();
+    let v: Value = serde_json::from_str(text).map_err(|e| {
+        if ["NaN", "Infinity"].iter().any(|w| text.contains(w)) {
+            anyhow!("the answer has a non-finite number (NaN or Infinity): {short:?}")
+        } else {
+            anyhow!("the answer is not valid JSON ({e}): {short:?}")
+        }
+    })?;
+    let rewards =
+        v.get("rewards").and_then(Value::as_array).with_context(|| format!("no \"rewards\" list in {short:?}"))?;
+    if rewards.len() != n {
+        bail!("{} rewards for a batch of {n}", rewards.len());
+    }
+    let rewards = rewards
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match r {
+            Value::Null => Ok(None),
+            r => r.as_f64().filter(|x| x.is_finite()).map(Some).with_context(|| format!("reward {i} is {r}")),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut logs = Vec::new();
+    if let Some(extra) = v.get("extra_logs").and_then(Value::as_object) {
+        for (name, value) in extra {
+            let xs: Vec<f64> = match value {
+                Value::Array(a) => a.iter().filter_map(Value::as_f64).collect(),
+                v => v.as_f64().into_iter().collect(),
+            };
+            if !xs.is_empty() {
+                logs.push((name.clone(), xs.iter().sum::<f64>() / xs.len() as f64));
+            }
+        }
+    }
+    Ok((rewards, logs))
+}
+
+impl RewardSource for HttpSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn score(&self, batch: &[RewardInput]) -> Result<Vec<Option<f64>>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Contiguous shares, one per URL (fewer when the batch is smaller than the URL list).
+        let k = self.urls.len().min(batch.len());
+        let size = batch.len().div_ceil(k);
+        let shares: Vec<(&String, &[RewardInput])> = self.urls.iter().zip(batch.chunks(size)).collect();
+        let answers: Vec<Result<Answer>> = std::thread::scope(|s| {
+            let handles: Vec<_> = shares.iter().map(|(url, share)| s.spawn(move || self.post(url, share))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("panicked")))).collect()
+        });
+        let mut rewards = Vec::with_capacity(batch.len());
+        let mut logs: Vec<(String, f64, usize)> = Vec::new();
+        for answer in answers {
+            let (r, l) = answer?;
+            rewards.extend(r);
+            for (name, v) in l {
+                match logs.iter_mut().find(|(n, _, _)| *n == name) {
+                    Some(slot) => {
+                        slot.1 += v;
+                        slot.2 += 1;
+                    }
+                    None => logs.push((name, v, 1)),
+                }
+            }
+        }
+        *self.metrics.lock().unwrap() = logs.into_iter().map(|(n, v, c)| (n, v / c as f64)).collect();
+        Ok(rewards)
+    }
+
+    fn metrics(&self) -> Vec<(String, f64)> {
+        std::mem::take(&mut *self.metrics.lock().unwrap())
+    }
+}
