@@ -43,7 +43,10 @@ fn every_config_checks_and_the_download_free_ones_train() {
     let mut trained = 0;
     for config in configs() {
         let text = std::fs::read_to_string(&config).unwrap();
-        let needs_gguf = text.lines().any(|l| l.trim_start().starts_with("id =") && l.contains(".gguf"));
+        let needs_gguf = text.lines().any(|l| {
+            let value = l.split('#').next().unwrap_or("");
+            value.trim_start().starts_with("id =") && value.contains(".gguf")
+        });
         let mut sets = vec![format!("run.output_dir={}", dir.path().display()), "run.max_steps=2".to_string()];
         if needs_gguf {
             sets.push(format!("model.id={}", gguf.display()));
