@@ -3,6 +3,7 @@
 //! Pure functions over plain `f64` slices, so every algorithm (GRPO now, PPO/SAFE later) can call and test them
 //! without a model.
 
+pub mod gae;
 pub mod group;
 
 pub use group::{group_advantages, GroupAdvantages, ScaleRewards, STD_EPS};

@@ -3,3 +3,5 @@
 pub mod grpo;
 pub mod grpo_lambda;
 pub mod loss;
+pub mod ppo;
+pub mod safe;
