@@ -100,16 +100,21 @@ pub fn clip_flags(ratio: f64, advantage: f64, clip: &ClipConfig) -> (bool, bool)
     (ratio < 1.0 - clip.eps_low && advantage < 0.0, ratio > 1.0 + clip.eps_high && advantage > 0.0)
 }
 
-/// Tensor [`clipped_surrogate`]: `ratio` `[B, T]`, `advantages` `[B]`. The gradient wrt ρ is exactly 0 where clipped
-/// (clamp and minimum route it to the constant bound).
+/// Tensor [`clipped_surrogate`]: `ratio` `[B, T]`, `advantages` `[B]` (per sequence) or `[B, T]` (per token). The
+/// gradient wrt ρ is exactly 0 where clipped (clamp and minimum route it to the constant bound).
 pub fn clipped_surrogate_tensor(ratio: &Tensor, advantages: &Tensor, clip: &ClipConfig) -> Result<Tensor> {
-    let adv = advantages.unsqueeze(1)?;
+    let adv = per_token(advantages)?;
     let unclipped = match clip.delta {
         Some(d) => ratio.minimum(d)?,
         None => ratio.clone(),
     };
     let clipped = ratio.clamp(1.0 - clip.eps_low, 1.0 + clip.eps_high)?;
     Ok(unclipped.broadcast_mul(&adv)?.minimum(&clipped.broadcast_mul(&adv)?)?.neg()?)
+}
+
+/// Advantages as `[B, 1]` (one per sequence, GRPO) or `[B, T]` (per token, PPO), ready to broadcast over `[B, T]`.
+fn per_token(advantages: &Tensor) -> Result<Tensor> {
+    Ok(if advantages.rank() == 1 { advantages.unsqueeze(1)? } else { advantages.clone() })
 }
 
 /// Clip indicators (0/1, detached, dtype of `ratio`) `[B, T]` as in [`clip_flags`]: `(low, high, region)`.
@@ -120,7 +125,7 @@ pub fn clip_indicators_tensor(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let dtype = ratio.dtype();
     let ratio = ratio.detach();
-    let adv = advantages.detach().unsqueeze(1)?;
+    let adv = per_token(&advantages.detach())?;
     let low = ratio.lt(1.0 - clip.eps_low)?.to_dtype(dtype)?.broadcast_mul(&adv.lt(0.0)?.to_dtype(dtype)?)?;
     let high = ratio.gt(1.0 + clip.eps_high)?.to_dtype(dtype)?.broadcast_mul(&adv.gt(0.0)?.to_dtype(dtype)?)?;
     // Low needs A < 0 and high A > 0, so they never overlap and the region is their sum.

@@ -7,6 +7,7 @@ pub mod llama;
 pub mod load;
 pub mod logprobs;
 pub mod tokenizer;
+pub mod value;
 
 pub use config::{Arch, HfConfig, ModelConfig};
 pub use llama::{attention_mask, positions_from_mask, CausalLm, KvCache};
