@@ -35,6 +35,25 @@ pub mod names {
     /// Completion tokens sampled per second of rollout.
     pub const TOKENS_PER_SECOND: &str = "tokens_per_second";
 
+    /// PPO, with TRL's names.
+    pub const PPO_KL: &str = "objective/kl";
+    pub const PPO_ENTROPY: &str = "objective/entropy";
+    pub const PPO_NON_SCORE_REWARD: &str = "objective/non_score_reward";
+    pub const PPO_RLHF_REWARD: &str = "objective/rlhf_reward";
+    pub const PPO_SCORES: &str = "objective/scores";
+    pub const PPO_APPROXKL: &str = "policy/approxkl_avg";
+    pub const PPO_CLIPFRAC: &str = "policy/clipfrac_avg";
+    pub const PPO_POLICY_ENTROPY: &str = "policy/entropy_avg";
+    pub const PPO_LOSS_POLICY: &str = "loss/policy_avg";
+    pub const PPO_LOSS_VALUE: &str = "loss/value_avg";
+    pub const PPO_VAL_CLIPFRAC: &str = "val/clipfrac_avg";
+    pub const PPO_VAL_RATIO: &str = "val/ratio";
+    pub const PPO_VAL_RATIO_VAR: &str = "val/ratio_var";
+    pub const PPO_VAL_NUM_EOS: &str = "val/num_eos_tokens";
+    /// The KL coefficient β used this step (moves with an adaptive controller).
+    pub const PPO_KL_COEF: &str = "objective/kl_coef";
+    pub const CRITIC_GRAD_NORM: &str = "critic/grad_norm";
+
     /// Shaping: the mean composed reward before and after shaping, and the references used per sample.
     pub const REWARDS_RAW: &str = "rewards/raw";
     pub const REWARDS_SHAPED: &str = "rewards/shaped";

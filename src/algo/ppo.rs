@@ -84,3 +84,253 @@ mod tests {
         assert_eq!(fixed.beta, 0.1);
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// The PPO step.
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+use super::loss::{
+    clip_indicators_tensor, clipped_surrogate_tensor, masked_mean_tensor, scalar, ClipConfig, KlEstimator,
+};
+use crate::advantage::gae::{gae, token_rewards, value_len, whiten, ScorePlacement, Whitening};
+use crate::model::logprobs::{completion_logprobs, SequenceBatch};
+use crate::model::value::ValueModel;
+use crate::model::CausalLm;
+use crate::optim::{clip_grad_norm, AdamW, GradAccumulator};
+use crate::rollout::rng::{RowKey, RowRng};
+
+/// PPO's hyperparameters (TRL PPOConfig / OpenRLHF names in the docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PpoConfig {
+    pub gamma: f64,
+    pub lam: f64,
+    /// Passes over the step's rollouts (TRL `num_ppo_epochs`).
+    pub epochs: usize,
+    /// Optimizer steps per epoch; rows are reshuffled each epoch.
+    pub num_mini_batches: usize,
+    /// Weight of the value loss (TRL `vf_coef`).
+    pub vf_coef: f64,
+    /// Value clipping range (TRL `cliprange_value`).
+    pub value_clip: f64,
+    pub clip: ClipConfig,
+    pub kl_estimator: KlEstimator,
+    pub whitening: Whitening,
+    pub placement: ScorePlacement,
+    /// Subtracted from the score of a completion that did not end with EOS.
+    pub missing_eos_penalty: Option<f64>,
+    /// Rows per forward/backward within a mini-batch.
+    pub micro_batch_size: usize,
+    pub temperature: f64,
+    pub max_grad_norm: f64,
+    pub critic_max_grad_norm: f64,
+    pub pad_id: u32,
+    pub logprob_chunk: usize,
+    /// Seeds the per-epoch shuffles: (seed, step, epoch).
+    pub seed: u64,
+}
+
+/// One step's rollouts for PPO.
+pub struct PpoBatch<'a> {
+    pub prompts: &'a [Vec<u32>],
+    pub completions: &'a [Vec<u32>],
+    /// One scalar reward per completion (the sequence score).
+    pub scores: &'a [f64],
+    /// Whether each completion ended with EOS (for `missing_eos_penalty` and `val/num_eos_tokens`).
+    pub ended_with_eos: &'a [bool],
+}
+
+/// What a PPO step logs (TRL's names in [`crate::metrics::names`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PpoMetrics {
+    /// Mean over sequences of Σ_t kl_t (`objective/kl`).
+    pub kl_sum: f64,
+    /// Mean per-token KL (what the adaptive controller sees).
+    pub kl_token_mean: f64,
+    /// Mean over sequences of Σ_t −logp_t at rollout (`objective/entropy`).
+    pub entropy_sum: f64,
+    pub non_score_reward: f64,
+    pub rlhf_reward: f64,
+    pub scores: f64,
+    pub approxkl: f64,
+    pub clipfrac: f64,
+    pub entropy: f64,
+    pub pg_loss: f64,
+    pub vf_loss: f64,
+    pub vf_clipfrac: f64,
+    pub ratio_mean: f64,
+    pub ratio_var: f64,
+    pub num_eos: f64,
+    pub grad_norm: f64,
+    pub critic_grad_norm: f64,
+    /// β used for this step's rewards.
+    pub kl_coef: f64,
+}
+
+/// Rows `[b][C]` of a `[b, C]` tensor.
+fn rows(t: &Tensor) -> Result<Vec<Vec<f64>>> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?)
+}
+
+/// Tensor `[b, C]` from rows of f64 (f32).
+fn tensor(rows: &[Vec<f64>], device: &candle_core::Device) -> Result<Tensor> {
+    let (b, c) = (rows.len(), rows.first().map_or(0, Vec::len));
+    let flat: Vec<f32> = rows.iter().flatten().map(|&x| x as f32).collect();
+    Ok(Tensor::from_vec(flat, (b, c), device)?)
+}
+
+/// One PPO step, as TRL's PPOTrainer: rollout-time log-probs, reference log-probs and values (no graph) →
+/// per-token rewards (−β·KL, plus the score) → GAE → whitened advantages → `epochs` passes of `num_mini_batches`
+/// shuffled mini-batches, each one optimizer step of policy and critic on pg + vf_coef·vf. A non-finite loss or
+/// grad norm stops the step before that optimizer step (returned as non-finite metrics).
+#[allow(clippy::too_many_arguments)]
+pub fn ppo_update(
+    policy: &CausalLm,
+    rollout_view: &CausalLm,
+    reference: Option<&CausalLm>,
+    critic: &ValueModel,
+    policy_opt: &mut AdamW,
+    critic_opt: &mut AdamW,
+    kl: &KlController,
+    batch: &PpoBatch,
+    cfg: &PpoConfig,
+    step: u64,
+) -> Result<PpoMetrics> {
+    let n = batch.completions.len();
+    if n == 0 || [batch.prompts.len(), batch.scores.len(), batch.ended_with_eos.len()].iter().any(|&l| l != n) {
+        bail!("PPO update: inconsistent batch sizes");
+    }
+    let dev = policy.device();
+    let micro = cfg.micro_batch_size.clamp(1, n);
+    let width = batch.completions.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    // Every micro-batch is padded to the step's widest completion, so its rows line up with the step's [n, C] rows.
+    let seqs = |idx: &[usize]| -> Result<SequenceBatch> {
+        let p: Vec<Vec<u32>> = idx.iter().map(|&i| batch.prompts[i].clone()).collect();
+        let c: Vec<Vec<u32>> = idx.iter().map(|&i| batch.completions[i].clone()).collect();
+        SequenceBatch::with_width(&p, &c, cfg.pad_id, policy.config().sliding_window, dev, width)
+    };
+    let all: Vec<usize> = (0..n).collect();
+
+    // 1. Rollout-time quantities, without a graph.
+    let (mut old, mut refs, mut v_old) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for idx in all.chunks(micro) {
+        let s = seqs(idx)?;
+        old.extend(rows(&completion_logprobs(rollout_view, &s, cfg.temperature, cfg.logprob_chunk, false)?.0)?);
+        if let Some(r) = reference {
+            refs.extend(rows(&completion_logprobs(r, &s, cfg.temperature, cfg.logprob_chunk, false)?.0)?);
+        }
+        v_old.extend(rows(&critic.values(&s)?.detach())?);
+    }
+    let mask: Vec<Vec<f64>> =
+        batch.completions.iter().map(|c| (0..width).map(|t| if t < c.len() { 1.0 } else { 0.0 }).collect()).collect();
+
+    // 2. Per-token rewards, GAE, whitening.
+    let beta = kl.beta;
+    let mut m = PpoMetrics { kl_coef: beta, ..Default::default() };
+    let (mut advantages, mut returns) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut kl_tokens = 0.0;
+    for i in 0..n {
+        let kl_row: Vec<f64> = (0..width)
+            .map(|t| match refs.get(i) {
+                Some(r) if mask[i][t] > 0.0 => cfg.kl_estimator.eval(old[i][t], r[t]),
+                _ => 0.0,
+            })
+            .collect();
+        let mut score = batch.scores[i];
+        if let (Some(p), false) = (cfg.missing_eos_penalty, batch.ended_with_eos[i]) {
+            score -= p;
+        }
+        let r = token_rewards(&kl_row, &mask[i], score, beta, cfg.placement);
+        let (a, ret) = gae(&r, &v_old[i], &mask[i], value_len(&mask[i], cfg.placement), cfg.gamma, cfg.lam);
+        let kl_sum: f64 = kl_row.iter().sum();
+        m.kl_sum += kl_sum / n as f64;
+        kl_tokens += kl_sum;
+        m.non_score_reward += -beta * kl_sum / n as f64;
+        m.scores += score / n as f64;
+        m.entropy_sum += (0..width).filter(|&t| mask[i][t] > 0.0).map(|t| -old[i][t]).sum::<f64>() / n as f64;
+        advantages.push(a);
+        returns.push(ret);
+    }
+    m.rlhf_reward = m.scores + m.non_score_reward;
+    m.kl_token_mean = kl_tokens / mask.iter().flatten().sum::<f64>().max(1.0);
+    m.num_eos = batch.ended_with_eos.iter().filter(|&&e| e).count() as f64;
+    whiten(&mut advantages, &mask, cfg.whitening);
+
+    // 3. Epochs of shuffled mini-batches.
+    let vars: Vec<(String, candle_core::Var)> = policy.vars().iter().chain(critic.vars()).cloned().collect();
+    let mini = n.div_ceil(cfg.num_mini_batches.max(1));
+    let (mut updates, mut tokens) = (0.0f64, 0.0f64);
+    let (mut ratios, mut ratio_sq) = (0.0f64, 0.0f64);
+    for epoch in 0..cfg.epochs {
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut rng = RowRng::new(RowKey { seed: cfg.seed, step, prompt: PPO_SHUFFLE_STREAM, sample: epoch as u64 });
+        for i in (1..n).rev() {
+            let j = ((rng.next_u64() as u128 * (i as u128 + 1)) >> 64) as usize;
+            order.swap(i, j);
+        }
+        for mb in order.chunks(mini) {
+            let chunks: Vec<&[usize]> = mb.chunks(micro).collect();
+            let accum = chunks.len() as f64;
+            let mut acc = GradAccumulator::new();
+            for idx in chunks {
+                let s = seqs(idx)?;
+                let pick = |src: &[Vec<f64>]| tensor(&idx.iter().map(|&i| src[i].clone()).collect::<Vec<_>>(), dev);
+                let (logp, ent) = completion_logprobs(policy, &s, cfg.temperature, cfg.logprob_chunk, true)?;
+                let (old_t, adv_t, ret_t, vold_t) = (pick(&old)?, pick(&advantages)?, pick(&returns)?, pick(&v_old)?);
+                let mask_t = &s.completion_mask;
+                let log_ratio = (&logp - &old_t)?;
+                let ratio = log_ratio.exp()?;
+                let pg = masked_mean_tensor(&clipped_surrogate_tensor(&ratio, &adv_t, &cfg.clip)?, mask_t)?;
+                let v = critic.values(&s)?;
+                let v_clip = (&vold_t + (&v - &vold_t)?.clamp(-cfg.value_clip, cfg.value_clip)?)?;
+                let (a, b) = ((&v - &ret_t)?.sqr()?, (&v_clip - &ret_t)?.sqr()?);
+                let vf = (masked_mean_tensor(&a.maximum(&b)?, mask_t)? * 0.5)?;
+                let loss = ((&pg + (&vf * cfg.vf_coef)?)? / accum)?;
+                let value = scalar(&loss)?;
+                if !value.is_finite() {
+                    return Ok(PpoMetrics { pg_loss: f64::NAN, ..m });
+                }
+                acc.add(loss.backward()?, &vars)?;
+                // Metrics (token-weighted over the step).
+                let w = scalar(&mask_t.sum_all()?)?;
+                let (_, _, region) = clip_indicators_tensor(&ratio, &adv_t, &cfg.clip)?;
+                m.clipfrac += scalar(&masked_mean_tensor(&region, mask_t)?)? * w;
+                m.approxkl += 0.5 * scalar(&masked_mean_tensor(&log_ratio.detach().sqr()?, mask_t)?)? * w;
+                m.entropy += scalar(&masked_mean_tensor(&ent.expect("requested"), mask_t)?)? * w;
+                m.pg_loss += scalar(&pg)? * w;
+                m.vf_loss += scalar(&vf)? * w;
+                m.vf_clipfrac +=
+                    scalar(&masked_mean_tensor(&b.gt(&a)?.to_dtype(candle_core::DType::F32)?, mask_t)?)? * w;
+                let r = ratio.detach();
+                ratios += scalar(&(&r * mask_t)?.sum_all()?)?;
+                ratio_sq += scalar(&(r.sqr()? * mask_t)?.sum_all()?)?;
+                tokens += w;
+            }
+            let mut grads = acc.finish();
+            let max = |x: f64| if x > 0.0 { x } else { f64::INFINITY };
+            let gp = clip_grad_norm(&mut grads, policy.vars(), max(cfg.max_grad_norm))?;
+            let gc = clip_grad_norm(&mut grads, critic.vars(), max(cfg.critic_max_grad_norm))?;
+            if !gp.is_finite() || !gc.is_finite() {
+                return Ok(PpoMetrics { grad_norm: gp, critic_grad_norm: gc, ..m });
+            }
+            policy_opt.step(&grads)?;
+            critic_opt.step(&grads)?;
+            m.grad_norm += gp;
+            m.critic_grad_norm += gc;
+            updates += 1.0;
+        }
+    }
+    let t = tokens.max(1.0);
+    for x in [&mut m.clipfrac, &mut m.approxkl, &mut m.entropy, &mut m.pg_loss, &mut m.vf_loss, &mut m.vf_clipfrac] {
+        *x /= t;
+    }
+    m.ratio_mean = ratios / t;
+    m.ratio_var = ratio_sq / t - m.ratio_mean * m.ratio_mean;
+    m.grad_norm /= updates.max(1.0);
+    m.critic_grad_norm /= updates.max(1.0);
+    Ok(m)
+}
+
+/// Tags the per-epoch shuffle streams.
+const PPO_SHUFFLE_STREAM: u64 = 0x9900_0000_0000_0001;

@@ -35,6 +35,19 @@ impl SequenceBatch {
         sliding_window: Option<usize>,
         device: &Device,
     ) -> Result<Self> {
+        Self::with_width(prompts, completions, pad_id, sliding_window, device, 0)
+    }
+
+    /// Like [`SequenceBatch::new`], with completions padded to at least `min_completion_width` columns (so
+    /// micro-batches of one step line up with the step's `[n, C]` arrays).
+    pub fn with_width(
+        prompts: &[Vec<u32>],
+        completions: &[Vec<u32>],
+        pad_id: u32,
+        sliding_window: Option<usize>,
+        device: &Device,
+        min_completion_width: usize,
+    ) -> Result<Self> {
         if prompts.len() != completions.len() || prompts.is_empty() {
             bail!("sequence batch: {} prompts for {} completions", prompts.len(), completions.len());
         }
@@ -42,7 +55,7 @@ impl SequenceBatch {
             bail!("sequence batch: empty prompt");
         }
         let p = prompts.iter().map(Vec::len).max().unwrap();
-        let c = completions.iter().map(Vec::len).max().unwrap().max(1);
+        let c = completions.iter().map(Vec::len).max().unwrap().max(1).max(min_completion_width);
         let b = prompts.len();
         let mut ids = Vec::with_capacity(b * (p + c));
         let mut valid = Vec::with_capacity(b);

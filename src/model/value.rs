@@ -28,7 +28,8 @@ impl ValueModel {
         let hidden = loaded.config.hidden_size;
         let head = match loaded.config.head {
             Head::SequenceClassification => {
-                let s = loaded.tensors.remove("score.weight").with_context(|| format!("{origin} has no score.weight"))?;
+                let s =
+                    loaded.tensors.remove("score.weight").with_context(|| format!("{origin} has no score.weight"))?;
                 if s.dims() != [1, hidden] {
                     bail!("{origin}: score.weight has shape {:?}, a value head needs [1, {hidden}]", s.dims());
                 }

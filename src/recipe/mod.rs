@@ -55,6 +55,7 @@ pub struct Recipe {
     pub rollout: RolloutSettings,
     pub algorithm: AlgorithmSettings,
     pub optim: OptimSettings,
+    pub critic: CriticSettings,
     pub shaping: crate::reward::shaping::ShapingConfig,
     pub rewards: Vec<RewardSettings>,
     resolved: Resolved,
@@ -158,6 +159,8 @@ pub struct AlgorithmSettings {
     pub kind: AlgorithmKind,
     /// Set when `kind = "grpo_lambda"`.
     pub grpo_lambda: Option<GrpoLambdaSettings>,
+    /// Set when `kind = "ppo"`.
+    pub ppo: Option<PpoSettings>,
     pub beta: f64,
     pub epsilon: f64,
     /// Already resolved: equals `epsilon` when the recipe leaves it unset.
@@ -169,6 +172,32 @@ pub struct AlgorithmSettings {
     pub use_bias_correction_kl: bool,
     /// 0 = auto (the trainer picks); otherwise divides `completions_per_step` (checked at load).
     pub micro_batch_size: usize,
+}
+
+/// PPO's keys (`algorithm.kind = "ppo"`); β, ε and the micro-batch come from the shared keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PpoSettings {
+    pub gamma: f64,
+    pub lam: f64,
+    pub epochs: usize,
+    pub num_mini_batches: usize,
+    pub vf_coef: f64,
+    pub value_clip: f64,
+    pub kl_estimator: crate::algo::loss::KlEstimator,
+    pub whitening: crate::advantage::gae::Whitening,
+    pub placement: crate::advantage::gae::ScorePlacement,
+    pub missing_eos_penalty: Option<f64>,
+    pub kl_target: Option<f64>,
+    pub kl_horizon: f64,
+}
+
+/// `[critic]`: PPO's value model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CriticSettings {
+    /// "policy", "reward_model", or a model id.
+    pub init: String,
+    pub lr: f64,
+    pub max_grad_norm: f64,
 }
 
 /// GRPO-λ's keys (`algorithm.kind = "grpo_lambda"`).

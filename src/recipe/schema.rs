@@ -273,6 +273,7 @@ impl KeySpec {
     }
 }
 
+pub use crate::advantage::gae::{ScorePlacement, Whitening};
 pub use crate::advantage::ScaleRewards;
 pub use crate::algo::grpo_lambda::LengthStd;
 pub use crate::algo::loss::LossType;
@@ -293,8 +294,8 @@ choice_enum!(
     Auto = "auto", F32 = "f32", Bf16 = "bf16" }
 );
 choice_enum!(
-    /// The RL algorithm. Later versions add `ppo`, `safe`.
-    AlgorithmKind { Grpo = "grpo", GrpoLambda = "grpo_lambda" }
+    /// The RL algorithm. A later version adds `safe`.
+    AlgorithmKind { Grpo = "grpo", GrpoLambda = "grpo_lambda", Ppo = "ppo" }
 );
 choice_enum!(
     /// Where a step's completions come from.
@@ -376,6 +377,7 @@ pub static TABLES: &[TableSpec] = &[
         array: false,
         doc: "The RL objective. GRPO keys follow TRL's GRPOConfig names and defaults.",
     },
+    TableSpec { name: "critic", array: false, doc: "The value model of algorithm.kind = \"ppo\" (ignored otherwise)." },
     TableSpec { name: "optim", array: false, doc: "AdamW and the learning-rate schedule." },
     TableSpec {
         name: "shaping",
@@ -478,7 +480,7 @@ pub static KEYS: &[KeySpec] = &[
         "algorithm.kind",
         Kind::Choice(AlgorithmKind::NAMES),
         "\"grpo\"",
-        "grpo (TRL's GRPO), or grpo_lambda (arXiv 2505.18086: the top λ fraction of groups by correctness get a length-penalised reward).",
+        "grpo (TRL's GRPO), grpo_lambda (arXiv 2505.18086: the top λ fraction of groups by correctness get a length-penalised reward), or ppo (a critic and GAE, TRL's PPOTrainer).",
     ),
     KeySpec {
         path: "algorithm.lambda",
@@ -545,6 +547,99 @@ pub static KEYS: &[KeySpec] = &[
         "0",
         "Completions per forward/backward pass (gradients accumulate); 0 = auto, chosen by the trainer.",
     ),
+    KeySpec {
+        path: "algorithm.gamma",
+        kind: Kind::Float(FloatRange::new(0.0, 1.0)),
+        default: Default::Value("1.0"),
+        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        doc: "GAE discount γ.",
+    },
+    KeySpec {
+        path: "algorithm.lam",
+        kind: Kind::Float(FloatRange::new(0.0, 1.0)),
+        default: Default::Value("0.95"),
+        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        doc: "GAE λ.",
+    },
+    KeySpec {
+        path: "algorithm.ppo_epochs",
+        kind: int(1),
+        default: Default::Value("4"),
+        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        doc: "Passes over each step's rollouts (TRL num_ppo_epochs).",
+    },
+    KeySpec {
+        path: "algorithm.num_mini_batches",
+        kind: int(1),
+        default: Default::Value("1"),
+        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        doc: "Optimizer steps per epoch, over shuffled mini-batches (divides the step's completions).",
+    },
+    KeySpec {
+        path: "algorithm.vf_coef",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Value("0.1"),
+        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        doc: "Weight of the value loss.",
+    },
+    KeySpec {
+        path: "algorithm.value_clip",
+        kind: Kind::Float(FloatRange::positive()),
+        default: Default::Value("0.2"),
+        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        doc: "Value clipping: V_clip = V_old + clip(V − V_old, ±value_clip) (TRL cliprange_value).",
+    },
+    KeySpec {
+        path: "algorithm.kl_estimator",
+        kind: Kind::Choice(&["k1", "k3"]),
+        default: Default::Value("\"k1\""),
+        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        doc: "Per-token KL in the reward: k1 = logp − ref (TRL, OpenRLHF default) or k3.",
+    },
+    KeySpec {
+        path: "algorithm.whiten",
+        kind: Kind::Choice(Whitening::NAMES),
+        default: Default::Value("\"unbiased\""),
+        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        doc: "Advantage whitening over the step's tokens: unbiased variance (TRL), population (OpenRLHF), or none.",
+    },
+    KeySpec {
+        path: "algorithm.score_placement",
+        kind: Kind::Choice(ScorePlacement::NAMES),
+        default: Default::Value("\"last_token\""),
+        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        doc: "Where the score joins the per-token rewards: the last real token (OpenRLHF) or one past it (TRL's trl_p1).",
+    },
+    KeySpec {
+        path: "algorithm.missing_eos_penalty",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Optional,
+        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        doc: "Subtracted from the score of a completion without EOS (truncated or stopped by a stop string).",
+    },
+    KeySpec {
+        path: "algorithm.kl_target",
+        kind: Kind::Float(FloatRange::positive()),
+        default: Default::Optional,
+        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        doc: "Adaptive KL: steer β so the mean per-token KL approaches this (Ziegler et al.); unset = fixed β.",
+    },
+    KeySpec {
+        path: "algorithm.kl_horizon",
+        kind: Kind::Float(FloatRange::positive()),
+        default: Default::Value("10000.0"),
+        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        doc: "Adaptive KL horizon: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon), n the step's completions.",
+    },
+    // [critic]
+    key(
+        "critic.init",
+        NON_EMPTY,
+        "\"policy\"",
+        "ppo's value model: \"policy\" (the starting policy's weights, a zero value head), \"reward_model\" (the [[reward]] of kind model), or a path/hub id.",
+    ),
+    key("critic.lr", Kind::Float(FloatRange::new(0.0, 1.0)), "1e-5", "Value model learning rate (AdamW, same betas, eps and schedule as the policy)."),
+    key("critic.max_grad_norm", Kind::Float(FloatRange::non_negative()), "1.0", "Clip the value model's gradient norm; 0 = off."),
     // [optim]
     key("optim.lr", Kind::Float(FloatRange::new(0.0, 1.0)), "1e-6", "Peak learning rate."),
     key(

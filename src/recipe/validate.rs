@@ -13,9 +13,9 @@ use super::{
     ShapingKind,
 };
 use super::{
-    AlgorithmSettings, DataSettings, DataSource, DeviceSpec, GateSettings, GrpoLambdaSettings, ModelSettings,
-    OptimSettings, Recipe, RecipeError, Resolved, RewardSettings, RewardSource, RolloutSettings, RolloutSource, Rule,
-    RunSettings,
+    AlgorithmSettings, CriticSettings, DataSettings, DataSource, DeviceSpec, GateSettings, GrpoLambdaSettings,
+    ModelSettings, OptimSettings, PpoSettings, Recipe, RecipeError, Resolved, RewardSettings, RewardSource,
+    RolloutSettings, RolloutSource, Rule, RunSettings,
 };
 
 /// Where a value came from, for messages.
@@ -433,7 +433,8 @@ fn strings(t: &Filled, path: &str) -> Vec<String> {
 fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut Ctx) -> Option<Recipe> {
     let (run, model, data) = (&tables["run"], &tables["model"], &tables["data"]);
     let (rollout, algo, optim) = (&tables["rollout"], &tables["algorithm"], &tables["optim"]);
-    let shaping = &tables["shaping"];
+    let (shaping, critic) = (&tables["shaping"], &tables["critic"]);
+    let kind = choice(algo, "algorithm.kind", AlgorithmKind::from_name);
 
     let source = string(data, "data.source");
     let data_source = match source.strip_prefix("builtin:") {
@@ -532,17 +533,34 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
         },
         algorithm: AlgorithmSettings {
             kind: choice(algo, "algorithm.kind", AlgorithmKind::from_name),
-            grpo_lambda: (choice(algo, "algorithm.kind", AlgorithmKind::from_name) == AlgorithmKind::GrpoLambda).then(
-                || GrpoLambdaSettings {
-                    config: crate::algo::grpo_lambda::GrpoLambdaConfig {
-                        lambda: float(algo, "algorithm.lambda"),
-                        alpha: float(algo, "algorithm.alpha"),
-                        length_std: choice(algo, "algorithm.length_std", LengthStd::from_name),
-                    },
-                    correctness_reward: string(algo, "algorithm.correctness_reward"),
-                    correct_min: float(algo, "algorithm.correct_min"),
+            ppo: (kind == AlgorithmKind::Ppo).then(|| PpoSettings {
+                gamma: float(algo, "algorithm.gamma"),
+                lam: float(algo, "algorithm.lam"),
+                epochs: usz(algo, "algorithm.ppo_epochs"),
+                num_mini_batches: usz(algo, "algorithm.num_mini_batches"),
+                vf_coef: float(algo, "algorithm.vf_coef"),
+                value_clip: float(algo, "algorithm.value_clip"),
+                kl_estimator: match string(algo, "algorithm.kl_estimator").as_str() {
+                    "k1" => crate::algo::loss::KlEstimator::K1,
+                    _ => crate::algo::loss::KlEstimator::K3,
                 },
-            ),
+                whitening: choice(algo, "algorithm.whiten", crate::advantage::gae::Whitening::from_name),
+                placement: choice(algo, "algorithm.score_placement", crate::advantage::gae::ScorePlacement::from_name),
+                missing_eos_penalty: algo
+                    .get("algorithm.missing_eos_penalty")
+                    .map(|_| float(algo, "algorithm.missing_eos_penalty")),
+                kl_target: algo.get("algorithm.kl_target").map(|_| float(algo, "algorithm.kl_target")),
+                kl_horizon: float(algo, "algorithm.kl_horizon"),
+            }),
+            grpo_lambda: (kind == AlgorithmKind::GrpoLambda).then(|| GrpoLambdaSettings {
+                config: crate::algo::grpo_lambda::GrpoLambdaConfig {
+                    lambda: float(algo, "algorithm.lambda"),
+                    alpha: float(algo, "algorithm.alpha"),
+                    length_std: choice(algo, "algorithm.length_std", LengthStd::from_name),
+                },
+                correctness_reward: string(algo, "algorithm.correctness_reward"),
+                correct_min: float(algo, "algorithm.correct_min"),
+            }),
             beta: float(algo, "algorithm.beta"),
             epsilon: float(algo, "algorithm.epsilon"),
             epsilon_high: float(algo, "algorithm.epsilon_high"),
@@ -561,6 +579,11 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
             max_grad_norm: float(optim, "optim.max_grad_norm"),
             schedule: choice(optim, "optim.schedule", LrSchedule::from_name),
             warmup_steps: uint(optim, "optim.warmup_steps"),
+        },
+        critic: CriticSettings {
+            init: string(critic, "critic.init"),
+            lr: float(critic, "critic.lr"),
+            max_grad_norm: float(critic, "critic.max_grad_norm"),
         },
         shaping: crate::reward::shaping::ShapingConfig {
             kind: choice(shaping, "shaping.kind", ShapingKind::from_name),
@@ -596,7 +619,29 @@ fn cross_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, rewards: &[
         }
     };
     let ro = &r.rollout;
-    if ro.num_generations < 2 {
+    if let Some(p) = &r.algorithm.ppo {
+        if !n_divisible(ro.completions_per_step(), p.num_mini_batches) {
+            ctx.err(
+                &at("algorithm", "algorithm.num_mini_batches"),
+                format!(
+                    "`algorithm.num_mini_batches` = {} does not divide the {} completions of a step \
+                     (rollout.prompts_per_step × rollout.num_generations)",
+                    p.num_mini_batches,
+                    ro.completions_per_step()
+                ),
+            );
+        }
+        if r.critic.init == "reward_model"
+            && !r.rewards.iter().any(|w| matches!(w.source, super::RewardSource::Model { .. }))
+        {
+            ctx.err(
+                &at("critic", "critic.init"),
+                "`critic.init` = \"reward_model\" needs a [[reward]] with kind = \"model\" to start from",
+            );
+        }
+    }
+    let grouped = matches!(r.algorithm.kind, AlgorithmKind::Grpo | AlgorithmKind::GrpoLambda);
+    if grouped && ro.num_generations < 2 {
         ctx.err(
             &at("rollout", "rollout.num_generations"),
             format!(
@@ -747,4 +792,8 @@ fn gate_checks(r: &Recipe, rewards: &[Filled], ctx: &mut Ctx) {
             ctx.err(&at, e.to_string());
         }
     }
+}
+
+fn n_divisible(n: usize, d: usize) -> bool {
+    d > 0 && n.is_multiple_of(d)
 }

@@ -33,6 +33,8 @@ pub struct StepShape {
     pub max_new_tokens: usize,
     /// Whether a frozen reference model is loaded (β > 0).
     pub reference: bool,
+    /// Whether a trainable value model is loaded (PPO): its state and activations count like the policy's.
+    pub critic: bool,
     /// Bytes per weight (4 for f32, 2 for bf16).
     pub dtype_bytes: usize,
 }
@@ -56,7 +58,8 @@ pub fn step_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     let p = parameter_count(cfg);
     let b = shape.dtype_bytes as u64;
     // Weights, accumulated gradients, one micro-batch's gradients, two f32 moments; the reference's weights.
-    let state = p * (3 * b + 8) + if shape.reference { p * b } else { 0 };
+    let critic = shape.critic as u64;
+    let state = p * (3 * b + 8) * (1 + critic) + if shape.reference { p * b } else { 0 };
     let t = (shape.max_prompt_tokens + shape.max_new_tokens) as u64;
     let c = shape.max_new_tokens as u64;
     let (h, i, heads) = (cfg.hidden_size as u64, cfg.intermediate_size as u64, cfg.num_heads as u64);
@@ -153,6 +156,7 @@ mod tests {
             max_prompt_tokens: 64,
             max_new_tokens: 64,
             reference: true,
+            critic: false,
             dtype_bytes: 4,
         }
     }

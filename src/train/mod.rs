@@ -22,11 +22,14 @@ use serde::{Deserialize, Serialize};
 use crate::advantage::group_advantages;
 use crate::algo::grpo::{grpo_update, GrpoLossConfig, UpdateBatch, UpdateConfig, UpdateMetrics};
 use crate::algo::loss::{Aggregation, ClipConfig};
+use crate::algo::ppo::{ppo_update, KlController, PpoBatch, PpoConfig};
 use crate::checkpoint::{self, Checkpoint, SaveRequest};
 use crate::data::{Dataset, Sampler, SamplerState, TruncationCounter};
 use crate::exit::{self, Failure, OrExit};
 use crate::metrics::{names, MetricsWriter, Record};
+use crate::model::value::ValueModel;
 use crate::model::{CausalLm, LoadedModel, ModelSource, Tokenizer};
+use crate::optim::AdamWState;
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::recipe::{Recipe, RolloutSource};
 use crate::reward::shaping::{shape, RunningStats, ShapingKind};
@@ -36,6 +39,10 @@ use crate::rollout::{
 };
 use references::{ReferenceRewards, ReferenceSource};
 use run_dir::Start;
+
+/// The value model's weights and optimizer moments in a checkpoint (PPO).
+pub const CRITIC_FILE: &str = "critic.safetensors";
+pub const CRITIC_OPTIMIZER_FILE: &str = "critic_optimizer.safetensors";
 
 /// Everything the loop carries from one step to the next besides weights and optimizer; saved verbatim in each
 /// checkpoint's `state.json` (`training`).
@@ -62,6 +69,12 @@ pub struct TrainState {
     /// Reference rewards per prompt (PAR and the other relative shaping kinds).
     #[serde(default)]
     pub references: ReferenceRewards,
+    /// PPO: the KL coefficient's controller (β moves when adaptive).
+    #[serde(default)]
+    pub kl_controller: Option<KlController>,
+    /// PPO: the value model optimizer's scalar state (its moments are `critic_optimizer.safetensors`).
+    #[serde(default)]
+    pub critic_optimizer: Option<AdamWState>,
 }
 
 /// How a step ended.
@@ -103,6 +116,8 @@ pub struct Trainer {
     reference: Option<CausalLm>,
     tokenizer: Tokenizer,
     optimizer: AdamW,
+    /// PPO's value model and its optimizer.
+    critic: Option<(ValueModel, AdamW)>,
     rewards: RewardPipeline,
     prompts: Prompts,
     generation: GenerationConfig,
@@ -158,6 +173,7 @@ impl Trainer {
             max_prompt_tokens: recipe.data.max_prompt_tokens,
             max_new_tokens: ro.max_new_tokens,
             reference: reference.is_some(),
+            critic: a.ppo.is_some(),
             dtype_bytes: dtype.size_in_bytes(),
         };
         let plan = memory::plan(&config, &shape, available).map_err(|e| anyhow!(e))?;
@@ -234,6 +250,12 @@ impl Trainer {
                 recipe: recipe.to_toml_string(),
                 shaping_stats: RunningStats::default(),
                 references: ReferenceRewards::default(),
+                kl_controller: a.ppo.as_ref().map(|p| KlController {
+                    beta: a.beta,
+                    target: p.kl_target,
+                    horizon: p.kl_horizon,
+                }),
+                critic_optimizer: None,
             },
         };
 
@@ -274,6 +296,50 @@ impl Trainer {
             pad_id,
             logprob_chunk: plan.logprob_chunk,
         };
+        let critic = match &a.ppo {
+            None => None,
+            Some(_) => {
+                let c = &recipe.critic;
+                let source = match c.init.as_str() {
+                    "policy" => base.clone(),
+                    "reward_model" => {
+                        let id = recipe.rewards.iter().find_map(|w| match &w.source {
+                            crate::recipe::RewardSource::Model { id, .. } => Some(id.clone()),
+                            _ => None,
+                        });
+                        ModelSource::parse(&id.expect("checked by the recipe"), None)?
+                    }
+                    path => ModelSource::parse(path, None).context("critic.init")?,
+                };
+                let value = ValueModel::from_loaded(LoadedModel::load(&source, &device, dtype)?, &device, dtype)
+                    .context("loading the value model (critic.init)")?;
+                if value.vocab_size() != config.vocab_size {
+                    bail!(
+                        "critic.init = \"{}\" has a vocabulary of {} tokens, the policy {}: the value model reads the \
+                         policy's token ids, so it needs the same tokenizer",
+                        c.init,
+                        value.vocab_size(),
+                        config.vocab_size
+                    );
+                }
+                let mut opt = AdamW::new(
+                    value.vars().to_vec(),
+                    AdamWConfig {
+                        lr: c.lr,
+                        beta1: o.betas[0],
+                        beta2: o.betas[1],
+                        eps: o.eps,
+                        weight_decay: o.weight_decay,
+                    },
+                )?;
+                if let Some(ckpt) = checkpoint {
+                    value.load_weights(&ckpt.tensor_file(CRITIC_FILE, &device)?)?;
+                    let st = state.critic_optimizer.context("the checkpoint has no value-model optimizer state")?;
+                    opt.load_state(&st, &ckpt.tensor_file(CRITIC_OPTIMIZER_FILE, &device)?)?;
+                }
+                Some((value, opt))
+            }
+        };
         let sampler_model = policy.frozen_view()?;
         Ok(Self {
             recipe,
@@ -283,6 +349,7 @@ impl Trainer {
             reference,
             tokenizer,
             optimizer,
+            critic,
             rewards,
             prompts,
             generation,
@@ -405,14 +472,21 @@ impl Trainer {
 
     /// Write a checkpoint of the current state.
     pub fn save(&self) -> Result<PathBuf> {
-        let state = serde_json::to_value(&self.state)?;
+        let mut state = self.state.clone();
+        let mut extra = Vec::new();
+        if let Some((value, opt)) = &self.critic {
+            state.critic_optimizer = Some(opt.state());
+            extra.push((CRITIC_FILE.to_string(), value.named_tensors()));
+            extra.push((CRITIC_OPTIMIZER_FILE.to_string(), opt.state_tensors()));
+        }
+        let state = serde_json::to_value(&state)?;
         let req = SaveRequest {
             step: self.state.step,
             model: &self.policy,
             tokenizer: &self.tokenizer,
             optimizer: &self.optimizer,
             training_state: &state,
-            extra_tensor_files: &[],
+            extra_tensor_files: &extra,
         };
         checkpoint::save(&self.run_dir, &req, self.recipe.run.keep_last)
     }
@@ -445,18 +519,26 @@ impl Trainer {
                 if let Some(gl) = &self.recipe.algorithm.grpo_lambda {
                     grpo_lambda_rewards(gl, &samples, g, &mut scored, &mut record)?;
                 }
-                let rewards: Vec<Option<f64>> = scored.total.iter().map(|&r| (!r.is_nan()).then_some(r)).collect();
-                let adv = group_advantages(&rewards, g, self.recipe.algorithm.scale_rewards)?;
-                record.set(names::REWARD_STD, adv.reward_std);
-                record.set(names::FRAC_REWARD_ZERO_STD, adv.frac_reward_zero_std);
                 completion_metrics(&mut record, &samples);
-                if let Some(every) = std::num::NonZeroU64::new(self.recipe.run.completions_every) {
-                    if step.is_multiple_of(every.get()) {
-                        self.write_completions(step, &samples, &scored, &adv.advantages)?;
-                    }
-                }
+                let write_completions =
+                    self.recipe.run.completions_every > 0 && step.is_multiple_of(self.recipe.run.completions_every);
                 let t = Instant::now();
-                let outcome = self.update(&samples, &adv.advantages, &mut record)?;
+                let outcome = if self.critic.is_some() {
+                    // PPO: advantages are per token (GAE over the critic's values), made inside the update.
+                    if write_completions {
+                        self.write_completions(step, &samples, &scored, None)?;
+                    }
+                    self.ppo_update(step, &samples, &scored, &mut record)?
+                } else {
+                    let rewards: Vec<Option<f64>> = scored.total.iter().map(|&r| (!r.is_nan()).then_some(r)).collect();
+                    let adv = group_advantages(&rewards, g, self.recipe.algorithm.scale_rewards)?;
+                    record.set(names::REWARD_STD, adv.reward_std);
+                    record.set(names::FRAC_REWARD_ZERO_STD, adv.frac_reward_zero_std);
+                    if write_completions {
+                        self.write_completions(step, &samples, &scored, Some(&adv.advantages))?;
+                    }
+                    self.update(&samples, &adv.advantages, &mut record)?
+                };
                 update_s = t.elapsed().as_secs_f64();
                 outcome
             }
@@ -649,6 +731,102 @@ impl Trainer {
         Ok(StepOutcome::Trained)
     }
 
+    /// One PPO step (TRL's PPOTrainer semantics) with the value model; the KL controller moves after it.
+    fn ppo_update(
+        &mut self,
+        step: u64,
+        samples: &[Sample],
+        scored: &ScoredBatch,
+        record: &mut Record,
+    ) -> Result<StepOutcome> {
+        let a = &self.recipe.algorithm;
+        let p = a.ppo.as_ref().expect("ppo settings");
+        let o = &self.recipe.optim;
+        let prompts: Vec<Vec<u32>> = samples.iter().map(|s| s.prompt_ids.clone()).collect();
+        let completions: Vec<Vec<u32>> = samples.iter().map(|s| s.completion_ids.clone()).collect();
+        // A sample no reward applied to scores 0.
+        let scores: Vec<f64> = scored.total.iter().map(|&r| if r.is_nan() { 0.0 } else { r }).collect();
+        let eos: Vec<bool> = samples.iter().map(|s| s.finish == FinishReason::Eos).collect();
+        let cfg = PpoConfig {
+            gamma: p.gamma,
+            lam: p.lam,
+            epochs: p.epochs,
+            num_mini_batches: p.num_mini_batches,
+            vf_coef: p.vf_coef,
+            value_clip: p.value_clip,
+            clip: ClipConfig { eps_low: a.epsilon, eps_high: a.epsilon_high, delta: None },
+            kl_estimator: p.kl_estimator,
+            whitening: p.whitening,
+            placement: p.placement,
+            missing_eos_penalty: p.missing_eos_penalty,
+            micro_batch_size: self.update.micro_batch_size,
+            temperature: self.update.temperature,
+            max_grad_norm: o.max_grad_norm,
+            critic_max_grad_norm: self.recipe.critic.max_grad_norm,
+            pad_id: self.update.pad_id,
+            logprob_chunk: self.update.logprob_chunk,
+            seed: self.recipe.run.seed,
+        };
+        // The schedule counts training steps (TRL steps its scheduler once per batch of rollouts).
+        let lr = lr_at(self.state.step, o.lr, o.schedule, o.warmup_steps, self.recipe.run.max_steps);
+        self.optimizer.set_lr(lr);
+        let (critic, critic_opt) = self.critic.as_mut().expect("ppo has a critic");
+        let critic_lr = self.recipe.critic.lr * if o.lr > 0.0 { lr / o.lr } else { 0.0 };
+        critic_opt.set_lr(critic_lr);
+        let kl = self.state.kl_controller.expect("ppo has a KL controller");
+        let reference = self.reference.as_ref().filter(|_| kl.beta > 0.0 || kl.target.is_some());
+        let batch = PpoBatch { prompts: &prompts, completions: &completions, scores: &scores, ended_with_eos: &eos };
+        let m = ppo_update(
+            &self.policy,
+            &self.sampler_model,
+            reference,
+            critic,
+            &mut self.optimizer,
+            critic_opt,
+            &kl,
+            &batch,
+            &cfg,
+            step,
+        )?;
+        if !m.pg_loss.is_finite() {
+            return Ok(StepOutcome::Skipped { stage: "loss", reason: "the PPO loss is not finite".into() });
+        }
+        if !m.grad_norm.is_finite() || !m.critic_grad_norm.is_finite() {
+            let reason =
+                format!("the gradient norm is {} (policy) / {} (value model)", m.grad_norm, m.critic_grad_norm);
+            return Ok(StepOutcome::Skipped { stage: "gradient", reason });
+        }
+        if let Some(c) = self.state.kl_controller.as_mut() {
+            c.update(m.kl_token_mean, samples.len());
+        }
+        for (name, v) in [
+            (names::PPO_KL, m.kl_sum),
+            (names::PPO_ENTROPY, m.entropy_sum),
+            (names::PPO_NON_SCORE_REWARD, m.non_score_reward),
+            (names::PPO_RLHF_REWARD, m.rlhf_reward),
+            (names::PPO_SCORES, m.scores),
+            (names::PPO_APPROXKL, m.approxkl),
+            (names::PPO_CLIPFRAC, m.clipfrac),
+            (names::PPO_POLICY_ENTROPY, m.entropy),
+            (names::PPO_LOSS_POLICY, m.pg_loss),
+            (names::PPO_LOSS_VALUE, m.vf_loss),
+            (names::PPO_VAL_CLIPFRAC, m.vf_clipfrac),
+            (names::PPO_VAL_RATIO, m.ratio_mean),
+            (names::PPO_VAL_RATIO_VAR, m.ratio_var),
+            (names::PPO_VAL_NUM_EOS, m.num_eos),
+            (names::PPO_KL_COEF, m.kl_coef),
+            (names::KL, m.kl_token_mean),
+            (names::ENTROPY, m.entropy),
+            (names::LOSS, m.pg_loss + p.vf_coef * m.vf_loss),
+            (names::GRAD_NORM, m.grad_norm),
+            (names::CRITIC_GRAD_NORM, m.critic_grad_norm),
+            (names::LEARNING_RATE, lr),
+        ] {
+            record.set(name, v);
+        }
+        Ok(StepOutcome::Trained)
+    }
+
     /// Per-token log-probs of each completion under the current policy, without a graph, one micro-batch at a time.
     fn old_logprobs(&self, prompts: &[Vec<u32>], completions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         use crate::model::logprobs::{completion_logprobs, SequenceBatch};
@@ -678,7 +856,13 @@ impl Trainer {
     }
 
     /// `completions/step-<N>.jsonl`: one line per completion with its rewards and advantage.
-    fn write_completions(&self, step: u64, samples: &[Sample], scored: &ScoredBatch, advantages: &[f64]) -> Result<()> {
+    fn write_completions(
+        &self,
+        step: u64,
+        samples: &[Sample],
+        scored: &ScoredBatch,
+        advantages: Option<&[f64]>,
+    ) -> Result<()> {
         use std::io::Write;
         let path = run_dir::completions_file(&self.run_dir, step);
         let mut out = std::io::BufWriter::new(
@@ -697,7 +881,8 @@ impl Trainer {
                 "num_tokens": s.completion_ids.len(),
                 "rewards": rewards,
                 "reward": finite_or_null(scored.total[i]),
-                "advantage": advantages[i],
+                // PPO's advantages are per token: none per completion.
+                "advantage": advantages.map(|a| finite_or_null(a[i])),
             });
             writeln!(out, "{line}")?;
         }
