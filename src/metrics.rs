@@ -54,6 +54,23 @@ pub mod names {
     pub const PPO_KL_COEF: &str = "objective/kl_coef";
     pub const CRITIC_GRAD_NORM: &str = "critic/grad_norm";
 
+    /// SAFE's controller and critic, each step (the last epoch's controller call).
+    pub const SAFE_KL_SHORT: &str = "safe/kl_short";
+    pub const SAFE_KL_LONG: &str = "safe/kl_long";
+    pub const SAFE_PID: &str = "safe/pid";
+    /// 0 warmup, 1 climbing, 2 plateau, 3 converged.
+    pub const SAFE_PHASE: &str = "safe/phase";
+    pub const SAFE_PHI: &str = "safe/phi";
+    pub const SAFE_THRESHOLD: &str = "safe/threshold";
+    pub const SAFE_ENTROPY_FACTOR: &str = "safe/entropy_factor";
+    pub const SAFE_PENALTY: &str = "safe/penalty";
+    pub const SAFE_ACTIVE: &str = "safe/active";
+    pub const SAFE_ENTROPY_BONUS: &str = "safe/entropy_bonus";
+    pub const SAFE_V1_MEAN: &str = "safe/v1_mean";
+    pub const SAFE_V2_MEAN: &str = "safe/v2_mean";
+    pub const SAFE_VALUE_MEAN: &str = "safe/value_softmin_mean";
+    pub const SAFE_NORMALIZED_REWARD: &str = "safe/normalized_reward_mean";
+
     /// Shaping: the mean composed reward before and after shaping, and the references used per sample.
     pub const REWARDS_RAW: &str = "rewards/raw";
     pub const REWARDS_SHAPED: &str = "rewards/shaped";

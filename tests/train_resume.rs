@@ -84,7 +84,7 @@ fn resume_from_a_checkpoint_directory_with_a_linear_schedule() {
     ok(&out);
     let kept = run.join("checkpoints/superseded-step-6");
     assert!(kept.join("model.safetensors").is_file(), "the later checkpoint must be kept aside");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("superseded-step-6"));
+    assert!(stderr(&out).contains("superseded-step-6"), "{}", stderr(&out));
     assert_eq!(checkpoint_bytes(&kept), before.0);
     assert_eq!((checkpoint_bytes(&step_dir(&run, 6)), metrics(&run)), before);
     assert_eq!(std::fs::read_to_string(run.join("checkpoints/latest")).unwrap().trim(), "step-6");

@@ -445,3 +445,286 @@ mod tests {
         assert_eq!(p.history.len(), 100);
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// The SAFE step.
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+use super::loss::{clipped_surrogate_tensor, scalar, ClipConfig};
+use crate::model::logprobs::{
+    completion_logprobs, last_token_columns, logprobs_from_hidden, select_columns, Entropy, SequenceBatch,
+};
+use crate::model::value::SoftMinHeads;
+use crate::model::CausalLm;
+use crate::optim::{clip_grad_norm, AdamW, GradAccumulator};
+
+choice_enum!(
+    /// Where the critic reads the hidden state.
+    #[derive(Default)]
+    ValuePosition {
+        /// The last real token of each sequence (`safe`'s default).
+        #[default]
+        LastValid = "last_valid",
+        /// The last column of the padded batch, as the official code (a padding token for short completions).
+        LastPadded = "last_padded",
+    }
+);
+
+/// SAFE's hyperparameters that are not the controller's (those live in [`Controller`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SafeConfig {
+    pub alpha_softmin: f64,
+    /// Passes over the whole batch per step (official E = 2).
+    pub epochs: usize,
+    pub clip: ClipConfig,
+    pub value_clip: f64,
+    pub huber_delta: f64,
+    /// Weight of the value loss in the total (official 0.5).
+    pub value_weight: f64,
+    pub entropy_coef: f64,
+    pub policy_max_grad_norm: f64,
+    pub heads_max_grad_norm: f64,
+    /// The KL penalty acts on the policy through a differentiable KL (`safe`'s default); `false` reproduces the
+    /// official code, where it is a constant.
+    pub kl_penalty_grad: bool,
+    pub value_position: ValuePosition,
+    pub micro_batch_size: usize,
+    pub temperature: f64,
+    pub pad_id: u32,
+    pub logprob_chunk: usize,
+}
+
+/// What a SAFE step logs: losses and KL averaged over epochs, the controller of the last epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SafeMetrics {
+    pub pg_loss: f64,
+    pub value_loss: f64,
+    pub entropy_bonus: f64,
+    pub kl: f64,
+    pub rollout_entropy: f64,
+    pub reward_raw_mean: f64,
+    pub normalized_mean: f64,
+    pub v1_mean: f64,
+    pub v2_mean: f64,
+    pub value_mean: f64,
+    pub grad_norm: f64,
+    pub heads_grad_norm: f64,
+    pub control: Option<ControlStep>,
+    /// Non-finite loss or grad norm: the step stopped before an optimizer step.
+    pub failed: Option<String>,
+}
+
+/// One step's rollouts: one raw reward per completion.
+pub struct SafeBatch<'a> {
+    pub prompts: &'a [Vec<u32>],
+    pub completions: &'a [Vec<u32>],
+    pub rewards: &'a [f64],
+}
+
+/// Soft-min of two value tensors (`[b]`), differentiable: −α·(logsumexp(−V1/α, −V2/α) − ln 2).
+fn soft_min_tensor(v1: &Tensor, v2: &Tensor, alpha: f64) -> Result<Tensor> {
+    let (a, b) = ((v1 / -alpha)?, (v2 / -alpha)?);
+    let m = a.maximum(&b)?.detach();
+    let lse = ((a.broadcast_sub(&m)?.exp()? + b.broadcast_sub(&m)?.exp()?)?.log()? + &m)?;
+    Ok(((lse - std::f64::consts::LN_2)? * -alpha)?)
+}
+
+/// Huber_δ as a tensor: q = min(|e|, δ), q·(|e| − q/2).
+fn huber_tensor(e: &Tensor, delta: f64) -> Result<Tensor> {
+    let abs = e.abs()?;
+    let q = abs.minimum(delta)?;
+    Ok((&q * (abs - (&q * 0.5)?)?)?)
+}
+
+/// One SAFE step (algorithms.md §1.4): normalise the rewards, take rollout log-probs, reference log-probs, the
+/// rollout entropy and V_old without a graph, whiten r̃ − V_old into advantages, then `epochs` passes over the whole
+/// batch, each: controller call (KL, H̄, r̄) → L = L_pg + w_v·L_v + P − c_H·H → backward → clip policy and heads
+/// separately → AdamW for both.
+#[allow(clippy::too_many_arguments)]
+pub fn safe_update(
+    policy: &CausalLm,
+    rollout_view: &CausalLm,
+    reference: &CausalLm,
+    heads: &SoftMinHeads,
+    policy_opt: &mut AdamW,
+    heads_opt: &mut AdamW,
+    controller: &mut Controller,
+    normalizer: &mut RewardNormalizer,
+    batch: &SafeBatch,
+    cfg: &SafeConfig,
+) -> Result<SafeMetrics> {
+    let n = batch.completions.len();
+    if n < 2 || batch.prompts.len() != n || batch.rewards.len() != n {
+        bail!("SAFE update: needs at least 2 completions with one prompt and one reward each");
+    }
+    if let Some(i) = batch.rewards.iter().position(|r| !r.is_finite()) {
+        // A non-finite reward would poison the normaliser's running statistics for good.
+        bail!("SAFE: reward {i} is {} (every completion needs a finite reward)", batch.rewards[i]);
+    }
+    let dev = policy.device();
+    let micro = cfg.micro_batch_size.clamp(1, n);
+    let width = batch.completions.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let chunks: Vec<Vec<usize>> = (0..n).collect::<Vec<_>>().chunks(micro).map(<[usize]>::to_vec).collect();
+    let seqs = |idx: &[usize]| -> Result<SequenceBatch> {
+        let p: Vec<Vec<u32>> = idx.iter().map(|&i| batch.prompts[i].clone()).collect();
+        let c: Vec<Vec<u32>> = idx.iter().map(|&i| batch.completions[i].clone()).collect();
+        SequenceBatch::with_width(&p, &c, cfg.pad_id, policy.config().sliding_window, dev, width)
+    };
+    let columns = |s: &SequenceBatch, idx: &[usize]| -> Vec<usize> {
+        match cfg.value_position {
+            ValuePosition::LastValid => {
+                last_token_columns(s, &idx.iter().map(|&i| batch.completions[i].len()).collect::<Vec<_>>())
+            }
+            ValuePosition::LastPadded => vec![s.prompt_width + s.completion_width - 1; idx.len()],
+        }
+    };
+    let total_tokens: f64 = batch.completions.iter().map(|c| c.len() as f64).sum::<f64>().max(1.0);
+
+    // 1. Rewards → normalised targets.
+    let normalized = normalizer.update_and_normalize(batch.rewards);
+    let reward_raw_mean = batch.rewards.iter().sum::<f64>() / n as f64;
+
+    // 2. Rollout-time quantities, no graph.
+    let (mut old, mut refs, mut v_old, mut h_bar) = (Vec::new(), Vec::new(), Vec::new(), 0.0);
+    let (mut v1s, mut v2s) = (0.0, 0.0);
+    for idx in &chunks {
+        let s = seqs(idx)?;
+        let hidden = rollout_view.forward_hidden(&s.input_ids, &s.positions, &s.mask, None)?;
+        let (lp, ent) =
+            logprobs_from_hidden(rollout_view, &hidden, &s, cfg.temperature, cfg.logprob_chunk, Entropy::Metric)?;
+        let (rp, _) = logprobs_from_hidden(
+            reference,
+            &reference.forward_hidden(&s.input_ids, &s.positions, &s.mask, None)?,
+            &s,
+            cfg.temperature,
+            cfg.logprob_chunk,
+            Entropy::None,
+        )?;
+        // H̄: per completion, the masked mean entropy; then the mean over completions.
+        let ent = (ent.expect("requested") * &s.completion_mask)?.sum(1)?;
+        let lens = s.completion_mask.sum(1)?.maximum(1.0)?;
+        h_bar += scalar(&(ent / lens)?.sum_all()?)?;
+        let (v1, v2) = heads.values(&select_columns(&hidden, &columns(&s, idx))?)?;
+        let (v1, v2) = (v1.detach().to_vec1::<f32>()?, v2.detach().to_vec1::<f32>()?);
+        for (a, b) in v1.iter().zip(&v2) {
+            v_old.push(soft_min(*a as f64, *b as f64, cfg.alpha_softmin));
+            v1s += *a as f64;
+            v2s += *b as f64;
+        }
+        old.push(lp.detach());
+        refs.push(rp.detach());
+    }
+    let h_bar = h_bar / n as f64;
+    let adv = advantages(&normalized, &v_old);
+    let mut m = SafeMetrics {
+        pg_loss: 0.0,
+        value_loss: 0.0,
+        entropy_bonus: 0.0,
+        kl: 0.0,
+        rollout_entropy: h_bar,
+        reward_raw_mean,
+        normalized_mean: normalized.iter().sum::<f64>() / n as f64,
+        v1_mean: v1s / n as f64,
+        v2_mean: v2s / n as f64,
+        value_mean: v_old.iter().sum::<f64>() / n as f64,
+        grad_norm: 0.0,
+        heads_grad_norm: 0.0,
+        control: None,
+        failed: None,
+    };
+
+    // 3. Epochs over the whole batch.
+    let vars: Vec<(String, candle_core::Var)> = policy.vars().iter().chain(heads.vars()).cloned().collect();
+    let pick = |src: &[f64], idx: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::from_vec(idx.iter().map(|&i| src[i] as f32).collect::<Vec<f32>>(), idx.len(), dev)?)
+    };
+    let k1 = |lp: &Tensor, rp: &Tensor, mask: &Tensor| -> Result<Tensor> { Ok(((lp - rp)? * mask)?.sum_all()?) };
+    for epoch in 0..cfg.epochs {
+        // The controller needs this epoch's KL before the backward when the penalty has a gradient: a graph-free pass.
+        let mut control = None;
+        if cfg.kl_penalty_grad {
+            let mut kl_sum = 0.0;
+            for (k, idx) in chunks.iter().enumerate() {
+                let s = seqs(idx)?;
+                // Before the first update the policy is the rollout policy: its log-probs are `old`.
+                let lp = match epoch {
+                    0 => old[k].clone(),
+                    _ => completion_logprobs(rollout_view, &s, cfg.temperature, cfg.logprob_chunk, false)?.0,
+                };
+                kl_sum += scalar(&k1(&lp, &refs[k], &s.completion_mask)?)?;
+            }
+            control = Some(controller.step(kl_sum / total_tokens, h_bar, reward_raw_mean));
+        }
+        // dP/dKL_e for the differentiable penalty: P = c·g·(β·k_prev + (1 − β)·KL_e − τ)² while active.
+        let penalty_slope = match control {
+            Some(c) if c.active => {
+                controller.penalty_coef * c.gate * 2.0 * (c.kl_short - c.threshold) * (1.0 - controller.kl_ema[0])
+            }
+            _ => 0.0,
+        };
+        let mut acc = GradAccumulator::new();
+        let (mut kl_sum, mut pg_sum, mut vf_sum, mut ent_sum) = (0.0, 0.0, 0.0, 0.0);
+        for (k, idx) in chunks.iter().enumerate() {
+            let s = seqs(idx)?;
+            let hidden = policy.forward_hidden(&s.input_ids, &s.positions, &s.mask, None)?;
+            let (lp, ent) =
+                logprobs_from_hidden(policy, &hidden, &s, cfg.temperature, cfg.logprob_chunk, Entropy::Differentiable)?;
+            let mask = &s.completion_mask;
+            let ratio = (&lp - &old[k])?.exp()?;
+            let pg =
+                ((clipped_surrogate_tensor(&ratio, &pick(&adv, idx)?, &cfg.clip)? * mask)?.sum_all()? / total_tokens)?;
+            let (v1, v2) = heads.values(&select_columns(&hidden, &columns(&s, idx))?)?;
+            let v = soft_min_tensor(&v1, &v2, cfg.alpha_softmin)?;
+            let (vo, target) = (pick(&v_old, idx)?, pick(&normalized, idx)?);
+            let v_clip = (&vo + (&v - &vo)?.clamp(-cfg.value_clip, cfg.value_clip)?)?;
+            let vf = (((huber_tensor(&(&v - &target)?, cfg.huber_delta)?
+                + huber_tensor(&(&v_clip - &target)?, cfg.huber_delta)?)?
+            .sum_all()?
+                * 0.5)?
+                / n as f64)?;
+            // H_e: the mean over every position of the completion tensor, padding included (official).
+            let h = (ent.expect("requested").sum_all()? / (n * width) as f64)?;
+            let kl = k1(&lp, &refs[k], mask)?;
+            let mut loss = ((&pg + (&vf * cfg.value_weight)?)? - (&h * cfg.entropy_coef)?)?;
+            if penalty_slope != 0.0 {
+                loss = (loss + ((&kl / total_tokens)? * penalty_slope)?)?;
+            }
+            let value = scalar(&loss)?;
+            if !value.is_finite() {
+                m.failed = Some(format!("the loss is {value}"));
+                return Ok(m);
+            }
+            acc.add(loss.backward()?, &vars)?;
+            kl_sum += scalar(&kl)?;
+            pg_sum += scalar(&pg)?;
+            vf_sum += scalar(&vf)?;
+            ent_sum += scalar(&h)?;
+        }
+        let kl_e = kl_sum / total_tokens;
+        let control = match control {
+            Some(c) => c,
+            None => controller.step(kl_e, h_bar, reward_raw_mean),
+        };
+        let mut grads = acc.finish();
+        let max = |x: f64| if x > 0.0 { x } else { f64::INFINITY };
+        let gp = clip_grad_norm(&mut grads, policy.vars(), max(cfg.policy_max_grad_norm))?;
+        let gh = clip_grad_norm(&mut grads, heads.vars(), max(cfg.heads_max_grad_norm))?;
+        if !gp.is_finite() || !gh.is_finite() {
+            m.failed = Some(format!("the gradient norm is {gp} (policy) / {gh} (critic heads)"));
+            return Ok(m);
+        }
+        policy_opt.step(&grads)?;
+        heads_opt.step(&grads)?;
+        let e = cfg.epochs as f64;
+        m.pg_loss += pg_sum / e;
+        m.value_loss += vf_sum / e;
+        m.entropy_bonus += ent_sum / e;
+        m.kl += kl_e / e;
+        m.grad_norm += gp / e;
+        m.heads_grad_norm += gh / e;
+        m.control = Some(control);
+    }
+    Ok(m)
+}

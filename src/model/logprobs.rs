@@ -81,6 +81,16 @@ impl SequenceBatch {
     }
 }
 
+/// What to compute of the per-token entropy of the sampling distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entropy {
+    None,
+    /// A metric: from detached log-probs, so no vocab-sized tensor joins the autograd graph.
+    Metric,
+    /// Differentiable (an entropy bonus in the loss); keeps `[b, chunk, vocab]` tensors in the graph.
+    Differentiable,
+}
+
 /// Log-probs `[b, C]` (f32) of each completion token under `softmax(logits / temperature)`, and optionally the
 /// per-token entropy `[b, C]` of that distribution (a metric: it carries no gradient). `chunk` = completion positions per LM-head call (0 = all).
 /// Differentiable when `model` is trainable; padding positions hold finite values the mask removes.
@@ -92,6 +102,20 @@ pub fn completion_logprobs(
     with_entropy: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, &batch.mask, None)?;
+    let entropy = if with_entropy { Entropy::Metric } else { Entropy::None };
+    logprobs_from_hidden(model, &hidden, batch, temperature, chunk, entropy)
+}
+
+/// [`completion_logprobs`] from the final hidden states `[b, P + C, hidden]` of a forward already made (so a caller
+/// can also read other positions, e.g. a value head's).
+pub fn logprobs_from_hidden(
+    model: &CausalLm,
+    hidden: &Tensor,
+    batch: &SequenceBatch,
+    temperature: f64,
+    chunk: usize,
+    entropy: Entropy,
+) -> Result<(Tensor, Option<Tensor>)> {
     // The hidden state at column t predicts the token at column t + 1.
     let (p, c) = (batch.prompt_width, batch.completion_width);
     let hidden = hidden.narrow(1, p - 1, c)?;
@@ -106,14 +130,31 @@ pub fn completion_logprobs(
         let logp = log_softmax_last_dim(&logits)?;
         let target = batch.targets.narrow(1, start, len)?.contiguous()?.unsqueeze(D::Minus1)?;
         lps.push(logp.gather(&target, D::Minus1)?.squeeze(D::Minus1)?);
-        if with_entropy {
-            // A metric: from the detached log-probs, so no vocab-sized tensor joins the autograd graph.
-            let lp = logp.detach();
+        let lp = match entropy {
+            Entropy::None => None,
+            Entropy::Metric => Some(logp.detach()),
+            Entropy::Differentiable => Some(logp),
+        };
+        if let Some(lp) = lp {
             ents.push((lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?);
         }
         start += len;
     }
     let lp = Tensor::cat(&lps, 1)?;
-    let ent = if with_entropy { Some(Tensor::cat(&ents, 1)?) } else { None };
+    let ent = if entropy == Entropy::None { None } else { Some(Tensor::cat(&ents, 1)?) };
     Ok((lp, ent))
+}
+
+/// Column of each row's last real token in a [`SequenceBatch`] layout: `P + len − 1` (`P − 1`, the last prompt
+/// token, for an empty completion).
+pub fn last_token_columns(batch: &SequenceBatch, completion_lens: &[usize]) -> Vec<usize> {
+    completion_lens.iter().map(|&l| batch.prompt_width + l - 1).collect()
+}
+
+/// Rows of `hidden` `[b, T, d]` at one column each → `[b, d]`.
+pub fn select_columns(hidden: &Tensor, columns: &[usize]) -> Result<Tensor> {
+    let (b, _, d) = hidden.dims3()?;
+    let idx: Vec<u32> = columns.iter().flat_map(|&c| std::iter::repeat_n(c as u32, d)).collect();
+    let idx = Tensor::from_vec(idx, (b, 1, d), hidden.device())?;
+    Ok(hidden.contiguous()?.gather(&idx, 1)?.squeeze(1)?)
 }

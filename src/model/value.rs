@@ -83,3 +83,79 @@ impl ValueModel {
         Ok(())
     }
 }
+
+/// SAFE's critic: two small heads on the policy's own final hidden state (official `DoubleCritic`):
+/// LayerNorm(d) (learned affine, eps 1e-5) → for each head Linear(d → d/4) → GELU (erf) → Linear(d/4 → 1).
+/// Built from ops with a backward (Candle's fused layer norm has none). f32; initialised like PyTorch's defaults
+/// (LayerNorm 1 and 0; Linear weights and biases U(±1/√fan_in)) from a seeded stream.
+pub struct SoftMinHeads {
+    norm_weight: Var,
+    norm_bias: Var,
+    /// Per head: (w1 [d/4, d], b1 [d/4], w2 [1, d/4], b2 [1]).
+    heads: [(Var, Var, Var, Var); 2],
+    vars: Vec<(String, Var)>,
+}
+
+impl SoftMinHeads {
+    pub fn new(hidden: usize, seed: u64, device: &Device) -> Result<Self> {
+        use crate::rollout::rng::{RowKey, RowRng};
+        let q = (hidden / 4).max(1);
+        let mut index = 0u64;
+        let mut uniform = |shape: &[usize], fan_in: usize| -> Result<Var> {
+            index += 1;
+            let mut rng = RowRng::new(RowKey { seed, step: u64::MAX - 2, prompt: index, sample: 0 });
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+            Ok(Var::from_tensor(&Tensor::from_vec(data, shape, device)?)?)
+        };
+        let head = |u: &mut dyn FnMut(&[usize], usize) -> Result<Var>| -> Result<(Var, Var, Var, Var)> {
+            Ok((u(&[q, hidden], hidden)?, u(&[q], hidden)?, u(&[1, q], q)?, u(&[1], q)?))
+        };
+        let heads = [head(&mut uniform)?, head(&mut uniform)?];
+        let norm_weight = Var::from_tensor(&Tensor::ones(hidden, DType::F32, device)?)?;
+        let norm_bias = Var::from_tensor(&Tensor::zeros(hidden, DType::F32, device)?)?;
+        let mut vars =
+            vec![("norm.weight".to_string(), norm_weight.clone()), ("norm.bias".to_string(), norm_bias.clone())];
+        for (i, (w1, b1, w2, b2)) in heads.iter().enumerate() {
+            for (name, v) in [("0.weight", w1), ("0.bias", b1), ("2.weight", w2), ("2.bias", b2)] {
+                vars.push((format!("head{}.{name}", i + 1), v.clone()));
+            }
+        }
+        Ok(Self { norm_weight, norm_bias, heads, vars })
+    }
+
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// (V1, V2), each `[b]` f32, from hidden states `[b, d]` (differentiable in both).
+    pub fn values(&self, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        let h = h.to_dtype(DType::F32)?;
+        let mean = h.mean_keepdim(1)?;
+        let centered = h.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(1)?;
+        let normed = centered.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+        let x = normed.broadcast_mul(self.norm_weight.as_tensor())?.broadcast_add(self.norm_bias.as_tensor())?;
+        let head = |(w1, b1, w2, b2): &(Var, Var, Var, Var)| -> Result<Tensor> {
+            let y = x.matmul(&w1.as_tensor().t()?)?.broadcast_add(b1.as_tensor())?.gelu_erf()?;
+            Ok(y.matmul(&w2.as_tensor().t()?)?.broadcast_add(b2.as_tensor())?.squeeze(1)?)
+        };
+        Ok((head(&self.heads[0])?, head(&self.heads[1])?))
+    }
+
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.vars.iter().map(|(n, v)| (n.clone(), v.as_detached_tensor())).collect()
+    }
+
+    pub fn load_weights(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, var) in &self.vars {
+            let t = tensors.get(name).with_context(|| format!("critic head weights lack `{name}`"))?;
+            if t.dims() != var.dims() {
+                bail!("critic head weight `{name}` has shape {:?}, expected {:?}", t.dims(), var.dims());
+            }
+            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+}

@@ -161,6 +161,10 @@ pub struct AlgorithmSettings {
     pub grpo_lambda: Option<GrpoLambdaSettings>,
     /// Set when `kind = "ppo"`.
     pub ppo: Option<PpoSettings>,
+    /// Set when `kind = "safe"`: the step's settings (micro-batch, temperature and ids filled in by the trainer) and
+    /// the controller's constants (its state starts empty).
+    pub safe:
+        Option<(crate::algo::safe::SafeConfig, crate::algo::safe::Controller, crate::algo::safe::RewardNormalizer)>,
     pub beta: f64,
     pub epsilon: f64,
     /// Already resolved: equals `epsilon` when the recipe leaves it unset.

@@ -277,6 +277,7 @@ pub use crate::advantage::gae::{ScorePlacement, Whitening};
 pub use crate::advantage::ScaleRewards;
 pub use crate::algo::grpo_lambda::LengthStd;
 pub use crate::algo::loss::LossType;
+pub use crate::algo::safe::ValuePosition;
 pub(crate) use crate::choice::quoted_list;
 pub use crate::optim::schedule::LrSchedule;
 pub use crate::reward::shaping::ShapingKind;
@@ -294,8 +295,8 @@ choice_enum!(
     Auto = "auto", F32 = "f32", Bf16 = "bf16" }
 );
 choice_enum!(
-    /// The RL algorithm. A later version adds `safe`.
-    AlgorithmKind { Grpo = "grpo", GrpoLambda = "grpo_lambda", Ppo = "ppo" }
+    /// The RL algorithm.
+    AlgorithmKind { Grpo = "grpo", GrpoLambda = "grpo_lambda", Ppo = "ppo", Safe = "safe" }
 );
 choice_enum!(
     /// Where a step's completions come from.
@@ -480,7 +481,7 @@ pub static KEYS: &[KeySpec] = &[
         "algorithm.kind",
         Kind::Choice(AlgorithmKind::NAMES),
         "\"grpo\"",
-        "grpo (TRL's GRPO), grpo_lambda (arXiv 2505.18086: the top λ fraction of groups by correctness get a length-penalised reward), or ppo (a critic and GAE, TRL's PPOTrainer).",
+        "grpo (TRL's GRPO), grpo_lambda (arXiv 2505.18086: the top λ fraction of groups by correctness get a length-penalised reward), ppo (a critic and GAE, TRL's PPOTrainer), or safe (arXiv 2602.04651: soft-min critic heads, entropy-gated PID-controlled KL penalty).",
     ),
     KeySpec {
         path: "algorithm.lambda",
@@ -586,7 +587,7 @@ pub static KEYS: &[KeySpec] = &[
         path: "algorithm.value_clip",
         kind: Kind::Float(FloatRange::positive()),
         default: Default::Value("0.2"),
-        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        when: Some(When { key: "algorithm.kind", is: &["ppo", "safe"] }),
         doc: "Value clipping: V_clip = V_old + clip(V − V_old, ±value_clip) (TRL cliprange_value).",
     },
     KeySpec {
@@ -630,6 +631,237 @@ pub static KEYS: &[KeySpec] = &[
         default: Default::Value("10000.0"),
         when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
         doc: "Adaptive KL horizon: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon), n the step's completions.",
+    },
+    KeySpec {
+        path: "algorithm.safe.alpha_softmin",
+        kind: Kind::Float(FloatRange::positive()),
+        default: Default::Value("0.3"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Soft-min temperature α of the two critic heads: V = −α·log(½(e^(−V1/α) + e^(−V2/α))).",
+    },
+    KeySpec {
+        path: "algorithm.safe.epochs",
+        kind: int(1),
+        default: Default::Value("2"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Passes over the whole batch per step (the controller is called once per pass).",
+    },
+    KeySpec {
+        path: "algorithm.safe.huber_delta",
+        kind: Kind::Float(FloatRange::positive()),
+        default: Default::Value("0.5"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Huber δ of the value loss ½·[Huber(V − r̃) + Huber(V_clip − r̃)].",
+    },
+    KeySpec {
+        path: "algorithm.safe.value_weight",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Value("0.5"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Weight of the value loss in the total loss.",
+    },
+    KeySpec {
+        path: "algorithm.safe.entropy_coef",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Value("0.01"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Entropy bonus c_H (mean entropy over all completion positions).",
+    },
+    KeySpec {
+        path: "algorithm.safe.heads_max_grad_norm",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Value("0.5"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Clip the critic heads' gradient norm (the policy's is optim.max_grad_norm); 0 = off.",
+    },
+    KeySpec {
+        path: "algorithm.safe.kl_penalty_grad",
+        kind: Kind::Bool,
+        default: Default::Value("true"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "The KL penalty acts on the policy through a differentiable KL (safe's choice); false = the official code's constant penalty.",
+    },
+    KeySpec {
+        path: "algorithm.safe.value_position",
+        kind: Kind::Choice(ValuePosition::NAMES),
+        default: Default::Value("\"last_valid\""),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Where the critic reads the hidden state: the last real token, or the last padded column (official).",
+    },
+    KeySpec {
+        path: "algorithm.safe.kl_base_threshold",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Value("0.3"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "τ_base of the KL threshold τ = clamp((τ_base + PID)·φ).",
+    },
+    KeySpec {
+        path: "algorithm.safe.entropy_floor",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Value("2.0"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "H_floor (nats) of the entropy gate g = max(gate_floor, H_floor/(H̄ + entropy_offset)).",
+    },
+    KeySpec {
+        path: "algorithm.safe.penalty_coef",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Value("0.1"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "P = penalty_coef·g·(k_s − τ)² while the short KL EMA k_s exceeds τ.",
+    },
+    KeySpec {
+        path: "algorithm.safe.kl_ema_short",
+        kind: Kind::Float(FloatRange::new(0.0, 1.0)),
+        default: Default::Value("0.9"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "EMA rate of the short KL tracker k_s (the one compared with τ).",
+    },
+    KeySpec {
+        path: "algorithm.safe.kl_ema_long",
+        kind: Kind::Float(FloatRange::new(0.0, 1.0)),
+        default: Default::Value("0.99"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "EMA rate of the long KL tracker (logged).",
+    },
+    KeySpec {
+        path: "algorithm.safe.threshold_min",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Value("0.1"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Lower clamp of τ.",
+    },
+    KeySpec {
+        path: "algorithm.safe.threshold_max",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Value("0.6"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Upper clamp of τ.",
+    },
+    KeySpec {
+        path: "algorithm.safe.entropy_offset",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Value("0.1"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Offset in the entropy gate's denominator.",
+    },
+    KeySpec {
+        path: "algorithm.safe.gate_floor",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Value("0.5"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Smallest entropy gate.",
+    },
+    KeySpec {
+        path: "algorithm.safe.pid_kp",
+        kind: Kind::Float(FloatRange::new(f64::NEG_INFINITY, f64::INFINITY)),
+        default: Default::Value("0.3"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "PID proportional gain on the reward-velocity error.",
+    },
+    KeySpec {
+        path: "algorithm.safe.pid_ki",
+        kind: Kind::Float(FloatRange::new(f64::NEG_INFINITY, f64::INFINITY)),
+        default: Default::Value("0.01"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "PID integral gain.",
+    },
+    KeySpec {
+        path: "algorithm.safe.pid_kd",
+        kind: Kind::Float(FloatRange::new(f64::NEG_INFINITY, f64::INFINITY)),
+        default: Default::Value("0.05"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "PID derivative gain.",
+    },
+    KeySpec {
+        path: "algorithm.safe.reward_ema",
+        kind: Kind::Float(FloatRange::new(0.0, 1.0)),
+        default: Default::Value("0.95"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "EMA rate of the mean reward whose change is the reward velocity.",
+    },
+    KeySpec {
+        path: "algorithm.safe.target_velocity",
+        kind: Kind::Float(FloatRange::new(f64::NEG_INFINITY, f64::INFINITY)),
+        default: Default::Value("0.001"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Reward velocity the PID aims for.",
+    },
+    KeySpec {
+        path: "algorithm.safe.integral_clamp",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Value("1.0"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "The PID integral is clamped to ±this.",
+    },
+    KeySpec {
+        path: "algorithm.safe.phase_window",
+        kind: int(1),
+        default: Default::Value("50"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Phase detector window (controller calls; two per step at epochs = 2).",
+    },
+    KeySpec {
+        path: "algorithm.safe.climb_margin",
+        kind: Kind::Float(FloatRange::new(f64::NEG_INFINITY, f64::INFINITY)),
+        default: Default::Value("0.01"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Climbing when the recent window's mean reward beats the previous one's by this (raw-reward units).",
+    },
+    KeySpec {
+        path: "algorithm.safe.converge_std",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Value("0.02"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Converged when the recent rewards' std is below this and their mean above converge_min.",
+    },
+    KeySpec {
+        path: "algorithm.safe.converge_min",
+        kind: Kind::Float(FloatRange::new(f64::NEG_INFINITY, f64::INFINITY)),
+        default: Default::Value("0.7"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "See converge_std (raw-reward units).",
+    },
+    KeySpec {
+        path: "algorithm.safe.phi_warmup",
+        kind: Kind::Float(FloatRange::positive()),
+        default: Default::Value("1.5"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Threshold multiplier φ while warming up.",
+    },
+    KeySpec {
+        path: "algorithm.safe.phi_climbing",
+        kind: Kind::Float(FloatRange::positive()),
+        default: Default::Value("1.2"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "φ while the reward climbs.",
+    },
+    KeySpec {
+        path: "algorithm.safe.phi_plateau",
+        kind: Kind::Float(FloatRange::positive()),
+        default: Default::Value("0.8"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "φ on a plateau.",
+    },
+    KeySpec {
+        path: "algorithm.safe.phi_converged",
+        kind: Kind::Float(FloatRange::positive()),
+        default: Default::Value("1.0"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "φ once converged.",
+    },
+    KeySpec {
+        path: "algorithm.safe.reward_norm_eps",
+        kind: Kind::Float(FloatRange::positive()),
+        default: Default::Value("1e-8"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Reward normaliser: r̃ = (r − μ)/(√v + eps).",
+    },
+    KeySpec {
+        path: "algorithm.safe.reward_norm_init_count",
+        kind: Kind::Float(FloatRange::positive()),
+        default: Default::Value("1e-4"),
+        when: Some(When { key: "algorithm.kind", is: &["safe"] }),
+        doc: "Reward normaliser's initial count (mean 0, variance 1).",
     },
     // [critic]
     key(

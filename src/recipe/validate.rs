@@ -552,6 +552,7 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
                 kl_target: algo.get("algorithm.kl_target").map(|_| float(algo, "algorithm.kl_target")),
                 kl_horizon: float(algo, "algorithm.kl_horizon"),
             }),
+            safe: (kind == AlgorithmKind::Safe).then(|| safe_settings(algo, optim)),
             grpo_lambda: (kind == AlgorithmKind::GrpoLambda).then(|| GrpoLambdaSettings {
                 config: crate::algo::grpo_lambda::GrpoLambdaConfig {
                     lambda: float(algo, "algorithm.lambda"),
@@ -639,6 +640,13 @@ fn cross_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, rewards: &[
                 "`critic.init` = \"reward_model\" needs a [[reward]] with kind = \"model\" to start from",
             );
         }
+    }
+    if r.algorithm.safe.is_some() && ro.completions_per_step() < 2 {
+        ctx.err(
+            &at("rollout", "rollout.prompts_per_step"),
+            "safe whitens advantages over the step's completions: rollout.prompts_per_step × rollout.num_generations \
+             must be at least 2",
+        );
     }
     let grouped = matches!(r.algorithm.kind, AlgorithmKind::Grpo | AlgorithmKind::GrpoLambda);
     if grouped && ro.num_generations < 2 {
@@ -796,4 +804,70 @@ fn gate_checks(r: &Recipe, rewards: &[Filled], ctx: &mut Ctx) {
 
 fn n_divisible(n: usize, d: usize) -> bool {
     d > 0 && n.is_multiple_of(d)
+}
+
+/// `[algorithm] kind = "safe"` and its `safe.*` keys.
+fn safe_settings(
+    algo: &Filled,
+    optim: &Filled,
+) -> (crate::algo::safe::SafeConfig, crate::algo::safe::Controller, crate::algo::safe::RewardNormalizer) {
+    use crate::algo::safe::{Controller, Phase, PhaseDetector, Pid, RewardNormalizer, SafeConfig, ValuePosition};
+    let f = |k: &str| float(algo, &format!("algorithm.safe.{k}"));
+    let eps = float(algo, "algorithm.epsilon");
+    let config = SafeConfig {
+        alpha_softmin: f("alpha_softmin"),
+        epochs: usz(algo, "algorithm.safe.epochs"),
+        clip: crate::algo::loss::ClipConfig {
+            eps_low: eps,
+            eps_high: float(algo, "algorithm.epsilon_high"),
+            delta: None,
+        },
+        value_clip: float(algo, "algorithm.value_clip"),
+        huber_delta: f("huber_delta"),
+        value_weight: f("value_weight"),
+        entropy_coef: f("entropy_coef"),
+        policy_max_grad_norm: float(optim, "optim.max_grad_norm"),
+        heads_max_grad_norm: f("heads_max_grad_norm"),
+        kl_penalty_grad: boolean(algo, "algorithm.safe.kl_penalty_grad"),
+        value_position: choice(algo, "algorithm.safe.value_position", ValuePosition::from_name),
+        // Filled in by the trainer from the memory plan and the tokenizer.
+        micro_batch_size: 0,
+        temperature: 1.0,
+        pad_id: 0,
+        logprob_chunk: 0,
+    };
+    let controller = Controller {
+        kl_base_threshold: f("kl_base_threshold"),
+        entropy_floor: f("entropy_floor"),
+        penalty_coef: f("penalty_coef"),
+        kl_ema: [f("kl_ema_short"), f("kl_ema_long")],
+        threshold_clamp: [f("threshold_min"), f("threshold_max")],
+        entropy_offset: f("entropy_offset"),
+        gate_floor: f("gate_floor"),
+        kl_short: 0.0,
+        kl_long: 0.0,
+        pid: Pid {
+            kp: f("pid_kp"),
+            ki: f("pid_ki"),
+            kd: f("pid_kd"),
+            reward_ema: f("reward_ema"),
+            target_velocity: f("target_velocity"),
+            integral_clamp: f("integral_clamp"),
+            ema: None,
+            integral: 0.0,
+            prev_error: 0.0,
+        },
+        phase: PhaseDetector {
+            window: usz(algo, "algorithm.safe.phase_window"),
+            climb_margin: f("climb_margin"),
+            converge_std: f("converge_std"),
+            converge_min: f("converge_min"),
+            multipliers: [f("phi_warmup"), f("phi_climbing"), f("phi_plateau"), f("phi_converged")],
+            history: Vec::new(),
+            phase: Phase::Warmup,
+        },
+    };
+    let normalizer =
+        RewardNormalizer { count: f("reward_norm_init_count"), mean: 0.0, var: 1.0, eps: f("reward_norm_eps") };
+    (config, controller, normalizer)
 }

@@ -23,11 +23,12 @@ use crate::advantage::group_advantages;
 use crate::algo::grpo::{grpo_update, GrpoLossConfig, UpdateBatch, UpdateConfig, UpdateMetrics};
 use crate::algo::loss::{Aggregation, ClipConfig};
 use crate::algo::ppo::{ppo_update, KlController, PpoBatch, PpoConfig};
+use crate::algo::safe::{safe_update, Controller, Phase, RewardNormalizer, SafeBatch, SafeConfig};
 use crate::checkpoint::{self, Checkpoint, SaveRequest};
 use crate::data::{Dataset, Sampler, SamplerState, TruncationCounter};
 use crate::exit::{self, Failure, OrExit};
 use crate::metrics::{names, MetricsWriter, Record};
-use crate::model::value::ValueModel;
+use crate::model::value::{SoftMinHeads, ValueModel};
 use crate::model::{CausalLm, LoadedModel, ModelSource, Tokenizer};
 use crate::optim::AdamWState;
 use crate::optim::{lr_at, AdamW, AdamWConfig};
@@ -40,7 +41,41 @@ use crate::rollout::{
 use references::{ReferenceRewards, ReferenceSource};
 use run_dir::Start;
 
-/// The value model's weights and optimizer moments in a checkpoint (PPO).
+/// The critic: PPO's separate value model, or SAFE's two heads on the policy's trunk.
+pub enum Critic {
+    Value(Box<ValueModel>),
+    Heads(SoftMinHeads),
+}
+
+impl Critic {
+    fn vars(&self) -> &[(String, candle_core::Var)] {
+        match self {
+            Critic::Value(v) => v.vars(),
+            Critic::Heads(h) => h.vars(),
+        }
+    }
+    fn named_tensors(&self) -> Vec<(String, candle_core::Tensor)> {
+        match self {
+            Critic::Value(v) => v.named_tensors(),
+            Critic::Heads(h) => h.named_tensors(),
+        }
+    }
+    fn load_weights(&self, t: &std::collections::HashMap<String, candle_core::Tensor>) -> Result<()> {
+        match self {
+            Critic::Value(v) => v.load_weights(t),
+            Critic::Heads(h) => h.load_weights(t),
+        }
+    }
+}
+
+/// SAFE's controller and reward normaliser: all the state it carries between steps besides weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SafeState {
+    pub controller: Controller,
+    pub normalizer: RewardNormalizer,
+}
+
+/// The critic's weights and optimizer moments in a checkpoint (PPO, SAFE).
 pub const CRITIC_FILE: &str = "critic.safetensors";
 pub const CRITIC_OPTIMIZER_FILE: &str = "critic_optimizer.safetensors";
 
@@ -72,9 +107,12 @@ pub struct TrainState {
     /// PPO: the KL coefficient's controller (β moves when adaptive).
     #[serde(default)]
     pub kl_controller: Option<KlController>,
-    /// PPO: the value model optimizer's scalar state (its moments are `critic_optimizer.safetensors`).
+    /// PPO / SAFE: the critic optimizer's scalar state (its moments are `critic_optimizer.safetensors`).
     #[serde(default)]
     pub critic_optimizer: Option<AdamWState>,
+    /// SAFE: controller and reward normaliser.
+    #[serde(default)]
+    pub safe: Option<SafeState>,
 }
 
 /// How a step ended.
@@ -116,8 +154,8 @@ pub struct Trainer {
     reference: Option<CausalLm>,
     tokenizer: Tokenizer,
     optimizer: AdamW,
-    /// PPO's value model and its optimizer.
-    critic: Option<(ValueModel, AdamW)>,
+    /// PPO's value model or SAFE's critic heads, with their optimizer.
+    critic: Option<(Critic, AdamW)>,
     rewards: RewardPipeline,
     prompts: Prompts,
     generation: GenerationConfig,
@@ -158,7 +196,7 @@ impl Trainer {
         let a = &recipe.algorithm;
         // The frozen starting policy: the KL reference (β > 0) and the source of PAR's reference completions.
         let sh = &recipe.shaping;
-        let reference = if a.beta > 0.0 || sh.kind.needs_references(sh.relative) {
+        let reference = if a.beta > 0.0 || sh.kind.needs_references(sh.relative) || a.safe.is_some() {
             let (r, _) = LoadedModel::load(&base, &device, dtype)?.into_model(false, &device, dtype)?;
             Some(r)
         } else {
@@ -256,6 +294,10 @@ impl Trainer {
                     horizon: p.kl_horizon,
                 }),
                 critic_optimizer: None,
+                safe: a.safe.as_ref().map(|(_, controller, normalizer)| SafeState {
+                    controller: controller.clone(),
+                    normalizer: *normalizer,
+                }),
             },
         };
 
@@ -296,9 +338,23 @@ impl Trainer {
             pad_id,
             logprob_chunk: plan.logprob_chunk,
         };
-        let critic = match &a.ppo {
-            None => None,
-            Some(_) => {
+        let critic_opt = |vars: &[(String, candle_core::Var)]| {
+            let c = &recipe.critic;
+            AdamW::new(
+                vars.to_vec(),
+                AdamWConfig {
+                    lr: c.lr,
+                    beta1: o.betas[0],
+                    beta2: o.betas[1],
+                    eps: o.eps,
+                    weight_decay: o.weight_decay,
+                },
+            )
+        };
+        let critic = match (&a.ppo, &a.safe) {
+            (None, None) => None,
+            (None, Some(_)) => Some(Critic::Heads(SoftMinHeads::new(config.hidden_size, recipe.run.seed, &device)?)),
+            (Some(_), _) => {
                 let c = &recipe.critic;
                 let source = match c.init.as_str() {
                     "policy" => base.clone(),
@@ -322,22 +378,19 @@ impl Trainer {
                         config.vocab_size
                     );
                 }
-                let mut opt = AdamW::new(
-                    value.vars().to_vec(),
-                    AdamWConfig {
-                        lr: c.lr,
-                        beta1: o.betas[0],
-                        beta2: o.betas[1],
-                        eps: o.eps,
-                        weight_decay: o.weight_decay,
-                    },
-                )?;
+                Some(Critic::Value(Box::new(value)))
+            }
+        };
+        let critic = match critic {
+            None => None,
+            Some(critic) => {
+                let mut opt = critic_opt(critic.vars())?;
                 if let Some(ckpt) = checkpoint {
-                    value.load_weights(&ckpt.tensor_file(CRITIC_FILE, &device)?)?;
-                    let st = state.critic_optimizer.context("the checkpoint has no value-model optimizer state")?;
+                    critic.load_weights(&ckpt.tensor_file(CRITIC_FILE, &device)?)?;
+                    let st = state.critic_optimizer.context("the checkpoint has no critic optimizer state")?;
                     opt.load_state(&st, &ckpt.tensor_file(CRITIC_OPTIMIZER_FILE, &device)?)?;
                 }
-                Some((value, opt))
+                Some((critic, opt))
             }
         };
         let sampler_model = policy.frozen_view()?;
@@ -523,7 +576,13 @@ impl Trainer {
                 let write_completions =
                     self.recipe.run.completions_every > 0 && step.is_multiple_of(self.recipe.run.completions_every);
                 let t = Instant::now();
-                let outcome = if self.critic.is_some() {
+                let outcome = if self.recipe.algorithm.safe.is_some() {
+                    // SAFE: sequence-level advantages from the soft-min critic, made inside the update.
+                    if write_completions {
+                        self.write_completions(step, &samples, &scored, None)?;
+                    }
+                    self.safe_update(&samples, &scored, &mut record)?
+                } else if self.critic.is_some() {
                     // PPO: advantages are per token (GAE over the critic's values), made inside the update.
                     if write_completions {
                         self.write_completions(step, &samples, &scored, None)?;
@@ -731,6 +790,86 @@ impl Trainer {
         Ok(StepOutcome::Trained)
     }
 
+    /// One SAFE step: the controller and normaliser advance in the state; their internals are logged.
+    fn safe_update(&mut self, samples: &[Sample], scored: &ScoredBatch, record: &mut Record) -> Result<StepOutcome> {
+        let (base_cfg, _, _) = self.recipe.algorithm.safe.as_ref().expect("safe settings");
+        let o = &self.recipe.optim;
+        let cfg = SafeConfig {
+            micro_batch_size: self.update.micro_batch_size,
+            temperature: self.update.temperature,
+            pad_id: self.update.pad_id,
+            logprob_chunk: self.update.logprob_chunk,
+            ..*base_cfg
+        };
+        let prompts: Vec<Vec<u32>> = samples.iter().map(|s| s.prompt_ids.clone()).collect();
+        let completions: Vec<Vec<u32>> = samples.iter().map(|s| s.completion_ids.clone()).collect();
+        if let Some(i) = scored.total.iter().position(|r| r.is_nan()) {
+            let reason = format!("no reward applied to completion {i}; safe needs one reward per completion");
+            return Ok(StepOutcome::Skipped { stage: "reward", reason });
+        }
+        let lr = lr_at(self.state.step, o.lr, o.schedule, o.warmup_steps, self.recipe.run.max_steps);
+        self.optimizer.set_lr(lr);
+        let Some((Critic::Heads(heads), heads_opt)) = self.critic.as_mut() else {
+            bail!("safe needs its critic heads")
+        };
+        heads_opt.set_lr(self.recipe.critic.lr * if o.lr > 0.0 { lr / o.lr } else { 0.0 });
+        let state = self.state.safe.as_mut().expect("safe state");
+        // Work on copies: a step that fails leaves the controller and normaliser as they were.
+        let (mut controller, mut normalizer) = (state.controller.clone(), state.normalizer);
+        let reference = self.reference.as_ref().expect("safe loads the reference");
+        let batch = SafeBatch { prompts: &prompts, completions: &completions, rewards: &scored.total };
+        let m = safe_update(
+            &self.policy,
+            &self.sampler_model,
+            reference,
+            heads,
+            &mut self.optimizer,
+            heads_opt,
+            &mut controller,
+            &mut normalizer,
+            &batch,
+            &cfg,
+        )?;
+        if let Some(reason) = m.failed {
+            return Ok(StepOutcome::Skipped { stage: "loss", reason });
+        }
+        *state = SafeState { controller, normalizer };
+        let c = m.control.expect("at least one epoch");
+        let phase = match c.phase {
+            Phase::Warmup => 0.0,
+            Phase::Climbing => 1.0,
+            Phase::Plateau => 2.0,
+            Phase::Converged => 3.0,
+        };
+        for (name, v) in [
+            (names::KL, m.kl),
+            (names::ENTROPY, m.rollout_entropy),
+            (names::LOSS, m.pg_loss + cfg.value_weight * m.value_loss + c.penalty - cfg.entropy_coef * m.entropy_bonus),
+            (names::PPO_LOSS_POLICY, m.pg_loss),
+            (names::PPO_LOSS_VALUE, m.value_loss),
+            (names::GRAD_NORM, m.grad_norm),
+            (names::CRITIC_GRAD_NORM, m.heads_grad_norm),
+            (names::LEARNING_RATE, lr),
+            (names::SAFE_KL_SHORT, c.kl_short),
+            (names::SAFE_KL_LONG, c.kl_long),
+            (names::SAFE_PID, c.pid),
+            (names::SAFE_PHASE, phase),
+            (names::SAFE_PHI, c.phi),
+            (names::SAFE_THRESHOLD, c.threshold),
+            (names::SAFE_ENTROPY_FACTOR, c.gate),
+            (names::SAFE_PENALTY, c.penalty),
+            (names::SAFE_ACTIVE, c.active as u8 as f64),
+            (names::SAFE_ENTROPY_BONUS, m.entropy_bonus),
+            (names::SAFE_V1_MEAN, m.v1_mean),
+            (names::SAFE_V2_MEAN, m.v2_mean),
+            (names::SAFE_VALUE_MEAN, m.value_mean),
+            (names::SAFE_NORMALIZED_REWARD, m.normalized_mean),
+        ] {
+            record.set(name, v);
+        }
+        Ok(StepOutcome::Trained)
+    }
+
     /// One PPO step (TRL's PPOTrainer semantics) with the value model; the KL controller moves after it.
     fn ppo_update(
         &mut self,
@@ -770,7 +909,9 @@ impl Trainer {
         // The schedule counts training steps (TRL steps its scheduler once per batch of rollouts).
         let lr = lr_at(self.state.step, o.lr, o.schedule, o.warmup_steps, self.recipe.run.max_steps);
         self.optimizer.set_lr(lr);
-        let (critic, critic_opt) = self.critic.as_mut().expect("ppo has a critic");
+        let Some((Critic::Value(critic), critic_opt)) = self.critic.as_mut() else {
+            bail!("ppo needs its value model")
+        };
         let critic_lr = self.recipe.critic.lr * if o.lr > 0.0 { lr / o.lr } else { 0.0 };
         critic_opt.set_lr(critic_lr);
         let kl = self.state.kl_controller.expect("ppo has a KL controller");
