@@ -97,7 +97,7 @@ fn a_crash_is_restarted_and_a_hang_hits_the_timeout() {
 fn persistent_failures_name_the_command() {
     let dir = tempfile::tempdir().unwrap();
     let cols = columns();
-    for (mode, needle) in [("garbage", "not JSON"), ("short", "returned 1 rewards for a batch of 2")] {
+    for (mode, needle) in [("garbage", "not valid JSON"), ("short", "returned 1 rewards for a batch of 2")] {
         let src = CommandSource::new("srv", &server(dir.path(), mode), Duration::from_secs(20), 1).unwrap();
         let e = format!("{:#}", src.score(&inputs(&cols, &[1])).unwrap_err());
         assert!(e.contains("server.py") && e.contains("failed 2 times") && e.contains(needle), "{e}");

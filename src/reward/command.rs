@@ -21,7 +21,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
-use super::{Answer, RewardInput, RewardSource};
+use super::answer::{parse_answer, Answer};
+use super::{RewardInput, RewardSource};
 
 pub struct CommandSource {
     name: String,
@@ -107,42 +108,8 @@ impl CommandSource {
                 bail!("it exited ({status}) without answering")
             }
         };
-        parse_answer(&line, n)
+        parse_answer(&line, n, "metrics")
     }
-}
-
-/// `{"rewards": [...], "metrics": {...}}` with `n` rewards.
-pub fn parse_answer(line: &str, n: usize) -> Result<Answer> {
-    let short: String = line.chars().take(200).collect();
-    let v: Value = serde_json::from_str(line).with_context(|| format!("its answer is not JSON: {short:?}"))?;
-    let rewards = v
-        .get("rewards")
-        .and_then(Value::as_array)
-        .with_context(|| format!("its answer has no \"rewards\" list: {short:?}"))?;
-    if rewards.len() != n {
-        bail!("it returned {} rewards for a batch of {n}", rewards.len());
-    }
-    let rewards = rewards
-        .iter()
-        .enumerate()
-        .map(|(i, r)| match r {
-            Value::Null => Ok(None),
-            r => r.as_f64().map(Some).with_context(|| format!("reward {i} is {r}, not a number or null")),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut metrics = Vec::new();
-    if let Some(m) = v.get("metrics").and_then(Value::as_object) {
-        for (name, value) in m {
-            let values: Vec<f64> = match value {
-                Value::Array(a) => a.iter().filter_map(Value::as_f64).collect(),
-                v => v.as_f64().into_iter().collect(),
-            };
-            if !values.is_empty() {
-                metrics.push((name.clone(), values.iter().sum::<f64>() / values.len() as f64));
-            }
-        }
-    }
-    Ok((rewards, metrics))
 }
 
 /// The request line for a batch: prompts, completions, ids, finish reasons, and every data column as a list.

@@ -14,10 +14,11 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
 
-use super::{Answer, RewardInput, RewardSource};
+use super::answer::{parse_answer, Answer};
+use super::{RewardInput, RewardSource};
 
 pub struct HttpSource {
     name: String,
@@ -77,7 +78,7 @@ impl HttpSource {
             Err(ureq::Error::Transport(t)) => return Err(transient(anyhow!("{t}"))),
         };
         let text = response.into_string().map_err(|e| transient(anyhow!("reading the answer: {e}")))?;
-        parse(&text, n).map_err(transient)
+        parse_answer(&text, n, "extra_logs").map_err(transient)
     }
 
     /// One share: attempts with back-off until success, a permanent error, or `max_retries` retries.
@@ -104,44 +105,6 @@ impl HttpSource {
             }
         }
     }
-}
-
-/// Validate an answer: JSON with `rewards`, one finite number or null per sample; `extra_logs` averaged.
-fn parse(text: &str, n: usize) -> Result<Answer> {
-    let short: String = text.chars().take(200).collect();
-    let v: Value = serde_json::from_str(text).map_err(|e| {
-        if ["NaN", "Infinity"].iter().any(|w| text.contains(w)) {
-            anyhow!("the answer has a non-finite number (NaN or Infinity): {short:?}")
-        } else {
-            anyhow!("the answer is not valid JSON ({e}): {short:?}")
-        }
-    })?;
-    let rewards =
-        v.get("rewards").and_then(Value::as_array).with_context(|| format!("no \"rewards\" list in {short:?}"))?;
-    if rewards.len() != n {
-        bail!("{} rewards for a batch of {n}", rewards.len());
-    }
-    let rewards = rewards
-        .iter()
-        .enumerate()
-        .map(|(i, r)| match r {
-            Value::Null => Ok(None),
-            r => r.as_f64().filter(|x| x.is_finite()).map(Some).with_context(|| format!("reward {i} is {r}")),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut logs = Vec::new();
-    if let Some(extra) = v.get("extra_logs").and_then(Value::as_object) {
-        for (name, value) in extra {
-            let xs: Vec<f64> = match value {
-                Value::Array(a) => a.iter().filter_map(Value::as_f64).collect(),
-                v => v.as_f64().into_iter().collect(),
-            };
-            if !xs.is_empty() {
-                logs.push((name.clone(), xs.iter().sum::<f64>() / xs.len() as f64));
-            }
-        }
-    }
-    Ok((rewards, logs))
 }
 
 impl RewardSource for HttpSource {

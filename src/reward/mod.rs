@@ -5,6 +5,7 @@
 //! scalar per completion. Gates (G-RA) slot in between validation and the weighted sum, and shaping (PAR and its
 //! baselines) after it; sources other than rules only need to implement [`RewardSource`].
 
+pub mod answer;
 pub mod command;
 pub mod gate;
 pub mod http;
@@ -19,9 +20,6 @@ pub use rule::{last_number, RuleSource};
 use serde_json::{Map, Value};
 
 use crate::rollout::FinishReason;
-
-/// A remote source's answer: one reward per sample (None = not applicable) and named metrics of the batch.
-pub type Answer = (Vec<Option<f64>>, Vec<(String, f64)>);
 
 /// What a reward sees of one sample. Borrowed, so a step builds its batch without copying completions.
 #[derive(Debug, Clone, Copy)]
