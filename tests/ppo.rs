@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use common::train::*;
 use safe::advantage::gae::{ScorePlacement, Whitening};
 use safe::algo::loss::{ClipConfig, KlEstimator};
-use safe::algo::ppo::{ppo_update, KlController, PpoBatch, PpoConfig};
+use safe::algo::ppo::{ppo_update, KlController, PpoBatch, PpoConfig, PpoParams};
 use safe::model::value::ValueModel;
 use safe::model::{CausalLm, LoadedModel, ModelSource};
 use safe::optim::{AdamW, AdamWConfig};
@@ -24,17 +24,21 @@ fn snapshot(vars: &[(String, candle_core::Var)]) -> Vec<(String, Vec<f32>)> {
 
 fn config(epochs: usize) -> PpoConfig {
     PpoConfig {
-        gamma: 1.0,
-        lam: 0.95,
-        epochs,
-        num_mini_batches: 2,
-        vf_coef: 0.1,
-        value_clip: 0.2,
+        params: PpoParams {
+            gamma: 1.0,
+            lam: 0.95,
+            epochs,
+            num_mini_batches: 2,
+            vf_coef: 0.1,
+            value_clip: 0.2,
+            kl_estimator: KlEstimator::K1,
+            whitening: Whitening::Unbiased,
+            placement: ScorePlacement::LastToken,
+            missing_eos_penalty: Some(1.0),
+            kl_target: None,
+            kl_horizon: 10000.0,
+        },
         clip: ClipConfig { eps_low: 0.2, eps_high: 0.2, delta: None },
-        kl_estimator: KlEstimator::K1,
-        whitening: Whitening::Unbiased,
-        placement: ScorePlacement::LastToken,
-        missing_eos_penalty: Some(1.0),
         micro_batch_size: 2,
         temperature: 0.9,
         max_grad_norm: 1.0,
@@ -66,7 +70,7 @@ fn every_policy_and_value_tensor_gets_a_gradient_and_the_first_update_is_on_poli
     let (p0, c0, r0) = (snapshot(policy.vars()), snapshot(critic.vars()), reference.named_tensors());
     // One epoch, one mini-batch: the first update sees ρ = 1 exactly (rollout and training log-probs agree).
     let mut one = config(1);
-    one.num_mini_batches = 1;
+    one.params.num_mini_batches = 1;
     let m = ppo_update(&policy, &view, Some(&reference), &critic, &mut popt, &mut copt, &kl, &batch, &one, 1).unwrap();
     assert_eq!((m.ratio_mean, m.approxkl, m.clipfrac), (1.0, 0.0, 0.0), "{m:?}");
     assert!(m.grad_norm > 0.0 && m.critic_grad_norm > 0.0);

@@ -101,9 +101,9 @@ use crate::model::CausalLm;
 use crate::optim::{clip_grad_norm, AdamW, GradAccumulator};
 use crate::rollout::rng::{RowKey, RowRng};
 
-/// PPO's hyperparameters (TRL PPOConfig / OpenRLHF names in the docs).
+/// PPO's hyperparameters as the recipe gives them (`algorithm.*` when `kind = "ppo"`).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PpoConfig {
+pub struct PpoParams {
     pub gamma: f64,
     pub lam: f64,
     /// Passes over the step's rollouts (TRL `num_ppo_epochs`).
@@ -114,12 +114,21 @@ pub struct PpoConfig {
     pub vf_coef: f64,
     /// Value clipping range (TRL `cliprange_value`).
     pub value_clip: f64,
-    pub clip: ClipConfig,
     pub kl_estimator: KlEstimator,
     pub whitening: Whitening,
     pub placement: ScorePlacement,
     /// Subtracted from the score of a completion that did not end with EOS.
     pub missing_eos_penalty: Option<f64>,
+    /// Adaptive KL target (None = fixed β) and horizon, for [`KlController`].
+    pub kl_target: Option<f64>,
+    pub kl_horizon: f64,
+}
+
+/// A PPO step's configuration: the recipe's parameters plus what the trainer decides.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PpoConfig {
+    pub params: PpoParams,
+    pub clip: ClipConfig,
     /// Rows per forward/backward within a mini-batch.
     pub micro_batch_size: usize,
     pub temperature: f64,
@@ -233,16 +242,17 @@ pub fn ppo_update(
     for i in 0..n {
         let kl_row: Vec<f64> = (0..width)
             .map(|t| match refs.get(i) {
-                Some(r) if mask[i][t] > 0.0 => cfg.kl_estimator.eval(old[i][t], r[t]),
+                Some(r) if mask[i][t] > 0.0 => cfg.params.kl_estimator.eval(old[i][t], r[t]),
                 _ => 0.0,
             })
             .collect();
         let mut score = batch.scores[i];
-        if let (Some(p), false) = (cfg.missing_eos_penalty, batch.ended_with_eos[i]) {
+        if let (Some(p), false) = (cfg.params.missing_eos_penalty, batch.ended_with_eos[i]) {
             score -= p;
         }
-        let r = token_rewards(&kl_row, &mask[i], score, beta, cfg.placement);
-        let (a, ret) = gae(&r, &v_old[i], &mask[i], value_len(&mask[i], cfg.placement), cfg.gamma, cfg.lam);
+        let r = token_rewards(&kl_row, &mask[i], score, beta, cfg.params.placement);
+        let (a, ret) =
+            gae(&r, &v_old[i], &mask[i], value_len(&mask[i], cfg.params.placement), cfg.params.gamma, cfg.params.lam);
         let kl_sum: f64 = kl_row.iter().sum();
         m.kl_sum += kl_sum / n as f64;
         kl_tokens += kl_sum;
@@ -255,14 +265,14 @@ pub fn ppo_update(
     m.rlhf_reward = m.scores + m.non_score_reward;
     m.kl_token_mean = kl_tokens / mask.iter().flatten().sum::<f64>().max(1.0);
     m.num_eos = batch.ended_with_eos.iter().filter(|&&e| e).count() as f64;
-    whiten(&mut advantages, &mask, cfg.whitening);
+    whiten(&mut advantages, &mask, cfg.params.whitening);
 
     // 3. Epochs of shuffled mini-batches.
     let vars: Vec<(String, candle_core::Var)> = policy.vars().iter().chain(critic.vars()).cloned().collect();
-    let mini = n.div_ceil(cfg.num_mini_batches.max(1));
+    let mini = n.div_ceil(cfg.params.num_mini_batches.max(1));
     let (mut updates, mut tokens) = (0.0f64, 0.0f64);
     let (mut ratios, mut ratio_sq) = (0.0f64, 0.0f64);
-    for epoch in 0..cfg.epochs {
+    for epoch in 0..cfg.params.epochs {
         let mut order: Vec<usize> = (0..n).collect();
         let mut rng = RowRng::new(RowKey { seed: cfg.seed, step, prompt: PPO_SHUFFLE_STREAM, sample: epoch as u64 });
         for i in (1..n).rev() {
@@ -283,10 +293,10 @@ pub fn ppo_update(
                 let ratio = log_ratio.exp()?;
                 let pg = masked_mean_tensor(&clipped_surrogate_tensor(&ratio, &adv_t, &cfg.clip)?, mask_t)?;
                 let v = critic.values(&s)?;
-                let v_clip = (&vold_t + (&v - &vold_t)?.clamp(-cfg.value_clip, cfg.value_clip)?)?;
+                let v_clip = (&vold_t + (&v - &vold_t)?.clamp(-cfg.params.value_clip, cfg.params.value_clip)?)?;
                 let (a, b) = ((&v - &ret_t)?.sqr()?, (&v_clip - &ret_t)?.sqr()?);
                 let vf = (masked_mean_tensor(&a.maximum(&b)?, mask_t)? * 0.5)?;
-                let loss = ((&pg + (&vf * cfg.vf_coef)?)? / accum)?;
+                let loss = ((&pg + (&vf * cfg.params.vf_coef)?)? / accum)?;
                 let value = scalar(&loss)?;
                 if !value.is_finite() {
                     return Ok(PpoMetrics { pg_loss: f64::NAN, ..m });

@@ -159,8 +159,8 @@ pub struct AlgorithmSettings {
     pub kind: AlgorithmKind,
     /// Set when `kind = "grpo_lambda"`.
     pub grpo_lambda: Option<GrpoLambdaSettings>,
-    /// Set when `kind = "ppo"`.
-    pub ppo: Option<PpoSettings>,
+    /// Set when `kind = "ppo"` (β, ε and the micro-batch come from the shared keys).
+    pub ppo: Option<crate::algo::ppo::PpoParams>,
     /// Set when `kind = "safe"`: the step's settings (micro-batch, temperature and ids filled in by the trainer) and
     /// the controller's constants (its state starts empty).
     pub safe:
@@ -176,23 +176,6 @@ pub struct AlgorithmSettings {
     pub use_bias_correction_kl: bool,
     /// 0 = auto (the trainer picks); otherwise divides `completions_per_step` (checked at load).
     pub micro_batch_size: usize,
-}
-
-/// PPO's keys (`algorithm.kind = "ppo"`); β, ε and the micro-batch come from the shared keys.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PpoSettings {
-    pub gamma: f64,
-    pub lam: f64,
-    pub epochs: usize,
-    pub num_mini_batches: usize,
-    pub vf_coef: f64,
-    pub value_clip: f64,
-    pub kl_estimator: crate::algo::loss::KlEstimator,
-    pub whitening: crate::advantage::gae::Whitening,
-    pub placement: crate::advantage::gae::ScorePlacement,
-    pub missing_eos_penalty: Option<f64>,
-    pub kl_target: Option<f64>,
-    pub kl_horizon: f64,
 }
 
 /// `[critic]`: PPO's value model.

@@ -14,8 +14,8 @@ use super::{
 };
 use super::{
     AlgorithmSettings, CriticSettings, DataSettings, DataSource, DeviceSpec, GateSettings, GrpoLambdaSettings,
-    ModelSettings, OptimSettings, PpoSettings, Recipe, RecipeError, Resolved, RewardSettings, RewardSource,
-    RolloutSettings, RolloutSource, Rule, RunSettings,
+    ModelSettings, OptimSettings, Recipe, RecipeError, Resolved, RewardSettings, RewardSource, RolloutSettings,
+    RolloutSource, Rule, RunSettings,
 };
 
 /// Where a value came from, for messages.
@@ -221,8 +221,13 @@ fn typed(ctx: &mut Ctx, spec: &KeySpec, v: &Value, origin: &Origin) -> Option<Va
 }
 
 fn suggest_key(table: &str, k: &str) -> String {
-    if let Some(other) = schema::KEYS.iter().find(|s| s.name() == k && s.table() != table) {
-        return format!("; `{k}` belongs in [{}] (`{}`)", other.table(), other.path);
+    let elsewhere: Vec<String> = schema::KEYS
+        .iter()
+        .filter(|s| s.name() == k && s.table() != table)
+        .map(|s| format!("[{}] (`{}`)", s.table(), s.path))
+        .collect();
+    if !elsewhere.is_empty() {
+        return format!("; `{k}` belongs in {}", elsewhere.join(" or "));
     }
     let names: Vec<&str> = schema::keys_of(table).map(|s| s.name()).collect();
     match nearest(k, &names) {
@@ -533,7 +538,7 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
         },
         algorithm: AlgorithmSettings {
             kind: choice(algo, "algorithm.kind", AlgorithmKind::from_name),
-            ppo: (kind == AlgorithmKind::Ppo).then(|| PpoSettings {
+            ppo: (kind == AlgorithmKind::Ppo).then(|| crate::algo::ppo::PpoParams {
                 gamma: float(algo, "algorithm.gamma"),
                 lam: float(algo, "algorithm.lam"),
                 epochs: usz(algo, "algorithm.ppo_epochs"),

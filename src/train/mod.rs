@@ -887,17 +887,8 @@ impl Trainer {
         let scores: Vec<f64> = scored.total.iter().map(|&r| if r.is_nan() { 0.0 } else { r }).collect();
         let eos: Vec<bool> = samples.iter().map(|s| s.finish == FinishReason::Eos).collect();
         let cfg = PpoConfig {
-            gamma: p.gamma,
-            lam: p.lam,
-            epochs: p.epochs,
-            num_mini_batches: p.num_mini_batches,
-            vf_coef: p.vf_coef,
-            value_clip: p.value_clip,
+            params: *p,
             clip: ClipConfig { eps_low: a.epsilon, eps_high: a.epsilon_high, delta: None },
-            kl_estimator: p.kl_estimator,
-            whitening: p.whitening,
-            placement: p.placement,
-            missing_eos_penalty: p.missing_eos_penalty,
             micro_batch_size: self.update.micro_batch_size,
             temperature: self.update.temperature,
             max_grad_norm: o.max_grad_norm,
