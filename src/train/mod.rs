@@ -10,36 +10,34 @@
 pub mod memory;
 pub mod references;
 pub mod run_dir;
+mod setup;
 pub mod signal;
+mod update;
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::advantage::group_advantages;
-use crate::algo::grpo::{grpo_update, GrpoLossConfig, UpdateBatch, UpdateConfig, UpdateMetrics};
-use crate::algo::loss::{Aggregation, ClipConfig};
-use crate::algo::ppo::{ppo_update, KlController, PpoBatch, PpoConfig};
-use crate::algo::safe::{safe_update, Controller, Phase, RewardNormalizer, SafeBatch, SafeConfig};
-use crate::checkpoint::{self, Checkpoint, SaveRequest};
-use crate::data::{Dataset, Sampler, SamplerState, TruncationCounter};
+use crate::algo::grpo::UpdateConfig;
+use crate::algo::ppo::KlController;
+use crate::algo::safe::{Controller, RewardNormalizer};
+use crate::checkpoint::{self, SaveRequest};
+use crate::data::{Dataset, Sampler, SamplerState};
 use crate::exit::{self, Failure, OrExit};
 use crate::metrics::{names, MetricsWriter, Record};
 use crate::model::value::{SoftMinHeads, ValueModel};
-use crate::model::{CausalLm, LoadedModel, ModelSource, Tokenizer};
+use crate::model::{CausalLm, Tokenizer};
+use crate::optim::AdamW;
 use crate::optim::AdamWState;
-use crate::optim::{lr_at, AdamW, AdamWConfig};
-use crate::recipe::{Recipe, RolloutSource};
+use crate::recipe::Recipe;
 use crate::reward::shaping::{shape, RunningStats, ShapingKind};
 use crate::reward::{RewardInput, RewardPipeline, ScoredBatch};
-use crate::rollout::{
-    generate, FinishReason, GenerationConfig, Replay, Request, Rollouts, RowKey, Sample, SamplingParams,
-};
+use crate::rollout::{generate, FinishReason, GenerationConfig, Replay, Request, Rollouts, RowKey, Sample};
 use references::{ReferenceRewards, ReferenceSource};
-use run_dir::Start;
 
 /// The critic: PPO's separate value model, or SAFE's two heads on the policy's trunk.
 pub enum Critic {
@@ -168,252 +166,6 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Load everything and check that the run can go ahead. Every error here is bad input (exit 2): nothing has
-    /// been trained and no checkpoint touched.
-    pub fn new(recipe: Recipe, start: Start) -> Result<Self, Failure> {
-        Self::build(recipe, start).or_exit(exit::BAD_INPUT)
-    }
-
-    fn build(recipe: Recipe, start: Start) -> Result<Self> {
-        // Read before anything is loaded: the plan counts the model's own memory.
-        let device = recipe.model.device.device()?;
-        let available = if device.is_cpu() { memory::available_cpu_bytes() } else { None };
-        let dtype = recipe.model.dtype.resolve(&device);
-        let checkpoint = match &start {
-            Start::From(c) => Some(c),
-            Start::Fresh => None,
-        };
-        let base = ModelSource::parse(&recipe.model.id, Some(&recipe.model.revision))?;
-        let policy_source = match checkpoint {
-            Some(c) => ModelSource::Dir(c.model_dir().to_path_buf()),
-            None => base.clone(),
-        };
-        let loaded = LoadedModel::load(&policy_source, &device, dtype)?;
-        let origin = loaded.origin.clone();
-        let config = loaded.config.clone();
-        let (policy, tokenizer) = loaded.into_model(true, &device, dtype)?;
-        let tokenizer = tokenizer.with_context(|| format!("{origin} has no tokenizer (tokenizer.json)"))?;
-        let a = &recipe.algorithm;
-        // The frozen starting policy: the KL reference (β > 0) and the source of PAR's reference completions.
-        let sh = &recipe.shaping;
-        let reference = if a.beta > 0.0 || sh.kind.needs_references(sh.relative) || a.safe.is_some() {
-            let (r, _) = LoadedModel::load(&base, &device, dtype)?.into_model(false, &device, dtype)?;
-            Some(r)
-        } else {
-            None
-        };
-
-        let ro = &recipe.rollout;
-        let n = ro.completions_per_step();
-        let shape = memory::StepShape {
-            completions: n,
-            micro_batch_size: a.micro_batch_size,
-            max_prompt_tokens: recipe.data.max_prompt_tokens,
-            max_new_tokens: ro.max_new_tokens,
-            reference: reference.is_some(),
-            critic: a.ppo.is_some(),
-            dtype_bytes: dtype.size_in_bytes(),
-        };
-        let plan = memory::plan(&config, &shape, available).map_err(|e| anyhow!(e))?;
-
-        let mut notes = Vec::new();
-        let mut truncation = TruncationCounter::default();
-        let prompts = match &ro.source {
-            RolloutSource::File(path) => Prompts::Replay(Replay::load(
-                path,
-                &tokenizer,
-                ro.num_generations,
-                recipe.data.max_prompt_tokens,
-                ro.max_new_tokens,
-                &mut truncation,
-            )?),
-            RolloutSource::Sample => {
-                let dataset = Dataset::load(&recipe.data)?;
-                let chat = recipe.data.chat;
-                if chat && !tokenizer.has_chat_template() {
-                    bail!(
-                        "data.chat = true but {origin} has no chat template: set data.chat = false to use prompts as \
-                         plain text"
-                    );
-                }
-                let encoded = dataset
-                    .examples()
-                    .iter()
-                    .map(|e| {
-                        let text = crate::data::render(e, &tokenizer, chat)?;
-                        let (ids, cut) = crate::data::encode_prompt(&text, &tokenizer, recipe.data.max_prompt_tokens)?;
-                        truncation.record(cut);
-                        if ids.is_empty() {
-                            bail!("example {} has an empty prompt after tokenisation", e.index);
-                        }
-                        Ok((text, ids))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let seed = recipe.run.seed;
-                let sampler = match checkpoint.map(train_state).transpose()?.and_then(|s| s.sampler) {
-                    Some(s) => Sampler::from_state(seed, dataset.len(), recipe.data.shuffle, s)?,
-                    None => Sampler::new(seed, dataset.len(), recipe.data.shuffle),
-                };
-                Prompts::Data { dataset, sampler, encoded }
-            }
-        };
-        notes.extend(truncation.warning(recipe.data.max_prompt_tokens));
-
-        let rewards = RewardPipeline::from_settings(&recipe.rewards, &device, dtype)?;
-        let o = &recipe.optim;
-        let mut optimizer = AdamW::new(
-            policy.vars().to_vec(),
-            AdamWConfig { lr: o.lr, beta1: o.betas[0], beta2: o.betas[1], eps: o.eps, weight_decay: o.weight_decay },
-        )?;
-        let state = match checkpoint {
-            Some(c) => {
-                c.restore_optimizer(&mut optimizer)?;
-                let mut s = train_state(c)?;
-                // The recipe may differ in resumable keys: the state records the one being run now.
-                s.recipe = recipe.to_toml_string();
-                s.recipe_hash = recipe.hash();
-                s
-            }
-            None => TrainState {
-                step: 0,
-                sampler: match &prompts {
-                    Prompts::Data { sampler, .. } => Some(sampler.state()),
-                    Prompts::Replay(_) => None,
-                },
-                bad_steps_in_a_row: 0,
-                skipped_steps: 0,
-                rng_seed: recipe.run.seed,
-                optimizer_steps: 0,
-                recipe_hash: recipe.hash(),
-                recipe: recipe.to_toml_string(),
-                shaping_stats: RunningStats::default(),
-                references: ReferenceRewards::default(),
-                kl_controller: a.ppo.as_ref().map(|p| KlController {
-                    beta: a.beta,
-                    target: p.kl_target,
-                    horizon: p.kl_horizon,
-                }),
-                critic_optimizer: None,
-                safe: a.safe.as_ref().map(|(_, controller, normalizer)| SafeState {
-                    controller: controller.clone(),
-                    normalizer: *normalizer,
-                }),
-            },
-        };
-
-        let run_dir = recipe.run.dir();
-        for name in run_dir::prepare(&recipe, state.step)? {
-            notes.push(format!(
-                "checkpoint {name} was written after step {} (the one this run continues from) and is kept aside",
-                state.step
-            ));
-        }
-        let metrics = MetricsWriter::open(&run_dir.join(run_dir::METRICS_FILE))?;
-        let eos_ids = tokenizer.eos_ids().to_vec();
-        let pad_id = tokenizer.padding_id();
-        let generation = GenerationConfig {
-            sampling: SamplingParams {
-                temperature: ro.temperature,
-                top_p: ro.top_p,
-                top_k: ro.top_k,
-                min_p: ro.min_p,
-                repetition_penalty: ro.repetition_penalty,
-            },
-            max_new_tokens: ro.max_new_tokens,
-            eos_ids,
-            stop_strings: ro.stop.clone(),
-            batch_size: ro.generation_batch_size(),
-            pad_id,
-        };
-        let update = UpdateConfig {
-            loss: GrpoLossConfig {
-                beta: a.beta,
-                clip: ClipConfig { eps_low: a.epsilon, eps_high: a.epsilon_high, delta: None },
-                aggregation: Aggregation::new(a.loss_type, ro.max_new_tokens),
-                use_bias_correction_kl: a.use_bias_correction_kl,
-            },
-            micro_batch_size: plan.micro_batch_size,
-            temperature: ro.temperature,
-            max_grad_norm: o.max_grad_norm,
-            pad_id,
-            logprob_chunk: plan.logprob_chunk,
-        };
-        let critic_opt = |vars: &[(String, candle_core::Var)]| {
-            let c = &recipe.critic;
-            AdamW::new(
-                vars.to_vec(),
-                AdamWConfig {
-                    lr: c.lr,
-                    beta1: o.betas[0],
-                    beta2: o.betas[1],
-                    eps: o.eps,
-                    weight_decay: o.weight_decay,
-                },
-            )
-        };
-        let critic = match (&a.ppo, &a.safe) {
-            (None, None) => None,
-            (None, Some(_)) => Some(Critic::Heads(SoftMinHeads::new(config.hidden_size, recipe.run.seed, &device)?)),
-            (Some(_), _) => {
-                let c = &recipe.critic;
-                let source = match c.init.as_str() {
-                    "policy" => base.clone(),
-                    "reward_model" => {
-                        let id = recipe.rewards.iter().find_map(|w| match &w.source {
-                            crate::recipe::RewardSource::Model { id, .. } => Some(id.clone()),
-                            _ => None,
-                        });
-                        ModelSource::parse(&id.expect("checked by the recipe"), None)?
-                    }
-                    path => ModelSource::parse(path, None).context("critic.init")?,
-                };
-                let value = ValueModel::from_loaded(LoadedModel::load(&source, &device, dtype)?, &device, dtype)
-                    .context("loading the value model (critic.init)")?;
-                if value.vocab_size() != config.vocab_size {
-                    bail!(
-                        "critic.init = \"{}\" has a vocabulary of {} tokens, the policy {}: the value model reads the \
-                         policy's token ids, so it needs the same tokenizer",
-                        c.init,
-                        value.vocab_size(),
-                        config.vocab_size
-                    );
-                }
-                Some(Critic::Value(Box::new(value)))
-            }
-        };
-        let critic = match critic {
-            None => None,
-            Some(critic) => {
-                let mut opt = critic_opt(critic.vars())?;
-                if let Some(ckpt) = checkpoint {
-                    critic.load_weights(&ckpt.tensor_file(CRITIC_FILE, &device)?)?;
-                    let st = state.critic_optimizer.context("the checkpoint has no critic optimizer state")?;
-                    opt.load_state(&st, &ckpt.tensor_file(CRITIC_OPTIMIZER_FILE, &device)?)?;
-                }
-                Some((critic, opt))
-            }
-        };
-        let sampler_model = policy.frozen_view()?;
-        Ok(Self {
-            recipe,
-            run_dir,
-            policy,
-            sampler_model,
-            reference,
-            tokenizer,
-            optimizer,
-            critic,
-            rewards,
-            prompts,
-            generation,
-            update,
-            plan,
-            state,
-            metrics,
-            notes,
-        })
-    }
-
     pub fn state(&self) -> &TrainState {
         &self.state
     }
@@ -570,7 +322,7 @@ impl Trainer {
                 }
                 let g = self.recipe.rollout.num_generations;
                 if let Some(gl) = &self.recipe.algorithm.grpo_lambda {
-                    grpo_lambda_rewards(gl, &samples, g, &mut scored, &mut record)?;
+                    update::grpo_lambda_rewards(gl, &samples, g, &mut scored, &mut record)?;
                 }
                 completion_metrics(&mut record, &samples);
                 let write_completions =
@@ -723,270 +475,6 @@ impl Trainer {
         Ok(())
     }
 
-    /// μ optimizer updates on the step's samples. A non-finite loss or grad norm stops the step (weights untouched
-    /// by that update) and makes it a skipped step.
-    fn update(&mut self, samples: &[Sample], advantages: &[f64], record: &mut Record) -> Result<StepOutcome> {
-        let a = &self.recipe.algorithm;
-        let prompts: Vec<Vec<u32>> = samples.iter().map(|s| s.prompt_ids.clone()).collect();
-        let completions: Vec<Vec<u32>> = samples.iter().map(|s| s.completion_ids.clone()).collect();
-        let keep: Vec<bool> =
-            samples.iter().map(|s| !(a.mask_truncated_completions && s.finish == FinishReason::Length)).collect();
-        // μ > 1 reuses the batch: ρ needs the sampling policy's log-probs, taken before the first update.
-        let old = if a.num_iterations > 1 { Some(self.old_logprobs(&prompts, &completions)?) } else { None };
-        let batch = UpdateBatch {
-            prompts: &prompts,
-            completions: &completions,
-            advantages,
-            old_logprobs: old.as_deref(),
-            keep: &keep,
-        };
-        let mu = a.num_iterations as u64;
-        let o = &self.recipe.optim;
-        let total_updates = self.recipe.run.max_steps * mu;
-        let mut sum: Option<UpdateMetrics> = None;
-        let mut lr = 0.0;
-        for it in 0..mu {
-            lr = lr_at(self.optimizer.state().step, o.lr, o.schedule, o.warmup_steps * mu, total_updates);
-            self.optimizer.set_lr(lr);
-            // The frozen model is the KL reference only when β > 0 (it may be loaded for PAR's references alone).
-            let kl_reference = self.reference.as_ref().filter(|_| a.beta > 0.0);
-            let m = grpo_update(&self.policy, kl_reference, &mut self.optimizer, &batch, &self.update)?;
-            let which = if mu > 1 { format!(" (update {} of {mu})", it + 1) } else { String::new() };
-            if !m.loss.is_finite() {
-                return Ok(StepOutcome::Skipped { stage: "loss", reason: format!("the loss is {}{which}", m.loss) });
-            }
-            if !m.grad_norm.is_finite() {
-                return Ok(StepOutcome::Skipped {
-                    stage: "gradient",
-                    reason: format!("the gradient norm is {}{which}", m.grad_norm),
-                });
-            }
-            sum = Some(match sum {
-                None => m,
-                Some(s) => UpdateMetrics {
-                    loss: s.loss + m.loss,
-                    grad_norm: s.grad_norm + m.grad_norm,
-                    kl: s.kl.zip(m.kl).map(|(a, b)| a + b),
-                    clip_low: s.clip_low + m.clip_low,
-                    clip_high: s.clip_high + m.clip_high,
-                    clip_region: s.clip_region + m.clip_region,
-                    // The policy's entropy on its own samples: the first update's.
-                    entropy: s.entropy,
-                },
-            });
-        }
-        let m = sum.expect("μ ≥ 1");
-        let k = mu as f64;
-        if let Some(kl) = m.kl {
-            record.set(names::KL, kl / k);
-        }
-        record.set(names::ENTROPY, m.entropy);
-        record.set(names::LOSS, m.loss / k);
-        record.set(names::GRAD_NORM, m.grad_norm / k);
-        record.set(names::LEARNING_RATE, lr);
-        record.set(names::CLIP_LOW, m.clip_low / k);
-        record.set(names::CLIP_HIGH, m.clip_high / k);
-        record.set(names::CLIP_REGION, m.clip_region / k);
-        Ok(StepOutcome::Trained)
-    }
-
-    /// One SAFE step: the controller and normaliser advance in the state; their internals are logged.
-    fn safe_update(&mut self, samples: &[Sample], scored: &ScoredBatch, record: &mut Record) -> Result<StepOutcome> {
-        let (base_cfg, _, _) = self.recipe.algorithm.safe.as_ref().expect("safe settings");
-        let o = &self.recipe.optim;
-        let cfg = SafeConfig {
-            micro_batch_size: self.update.micro_batch_size,
-            temperature: self.update.temperature,
-            pad_id: self.update.pad_id,
-            logprob_chunk: self.update.logprob_chunk,
-            ..*base_cfg
-        };
-        let prompts: Vec<Vec<u32>> = samples.iter().map(|s| s.prompt_ids.clone()).collect();
-        let completions: Vec<Vec<u32>> = samples.iter().map(|s| s.completion_ids.clone()).collect();
-        if let Some(i) = scored.total.iter().position(|r| r.is_nan()) {
-            let reason = format!("no reward applied to completion {i}; safe needs one reward per completion");
-            return Ok(StepOutcome::Skipped { stage: "reward", reason });
-        }
-        let lr = lr_at(self.state.step, o.lr, o.schedule, o.warmup_steps, self.recipe.run.max_steps);
-        self.optimizer.set_lr(lr);
-        let Some((Critic::Heads(heads), heads_opt)) = self.critic.as_mut() else {
-            bail!("safe needs its critic heads")
-        };
-        heads_opt.set_lr(self.recipe.critic.lr * if o.lr > 0.0 { lr / o.lr } else { 0.0 });
-        let state = self.state.safe.as_mut().expect("safe state");
-        // Work on copies: a step that fails leaves the controller and normaliser as they were.
-        let (mut controller, mut normalizer) = (state.controller.clone(), state.normalizer);
-        let reference = self.reference.as_ref().expect("safe loads the reference");
-        let batch = SafeBatch { prompts: &prompts, completions: &completions, rewards: &scored.total };
-        let m = safe_update(
-            &self.policy,
-            &self.sampler_model,
-            reference,
-            heads,
-            &mut self.optimizer,
-            heads_opt,
-            &mut controller,
-            &mut normalizer,
-            &batch,
-            &cfg,
-        )?;
-        if let Some(reason) = m.failed {
-            return Ok(StepOutcome::Skipped { stage: "loss", reason });
-        }
-        *state = SafeState { controller, normalizer };
-        let c = m.control.expect("at least one epoch");
-        let phase = match c.phase {
-            Phase::Warmup => 0.0,
-            Phase::Climbing => 1.0,
-            Phase::Plateau => 2.0,
-            Phase::Converged => 3.0,
-        };
-        for (name, v) in [
-            (names::KL, m.kl),
-            (names::ENTROPY, m.rollout_entropy),
-            (names::LOSS, m.pg_loss + cfg.value_weight * m.value_loss + c.penalty - cfg.entropy_coef * m.entropy_bonus),
-            (names::PPO_LOSS_POLICY, m.pg_loss),
-            (names::PPO_LOSS_VALUE, m.value_loss),
-            (names::GRAD_NORM, m.grad_norm),
-            (names::CRITIC_GRAD_NORM, m.heads_grad_norm),
-            (names::LEARNING_RATE, lr),
-            (names::SAFE_KL_SHORT, c.kl_short),
-            (names::SAFE_KL_LONG, c.kl_long),
-            (names::SAFE_PID, c.pid),
-            (names::SAFE_PHASE, phase),
-            (names::SAFE_PHI, c.phi),
-            (names::SAFE_THRESHOLD, c.threshold),
-            (names::SAFE_ENTROPY_FACTOR, c.gate),
-            (names::SAFE_PENALTY, c.penalty),
-            (names::SAFE_ACTIVE, c.active as u8 as f64),
-            (names::SAFE_ENTROPY_BONUS, m.entropy_bonus),
-            (names::SAFE_V1_MEAN, m.v1_mean),
-            (names::SAFE_V2_MEAN, m.v2_mean),
-            (names::SAFE_VALUE_MEAN, m.value_mean),
-            (names::SAFE_NORMALIZED_REWARD, m.normalized_mean),
-        ] {
-            record.set(name, v);
-        }
-        Ok(StepOutcome::Trained)
-    }
-
-    /// One PPO step (TRL's PPOTrainer semantics) with the value model; the KL controller moves after it.
-    fn ppo_update(
-        &mut self,
-        step: u64,
-        samples: &[Sample],
-        scored: &ScoredBatch,
-        record: &mut Record,
-    ) -> Result<StepOutcome> {
-        let a = &self.recipe.algorithm;
-        let p = a.ppo.as_ref().expect("ppo settings");
-        let o = &self.recipe.optim;
-        let prompts: Vec<Vec<u32>> = samples.iter().map(|s| s.prompt_ids.clone()).collect();
-        let completions: Vec<Vec<u32>> = samples.iter().map(|s| s.completion_ids.clone()).collect();
-        // A sample no reward applied to scores 0.
-        let scores: Vec<f64> = scored.total.iter().map(|&r| if r.is_nan() { 0.0 } else { r }).collect();
-        let eos: Vec<bool> = samples.iter().map(|s| s.finish == FinishReason::Eos).collect();
-        let cfg = PpoConfig {
-            params: *p,
-            clip: ClipConfig { eps_low: a.epsilon, eps_high: a.epsilon_high, delta: None },
-            micro_batch_size: self.update.micro_batch_size,
-            temperature: self.update.temperature,
-            max_grad_norm: o.max_grad_norm,
-            critic_max_grad_norm: self.recipe.critic.max_grad_norm,
-            pad_id: self.update.pad_id,
-            logprob_chunk: self.update.logprob_chunk,
-            seed: self.recipe.run.seed,
-        };
-        // The schedule counts training steps (TRL steps its scheduler once per batch of rollouts).
-        let lr = lr_at(self.state.step, o.lr, o.schedule, o.warmup_steps, self.recipe.run.max_steps);
-        self.optimizer.set_lr(lr);
-        let Some((Critic::Value(critic), critic_opt)) = self.critic.as_mut() else {
-            bail!("ppo needs its value model")
-        };
-        let critic_lr = self.recipe.critic.lr * if o.lr > 0.0 { lr / o.lr } else { 0.0 };
-        critic_opt.set_lr(critic_lr);
-        let kl = self.state.kl_controller.expect("ppo has a KL controller");
-        let reference = self.reference.as_ref().filter(|_| kl.beta > 0.0 || kl.target.is_some());
-        let batch = PpoBatch { prompts: &prompts, completions: &completions, scores: &scores, ended_with_eos: &eos };
-        let m = ppo_update(
-            &self.policy,
-            &self.sampler_model,
-            reference,
-            critic,
-            &mut self.optimizer,
-            critic_opt,
-            &kl,
-            &batch,
-            &cfg,
-            step,
-        )?;
-        if !m.pg_loss.is_finite() {
-            return Ok(StepOutcome::Skipped { stage: "loss", reason: "the PPO loss is not finite".into() });
-        }
-        if !m.grad_norm.is_finite() || !m.critic_grad_norm.is_finite() {
-            let reason =
-                format!("the gradient norm is {} (policy) / {} (value model)", m.grad_norm, m.critic_grad_norm);
-            return Ok(StepOutcome::Skipped { stage: "gradient", reason });
-        }
-        if let Some(c) = self.state.kl_controller.as_mut() {
-            c.update(m.kl_token_mean, samples.len());
-        }
-        for (name, v) in [
-            (names::PPO_KL, m.kl_sum),
-            (names::PPO_ENTROPY, m.entropy_sum),
-            (names::PPO_NON_SCORE_REWARD, m.non_score_reward),
-            (names::PPO_RLHF_REWARD, m.rlhf_reward),
-            (names::PPO_SCORES, m.scores),
-            (names::PPO_APPROXKL, m.approxkl),
-            (names::PPO_CLIPFRAC, m.clipfrac),
-            (names::PPO_POLICY_ENTROPY, m.entropy),
-            (names::PPO_LOSS_POLICY, m.pg_loss),
-            (names::PPO_LOSS_VALUE, m.vf_loss),
-            (names::PPO_VAL_CLIPFRAC, m.vf_clipfrac),
-            (names::PPO_VAL_RATIO, m.ratio_mean),
-            (names::PPO_VAL_RATIO_VAR, m.ratio_var),
-            (names::PPO_VAL_NUM_EOS, m.num_eos),
-            (names::PPO_KL_COEF, m.kl_coef),
-            (names::KL, m.kl_token_mean),
-            (names::ENTROPY, m.entropy),
-            (names::LOSS, m.pg_loss + p.vf_coef * m.vf_loss),
-            (names::GRAD_NORM, m.grad_norm),
-            (names::CRITIC_GRAD_NORM, m.critic_grad_norm),
-            (names::LEARNING_RATE, lr),
-        ] {
-            record.set(name, v);
-        }
-        Ok(StepOutcome::Trained)
-    }
-
-    /// Per-token log-probs of each completion under the current policy, without a graph, one micro-batch at a time.
-    fn old_logprobs(&self, prompts: &[Vec<u32>], completions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        use crate::model::logprobs::{completion_logprobs, SequenceBatch};
-        let micro = self.update.micro_batch_size.max(1);
-        let mut out = Vec::with_capacity(completions.len());
-        for start in (0..completions.len()).step_by(micro) {
-            let end = (start + micro).min(completions.len());
-            let seqs = SequenceBatch::new(
-                &prompts[start..end],
-                &completions[start..end],
-                self.update.pad_id,
-                self.policy.config().sliding_window,
-                self.policy.device(),
-            )?;
-            let (lp, _) = completion_logprobs(
-                &self.sampler_model,
-                &seqs,
-                self.update.temperature,
-                self.update.logprob_chunk,
-                false,
-            )?;
-            for (row, c) in lp.to_vec2::<f32>()?.into_iter().zip(&completions[start..end]) {
-                out.push(row[..c.len()].to_vec());
-            }
-        }
-        Ok(out)
-    }
-
     /// `completions/step-<N>.jsonl`: one line per completion with its rewards and advantage.
     fn write_completions(
         &self,
@@ -1025,38 +513,6 @@ impl Trainer {
 
 fn finite_or_null(x: f64) -> serde_json::Value {
     serde_json::Number::from_f64(x).map_or(serde_json::Value::Null, serde_json::Value::Number)
-}
-
-/// GRPO-λ: replace the step's rewards by 0/1 correctness, or the length-penalised reward for the top-λ groups, and
-/// log the selection. Correctness is the raw value of the recipe's correctness reward (or a replay file's reward).
-fn grpo_lambda_rewards(
-    gl: &crate::recipe::GrpoLambdaSettings,
-    samples: &[Sample],
-    group_size: usize,
-    scored: &mut ScoredBatch,
-    record: &mut Record,
-) -> Result<()> {
-    let raw: Vec<Option<f64>> = match scored.per_reward.iter().find(|(n, _)| *n == gl.correctness_reward) {
-        Some((_, v)) => v.clone(),
-        None => scored.total.iter().map(|&x| (!x.is_nan()).then_some(x)).collect(),
-    };
-    let correct: Vec<bool> = raw.iter().map(|v| v.is_some_and(|x| x >= gl.correct_min)).collect();
-    let lengths: Vec<usize> = samples.iter().map(|s| s.completion_ids.len()).collect();
-    let out = crate::algo::grpo_lambda::grpo_lambda_rewards(&correct, &lengths, group_size, &gl.config)?;
-    let groups = out.efficiency.len() as f64;
-    record.set(names::REWARD, out.rewards.iter().sum::<f64>() / out.rewards.len().max(1) as f64);
-    record.set(names::GRPO_LAMBDA_N_EFFICIENCY, out.n_efficiency as f64);
-    record.set(names::GRPO_LAMBDA_FRAC_EFFICIENCY, out.n_efficiency as f64 / groups);
-    record.set(names::GRPO_LAMBDA_RATIO_EFFICIENCY, out.ratio_efficiency);
-    record.set(names::GRPO_LAMBDA_RATIO_ACCURACY, out.ratio_accuracy);
-    scored.total = out.rewards;
-    Ok(())
-}
-
-/// The trainer's state saved in a checkpoint.
-fn train_state(c: &Checkpoint) -> Result<TrainState> {
-    serde_json::from_value(c.state().clone())
-        .with_context(|| format!("{}: the training state is not one this safe can read", c.dir().display()))
 }
 
 /// TRL's completion-length metrics: mean/min/max length, the fraction cut at max_new_tokens, and the mean length

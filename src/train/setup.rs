@@ -1,0 +1,276 @@
+//! Setting a run up: model, tokenizer, reference, critic, data, rewards, optimizer, and the state a checkpoint
+//! restores. Everything that can be wrong with the inputs is found here, before the first step (exit 2).
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::references::ReferenceRewards;
+use super::run_dir::{self, Start};
+use super::{memory, Critic, Prompts, SafeState, TrainState, Trainer, CRITIC_FILE, CRITIC_OPTIMIZER_FILE};
+use crate::algo::grpo::{GrpoLossConfig, UpdateConfig};
+use crate::algo::loss::{Aggregation, ClipConfig};
+use crate::algo::ppo::KlController;
+use crate::checkpoint::Checkpoint;
+use crate::data::{Dataset, Sampler, TruncationCounter};
+use crate::exit::{self, Failure, OrExit};
+use crate::metrics::MetricsWriter;
+use crate::model::value::{SoftMinHeads, ValueModel};
+use crate::model::{LoadedModel, ModelSource};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::recipe::{Recipe, RolloutSource};
+use crate::reward::shaping::RunningStats;
+use crate::reward::RewardPipeline;
+use crate::rollout::{GenerationConfig, Replay, SamplingParams};
+
+impl Trainer {
+    /// Load everything and check that the run can go ahead. Every error here is bad input (exit 2): nothing has
+    /// been trained and no checkpoint touched.
+    pub fn new(recipe: Recipe, start: Start) -> Result<Self, Failure> {
+        Self::build(recipe, start).or_exit(exit::BAD_INPUT)
+    }
+
+    fn build(recipe: Recipe, start: Start) -> Result<Self> {
+        // Read before anything is loaded: the plan counts the model's own memory.
+        let device = recipe.model.device.device()?;
+        let available = if device.is_cpu() { memory::available_cpu_bytes() } else { None };
+        let dtype = recipe.model.dtype.resolve(&device);
+        let checkpoint = match &start {
+            Start::From(c) => Some(c),
+            Start::Fresh => None,
+        };
+        let base = ModelSource::parse(&recipe.model.id, Some(&recipe.model.revision))?;
+        let policy_source = match checkpoint {
+            Some(c) => ModelSource::Dir(c.model_dir().to_path_buf()),
+            None => base.clone(),
+        };
+        let loaded = LoadedModel::load(&policy_source, &device, dtype)?;
+        let origin = loaded.origin.clone();
+        let config = loaded.config.clone();
+        let (policy, tokenizer) = loaded.into_model(true, &device, dtype)?;
+        let tokenizer = tokenizer.with_context(|| format!("{origin} has no tokenizer (tokenizer.json)"))?;
+        let a = &recipe.algorithm;
+        // The frozen starting policy: the KL reference (β > 0) and the source of PAR's reference completions.
+        let sh = &recipe.shaping;
+        let reference = if a.beta > 0.0 || sh.kind.needs_references(sh.relative) || a.safe.is_some() {
+            let (r, _) = LoadedModel::load(&base, &device, dtype)?.into_model(false, &device, dtype)?;
+            Some(r)
+        } else {
+            None
+        };
+
+        let ro = &recipe.rollout;
+        let n = ro.completions_per_step();
+        let shape = memory::StepShape {
+            completions: n,
+            micro_batch_size: a.micro_batch_size,
+            max_prompt_tokens: recipe.data.max_prompt_tokens,
+            max_new_tokens: ro.max_new_tokens,
+            reference: reference.is_some(),
+            critic: a.ppo.is_some(),
+            dtype_bytes: dtype.size_in_bytes(),
+        };
+        let plan = memory::plan(&config, &shape, available).map_err(|e| anyhow!(e))?;
+
+        let mut notes = Vec::new();
+        let mut truncation = TruncationCounter::default();
+        let prompts = match &ro.source {
+            RolloutSource::File(path) => Prompts::Replay(Replay::load(
+                path,
+                &tokenizer,
+                ro.num_generations,
+                recipe.data.max_prompt_tokens,
+                ro.max_new_tokens,
+                &mut truncation,
+            )?),
+            RolloutSource::Sample => {
+                let dataset = Dataset::load(&recipe.data)?;
+                let chat = recipe.data.chat;
+                if chat && !tokenizer.has_chat_template() {
+                    bail!(
+                        "data.chat = true but {origin} has no chat template: set data.chat = false to use prompts as \
+                         plain text"
+                    );
+                }
+                let encoded = dataset
+                    .examples()
+                    .iter()
+                    .map(|e| {
+                        let text = crate::data::render(e, &tokenizer, chat)?;
+                        let (ids, cut) = crate::data::encode_prompt(&text, &tokenizer, recipe.data.max_prompt_tokens)?;
+                        truncation.record(cut);
+                        if ids.is_empty() {
+                            bail!("example {} has an empty prompt after tokenisation", e.index);
+                        }
+                        Ok((text, ids))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let seed = recipe.run.seed;
+                let sampler = match checkpoint.map(train_state).transpose()?.and_then(|s| s.sampler) {
+                    Some(s) => Sampler::from_state(seed, dataset.len(), recipe.data.shuffle, s)?,
+                    None => Sampler::new(seed, dataset.len(), recipe.data.shuffle),
+                };
+                Prompts::Data { dataset, sampler, encoded }
+            }
+        };
+        notes.extend(truncation.warning(recipe.data.max_prompt_tokens));
+
+        let rewards = RewardPipeline::from_settings(&recipe.rewards, &device, dtype)?;
+        let o = &recipe.optim;
+        let mut optimizer = AdamW::new(
+            policy.vars().to_vec(),
+            AdamWConfig { lr: o.lr, beta1: o.betas[0], beta2: o.betas[1], eps: o.eps, weight_decay: o.weight_decay },
+        )?;
+        let state = match checkpoint {
+            Some(c) => {
+                c.restore_optimizer(&mut optimizer)?;
+                let mut s = train_state(c)?;
+                // The recipe may differ in resumable keys: the state records the one being run now.
+                s.recipe = recipe.to_toml_string();
+                s.recipe_hash = recipe.hash();
+                s
+            }
+            None => TrainState {
+                step: 0,
+                sampler: match &prompts {
+                    Prompts::Data { sampler, .. } => Some(sampler.state()),
+                    Prompts::Replay(_) => None,
+                },
+                bad_steps_in_a_row: 0,
+                skipped_steps: 0,
+                rng_seed: recipe.run.seed,
+                optimizer_steps: 0,
+                recipe_hash: recipe.hash(),
+                recipe: recipe.to_toml_string(),
+                shaping_stats: RunningStats::default(),
+                references: ReferenceRewards::default(),
+                kl_controller: a.ppo.as_ref().map(|p| KlController {
+                    beta: a.beta,
+                    target: p.kl_target,
+                    horizon: p.kl_horizon,
+                }),
+                critic_optimizer: None,
+                safe: a.safe.as_ref().map(|(_, controller, normalizer)| SafeState {
+                    controller: controller.clone(),
+                    normalizer: *normalizer,
+                }),
+            },
+        };
+
+        let run_dir = recipe.run.dir();
+        for name in run_dir::prepare(&recipe, state.step)? {
+            notes.push(format!(
+                "checkpoint {name} was written after step {} (the one this run continues from) and is kept aside",
+                state.step
+            ));
+        }
+        let metrics = MetricsWriter::open(&run_dir.join(run_dir::METRICS_FILE))?;
+        let eos_ids = tokenizer.eos_ids().to_vec();
+        let pad_id = tokenizer.padding_id();
+        let generation = GenerationConfig {
+            sampling: SamplingParams {
+                temperature: ro.temperature,
+                top_p: ro.top_p,
+                top_k: ro.top_k,
+                min_p: ro.min_p,
+                repetition_penalty: ro.repetition_penalty,
+            },
+            max_new_tokens: ro.max_new_tokens,
+            eos_ids,
+            stop_strings: ro.stop.clone(),
+            batch_size: ro.generation_batch_size(),
+            pad_id,
+        };
+        let update = UpdateConfig {
+            loss: GrpoLossConfig {
+                beta: a.beta,
+                clip: ClipConfig { eps_low: a.epsilon, eps_high: a.epsilon_high, delta: None },
+                aggregation: Aggregation::new(a.loss_type, ro.max_new_tokens),
+                use_bias_correction_kl: a.use_bias_correction_kl,
+            },
+            micro_batch_size: plan.micro_batch_size,
+            temperature: ro.temperature,
+            max_grad_norm: o.max_grad_norm,
+            pad_id,
+            logprob_chunk: plan.logprob_chunk,
+        };
+        let critic_opt = |vars: &[(String, candle_core::Var)]| {
+            let c = &recipe.critic;
+            AdamW::new(
+                vars.to_vec(),
+                AdamWConfig {
+                    lr: c.lr,
+                    beta1: o.betas[0],
+                    beta2: o.betas[1],
+                    eps: o.eps,
+                    weight_decay: o.weight_decay,
+                },
+            )
+        };
+        let critic = match (&a.ppo, &a.safe) {
+            (None, None) => None,
+            (None, Some(_)) => Some(Critic::Heads(SoftMinHeads::new(config.hidden_size, recipe.run.seed, &device)?)),
+            (Some(_), _) => {
+                let c = &recipe.critic;
+                let source = match c.init.as_str() {
+                    "policy" => base.clone(),
+                    "reward_model" => {
+                        let id = recipe.rewards.iter().find_map(|w| match &w.source {
+                            crate::recipe::RewardSource::Model { id, .. } => Some(id.clone()),
+                            _ => None,
+                        });
+                        ModelSource::parse(&id.expect("checked by the recipe"), None)?
+                    }
+                    path => ModelSource::parse(path, None).context("critic.init")?,
+                };
+                let value = ValueModel::from_loaded(LoadedModel::load(&source, &device, dtype)?, &device, dtype)
+                    .context("loading the value model (critic.init)")?;
+                if value.vocab_size() != config.vocab_size {
+                    bail!(
+                        "critic.init = \"{}\" has a vocabulary of {} tokens, the policy {}: the value model reads the \
+                         policy's token ids, so it needs the same tokenizer",
+                        c.init,
+                        value.vocab_size(),
+                        config.vocab_size
+                    );
+                }
+                Some(Critic::Value(Box::new(value)))
+            }
+        };
+        let critic = match critic {
+            None => None,
+            Some(critic) => {
+                let mut opt = critic_opt(critic.vars())?;
+                if let Some(ckpt) = checkpoint {
+                    critic.load_weights(&ckpt.tensor_file(CRITIC_FILE, &device)?)?;
+                    let st = state.critic_optimizer.context("the checkpoint has no critic optimizer state")?;
+                    opt.load_state(&st, &ckpt.tensor_file(CRITIC_OPTIMIZER_FILE, &device)?)?;
+                }
+                Some((critic, opt))
+            }
+        };
+        let sampler_model = policy.frozen_view()?;
+        Ok(Self {
+            recipe,
+            run_dir,
+            policy,
+            sampler_model,
+            reference,
+            tokenizer,
+            optimizer,
+            critic,
+            rewards,
+            prompts,
+            generation,
+            update,
+            plan,
+            state,
+            metrics,
+            notes,
+        })
+    }
+}
+
+/// The trainer's state saved in a checkpoint.
+fn train_state(c: &Checkpoint) -> Result<TrainState> {
+    serde_json::from_value(c.state().clone())
+        .with_context(|| format!("{}: the training state is not one this safe can read", c.dir().display()))
+}
