@@ -342,7 +342,7 @@ fn replayed_rollouts_train_reproducibly_with_recorded_or_scored_rewards() {
     }
     std::fs::write(dir.path().join("rollouts.jsonl"), &lines).unwrap();
     let body =
-        TINY.replace("max_new_tokens = 6", "max_new_tokens = 6\nsource = \"file\"\nfile = \"{dir}/rollouts.jsonl\"");
+        TINY.replace("max_new_tokens = 6", "max_new_tokens = 16\nsource = \"file\"\nfile = \"{dir}/rollouts.jsonl\"");
     let recipe = setup(dir.path(), &body, 5);
     let sets = ["run.max_steps=3", "rollout.prompts_per_step=1", "algorithm.micro_batch_size=2"];
     ok(&train(&recipe, &[&sets[..], &["run.name=a"]].concat(), "never"));
