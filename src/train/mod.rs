@@ -33,7 +33,7 @@ use crate::model::value::{SoftMinHeads, ValueModel};
 use crate::model::{CausalLm, Tokenizer};
 use crate::optim::AdamW;
 use crate::optim::AdamWState;
-use crate::recipe::Recipe;
+use crate::recipe::{AlgorithmKind, Recipe};
 use crate::reward::shaping::{shape, RunningStats, ShapingKind};
 use crate::reward::{RewardInput, RewardPipeline, ScoredBatch};
 use crate::rollout::{generate, FinishReason, GenerationConfig, Replay, Request, Rollouts, RowKey, Sample};
@@ -325,30 +325,28 @@ impl Trainer {
                     update::grpo_lambda_rewards(gl, &samples, g, &mut scored, &mut record)?;
                 }
                 completion_metrics(&mut record, &samples);
-                let write_completions =
-                    self.recipe.run.completions_every > 0 && step.is_multiple_of(self.recipe.run.completions_every);
+                // GRPO's advantages are one per completion; PPO's (GAE) and SAFE's come out of their updates.
+                let kind = self.recipe.algorithm.kind;
+                let group = match kind {
+                    AlgorithmKind::Ppo | AlgorithmKind::Safe => None,
+                    AlgorithmKind::Grpo | AlgorithmKind::GrpoLambda => {
+                        let rewards: Vec<Option<f64>> =
+                            scored.total.iter().map(|&r| (!r.is_nan()).then_some(r)).collect();
+                        let adv = group_advantages(&rewards, g, self.recipe.algorithm.scale_rewards)?;
+                        record.set(names::REWARD_STD, adv.reward_std);
+                        record.set(names::FRAC_REWARD_ZERO_STD, adv.frac_reward_zero_std);
+                        Some(adv.advantages)
+                    }
+                };
+                let every = self.recipe.run.completions_every;
+                if every > 0 && step.is_multiple_of(every) {
+                    self.write_completions(step, &samples, &scored, group.as_deref())?;
+                }
                 let t = Instant::now();
-                let outcome = if self.recipe.algorithm.safe.is_some() {
-                    // SAFE: sequence-level advantages from the soft-min critic, made inside the update.
-                    if write_completions {
-                        self.write_completions(step, &samples, &scored, None)?;
-                    }
-                    self.safe_update(&samples, &scored, &mut record)?
-                } else if self.critic.is_some() {
-                    // PPO: advantages are per token (GAE over the critic's values), made inside the update.
-                    if write_completions {
-                        self.write_completions(step, &samples, &scored, None)?;
-                    }
-                    self.ppo_update(step, &samples, &scored, &mut record)?
-                } else {
-                    let rewards: Vec<Option<f64>> = scored.total.iter().map(|&r| (!r.is_nan()).then_some(r)).collect();
-                    let adv = group_advantages(&rewards, g, self.recipe.algorithm.scale_rewards)?;
-                    record.set(names::REWARD_STD, adv.reward_std);
-                    record.set(names::FRAC_REWARD_ZERO_STD, adv.frac_reward_zero_std);
-                    if write_completions {
-                        self.write_completions(step, &samples, &scored, Some(&adv.advantages))?;
-                    }
-                    self.update(&samples, &adv.advantages, &mut record)?
+                let outcome = match (&group, kind) {
+                    (Some(advantages), _) => self.update(&samples, advantages, &mut record)?,
+                    (None, AlgorithmKind::Safe) => self.safe_update(&samples, &scored, &mut record)?,
+                    (None, _) => self.ppo_update(step, &samples, &scored, &mut record)?,
                 };
                 update_s = t.elapsed().as_secs_f64();
                 outcome

@@ -23,8 +23,7 @@ impl Trainer {
         record: &mut Record,
     ) -> Result<StepOutcome> {
         let a = &self.recipe.algorithm;
-        let prompts: Vec<Vec<u32>> = samples.iter().map(|s| s.prompt_ids.clone()).collect();
-        let completions: Vec<Vec<u32>> = samples.iter().map(|s| s.completion_ids.clone()).collect();
+        let (prompts, completions) = token_ids(samples);
         let keep: Vec<bool> =
             samples.iter().map(|s| !(a.mask_truncated_completions && s.finish == FinishReason::Length)).collect();
         // μ > 1 reuses the batch: ρ needs the sampling policy's log-probs, taken before the first update.
@@ -86,6 +85,18 @@ impl Trainer {
         Ok(StepOutcome::Trained)
     }
 
+    /// PPO and SAFE: set this step's learning rates, the policy's from its schedule (which counts training steps, as
+    /// TRL steps its scheduler once per batch of rollouts) and the critic's scaled alike. Returns the policy's.
+    fn set_actor_critic_lr(&mut self) -> f64 {
+        let o = &self.recipe.optim;
+        let lr = lr_at(self.state.step, o.lr, o.schedule, o.warmup_steps, self.recipe.run.max_steps);
+        self.optimizer.set_lr(lr);
+        if let Some((_, critic_opt)) = self.critic.as_mut() {
+            critic_opt.set_lr(self.recipe.critic.lr * if o.lr > 0.0 { lr / o.lr } else { 0.0 });
+        }
+        lr
+    }
+
     /// One SAFE step: the controller and normaliser advance in the state; their internals are logged.
     pub(super) fn safe_update(
         &mut self,
@@ -94,7 +105,6 @@ impl Trainer {
         record: &mut Record,
     ) -> Result<StepOutcome> {
         let (base_cfg, _, _) = self.recipe.algorithm.safe.as_ref().expect("safe settings");
-        let o = &self.recipe.optim;
         let cfg = SafeConfig {
             micro_batch_size: self.update.micro_batch_size,
             temperature: self.update.temperature,
@@ -102,18 +112,15 @@ impl Trainer {
             logprob_chunk: self.update.logprob_chunk,
             ..*base_cfg
         };
-        let prompts: Vec<Vec<u32>> = samples.iter().map(|s| s.prompt_ids.clone()).collect();
-        let completions: Vec<Vec<u32>> = samples.iter().map(|s| s.completion_ids.clone()).collect();
+        let (prompts, completions) = token_ids(samples);
         if let Some(i) = scored.total.iter().position(|r| r.is_nan()) {
             let reason = format!("no reward applied to completion {i}; safe needs one reward per completion");
             return Ok(StepOutcome::Skipped { stage: "reward", reason });
         }
-        let lr = lr_at(self.state.step, o.lr, o.schedule, o.warmup_steps, self.recipe.run.max_steps);
-        self.optimizer.set_lr(lr);
+        let lr = self.set_actor_critic_lr();
         let Some((Critic::Heads(heads), heads_opt)) = self.critic.as_mut() else {
             bail!("safe needs its critic heads")
         };
-        heads_opt.set_lr(self.recipe.critic.lr * if o.lr > 0.0 { lr / o.lr } else { 0.0 });
         let state = self.state.safe.as_mut().expect("safe state");
         // Work on copies: a step that fails leaves the controller and normaliser as they were.
         let (mut controller, mut normalizer) = (state.controller.clone(), state.normalizer);
@@ -179,11 +186,11 @@ impl Trainer {
         scored: &ScoredBatch,
         record: &mut Record,
     ) -> Result<StepOutcome> {
+        let lr = self.set_actor_critic_lr();
         let a = &self.recipe.algorithm;
         let p = a.ppo.as_ref().expect("ppo settings");
         let o = &self.recipe.optim;
-        let prompts: Vec<Vec<u32>> = samples.iter().map(|s| s.prompt_ids.clone()).collect();
-        let completions: Vec<Vec<u32>> = samples.iter().map(|s| s.completion_ids.clone()).collect();
+        let (prompts, completions) = token_ids(samples);
         // A sample no reward applied to scores 0.
         let scores: Vec<f64> = scored.total.iter().map(|&r| if r.is_nan() { 0.0 } else { r }).collect();
         let eos: Vec<bool> = samples.iter().map(|s| s.finish == FinishReason::Eos).collect();
@@ -198,14 +205,9 @@ impl Trainer {
             logprob_chunk: self.update.logprob_chunk,
             seed: self.recipe.run.seed,
         };
-        // The schedule counts training steps (TRL steps its scheduler once per batch of rollouts).
-        let lr = lr_at(self.state.step, o.lr, o.schedule, o.warmup_steps, self.recipe.run.max_steps);
-        self.optimizer.set_lr(lr);
         let Some((Critic::Value(critic), critic_opt)) = self.critic.as_mut() else {
             bail!("ppo needs its value model")
         };
-        let critic_lr = self.recipe.critic.lr * if o.lr > 0.0 { lr / o.lr } else { 0.0 };
-        critic_opt.set_lr(critic_lr);
         let kl = self.state.kl_controller.expect("ppo has a KL controller");
         let reference = self.reference.as_ref().filter(|_| kl.beta > 0.0 || kl.target.is_some());
         let batch = PpoBatch { prompts: &prompts, completions: &completions, scores: &scores, ended_with_eos: &eos };
@@ -287,6 +289,11 @@ impl Trainer {
         }
         Ok(out)
     }
+}
+
+/// Each sample's prompt and completion token ids, as the update batches take them.
+fn token_ids(samples: &[Sample]) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    samples.iter().map(|s| (s.prompt_ids.clone(), s.completion_ids.clone())).unzip()
 }
 
 /// GRPO-λ: replace the step's rewards by 0/1 correctness, or the length-penalised reward for the top-λ groups, and
