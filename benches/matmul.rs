@@ -1,6 +1,10 @@
 //! f32 matmul throughput of Candle on this machine at SmolLM2-135M's shapes, in both orientations our Linear
 //! layer can use: `x · Wᵀ` (x: [rows, in]) and `W · xᵀ` (then transposed). Rows span decoding (1-32) to
 //! training (1024+). Run: `cargo bench --bench matmul`.
+//!
+//! `cargo bench --bench matmul -- --summary` prints one JSON object instead: the machine's f32 matmul rate for one
+//! training pass of SmolLM2-135M's layers over 1024 rows (every linear layer in proportion, plus the LM head), the
+//! figure `scripts/bench-vs-trl.sh` compares the update's achieved rate with.
 
 use std::time::Instant;
 
@@ -20,8 +24,32 @@ fn time_it(f: impl Fn()) -> f64 {
     best
 }
 
+/// Total FLOPs over total seconds of `x · Wᵀ` at `rows` rows for each `(in, out, count)` weight shape.
+fn weighted_rate(rows: usize, shapes: &[(usize, usize, usize)]) -> f64 {
+    let dev = Device::Cpu;
+    let (mut flops, mut secs) = (0.0, 0.0);
+    for &(k, n, count) in shapes {
+        let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1., (rows, k), &dev).unwrap();
+        secs += count as f64
+            * time_it(|| {
+                x.matmul(&w.t().unwrap()).unwrap();
+            });
+        flops += count as f64 * 2.0 * (rows * k * n) as f64;
+    }
+    flops / secs / 1e9
+}
+
 fn main() {
     safe::init_threads();
+    if std::env::args().any(|a| a == "--summary") {
+        // One decoder layer: q and o 576→576, k and v 576→192, gate and up 576→1536, down 1536→576; 30 layers and
+        // the tied LM head 576→49152 (here at every row; the trainers apply it at completion rows only).
+        let rows = 1024;
+        let layer = [(576, 576, 60), (576, 192, 60), (576, 1536, 60), (1536, 576, 30), (576, 49152, 1)];
+        println!("{{\"rows\": {rows}, \"gflops\": {:.1}}}", weighted_rate(rows, &layer));
+        return;
+    }
     let dev = Device::Cpu;
     println!("{:>6} {:>6} {:>6} | {:>12} {:>12}", "rows", "in", "out", "x·Wᵀ GF/s", "W·xᵀ GF/s");
     for &(k, n) in &[(576usize, 1536usize), (1536, 576), (576, 576), (576, 49152)] {

@@ -109,3 +109,41 @@ fn gradients_of_completion_logprobs_reach_every_weight_and_frozen_view_records_n
     assert_eq!(c.to_vec2::<f32>().unwrap(), d.to_vec2::<f32>().unwrap());
     assert_ne!(c.to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
 }
+
+/// The update's forward runs the per-token layers on the real tokens only (packed) and the LM head through the
+/// fused CPU op; both must give the padded, composite computation's log-probs and gradients.
+#[test]
+fn packed_forward_and_fused_head_equal_the_padded_computation_in_loss_and_gradients() {
+    use safe::model::logprobs::{logprobs_from_hidden, Entropy};
+    let model = tiny(true);
+    let (ps, cs) = prompts();
+    let batch = SequenceBatch::new(&ps, &cs, 0, None, &Device::Cpu).unwrap();
+    let weights = Tensor::new(&[[0.5f32, -1.0, 2.0, 0.25], [1.5, -0.5, 0.0, 0.0], [-2.0, 0.0, 0.0, 0.0]], &Device::Cpu)
+        .unwrap()
+        .mul(&batch.completion_mask)
+        .unwrap();
+    let loss_of = |lp: &Tensor| (lp * &weights).unwrap().sum_all().unwrap();
+
+    // Packed + fused (what training uses on the CPU).
+    let (lp, ent) = completion_logprobs(&model, &batch, 0.8, 0, true).unwrap();
+    let grads = loss_of(&lp).backward().unwrap();
+    // Padded forward + composite head (Entropy::Differentiable takes the composite path).
+    let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, &batch.mask, None).unwrap();
+    let (lp_ref, ent_ref) = logprobs_from_hidden(&model, &hidden, &batch, 0.8, 2, Entropy::Differentiable).unwrap();
+    let grads_ref = loss_of(&lp_ref).backward().unwrap();
+
+    let masked = |t: &Tensor| t.mul(&batch.completion_mask).unwrap().to_vec2::<f32>().unwrap();
+    for (a, b) in [(masked(&lp), masked(&lp_ref)), (masked(&ent.unwrap()), masked(&ent_ref.unwrap()))] {
+        for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
+    for (name, var) in model.vars() {
+        let a = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient (packed)"));
+        let b = grads_ref.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient (padded)"));
+        let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(scale > 0.0, "{name}: zero gradient");
+        assert!(diff <= 1e-4 * scale.max(1e-3), "{name}: gradients differ by {diff} (scale {scale})");
+    }
+}

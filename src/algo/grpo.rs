@@ -400,6 +400,10 @@ pub struct UpdateMetrics {
     pub clip_high: f64,
     pub clip_region: f64,
     pub entropy: f64,
+    /// Seconds spent in the frozen reference model's forwards (part of the update's time).
+    pub reference_seconds: f64,
+    /// Seconds spent clipping the gradients and in the optimizer step.
+    pub optimizer_seconds: f64,
 }
 
 /// Forward and backward over micro-batches (gradients summed, each micro-batch's loss normalised so the sum equals
@@ -413,15 +417,18 @@ pub fn grpo_update(
     batch: &UpdateBatch,
     cfg: &UpdateConfig,
 ) -> Result<UpdateMetrics> {
-    let (mut grads, mut metrics) = grpo_backward(policy, reference, batch, cfg)?;
+    let (grads, mut metrics) = grpo_backward(policy, reference, batch, cfg)?;
     if !metrics.loss.is_finite() {
         return Ok(metrics);
     }
+    let t = std::time::Instant::now();
     let max_norm = if cfg.max_grad_norm > 0.0 { cfg.max_grad_norm } else { f64::INFINITY };
-    metrics.grad_norm = crate::optim::clip_grad_norm(&mut grads, policy.vars(), max_norm)?;
-    if metrics.grad_norm.is_finite() {
-        optimizer.step(&grads)?;
+    let (norm, scale) = crate::optim::grad_norm_and_scale(&grads, policy.vars(), max_norm)?;
+    metrics.grad_norm = norm;
+    if norm.is_finite() {
+        optimizer.step_scaled(&grads, scale)?;
     }
+    metrics.optimizer_seconds = t.elapsed().as_secs_f64();
     Ok(metrics)
 }
 
@@ -452,6 +459,7 @@ pub fn grpo_backward(
     let mut acc = crate::optim::GradAccumulator::new();
     let (mut loss_sum, mut kl_sum, mut low, mut high, mut region, mut ent, mut weight) =
         (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    let mut reference_seconds = 0.0;
     for range in chunks {
         let seqs = SequenceBatch::new(
             &batch.prompts[range.clone()],
@@ -475,10 +483,12 @@ pub fn grpo_backward(
             }
             None => logp.detach(),
         };
+        let t_ref = std::time::Instant::now();
         let ref_logp = match reference {
             Some(r) => Some(completion_logprobs(r, &seqs, cfg.temperature, cfg.logprob_chunk, false)?.0),
             None => None,
         };
+        reference_seconds += t_ref.elapsed().as_secs_f64();
         let adv =
             Tensor::from_vec(batch.advantages[range.clone()].iter().map(|&a| a as f32).collect(), range.len(), dev)?;
         let (loss, m) = grpo_token_loss(&logp, &old, ref_logp.as_ref(), &adv, &mask, &loss_cfg)?;
@@ -495,6 +505,8 @@ pub fn grpo_backward(
                     clip_high: m.clip_high,
                     clip_region: m.clip_region,
                     entropy: f64::NAN,
+                    reference_seconds,
+                    optimizer_seconds: 0.0,
                 },
             ));
         }
@@ -518,6 +530,8 @@ pub fn grpo_backward(
         clip_high: high / w,
         clip_region: region / w,
         entropy: ent / w,
+        reference_seconds,
+        optimizer_seconds: 0.0,
     };
     Ok((acc.finish(), metrics))
 }

@@ -591,12 +591,12 @@ pub fn safe_update(
     let (mut v1s, mut v2s) = (0.0, 0.0);
     for idx in &chunks {
         let s = seqs(idx)?;
-        let hidden = rollout_view.forward_hidden(&s.input_ids, &s.positions, &s.mask, None)?;
+        let hidden = s.hidden(rollout_view)?;
         let (lp, ent) =
             logprobs_from_hidden(rollout_view, &hidden, &s, cfg.temperature, cfg.logprob_chunk, Entropy::Metric)?;
         let (rp, _) = logprobs_from_hidden(
             reference,
-            &reference.forward_hidden(&s.input_ids, &s.positions, &s.mask, None)?,
+            &s.hidden(reference)?,
             &s,
             cfg.temperature,
             cfg.logprob_chunk,
@@ -668,7 +668,7 @@ pub fn safe_update(
         let (mut kl_sum, mut pg_sum, mut vf_sum, mut ent_sum) = (0.0, 0.0, 0.0, 0.0);
         for (k, idx) in chunks.iter().enumerate() {
             let s = seqs(idx)?;
-            let hidden = policy.forward_hidden(&s.input_ids, &s.positions, &s.mask, None)?;
+            let hidden = s.hidden(policy)?;
             let (lp, ent) =
                 logprobs_from_hidden(policy, &hidden, &s, cfg.temperature, cfg.logprob_chunk, Entropy::Differentiable)?;
             let mask = &s.completion_mask;

@@ -170,6 +170,75 @@ impl KvCache {
     }
 }
 
+/// The real tokens of a padded `[b, s]` batch, packed: the per-token layers (projections, MLP, norms) run on these
+/// rows only, so padding costs no FLOPs there; attention scatters them back to `[b, s]` for its per-row matmuls.
+#[derive(Debug, Clone)]
+pub struct Packing {
+    /// `[n]` flat indices (row·s + column) of the real tokens.
+    valid: Tensor,
+    /// `[b·s]` for each padded position, its packed row; padding points at row n (a zero row appended).
+    scatter: Tensor,
+    b: usize,
+    s: usize,
+    n: usize,
+}
+
+impl Packing {
+    /// From `valid[row][column]` (all rows the same length).
+    pub fn new(valid: &[Vec<bool>], device: &Device) -> Result<Self> {
+        let b = valid.len();
+        let s = valid.first().map_or(0, Vec::len);
+        let flat: Vec<bool> = valid.iter().flatten().copied().collect();
+        if flat.len() != b * s {
+            bail!("packing: rows of different lengths");
+        }
+        let idx: Vec<u32> = (0..flat.len() as u32).filter(|&i| flat[i as usize]).collect();
+        let n = idx.len();
+        let mut next = 0u32;
+        let scatter: Vec<u32> = flat
+            .iter()
+            .map(|&v| {
+                if v {
+                    next += 1;
+                    next - 1
+                } else {
+                    n as u32
+                }
+            })
+            .collect();
+        Ok(Self {
+            valid: Tensor::from_vec(idx, n, device)?,
+            scatter: Tensor::from_vec(scatter, b * s, device)?,
+            b,
+            s,
+            n,
+        })
+    }
+
+    /// Number of real tokens.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// `[b, s, ..]` → `[n, ..]`.
+    fn pack(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let rest: Vec<usize> = x.dims()[2..].to_vec();
+        let width: usize = rest.iter().product();
+        x.reshape((self.b * self.s, width))?.index_select(&self.valid, 0)?.reshape([vec![self.n], rest].concat())
+    }
+
+    /// `[n, width]` → `[b, s, width]` with zeros at padding.
+    fn unpack(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let width = x.dim(1)?;
+        let padded = Tensor::cat(&[x, &Tensor::zeros((1, width), x.dtype(), x.device())?], 0)?;
+        padded.index_select(&self.scatter, 0)?.reshape((self.b, self.s, width))
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Linear,
@@ -201,10 +270,21 @@ impl Attention {
         rope: &(Tensor, Tensor),
         mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        packing: Option<&Packing>,
     ) -> candle_core::Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
+        // Projections run on the packed rows when packed; attention itself on the padded `[b, s]` layout.
+        let (b, s) = match packing {
+            Some(p) => (p.b, p.s),
+            None => (x.dim(0)?, x.dim(1)?),
+        };
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous();
+        let heads = |t: Tensor, n: usize| {
+            let t = match packing {
+                Some(p) => p.unpack(&t)?,
+                None => t,
+            };
+            t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()
+        };
         let q = apply_rope(&heads(self.q_proj.forward(x)?, nh)?, &rope.0, &rope.1)?;
         let k = apply_rope(&heads(self.k_proj.forward(x)?, nkv)?, &rope.0, &rope.1)?;
         let v = heads(self.v_proj.forward(x)?, nkv)?;
@@ -229,6 +309,10 @@ impl Attention {
         let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?;
         let probs = softmax_last_dim(&scores)?.reshape((b, nkv, n_rep * s, t))?;
         let y = probs.matmul(&v)?.reshape((b, nh, s, d))?.transpose(1, 2)?.reshape((b, s, nh * d))?;
+        let y = match packing {
+            Some(p) => p.pack(&y)?,
+            None => y,
+        };
         self.o_proj.forward(&y)
     }
 }
@@ -410,10 +494,29 @@ impl CausalLm {
         input_ids: &Tensor,
         positions: &Tensor,
         mask: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.forward_hidden_packed(input_ids, positions, mask, cache, None)
+    }
+
+    /// [`Self::forward_hidden`] with the per-token layers run on the real tokens only (`packing`), for a whole
+    /// padded batch without a cache. Returns `[b, s, hidden]` with zeros at padding positions.
+    pub fn forward_hidden_packed(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
         mut cache: Option<&mut KvCache>,
+        packing: Option<&Packing>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
-        let mut x = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, s, ()))?;
+        if packing.is_some() && cache.is_some() {
+            bail!("a packed forward does not use a KV cache");
+        }
+        let mut x = match packing {
+            Some(p) => self.embed_tokens.index_select(&input_ids.flatten_all()?.index_select(&p.valid, 0)?, 0)?,
+            None => self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, s, ()))?,
+        };
         let rope = self.rope_tables(positions)?;
         let mask = mask.to_dtype(self.dtype)?;
         if let Some(c) = cache.as_deref_mut() {
@@ -424,11 +527,15 @@ impl CausalLm {
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = layer.input_layernorm.forward(&x)?;
-            x = (x + layer.self_attn.forward(&h, &rope, &mask, slot)?)?;
+            x = (x + layer.self_attn.forward(&h, &rope, &mask, slot, packing)?)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }
-        Ok(self.norm.forward(&x)?)
+        let x = self.norm.forward(&x)?;
+        Ok(match packing {
+            Some(p) => p.unpack(&x)?,
+            None => x,
+        })
     }
 
     /// The LM head's weight `[vocab, hidden]` (the embedding when tied).

@@ -7,7 +7,7 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 
-use super::llama::{attention_mask, log_softmax_last_dim, positions_from_mask, CausalLm};
+use super::llama::{attention_mask, log_softmax_last_dim, positions_from_mask, CausalLm, Packing};
 
 /// A batch of prompt + completion sequences laid out for one forward.
 pub struct SequenceBatch {
@@ -25,6 +25,8 @@ pub struct SequenceBatch {
     pub targets: Tensor,
     /// `[b, C]` f32: 1 for real completion tokens (up to and including EOS), 0 for padding.
     pub completion_mask: Tensor,
+    /// The real tokens, for a forward that spends nothing on padding ([`SequenceBatch::hidden`]).
+    pub packing: Packing,
 }
 
 impl SequenceBatch {
@@ -77,7 +79,14 @@ impl SequenceBatch {
             completion_width: c,
             targets: Tensor::from_vec(targets, (b, c), device)?,
             completion_mask: Tensor::from_vec(cmask, (b, c), device)?,
+            packing: Packing::new(&valid, device)?,
         })
+    }
+
+    /// The final hidden states `[b, P + C, hidden]` of `model` on this batch (zeros at padding positions), with the
+    /// per-token layers run on the real tokens only.
+    pub fn hidden(&self, model: &CausalLm) -> Result<Tensor> {
+        model.forward_hidden_packed(&self.input_ids, &self.positions, &self.mask, None, Some(&self.packing))
     }
 }
 
@@ -93,7 +102,7 @@ pub enum Entropy {
 
 /// Log-probs `[b, C]` (f32) of each completion token under `softmax(logits / temperature)`, and optionally the
 /// per-token entropy `[b, C]` of that distribution (a metric: it carries no gradient). `chunk` = completion positions per LM-head call (0 = all).
-/// Differentiable when `model` is trainable; padding positions hold finite values the mask removes.
+/// Differentiable when `model` is trainable; padding positions hold 0 (or finite values) that the mask removes.
 pub fn completion_logprobs(
     model: &CausalLm,
     batch: &SequenceBatch,
@@ -101,7 +110,7 @@ pub fn completion_logprobs(
     chunk: usize,
     with_entropy: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, &batch.mask, None)?;
+    let hidden = batch.hidden(model)?;
     let entropy = if with_entropy { Entropy::Metric } else { Entropy::None };
     logprobs_from_hidden(model, &hidden, batch, temperature, chunk, entropy)
 }
@@ -119,6 +128,19 @@ pub fn logprobs_from_hidden(
     // The hidden state at column t predicts the token at column t + 1.
     let (p, c) = (batch.prompt_width, batch.completion_width);
     let hidden = hidden.narrow(1, p - 1, c)?;
+    // On the CPU in f32, one fused op (no `[rows, vocab]` tensor in the graph, nothing computed at padding).
+    if entropy != Entropy::Differentiable && super::fused_head::supported(hidden.device(), hidden.dtype()) {
+        let b = hidden.dim(0)?;
+        let flat = hidden.reshape((b * c, hidden.dim(2)?))?;
+        let targets = batch.targets.flatten_all()?.to_vec1::<u32>()?;
+        let active: Vec<bool> =
+            batch.completion_mask.flatten_all()?.to_vec1::<f32>()?.iter().map(|&m| m > 0.0).collect();
+        let rows = super::fused_head::ROWS;
+        let (lp, ent) =
+            super::fused_head::head_logprobs(&flat, model.lm_head_weight(), &targets, &active, temperature, rows)?;
+        let ent = (entropy == Entropy::Metric).then(|| ent.reshape((b, c))).transpose()?;
+        return Ok((lp.reshape((b, c))?, ent));
+    }
     let chunk = if chunk == 0 { c } else { chunk.min(c) };
     let inv_t = if temperature > 0.0 { 1.0 / temperature } else { 1.0 };
     let mut lps = Vec::new();

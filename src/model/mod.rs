@@ -3,6 +3,7 @@
 pub mod builtin;
 pub mod chat;
 pub mod config;
+pub mod fused_head;
 pub mod llama;
 pub mod load;
 pub mod logprobs;
@@ -10,6 +11,6 @@ pub mod tokenizer;
 pub mod value;
 
 pub use config::{Arch, HfConfig, ModelConfig};
-pub use llama::{attention_mask, positions_from_mask, CausalLm, KvCache};
+pub use llama::{attention_mask, positions_from_mask, CausalLm, KvCache, Packing};
 pub use load::{LoadedModel, ModelSource};
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -59,7 +59,7 @@ impl ValueModel {
 
     /// Values `[b, C]` (f32) at the completion positions of `seqs`; differentiable.
     pub fn values(&self, seqs: &SequenceBatch) -> Result<Tensor> {
-        let hidden = self.backbone.forward_hidden(&seqs.input_ids, &seqs.positions, &seqs.mask, None)?;
+        let hidden = seqs.hidden(&self.backbone)?;
         let h = hidden.narrow(1, seqs.prompt_width - 1, seqs.completion_width)?;
         let (b, c, d) = h.dims3()?;
         let v = h.reshape((b * c, d))?.matmul(&self.head.as_tensor().t()?)?;

@@ -11,6 +11,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use super::inplace;
+
 /// AdamW hyperparameters (defaults: transformers' Trainer, except `lr`, which the recipe always sets).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -37,6 +39,52 @@ impl Default for AdamWConfig {
 pub struct AdamWState {
     /// Optimizer steps taken so far (t of the last step; the bias corrections depend on it).
     pub step: u64,
+}
+
+/// One AdamW update of a parameter in f32, element by element, with the tensor path's operations in its order
+/// (`x · c` there is `x·c + 0` in f32, kept here so the results are bit for bit the same).
+struct Kernel {
+    grad_scale: Option<f32>,
+    c1: f32,
+    beta2: f32,
+    c2: f32,
+    inv_bc2: f32,
+    eps: f32,
+    decay: Option<f32>,
+    step_size: f32,
+}
+
+impl Kernel {
+    fn run(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) -> Result<()> {
+        use rayon::prelude::*;
+        if p.len() != g.len() || m.len() != g.len() || v.len() != g.len() {
+            bail!("AdamW: parameter, moments and gradient differ in size");
+        }
+        const CHUNK: usize = 1 << 16;
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for i in 0..p.len() {
+                    let g = match self.grad_scale {
+                        Some(s) => g[i] * s + 0.0,
+                        None => g[i],
+                    };
+                    let m_new = m[i] + ((g - m[i]) * self.c1 + 0.0);
+                    let v_new = (v[i] * self.beta2 + 0.0) + ((g * g) * self.c2 + 0.0);
+                    let denom = (v_new.sqrt() * self.inv_bc2 + 0.0) + self.eps;
+                    let mut w = p[i];
+                    if let Some(d) = self.decay {
+                        w = w * d + 0.0;
+                    }
+                    p[i] = w - ((m_new / denom) * self.step_size + 0.0);
+                    m[i] = m_new;
+                    v[i] = v_new;
+                }
+            });
+        Ok(())
+    }
 }
 
 /// AdamW over named variables (e.g. [`crate::model::CausalLm::vars`]).
@@ -79,6 +127,13 @@ impl AdamW {
     /// One AdamW step. t advances once per call; a variable without a gradient in `grads` is left untouched
     /// (no decay, moments unchanged), like a PyTorch parameter whose `.grad` is None.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_scaled(grads, None)
+    }
+
+    /// [`Self::step`] with every gradient multiplied by `grad_scale` first (gradient clipping, see
+    /// [`crate::optim::grad_norm_and_scale`]), as `g · scale` in f32. On the CPU in f32 each parameter is updated in
+    /// one in-place pass over parameter, moments and gradient, with the same f32 arithmetic as the tensor path.
+    pub fn step_scaled(&mut self, grads: &GradStore, grad_scale: Option<f64>) -> Result<()> {
         self.step += 1;
         let AdamWConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
         let t = self.step as i32;
@@ -86,7 +141,31 @@ impl AdamW {
         let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
         for (i, (name, var)) in self.vars.iter().enumerate() {
             let Some(grad) = grads.get(var.as_tensor()) else { continue };
+            let (m, v) = (self.exp_avg[i].as_tensor(), self.exp_avg_sq[i].as_tensor());
+            if [var.as_tensor(), grad, m, v].iter().all(|t| inplace::is_cpu_f32(t)) {
+                let k = Kernel {
+                    grad_scale: grad_scale.map(|s| s as f32),
+                    c1: (1.0 - beta1) as f32,
+                    beta2: beta2 as f32,
+                    c2: (1.0 - beta2) as f32,
+                    inv_bc2: (1.0 / bias_correction2_sqrt) as f32,
+                    eps: eps as f32,
+                    decay: (weight_decay != 0.0).then_some((1.0 - lr * weight_decay) as f32),
+                    step_size: step_size as f32,
+                };
+                inplace::with_f32(grad, |g| {
+                    inplace::with_f32_mut(m, |m| {
+                        inplace::with_f32_mut(v, |v| inplace::with_f32_mut(var.as_tensor(), |p| k.run(p, m, v, g)))
+                    })
+                })?
+                .with_context(|| format!("updating `{name}`"))?;
+                continue;
+            }
             let g = grad.to_dtype(DType::F32)?;
+            let g = match grad_scale {
+                Some(s) => (g * s)?,
+                None => g,
+            };
             let m = self.exp_avg[i].as_tensor();
             let v = self.exp_avg_sq[i].as_tensor();
             let m_new = (m + ((&g - m)? * (1.0 - beta1))?)?;
@@ -191,6 +270,36 @@ mod tests {
         assert_eq!(opt.state().step, 3);
         let m = opt.state_tensors()[0].1.to_vec1::<f32>().unwrap();
         assert!((m[0] as f64 + 0.0049).abs() < 1e-7 && (m[1] as f64 - 0.0083).abs() < 1e-7);
+    }
+
+    /// The in-place CPU kernel against the tensor ops it replaces, bit for bit (weight decay and a clip scale on).
+    #[test]
+    fn fused_step_equals_tensor_ops_bit_for_bit() {
+        let dev = Device::Cpu;
+        let n = 70_000; // more than one parallel chunk
+        let init = Tensor::randn(0f32, 1., n, &dev).unwrap();
+        let p = Var::from_tensor(&init).unwrap();
+        let cfg = AdamWConfig { lr: 3e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let mut opt = AdamW::new(vec![("w".into(), p.clone())], cfg).unwrap();
+        let (mut w, mut m, mut v) = (init.clone(), init.zeros_like().unwrap(), init.zeros_like().unwrap());
+        for t in 1..=3 {
+            let g = Tensor::randn(0f32, 1e-2, n, &dev).unwrap();
+            let grads = (p.as_tensor() * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            opt.step_scaled(&grads, Some(0.3)).unwrap();
+            // The tensor path, written out.
+            let step_size = cfg.lr / (1.0 - cfg.beta1.powi(t));
+            let bc2 = (1.0 - cfg.beta2.powi(t)).sqrt();
+            let g = (g * 0.3).unwrap();
+            m = (&m + ((&g - &m).unwrap() * (1.0 - cfg.beta1)).unwrap()).unwrap();
+            v = ((&v * cfg.beta2).unwrap() + (g.sqr().unwrap() * (1.0 - cfg.beta2)).unwrap()).unwrap();
+            let denom = ((v.sqrt().unwrap() / bc2).unwrap() + cfg.eps).unwrap();
+            w = (&w * (1.0 - cfg.lr * cfg.weight_decay)).unwrap();
+            w = (&w - ((&m / denom).unwrap() * step_size).unwrap()).unwrap();
+        }
+        assert_eq!(p.as_tensor().to_vec1::<f32>().unwrap(), w.to_vec1::<f32>().unwrap());
+        let st = opt.state_tensors();
+        assert_eq!(st[0].1.to_vec1::<f32>().unwrap(), m.to_vec1::<f32>().unwrap());
+        assert_eq!(st[1].1.to_vec1::<f32>().unwrap(), v.to_vec1::<f32>().unwrap());
     }
 
     #[test]

@@ -10,15 +10,8 @@ const NORM_EPS: f64 = 1e-6;
 /// `max_norm / (norm + 1e-6) < 1`, every gradient is scaled by that factor in `grads`. Returns the pre-clip norm;
 /// a non-finite norm is returned with the gradients untouched, for the caller to skip the step.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f64) -> Result<f64> {
-    let mut sum_sq = 0.0f64;
-    for (_, var) in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            sum_sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        }
-    }
-    let norm = sum_sq.sqrt();
-    let scale = max_norm / (norm + NORM_EPS);
-    if norm.is_finite() && scale < 1.0 {
+    let (norm, scale) = grad_norm_and_scale(grads, vars, max_norm)?;
+    if let Some(scale) = scale {
         for (_, var) in vars {
             if let Some(g) = grads.get(var.as_tensor()) {
                 let scaled = (g * scale)?;
@@ -27,6 +20,26 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f
         }
     }
     Ok(norm)
+}
+
+/// The global L2 norm of the gradients of `vars`, and the factor that clips it to `max_norm` (None when no clipping
+/// applies, including a non-finite norm), without changing the gradients: [`crate::optim::AdamW::step_scaled`]
+/// applies the factor inside its update. Sums of squares are accumulated in f64 (directly over the storage for CPU
+/// f32 gradients, so no squared copy of each gradient is made).
+pub fn grad_norm_and_scale(grads: &GradStore, vars: &[(String, Var)], max_norm: f64) -> Result<(f64, Option<f64>)> {
+    let mut sum_sq = 0.0f64;
+    for (_, var) in vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            sum_sq += if super::inplace::is_cpu_f32(g) {
+                super::inplace::with_f32(g, |g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())?
+            } else {
+                g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?
+            };
+        }
+    }
+    let norm = sum_sq.sqrt();
+    let scale = max_norm / (norm + NORM_EPS);
+    Ok((norm, (norm.is_finite() && scale < 1.0).then_some(scale)))
 }
 
 #[cfg(test)]

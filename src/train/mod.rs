@@ -359,6 +359,8 @@ impl Trainer {
         record.set(names::TIMING_UPDATE, update_s);
         record.set(names::TIMING_STEP, t_step.elapsed().as_secs_f64());
         record.set(names::TOKENS_PER_SECOND, tokens as f64 / rollout_s.max(1e-9));
+        record.set(names::TOKENS_COMPLETION, tokens as f64);
+        record.set(names::TOKENS_PROMPT, samples.iter().map(|s| s.prompt_ids.len()).sum::<usize>() as f64);
 
         self.state.step = step;
         self.state.optimizer_steps = self.optimizer.state().step;

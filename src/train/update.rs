@@ -67,10 +67,13 @@ impl Trainer {
                     clip_region: s.clip_region + m.clip_region,
                     // The policy's entropy on its own samples: the first update's.
                     entropy: s.entropy,
+                    reference_seconds: s.reference_seconds + m.reference_seconds,
+                    optimizer_seconds: s.optimizer_seconds + m.optimizer_seconds,
                 },
             });
         }
         let m = sum.expect("μ ≥ 1");
+        let kl_reference_loaded = self.reference.is_some() && a.beta > 0.0;
         let k = mu as f64;
         if let Some(kl) = m.kl {
             record.set(names::KL, kl / k);
@@ -82,6 +85,10 @@ impl Trainer {
         record.set(names::CLIP_LOW, m.clip_low / k);
         record.set(names::CLIP_HIGH, m.clip_high / k);
         record.set(names::CLIP_REGION, m.clip_region / k);
+        if kl_reference_loaded {
+            record.set(names::TIMING_REFERENCE, m.reference_seconds);
+        }
+        record.set(names::TIMING_OPTIMIZER, m.optimizer_seconds);
         Ok(StepOutcome::Trained)
     }
 
