@@ -51,6 +51,22 @@ fn main() {
         return;
     }
     let dev = Device::Cpu;
+    // The decode kernel (safe::model::gemv) at decoding row counts; GB/s counts the weight bytes streamed.
+    println!("{:>6} {:>6} {:>6} | {:>12} {:>12}", "rows", "in", "out", "gemv GF/s", "weights GB/s");
+    for &(k, n) in &[(576usize, 1536usize), (1536, 576), (576, 576), (576, 49152)] {
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        for &m in &[1usize, 4, 8, 16] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 * 0.1).collect();
+            let t = time_it(|| {
+                std::hint::black_box(safe::model::gemv::matmul_t(&x, &w, m, k, n));
+            });
+            println!(
+                "{m:>6} {k:>6} {n:>6} | {:>12.1} {:>12.1}",
+                2.0 * (m * k * n) as f64 / t / 1e9,
+                (n * k * 4) as f64 / t / 1e9
+            );
+        }
+    }
     println!("{:>6} {:>6} {:>6} | {:>12} {:>12}", "rows", "in", "out", "x·Wᵀ GF/s", "W·xᵀ GF/s");
     for &(k, n) in &[(576usize, 1536usize), (1536, 576), (576, 576), (576, 49152)] {
         let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap();

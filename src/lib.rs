@@ -6,6 +6,7 @@ pub mod advantage;
 pub mod algo;
 pub mod checkpoint;
 pub mod cli;
+pub mod cpu;
 pub mod data;
 pub mod exit;
 pub mod metrics;

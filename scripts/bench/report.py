@@ -7,7 +7,9 @@ Figures are medians over steps 2..N (the first step is warm-up), as ../shared/fi
 import glob, json, os, re, statistics, sys
 
 bench, hf = sys.argv[1], sys.argv[2]
-cfg = json.load(open(os.path.join(hf, "config.json")))
+# The model's shape: the HF folder TRL loads, or (without TRL) the config saved in a `safe` checkpoint.
+configs = [os.path.join(hf, "config.json")] + sorted(glob.glob(os.path.join(bench, "round-*/runs/*/checkpoints/*/config.json")))
+cfg = json.load(open(next(c for c in configs if os.path.exists(c))))
 h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
 d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
 nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]

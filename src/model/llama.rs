@@ -84,7 +84,24 @@ impl Module for Linear {
 /// computing `W · xᵀ` and transposing the small result; with many rows the direct product is. Both have a backward.
 fn matmul_by_weight_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     const FEW_ROWS: usize = 16; // measured by benches/matmul.rs: W·xᵀ wins up to 16 rows, x·Wᵀ from 32
-    if x.dim(0)? <= FEW_ROWS {
+    let rows = x.dim(0)?;
+    // Decoding (few rows, no gradient, CPU f32): the weight-streaming kernel.
+    if rows <= super::gemv::MAX_ROWS
+        && !x.track_op()
+        && !w.track_op()
+        && crate::cpu::is_cpu_f32(w)
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+    {
+        let x = x.contiguous()?;
+        let (n, k) = w.dims2()?;
+        let out =
+            crate::cpu::with_f32(&x, |xs| crate::cpu::with_f32(w, |ws| super::gemv::matmul_t(xs, ws, rows, k, n)))
+                .map_err(candle_core::Error::wrap)?
+                .map_err(candle_core::Error::wrap)?;
+        return Tensor::from_vec(out, (rows, n), x.device());
+    }
+    if rows <= FEW_ROWS {
         w.matmul(&x.t()?)?.t()?.contiguous()
     } else {
         x.matmul(&w.t()?)

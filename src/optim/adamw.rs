@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::inplace;
+use crate::cpu as inplace;
 
 /// AdamW hyperparameters (defaults: transformers' Trainer, except `lr`, which the recipe always sets).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

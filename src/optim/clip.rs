@@ -30,8 +30,8 @@ pub fn grad_norm_and_scale(grads: &GradStore, vars: &[(String, Var)], max_norm: 
     let mut sum_sq = 0.0f64;
     for (_, var) in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
-            sum_sq += if super::inplace::is_cpu_f32(g) {
-                super::inplace::with_f32(g, |g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())?
+            sum_sq += if crate::cpu::is_cpu_f32(g) {
+                crate::cpu::with_f32(g, |g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())?
             } else {
                 g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?
             };

@@ -3,7 +3,6 @@
 pub mod accumulate;
 pub mod adamw;
 pub mod clip;
-pub mod inplace;
 pub mod schedule;
 
 pub use accumulate::GradAccumulator;

@@ -1,5 +1,6 @@
-//! Direct access to the f32 storage of CPU tensors, for optimizer kernels that update parameters and moments in
-//! place in one pass (no temporaries per parameter). Other devices and dtypes take the tensor-op paths.
+//! Direct access to the f32 storage of CPU tensors, for kernels that Candle's ops cannot express without
+//! temporaries: the optimizer updates parameters and moments in place in one pass, decoding reads weights as
+//! slices. Other devices and dtypes take the tensor-op paths.
 
 use std::cell::RefCell;
 

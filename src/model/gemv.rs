@@ -1,0 +1,155 @@
+//! `x · Wᵀ` for a few rows (decoding: one row per live sequence), CPU f32, no autograd. Decoding is bound by
+//! reading the weights: this kernel streams each weight row once and dots it with every input row while it is in
+//! cache, where the general GEMM repacks the weights per call and was 1.5-4× slower at 8-16 rows (benches/matmul.rs).
+//! Each output is a 16-lane partial sum over the input dimension, then a horizontal sum: the same arithmetic for a
+//! row whatever the number of rows, so a sequence decodes to the same numbers alone or in a batch.
+
+use rayon::prelude::*;
+
+/// Rows up to which decoding uses this kernel.
+pub const MAX_ROWS: usize = 16;
+const LANES: usize = 16;
+/// Output features per parallel task.
+const BLOCK: usize = 32;
+
+/// `out[r, o] = Σ_k x[r, k] · w[o, k]` for `x` `[rows, k]` and `w` `[n, k]`, both row-major.
+pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(x.len(), rows * k, "gemv: x is not [rows, k]");
+    assert_eq!(w.len(), n * k, "gemv: w is not [n, k]");
+    // out_t[o, r], filled by blocks of output features in parallel, then transposed (it is small).
+    let mut out_t = vec![0f32; n * rows];
+    out_t.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(blk, dst)| {
+        let o0 = blk * BLOCK;
+        let count = dst.len() / rows;
+        dispatch(x, &w[o0 * k..(o0 + count) * k], rows, k, dst);
+    });
+    let mut out = vec![0f32; rows * n];
+    for o in 0..n {
+        for r in 0..rows {
+            out[r * n + o] = out_t[o * rows + r];
+        }
+    }
+    out
+}
+
+fn dispatch(x: &[f32], w: &[f32], rows: usize, k: usize, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F; `avx512::block` asserts the slice sizes it reads and writes.
+            return unsafe { avx512::block(x, w, rows, k, dst) };
+        }
+    }
+    block(x, w, rows, k, dst)
+}
+
+/// Portable version: `dst[o·rows + r] = w[o] · x[r]` with a 16-lane partial sum per row.
+fn block(x: &[f32], w: &[f32], rows: usize, k: usize, dst: &mut [f32]) {
+    let full = k / LANES * LANES;
+    for (o, wrow) in w.chunks_exact(k).enumerate() {
+        for r in 0..rows {
+            let xrow = &x[r * k..(r + 1) * k];
+            let mut acc = [0f32; LANES];
+            for (wc, xc) in wrow[..full].chunks_exact(LANES).zip(xrow[..full].chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    acc[l] += wc[l] * xc[l];
+                }
+            }
+            let mut sum: f32 = acc.iter().sum();
+            for j in full..k {
+                sum += wrow[j] * xrow[j];
+            }
+            dst[o * rows + r] = sum;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::LANES;
+
+    /// 8 (or 4) input rows at a time share each loaded weight chunk; each row has two fused multiply-add
+    /// accumulators (even and odd chunks) so they do not wait on each other. A row's arithmetic does not depend on
+    /// its group.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn block(x: &[f32], w: &[f32], rows: usize, k: usize, dst: &mut [f32]) {
+        assert!(x.len() >= rows * k && dst.len() >= w.len() / k * rows);
+        for (o, wrow) in w.chunks_exact(k).enumerate() {
+            let mut r = 0;
+            while r < rows {
+                let group = if rows - r >= 8 { 8 } else { (rows - r).min(4) };
+                let sums = match group {
+                    8 => dots::<8>(wrow, x, r, k),
+                    4 => dots::<4>(wrow, x, r, k),
+                    _ => {
+                        let mut s = [0f32; 8];
+                        for i in 0..group {
+                            s[i] = dots::<1>(wrow, x, r + i, k)[0];
+                        }
+                        s
+                    }
+                };
+                dst[o * rows + r..o * rows + r + group].copy_from_slice(&sums[..group]);
+                r += group;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dots<const R: usize>(w: &[f32], x: &[f32], r0: usize, k: usize) -> [f32; 8] {
+        let chunks = k / LANES;
+        let wp = w.as_ptr();
+        let xp: [*const f32; R] = std::array::from_fn(|i| x.as_ptr().add((r0 + i) * k));
+        let mut even = [_mm512_setzero_ps(); R];
+        let mut odd = [_mm512_setzero_ps(); R];
+        let mut c = 0;
+        while c + 2 <= chunks {
+            let w0 = _mm512_loadu_ps(wp.add(c * LANES));
+            let w1 = _mm512_loadu_ps(wp.add((c + 1) * LANES));
+            for i in 0..R {
+                even[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp[i].add(c * LANES)), even[i]);
+                odd[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp[i].add((c + 1) * LANES)), odd[i]);
+            }
+            c += 2;
+        }
+        if c < chunks {
+            let w0 = _mm512_loadu_ps(wp.add(c * LANES));
+            for i in 0..R {
+                even[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp[i].add(c * LANES)), even[i]);
+            }
+        }
+        let mut out = [0f32; 8];
+        for i in 0..R {
+            let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i]));
+            for j in chunks * LANES..k {
+                sum += *wp.add(j) * *xp[i].add(j);
+            }
+            out[i] = sum;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_f64_reference_and_rows_are_independent() {
+        let (rows, k, n) = (5, 37, 70); // k not a multiple of the lanes, n not a multiple of the block
+        let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 40.0).collect();
+        let out = matmul_t(&x, &w, rows, k, n);
+        for r in 0..rows {
+            for o in 0..n {
+                let want: f64 = (0..k).map(|j| x[r * k + j] as f64 * w[o * k + j] as f64).sum();
+                assert!((out[r * n + o] as f64 - want).abs() < 1e-4 * want.abs().max(1.0));
+            }
+            // The same row alone: bit-identical.
+            let alone = matmul_t(&x[r * k..(r + 1) * k], &w, 1, k, n);
+            assert_eq!(alone[..], out[r * n..(r + 1) * n]);
+        }
+    }
+}
