@@ -85,8 +85,8 @@ mod avx512 {
                     4 => dots::<4>(wrow, x, r, k),
                     _ => {
                         let mut s = [0f32; 8];
-                        for i in 0..group {
-                            s[i] = dots::<1>(wrow, x, r + i, k)[0];
+                        for (i, v) in s.iter_mut().take(group).enumerate() {
+                            *v = dots::<1>(wrow, x, r + i, k)[0];
                         }
                         s
                     }
