@@ -387,6 +387,9 @@ pub struct UpdateConfig {
     pub pad_id: u32,
     /// Completion positions per LM-head call.
     pub logprob_chunk: usize,
+    /// Recompute each layer's forward during backward instead of keeping its activations (less memory, one more
+    /// forward of the layers).
+    pub gradient_checkpointing: bool,
 }
 
 /// What the step did, averaged over micro-batches weighted by their active tokens.
@@ -440,7 +443,7 @@ pub fn grpo_backward(
     batch: &UpdateBatch,
     cfg: &UpdateConfig,
 ) -> Result<(candle_core::backprop::GradStore, UpdateMetrics)> {
-    use crate::model::logprobs::{completion_logprobs, SequenceBatch};
+    use crate::model::logprobs::{completion_logprobs, logprobs_from_hidden, Entropy, SequenceBatch};
     let n = batch.completions.len();
     if n == 0 || batch.prompts.len() != n || batch.advantages.len() != n || batch.keep.len() != n {
         bail!("GRPO update: inconsistent batch sizes");
@@ -471,18 +474,7 @@ pub fn grpo_backward(
         let keep: Vec<f32> = batch.keep[range.clone()].iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
         let keep = Tensor::new(keep.as_slice(), dev)?.unsqueeze(1)?;
         let mask = seqs.completion_mask.broadcast_mul(&keep)?;
-        let (logp, entropy) = completion_logprobs(policy, &seqs, cfg.temperature, cfg.logprob_chunk, true)?;
-        let old = match batch.old_logprobs {
-            Some(old) => {
-                let width = seqs.completion_width;
-                let rows: Vec<f32> = old[range.clone()]
-                    .iter()
-                    .flat_map(|r| r.iter().copied().chain(std::iter::repeat(0.0)).take(width))
-                    .collect();
-                Tensor::from_vec(rows, (range.len(), width), dev)?
-            }
-            None => logp.detach(),
-        };
+        // Reference log-probs first: they do not depend on the policy's graph.
         let t_ref = std::time::Instant::now();
         let ref_logp = match reference {
             Some(r) => Some(completion_logprobs(r, &seqs, cfg.temperature, cfg.logprob_chunk, false)?.0),
@@ -491,8 +483,33 @@ pub fn grpo_backward(
         reference_seconds += t_ref.elapsed().as_secs_f64();
         let adv =
             Tensor::from_vec(batch.advantages[range.clone()].iter().map(|&a| a as f32).collect(), range.len(), dev)?;
-        let (loss, m) = grpo_token_loss(&logp, &old, ref_logp.as_ref(), &adv, &mask, &loss_cfg)?;
-        let loss_value = scalar(&loss)?;
+        let old_rows = match batch.old_logprobs {
+            Some(old) => {
+                let width = seqs.completion_width;
+                let rows: Vec<f32> = old[range.clone()]
+                    .iter()
+                    .flat_map(|r| r.iter().copied().chain(std::iter::repeat(0.0)).take(width))
+                    .collect();
+                Some(Tensor::from_vec(rows, (range.len(), width), dev)?)
+            }
+            None => None,
+        };
+        // The loss from the policy's final hidden states.
+        let loss_of = |hidden: &Tensor| -> Result<(Tensor, (GrpoLossMetrics, Tensor))> {
+            let (logp, entropy) =
+                logprobs_from_hidden(policy, hidden, &seqs, cfg.temperature, cfg.logprob_chunk, Entropy::Metric)?;
+            let old = old_rows.clone().unwrap_or_else(|| logp.detach());
+            let (loss, m) = grpo_token_loss(&logp, &old, ref_logp.as_ref(), &adv, &mask, &loss_cfg)?;
+            Ok((loss, (m, entropy.expect("requested"))))
+        };
+        let (grads, (m, entropy), loss_value) = if cfg.gradient_checkpointing {
+            policy.checkpointed_backward(&seqs.input_ids, &seqs.positions, &seqs.mask, &seqs.packing, loss_of)?
+        } else {
+            let (loss, extra) = loss_of(&seqs.hidden(policy)?)?;
+            let value = scalar(&loss)?;
+            let grads = if value.is_finite() { loss.backward()? } else { Default::default() };
+            (grads, extra, value)
+        };
         if !loss_value.is_finite() {
             let empty = candle_core::backprop::GradStore::default();
             return Ok((
@@ -510,14 +527,14 @@ pub fn grpo_backward(
                 },
             ));
         }
-        acc.add(loss.backward()?, policy.vars())?;
+        acc.add(grads, policy.vars())?;
         let w = scalar(&mask.sum_all()?)?;
         loss_sum += loss_value;
         kl_sum += m.kl.unwrap_or(0.0) * w;
         low += m.clip_low * w;
         high += m.clip_high * w;
         region += m.clip_region * w;
-        ent += scalar(&entropy.expect("requested").detach().mul(&mask)?.sum_all()?)?;
+        ent += scalar(&entropy.detach().mul(&mask)?.sum_all()?)?;
         weight += w;
     }
     let w = weight.max(1.0);

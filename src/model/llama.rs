@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_core::{backprop::GradStore, DType, Device, Module, Tensor, Var, D};
 
 use super::config::ModelConfig;
 
@@ -368,6 +368,20 @@ struct Block {
 }
 
 impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        packing: Option<&Packing>,
+    ) -> candle_core::Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let x = (x + self.self_attn.forward(&h, rope, mask, cache, packing)?)?;
+        let h = self.post_attention_layernorm.forward(&x)?;
+        x + self.mlp.forward(&h)?
+    }
+
     fn load(p: &mut ParamStore, i: usize, cfg: &ModelConfig) -> Result<Self> {
         let prefix = format!("model.layers.{i}");
         let eps = cfg.rms_norm_eps;
@@ -543,16 +557,63 @@ impl CausalLm {
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = layer.input_layernorm.forward(&x)?;
-            x = (x + layer.self_attn.forward(&h, &rope, &mask, slot, packing)?)?;
-            let h = layer.post_attention_layernorm.forward(&x)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+            x = layer.forward(&x, &rope, &mask, slot, packing)?;
         }
         let x = self.norm.forward(&x)?;
         Ok(match packing {
             Some(p) => p.unpack(&x)?,
             None => x,
         })
+    }
+
+    /// Gradient checkpointing for a packed batch: a forward that keeps only each layer's input (no graph), then a
+    /// backward one layer at a time, each layer's forward recomputed with its graph and differentiated against the
+    /// gradient of its output. At most one layer's activations exist at a time, for one more forward of the layers.
+    ///
+    /// `head` maps the final hidden states `[b, s, hidden]` (zeros at padding, as [`Self::forward_hidden_packed`])
+    /// to a scalar loss and anything else the caller wants; the gradients equal `head(forward).backward()`'s.
+    /// Returns the trainable variables' gradients (empty when `head`'s loss is not finite), `head`'s extra value
+    /// and the loss.
+    pub fn checkpointed_backward<R>(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        packing: &Packing,
+        head: impl FnOnce(&Tensor) -> Result<(Tensor, R)>,
+    ) -> Result<(GradStore, R, f64)> {
+        let frozen = self.frozen_view()?;
+        let rope = self.rope_tables(positions)?;
+        let mask = mask.to_dtype(self.dtype)?;
+        let ids = input_ids.flatten_all()?.index_select(&packing.valid, 0)?;
+        // Forward without a graph, keeping every layer's input.
+        let mut inputs = vec![frozen.embed_tokens.index_select(&ids, 0)?];
+        for layer in &frozen.layers {
+            let x = layer.forward(inputs.last().unwrap(), &rope, &mask, None, Some(packing))?;
+            inputs.push(x);
+        }
+        let mut acc = crate::optim::GradAccumulator::new();
+        // The head: final norm, `head`'s loss.
+        let leaf = Var::from_tensor(&inputs.pop().unwrap())?;
+        let (loss, extra) = head(&packing.unpack(&self.norm.forward(leaf.as_tensor())?)?)?;
+        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !loss_value.is_finite() {
+            return Ok((GradStore::default(), extra, loss_value));
+        }
+        let mut grads = loss.backward()?;
+        let mut grad_out = grads.remove(leaf.as_tensor()).context("checkpointing: no gradient reached the head")?;
+        acc.add(grads, &self.vars)?;
+        // The layers, last to first: d(Σ out·g)/d(params, input) is the chain rule's step through the layer.
+        for (layer, input) in self.layers.iter().zip(inputs.iter()).rev() {
+            let leaf = Var::from_tensor(input)?;
+            let out = layer.forward(leaf.as_tensor(), &rope, &mask, None, Some(packing))?;
+            let mut grads = (out * &grad_out)?.sum_all()?.backward()?;
+            grad_out = grads.remove(leaf.as_tensor()).context("checkpointing: no gradient reached a layer input")?;
+            acc.add(grads, &self.vars)?;
+        }
+        let embedded = self.embed_tokens.index_select(&ids, 0)?;
+        acc.add((embedded * &grad_out)?.sum_all()?.backward()?, &self.vars)?;
+        Ok((acc.finish(), extra, loss_value))
     }
 
     /// The LM head's weight `[vocab, hidden]` (the embedding when tied).

@@ -173,6 +173,8 @@ pub struct AlgorithmSettings {
     pub loss_type: LossType,
     pub scale_rewards: ScaleRewards,
     pub mask_truncated_completions: bool,
+    /// GRPO: recompute layer activations in backward (see `algorithm.gradient_checkpointing`).
+    pub gradient_checkpointing: bool,
     pub use_bias_correction_kl: bool,
     /// 0 = auto (the trainer picks); otherwise divides `completions_per_step` (checked at load).
     pub micro_batch_size: usize,

@@ -536,6 +536,13 @@ pub static KEYS: &[KeySpec] = &[
         "Divide centred rewards by the group std, the batch std, or nothing.",
     ),
     key("algorithm.mask_truncated_completions", Kind::Bool, "false", "Exclude completions cut at max_new_tokens from the loss."),
+    KeySpec {
+        path: "algorithm.gradient_checkpointing",
+        kind: Kind::Bool,
+        default: Default::Value("false"),
+        when: Some(When { key: "algorithm.kind", is: &["grpo", "grpo_lambda"] }),
+        doc: "Recompute each layer's forward in backward instead of keeping its activations: far less memory, about a third more update time (TRL's gradient_checkpointing).",
+    },
     key(
         "algorithm.use_bias_correction_kl",
         Kind::Bool,

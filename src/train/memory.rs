@@ -5,9 +5,11 @@
 //! gradients, AdamW's two f32 moments, the frozen reference) plus what the autograd graph of one micro-batch keeps
 //! alive. Per row of T = prompt + completion tokens, each layer keeps about `T·(8·hidden + 4·intermediate)` values
 //! (norm outputs, q/k/v and their rotated copies, attention output, residuals, the MLP's gate/up/activation/product)
-//! and `3·heads·T²` attention values (scores, masked scores, probabilities); the LM head keeps
+//! and `3·heads·T²` attention values (scores, masked scores, probabilities); with gradient checkpointing only each
+//! layer's input (`T·hidden`) is kept, plus one layer's activations during backward. The composite LM head keeps
 //! `4·C·vocab` f32 values for the C completion positions (logits, scaled logits, shifted logits, exp) because the
-//! whole micro-batch's log-probs stay in the graph until backward.
+//! whole micro-batch's log-probs stay in the graph until backward; the fused CPU head keeps none, only its
+//! per-chunk buffers.
 
 use crate::model::ModelConfig;
 
@@ -37,6 +39,10 @@ pub struct StepShape {
     pub critic: bool,
     /// Bytes per weight (4 for f32, 2 for bf16).
     pub dtype_bytes: usize,
+    /// The LM head runs as the fused CPU op (no vocab-sized tensors in the graph).
+    pub fused_head: bool,
+    /// `algorithm.gradient_checkpointing`.
+    pub gradient_checkpointing: bool,
 }
 
 /// Bytes of the graph-free logits chunk we aim for (reference/old log-probs).
@@ -63,9 +69,17 @@ pub fn step_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     let t = (shape.max_prompt_tokens + shape.max_new_tokens) as u64;
     let c = shape.max_new_tokens as u64;
     let (h, i, heads) = (cfg.hidden_size as u64, cfg.intermediate_size as u64, cfg.num_heads as u64);
-    let per_row =
-        cfg.num_layers as u64 * (t * (8 * h + 4 * i) + 3 * heads * t * t) * b + 4 * c * cfg.vocab_size as u64 * 4;
-    state + micro as u64 * per_row
+    let (layers, vocab) = (cfg.num_layers as u64, cfg.vocab_size as u64);
+    let layer_row = (t * (8 * h + 4 * i) + 3 * heads * t * t) * b;
+    let (per_row, fixed) =
+        if shape.gradient_checkpointing { (layers * t * h * b + layer_row, 0) } else { (layers * layer_row, 0) };
+    // The fused head's chunk buffers (logits, and in backward the input gradient) vs the composite head's graph.
+    let (per_row, fixed) = if shape.fused_head {
+        (per_row, fixed + 2 * crate::model::fused_head::ROWS as u64 * vocab * 4)
+    } else {
+        (per_row + 4 * c * vocab * 4, fixed)
+    };
+    state + fixed + micro as u64 * per_row
 }
 
 /// Plan a step within `available` bytes (`None`: unknown, e.g. a GPU; the recipe's choice is taken, `auto` = the
@@ -111,6 +125,13 @@ fn too_big(cfg: &ModelConfig, shape: &StepShape, micro: usize, budget: u64, auto
         _ if state > budget => "the model's weights, gradients and optimizer state alone do not fit: use a smaller \
                                 model, or set algorithm.beta = 0 to drop the reference model"
             .to_string(),
+        _ if !shape.gradient_checkpointing && shape.critic => {
+            "lower rollout.max_new_tokens or data.max_prompt_tokens".to_string()
+        }
+        _ if !shape.gradient_checkpointing => {
+            "set algorithm.gradient_checkpointing = true, or lower rollout.max_new_tokens or data.max_prompt_tokens"
+                .to_string()
+        }
         _ => "lower rollout.max_new_tokens or data.max_prompt_tokens".to_string(),
     };
     format!(
@@ -158,6 +179,8 @@ mod tests {
             reference: true,
             critic: false,
             dtype_bytes: 4,
+            fused_head: false,
+            gradient_checkpointing: false,
         }
     }
 
@@ -187,5 +210,21 @@ mod tests {
         // State fits, one row does not: shorten the sequences.
         let e = plan(&cfg, &shape(0), Some(((state + per_row / 2) as f64 / HEADROOM) as u64)).unwrap_err();
         assert!(e.contains("rollout.max_new_tokens"), "{e}");
+        assert!(e.contains("algorithm.gradient_checkpointing = true"), "{e}");
+    }
+
+    #[test]
+    fn checkpointing_and_the_fused_head_shrink_the_activations() {
+        let cfg = smollm2();
+        let rows = |s: StepShape| step_bytes(&cfg, &s, 8) - step_bytes(&cfg, &s, 0);
+        let plain = rows(shape(0));
+        let fused = rows(StepShape { fused_head: true, ..shape(0) });
+        let ckpt = rows(StepShape { fused_head: true, gradient_checkpointing: true, ..shape(0) });
+        // Per row of 128 tokens: 30 layers × (128·(8·576 + 4·1536) + 3·9·128²)·4 bytes
+        // = 30 × (1,376,256 + 442,368)·4 = 30 × 7,274,496 bytes, plus
+        // the composite head's 4·64·49152·4 bytes; checkpointing keeps 30 × 128·576·4 bytes and one layer.
+        assert_eq!(plain, 8 * (30 * 7_274_496 + 4 * 64 * 49152 * 4));
+        assert_eq!(fused, 8 * 30 * 7_274_496);
+        assert_eq!(ckpt, 8 * (30 * 128 * 576 * 4 + 7_274_496));
     }
 }

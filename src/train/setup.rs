@@ -67,6 +67,9 @@ impl Trainer {
             reference: reference.is_some(),
             critic: a.ppo.is_some(),
             dtype_bytes: dtype.size_in_bytes(),
+            // SAFE's entropy term is differentiable, which needs the composite head.
+            fused_head: crate::model::fused_head::supported(&device, dtype) && a.safe.is_none(),
+            gradient_checkpointing: a.gradient_checkpointing,
         };
         let plan = memory::plan(&config, &shape, available).map_err(|e| anyhow!(e))?;
 
@@ -191,6 +194,7 @@ impl Trainer {
             max_grad_norm: o.max_grad_norm,
             pad_id,
             logprob_chunk: plan.logprob_chunk,
+            gradient_checkpointing: a.gradient_checkpointing,
         };
         let critic_opt = |vars: &[(String, candle_core::Var)]| {
             let c = &recipe.critic;
