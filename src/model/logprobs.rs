@@ -141,6 +141,21 @@ pub fn logprobs_from_hidden(
         let ent = (entropy == Entropy::Metric).then(|| ent.reshape((b, c))).transpose()?;
         return Ok((lp.reshape((b, c))?, ent));
     }
+    composite_logprobs(model, &hidden, batch, temperature, chunk, entropy)
+}
+
+/// [`logprobs_from_hidden`] from tensor ops (any device and dtype, and a differentiable entropy): the LM head over
+/// `chunk` completion positions at a time, log-softmax, gather. `hidden` is `[b, C, hidden]`, already narrowed to the
+/// positions that predict the completion tokens. With gradients, every chunk's logits stay in the graph.
+pub fn composite_logprobs(
+    model: &CausalLm,
+    hidden: &Tensor,
+    batch: &SequenceBatch,
+    temperature: f64,
+    chunk: usize,
+    entropy: Entropy,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let c = batch.completion_width;
     let chunk = if chunk == 0 { c } else { chunk.min(c) };
     let inv_t = if temperature > 0.0 { 1.0 / temperature } else { 1.0 };
     let mut lps = Vec::new();

@@ -96,6 +96,8 @@ pub struct AdamW {
     exp_avg_sq: Vec<Var>,
     step: u64,
     cfg: AdamWConfig,
+    /// Use the in-place CPU kernel where it applies (on by default; off only to measure it).
+    fused: bool,
 }
 
 impl AdamW {
@@ -104,7 +106,13 @@ impl AdamW {
         let zeros = |v: &Var| Var::zeros(v.shape(), DType::F32, v.device());
         let exp_avg = vars.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<_>>()?;
         let exp_avg_sq = vars.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<_>>()?;
-        Ok(Self { vars, exp_avg, exp_avg_sq, step: 0, cfg })
+        Ok(Self { vars, exp_avg, exp_avg_sq, step: 0, cfg, fused: true })
+    }
+
+    /// Turn the in-place CPU kernel off (the tensor-op path then runs everywhere; same numbers, more memory
+    /// traffic). For benchmarks.
+    pub fn set_fused_kernel(&mut self, on: bool) {
+        self.fused = on;
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -142,7 +150,7 @@ impl AdamW {
         for (i, (name, var)) in self.vars.iter().enumerate() {
             let Some(grad) = grads.get(var.as_tensor()) else { continue };
             let (m, v) = (self.exp_avg[i].as_tensor(), self.exp_avg_sq[i].as_tensor());
-            if [var.as_tensor(), grad, m, v].iter().all(|t| inplace::is_cpu_f32(t)) {
+            if self.fused && [var.as_tensor(), grad, m, v].iter().all(|t| inplace::is_cpu_f32(t)) {
                 let k = Kernel {
                     grad_scale: grad_scale.map(|s| s as f32),
                     c1: (1.0 - beta1) as f32,

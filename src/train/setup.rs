@@ -50,13 +50,8 @@ impl Trainer {
         let a = &recipe.algorithm;
         // The frozen starting policy: the KL reference (β > 0) and the source of PAR's reference completions.
         let sh = &recipe.shaping;
-        let reference = if a.beta > 0.0 || sh.kind.needs_references(sh.relative) || a.safe.is_some() {
-            let (r, _) = LoadedModel::load(&base, &device, dtype)?.into_model(false, &device, dtype)?;
-            Some(r)
-        } else {
-            None
-        };
-
+        let needs_reference = a.beta > 0.0 || sh.kind.needs_references(sh.relative) || a.safe.is_some();
+        // Plan before the reference loads: a step that cannot fit is refused without loading a second copy.
         let ro = &recipe.rollout;
         let n = ro.completions_per_step();
         let shape = memory::StepShape {
@@ -64,7 +59,7 @@ impl Trainer {
             micro_batch_size: a.micro_batch_size,
             max_prompt_tokens: recipe.data.max_prompt_tokens,
             max_new_tokens: ro.max_new_tokens,
-            reference: reference.is_some(),
+            reference: needs_reference,
             critic: a.ppo.is_some(),
             dtype_bytes: dtype.size_in_bytes(),
             // SAFE's entropy term is differentiable, which needs the composite head.
@@ -72,6 +67,12 @@ impl Trainer {
             gradient_checkpointing: a.gradient_checkpointing,
         };
         let plan = memory::plan(&config, &shape, available).map_err(|e| anyhow!(e))?;
+        let reference = if needs_reference {
+            let (r, _) = LoadedModel::load(&base, &device, dtype)?.into_model(false, &device, dtype)?;
+            Some(r)
+        } else {
+            None
+        };
 
         let mut notes = Vec::new();
         let mut truncation = TruncationCounter::default();

