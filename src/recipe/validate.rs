@@ -574,7 +574,9 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
             loss_type: choice(algo, "algorithm.loss_type", LossType::from_name),
             scale_rewards: choice(algo, "algorithm.scale_rewards", ScaleRewards::from_name),
             mask_truncated_completions: boolean(algo, "algorithm.mask_truncated_completions"),
-            gradient_checkpointing: boolean(algo, "algorithm.gradient_checkpointing"),
+            // Filled only where it applies (GRPO and GRPO-λ).
+            gradient_checkpointing: matches!(kind, AlgorithmKind::Grpo | AlgorithmKind::GrpoLambda)
+                && boolean(algo, "algorithm.gradient_checkpointing"),
             use_bias_correction_kl: boolean(algo, "algorithm.use_bias_correction_kl"),
             micro_batch_size: usz(algo, "algorithm.micro_batch_size"),
         },
