@@ -1,7 +1,8 @@
 //! The update's levers, each on its own, on SmolLM2-135M (CPU, f32): one forward + backward of a GRPO-style loss
 //! over 8 sequences (a 40-token prompt, completions of 64, 64, 56, 48, 40, 32, 24 and 16 tokens: the lengths a
 //! GRPO step samples), and one AdamW step over the model's gradients. Prints seconds (best of 3) and the peak RSS
-//! growth of each variant. Run: `bash scripts/fetch-smollm2.sh && cargo bench --bench update`.
+//! growth of each variant, each variant in a fresh process (an allocator keeps what an earlier one freed).
+//! Run: `bash scripts/fetch-smollm2.sh && cargo bench --bench update`.
 //!
 //! Variants: the padded forward with the composite LM head (log-softmax over `[rows, vocab]` logits in the graph),
 //! the fused LM-head op, the packed forward (no per-token work on padding), gradient checkpointing; AdamW through
@@ -87,8 +88,36 @@ fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+const VARIANTS: [(&str, Variant); 4] = [
+    ("padded, composite LM head (before)", Variant::PaddedComposite),
+    ("padded, fused LM head", Variant::PaddedFused),
+    ("packed, fused LM head (default)", Variant::PackedFused),
+    ("packed, fused, gradient checkpointing", Variant::Checkpointed),
+];
+const OPTIMIZERS: [(&str, bool); 2] = [("tensor ops (before)", false), ("in-place kernel (default)", true)];
+
 fn main() {
     safe::init_threads();
+    // `--run K`: measure variant K (0-3: forward + backward, 4-5: AdamW) in this process; otherwise one child each.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(k) = args.iter().position(|a| a == "--run").and_then(|i| args.get(i + 1)).and_then(|k| k.parse().ok()) {
+        return run(k);
+    }
+    let exe = std::env::current_exe().unwrap();
+    for k in 0..6 {
+        if k == 0 || k == 4 {
+            let what = if k == 0 { "forward + backward" } else { "AdamW step (134.5M parameters)" };
+            println!("{what:<44} {:>10} {:>16}", "seconds", "peak +MiB");
+        }
+        let out = std::process::Command::new(&exe).args(["--run", &k.to_string()]).output().unwrap();
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+fn run(k: usize) {
     let dev = Device::Cpu;
     let src = ModelSource::parse(&gguf_path(), None).expect("run scripts/fetch-smollm2.sh first");
     let loaded = LoadedModel::load(&src, &dev, DType::F32).expect("load SmolLM2");
@@ -104,30 +133,26 @@ fn main() {
     let batch = SequenceBatch::new(&prompts, &completions, 2, None, &dev).unwrap();
     let adv = Tensor::new(&[1.0f32, -1.0, 0.5, -0.5, 1.0, -1.0, 0.5, -0.5], &dev).unwrap().unsqueeze(1).unwrap();
     let real: usize = prompts.iter().map(Vec::len).sum::<usize>() + lens.iter().sum::<usize>();
-    println!(
-        "SmolLM2-135M, CPU f32, 8 sequences: {real} real tokens of {} padded, {} completion tokens",
-        8 * (40 + 64),
-        lens.iter().sum::<usize>()
-    );
-    println!("{:<44} {:>10} {:>16}", "forward + backward", "seconds", "peak +MiB");
-    let mut grads = None;
-    for (name, v) in [
-        ("padded, composite LM head (before)", Variant::PaddedComposite),
-        ("padded, fused LM head", Variant::PaddedFused),
-        ("packed, fused LM head (default)", Variant::PackedFused),
-        ("packed, fused, gradient checkpointing", Variant::Checkpointed),
-    ] {
-        backward(&model, &batch, &adv, v); // warm-up
+    if k == 0 {
+        println!(
+            "SmolLM2-135M, CPU f32, 8 sequences: {real} real tokens of {} padded, {} completion tokens",
+            8 * (40 + 64),
+            lens.iter().sum::<usize>()
+        );
+    }
+    if k < 4 {
+        let (name, v) = VARIANTS[k];
         let base = rss_mib();
         reset_peak();
+        backward(&model, &batch, &adv, v); // warm-up, and the peak of one pass
+        let peak = peak_mib() - base;
         let secs = best_of(3, || {
-            grads = Some(backward(&model, &batch, &adv, v));
+            backward(&model, &batch, &adv, v);
         });
-        println!("{name:<44} {secs:>10.3} {:>16.0}", peak_mib() - base);
-    }
-    let grads = grads.unwrap();
-    println!("{:<44} {:>10} {:>16}", "AdamW step (134.5M parameters)", "seconds", "peak +MiB");
-    for (name, fused) in [("tensor ops (before)", false), ("in-place kernel (default)", true)] {
+        println!("{name:<44} {secs:>10.3} {peak:>16.0}");
+    } else {
+        let (name, fused) = OPTIMIZERS[k - 4];
+        let grads = backward(&model, &batch, &adv, Variant::PackedFused);
         let mut opt = AdamW::new(model.vars().to_vec(), AdamWConfig { lr: 1e-9, ..Default::default() }).unwrap();
         opt.set_fused_kernel(fused);
         opt.step(&grads).unwrap(); // touches the moments' pages
