@@ -38,6 +38,13 @@ pub mod names {
     /// Prompt tokens (each completion's own prompt, unpadded) and completion tokens in the step.
     pub const TOKENS_PROMPT: &str = "tokens/prompt";
     pub const TOKENS_COMPLETION: &str = "tokens/completion";
+    /// Off-policy rollouts (bf16 decoding weights), TRL's names: the truncated importance weights applied to the
+    /// loss, and |logp_old − logp_sampling| over the step's tokens.
+    pub const IS_RATIO_MEAN: &str = "sampling/importance_sampling_ratio/mean";
+    pub const IS_RATIO_MIN: &str = "sampling/importance_sampling_ratio/min";
+    pub const IS_RATIO_MAX: &str = "sampling/importance_sampling_ratio/max";
+    pub const SAMPLING_LOGP_DIFF_MEAN: &str = "sampling/sampling_logp_difference/mean";
+    pub const SAMPLING_LOGP_DIFF_MAX: &str = "sampling/sampling_logp_difference/max";
     pub const TIMING_STEP: &str = "timing/step";
     /// Completion tokens sampled per second of rollout.
     pub const TOKENS_PER_SECOND: &str = "tokens_per_second";

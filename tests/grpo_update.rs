@@ -53,7 +53,8 @@ fn step(
     let (p, c, a) = data();
     let a = advantages.unwrap_or(a);
     let keep = vec![true; p.len()];
-    let batch = UpdateBatch { prompts: &p, completions: &c, advantages: &a, old_logprobs: None, keep: &keep };
+    let batch =
+        UpdateBatch { prompts: &p, completions: &c, advantages: &a, old_logprobs: None, keep: &keep, sampling: None };
     let m = grpo_update(&policy, Some(&reference), &mut opt, &batch, &config(loss_type, micro)).unwrap();
     let weights = policy.vars().iter().map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect();
     (weights, m)
@@ -73,7 +74,8 @@ fn grads_with(cfg: UpdateConfig) -> (Vec<Vec<f32>>, safe::algo::grpo::UpdateMetr
     let reference = tiny(false);
     let (p, c, a) = data();
     let keep = vec![true; p.len()];
-    let batch = UpdateBatch { prompts: &p, completions: &c, advantages: &a, old_logprobs: None, keep: &keep };
+    let batch =
+        UpdateBatch { prompts: &p, completions: &c, advantages: &a, old_logprobs: None, keep: &keep, sampling: None };
     let (g, m) = grpo_backward(&policy, Some(&reference), &batch, &cfg).unwrap();
     let flat = policy
         .vars()
@@ -139,7 +141,8 @@ fn the_step_raises_the_log_prob_of_a_positive_advantage_completion() {
     let before = seq_logp(&policy);
     let mut cfg = config(LossType::Dapo, 0);
     cfg.loss.beta = 0.0;
-    let batch = UpdateBatch { prompts: &p, completions: &c, advantages: &a, old_logprobs: None, keep: &keep };
+    let batch =
+        UpdateBatch { prompts: &p, completions: &c, advantages: &a, old_logprobs: None, keep: &keep, sampling: None };
     grpo_update(&policy, None, &mut opt, &batch, &cfg).unwrap();
     let after = seq_logp(&policy);
     assert!(after[0] > before[0], "A = +1: {} → {}", before[0], after[0]);
@@ -154,4 +157,56 @@ fn a_non_finite_loss_leaves_the_weights_untouched() {
     let untouched: Vec<Vec<f32>> =
         tiny(true).vars().iter().map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect();
     assert_eq!(max_diff(&after, &untouched), 0.0);
+}
+
+/// bf16 rollouts: each token's loss is weighted by min(exp(logp_old − logp_sampling), C). When the sampling
+/// log-probs are the policy's own (what full-precision decoding records), the correction changes nothing, bit for
+/// bit. With sampling log-probs lowered by ln k the weights are min(k, C): on the first, on-policy step
+/// (ρ = 1, KL 0 against an identical reference) dapo's loss is −Σ_i A_i Σ_t w_it / N.
+#[test]
+fn importance_correction_is_exact_on_policy_and_weights_tokens_off_policy() {
+    let (p, c, a) = data();
+    let keep = vec![true; p.len()];
+    let cfg = config(LossType::Dapo, 0);
+    let run = |sampling: Option<(&[Vec<f32>], f64)>| {
+        let policy = tiny(true);
+        let reference = tiny(false);
+        let batch =
+            UpdateBatch { prompts: &p, completions: &c, advantages: &a, old_logprobs: None, keep: &keep, sampling };
+        let (g, m) = grpo_backward(&policy, Some(&reference), &batch, &cfg).unwrap();
+        let flat: Vec<Vec<f32>> = policy
+            .vars()
+            .iter()
+            .map(|(_, v)| g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        (flat, m)
+    };
+    // The policy's own log-probs (same temperature as the update).
+    let own: Vec<Vec<f32>> = {
+        let model = tiny(false);
+        let seqs = SequenceBatch::new(&p, &c, 0, None, &Device::Cpu).unwrap();
+        let (lp, _) = completion_logprobs(&model, &seqs, cfg.temperature, 0, false).unwrap();
+        lp.to_vec2::<f32>().unwrap().into_iter().zip(&c).map(|(row, ci)| row[..ci.len()].to_vec()).collect()
+    };
+    let (plain, mp) = run(None);
+    let (same, ms) = run(Some((&own, 2.0)));
+    assert_eq!(plain, same, "on-policy sampling log-probs must leave the gradients unchanged");
+    assert_eq!(mp.loss, ms.loss);
+    let is = ms.importance.unwrap();
+    assert_eq!((is.ratio_min, is.ratio_max, is.logp_diff_max), (1.0, 1.0, 0.0));
+
+    // Rows lowered by ln k: k = 1.5, 4 (capped at C = 2), 0.5, 1.
+    let ks = [1.5f64, 4.0, 0.5, 1.0];
+    let shifted: Vec<Vec<f32>> =
+        own.iter().zip(ks).map(|(row, k)| row.iter().map(|&x| (x as f64 - k.ln()) as f32).collect()).collect();
+    let (_, mw) = run(Some((&shifted, 2.0)));
+    // A = [1, −1, 0.5, −0.5], lengths [3, 5, 1, 2], N = 11:
+    // −(1·1.5·3 − 1·2·5 + 0.5·0.5·1 − 0.5·1·2)/11 = −(4.5 − 10 + 0.25 − 1)/11 = 6.25/11.
+    let want = 6.25 / 11.0;
+    assert!((mw.loss - want).abs() < 1e-5, "loss {} vs {want}", mw.loss);
+    let is = mw.importance.unwrap();
+    assert!((is.ratio_min - 0.5).abs() < 1e-5 && (is.ratio_max - 2.0).abs() < 1e-6);
+    // Mean of w over 11 tokens: (1.5·3 + 2·5 + 0.5 + 1·2)/11 = 17/11.
+    assert!((is.ratio_mean - 17.0 / 11.0).abs() < 1e-5, "{}", is.ratio_mean);
+    assert!((is.logp_diff_max - 4f64.ln()).abs() < 1e-5);
 }

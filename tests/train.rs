@@ -65,7 +65,11 @@ fn run_directory_layout_and_metrics_names() {
         "timing/reward",
         "timing/update",
         "timing/step",
+        "timing/reference",
+        "timing/optimizer",
         "tokens_per_second",
+        "tokens/prompt",
+        "tokens/completion",
     ] {
         assert!(first.get(name).is_some_and(|v| v.is_number()), "metric `{name}` missing or null in {first}");
     }
@@ -92,6 +96,33 @@ fn run_directory_layout_and_metrics_names() {
     assert_eq!((t["step"].as_u64(), t["optimizer_steps"].as_u64()), (Some(2), Some(4)));
     assert_eq!(state["optimizer"]["step"], 4);
     assert!(t["recipe"].as_str().unwrap().contains("[algorithm]"));
+}
+
+/// `rollout.weights = "bf16"`: completions are sampled from bf16 copies of the weights and the loss applies the
+/// truncated importance weights, logged under TRL's names; the copies differ from the f32 policy, a little.
+#[test]
+fn bf16_rollout_weights_log_the_importance_correction() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), TINY, 5);
+    ok(&train(&recipe, &["run.max_steps=2", "rollout.weights=bf16", "rollout.importance_cap=3.0"], "never"));
+    let lines = std::fs::read_to_string(dir.path().join("runs/t/metrics.jsonl")).unwrap();
+    for line in lines.lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        let get = |k: &str| m[k].as_f64().unwrap_or_else(|| panic!("metric `{k}` missing in {m}"));
+        let (mean, min, max) = (
+            get("sampling/importance_sampling_ratio/mean"),
+            get("sampling/importance_sampling_ratio/min"),
+            get("sampling/importance_sampling_ratio/max"),
+        );
+        assert!(0.0 < min && min <= mean && mean <= max && max <= 3.0, "{m}");
+        let diff = get("sampling/sampling_logp_difference/max");
+        assert!(diff > 0.0 && diff < 1.0, "bf16 copies should differ from f32 a little: {diff}");
+        assert!(get("sampling/sampling_logp_difference/mean") <= diff);
+    }
+    // Only GRPO's loss applies the correction.
+    let out = train(&recipe, &["rollout.weights=bf16", "algorithm.kind=ppo", "run.name=p"], "never");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`rollout.weights` = \"bf16\" is for grpo"));
 }
 
 #[test]

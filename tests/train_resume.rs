@@ -66,6 +66,15 @@ fn resume_is_exact_with_par_references_and_gates() {
 }
 
 #[test]
+fn resume_is_exact_with_bf16_rollout_weights() {
+    // The bf16 decoding copies are remade from the weights at every rollout, so a resumed run samples alike.
+    three_plus_three_equals_six_with(
+        5,
+        &TINY.replace("max_new_tokens = 6\n", "max_new_tokens = 6\nweights = \"bf16\"\n"),
+    );
+}
+
+#[test]
 fn resume_is_exact_with_running_shaping_statistics() {
     three_plus_three_equals_six_with(5, &shaped("kind = \"meanstd\"\nceil = 1.0"));
 }

@@ -73,6 +73,20 @@ pub fn grpo_token_loss(
     mask: &Tensor,
     cfg: &GrpoLossConfig,
 ) -> Result<(Tensor, GrpoLossMetrics)> {
+    grpo_token_loss_weighted(logp, old_logp, ref_logp, advantages, mask, cfg, None)
+}
+
+/// [`grpo_token_loss`] with each token's ℓ (surrogate and KL term) multiplied by `token_weights` `[B, T]` before
+/// aggregation (detached): the importance correction of an off-policy rollout, as TRL applies it.
+pub fn grpo_token_loss_weighted(
+    logp: &Tensor,
+    old_logp: &Tensor,
+    ref_logp: Option<&Tensor>,
+    advantages: &Tensor,
+    mask: &Tensor,
+    cfg: &GrpoLossConfig,
+    token_weights: Option<&Tensor>,
+) -> Result<(Tensor, GrpoLossMetrics)> {
     if cfg.beta != 0.0 && ref_logp.is_none() {
         bail!("GRPO with beta = {} needs reference log-probs", cfg.beta);
     }
@@ -89,6 +103,9 @@ pub fn grpo_token_loss(
         if cfg.beta != 0.0 {
             per_token = (per_token + (term * cfg.beta)?)?;
         }
+    }
+    if let Some(w) = token_weights {
+        per_token = (per_token * w.detach())?;
     }
     let loss = aggregate_tensor(&per_token, mask, &cfg.aggregation)?;
     let (low, high, region) = clip_indicators_tensor(&ratio, advantages, &cfg.clip)?;
@@ -373,6 +390,22 @@ pub struct UpdateBatch<'a> {
     pub old_logprobs: Option<&'a [Vec<f32>]>,
     /// Per-completion 0/1 weights on the mask (0 = `mask_truncated_completions` dropped it).
     pub keep: &'a [bool],
+    /// Off-policy rollouts (bf16 decoding weights): the per-token log-probs of the distribution that sampled each
+    /// completion, and the cap C. Each token's loss is multiplied by min(exp(logp_old − logp_sampling), C), TRL's
+    /// truncated importance-sampling correction for vLLM rollouts. `None`: no correction.
+    pub sampling: Option<(&'a [Vec<f32>], f64)>,
+}
+
+/// The importance weights of an off-policy rollout over a step's active tokens, with TRL's metric names
+/// (`sampling/importance_sampling_ratio/*`, `sampling/sampling_logp_difference/*`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImportanceMetrics {
+    pub ratio_mean: f64,
+    pub ratio_min: f64,
+    pub ratio_max: f64,
+    /// |logp_old − logp_sampling|.
+    pub logp_diff_mean: f64,
+    pub logp_diff_max: f64,
 }
 
 /// How the step is computed.
@@ -407,6 +440,8 @@ pub struct UpdateMetrics {
     pub reference_seconds: f64,
     /// Seconds spent clipping the gradients and in the optimizer step.
     pub optimizer_seconds: f64,
+    /// With [`UpdateBatch::sampling`]: the importance weights applied.
+    pub importance: Option<ImportanceMetrics>,
 }
 
 /// Forward and backward over micro-batches (gradients summed, each micro-batch's loss normalised so the sum equals
@@ -433,6 +468,13 @@ pub fn grpo_update(
     }
     metrics.optimizer_seconds = t.elapsed().as_secs_f64();
     Ok(metrics)
+}
+
+/// Per-token rows right-padded with 0 to `width` columns → `[rows, width]`.
+fn padded_rows(rows: &[Vec<f32>], width: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let flat: Vec<f32> =
+        rows.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat(0.0)).take(width)).collect();
+    Ok(Tensor::from_vec(flat, (rows.len(), width), dev)?)
 }
 
 /// The forward/backward half of [`grpo_update`]: the policy's gradients summed over micro-batches, and the
@@ -463,6 +505,9 @@ pub fn grpo_backward(
     let (mut loss_sum, mut kl_sum, mut low, mut high, mut region, mut ent, mut weight) =
         (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
     let mut reference_seconds = 0.0;
+    // Importance weights: sum, min, max; |logp diff|: sum, max; active tokens.
+    let mut is_sum = (0.0, f64::INFINITY, f64::NEG_INFINITY, 0.0, 0.0f64);
+    let mut is_tokens = 0usize;
     for range in chunks {
         let seqs = SequenceBatch::new(
             &batch.prompts[range.clone()],
@@ -484,25 +529,31 @@ pub fn grpo_backward(
         let adv =
             Tensor::from_vec(batch.advantages[range.clone()].iter().map(|&a| a as f32).collect(), range.len(), dev)?;
         let old_rows = match batch.old_logprobs {
-            Some(old) => {
-                let width = seqs.completion_width;
-                let rows: Vec<f32> = old[range.clone()]
-                    .iter()
-                    .flat_map(|r| r.iter().copied().chain(std::iter::repeat(0.0)).take(width))
-                    .collect();
-                Some(Tensor::from_vec(rows, (range.len(), width), dev)?)
-            }
+            Some(old) => Some(padded_rows(&old[range.clone()], seqs.completion_width, dev)?),
             None => None,
         };
-        // The loss from the policy's final hidden states.
-        let loss_of = |hidden: &Tensor| -> Result<(Tensor, (GrpoLossMetrics, Tensor))> {
+        let sampling_rows = match batch.sampling {
+            Some((lps, cap)) => Some((padded_rows(&lps[range.clone()], seqs.completion_width, dev)?, cap)),
+            None => None,
+        };
+        // The loss from the policy's final hidden states; with an off-policy rollout, also the importance weights
+        // min(exp(old − sampling), C) and |old − sampling| (for the metrics).
+        let loss_of = |hidden: &Tensor| -> Result<(Tensor, (GrpoLossMetrics, Tensor, Option<(Tensor, Tensor)>))> {
             let (logp, entropy) =
                 logprobs_from_hidden(policy, hidden, &seqs, cfg.temperature, cfg.logprob_chunk, Entropy::Metric)?;
             let old = old_rows.clone().unwrap_or_else(|| logp.detach());
-            let (loss, m) = grpo_token_loss(&logp, &old, ref_logp.as_ref(), &adv, &mask, &loss_cfg)?;
-            Ok((loss, (m, entropy.expect("requested"))))
+            let importance = match &sampling_rows {
+                Some((sampling, cap)) => {
+                    let diff = (old.detach() - sampling)?;
+                    Some((diff.exp()?.clamp(f32::NEG_INFINITY, *cap as f32)?, diff.abs()?))
+                }
+                None => None,
+            };
+            let weights = importance.as_ref().map(|(w, _)| w);
+            let (loss, m) = grpo_token_loss_weighted(&logp, &old, ref_logp.as_ref(), &adv, &mask, &loss_cfg, weights)?;
+            Ok((loss, (m, entropy.expect("requested"), importance)))
         };
-        let (grads, (m, entropy), loss_value) = if cfg.gradient_checkpointing {
+        let (grads, (m, entropy, importance), loss_value) = if cfg.gradient_checkpointing {
             policy.checkpointed_backward(&seqs.input_ids, &seqs.positions, &seqs.mask, &seqs.packing, loss_of)?
         } else {
             let (loss, extra) = loss_of(&seqs.hidden(policy)?)?;
@@ -524,10 +575,24 @@ pub fn grpo_backward(
                     entropy: f64::NAN,
                     reference_seconds,
                     optimizer_seconds: 0.0,
+                    importance: None,
                 },
             ));
         }
         acc.add(grads, policy.vars())?;
+        if let Some((w, diff)) = importance {
+            let active = |t: &Tensor| -> Result<Vec<f64>> {
+                let (t, m) = (t.flatten_all()?.to_vec1::<f32>()?, mask.flatten_all()?.to_vec1::<f32>()?);
+                Ok(t.iter().zip(&m).filter(|(_, m)| **m > 0.0).map(|(v, _)| *v as f64).collect())
+            };
+            let (w, diff) = (active(&w)?, active(&diff)?);
+            is_sum.0 += w.iter().sum::<f64>();
+            is_sum.1 = w.iter().copied().fold(is_sum.1, f64::min);
+            is_sum.2 = w.iter().copied().fold(is_sum.2, f64::max);
+            is_sum.3 += diff.iter().sum::<f64>();
+            is_sum.4 = diff.iter().copied().fold(is_sum.4, f64::max);
+            is_tokens += w.len();
+        }
         let w = scalar(&mask.sum_all()?)?;
         loss_sum += loss_value;
         kl_sum += m.kl.unwrap_or(0.0) * w;
@@ -549,6 +614,16 @@ pub fn grpo_backward(
         entropy: ent / w,
         reference_seconds,
         optimizer_seconds: 0.0,
+        importance: batch.sampling.map(|_| {
+            let n = is_tokens.max(1) as f64;
+            ImportanceMetrics {
+                ratio_mean: is_sum.0 / n,
+                ratio_min: is_sum.1,
+                ratio_max: is_sum.2,
+                logp_diff_mean: is_sum.3 / n,
+                logp_diff_max: is_sum.4,
+            }
+        }),
     };
     Ok((acc.finish(), metrics))
 }

@@ -32,6 +32,55 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f3
     out
 }
 
+/// [`matmul_t`] with bf16 weights (a rollout copy: half the bytes to stream per decoded token); products and sums
+/// in f32.
+pub fn matmul_t_bf16(x: &[f32], w: &[half::bf16], rows: usize, k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(x.len(), rows * k, "gemv: x is not [rows, k]");
+    assert_eq!(w.len(), n * k, "gemv: w is not [n, k]");
+    let mut out_t = vec![0f32; n * rows];
+    out_t.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(blk, dst)| {
+        let o0 = blk * BLOCK;
+        let count = dst.len() / rows;
+        let w = &w[o0 * k..(o0 + count) * k];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F; `avx512::block_bf16` asserts the slice sizes it reads and writes.
+                return unsafe { avx512::block_bf16(x, w, rows, k, dst) };
+            }
+        }
+        block_bf16(x, w, rows, k, dst)
+    });
+    let mut out = vec![0f32; rows * n];
+    for o in 0..n {
+        for r in 0..rows {
+            out[r * n + o] = out_t[o * rows + r];
+        }
+    }
+    out
+}
+
+/// Portable bf16 version of [`block`].
+fn block_bf16(x: &[f32], w: &[half::bf16], rows: usize, k: usize, dst: &mut [f32]) {
+    let full = k / LANES * LANES;
+    for (o, wrow) in w.chunks_exact(k).enumerate() {
+        for r in 0..rows {
+            let xrow = &x[r * k..(r + 1) * k];
+            let mut acc = [0f32; LANES];
+            for (wc, xc) in wrow[..full].chunks_exact(LANES).zip(xrow[..full].chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    acc[l] += wc[l].to_f32() * xc[l];
+                }
+            }
+            let mut sum: f32 = acc.iter().sum();
+            for j in full..k {
+                sum += wrow[j].to_f32() * xrow[j];
+            }
+            dst[o * rows + r] = sum;
+        }
+    }
+}
+
 fn dispatch(x: &[f32], w: &[f32], rows: usize, k: usize, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -97,6 +146,42 @@ mod avx512 {
         }
     }
 
+    /// [`block`] over bf16 weights: each 16-weight chunk is widened to f32 (a bf16 is the top half of an f32).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn block_bf16(x: &[f32], w: &[half::bf16], rows: usize, k: usize, dst: &mut [f32]) {
+        assert!(x.len() >= rows * k && dst.len() >= w.len() / k * rows);
+        let chunks = k / LANES;
+        for (o, wrow) in w.chunks_exact(k).enumerate() {
+            let wp = wrow.as_ptr() as *const u16;
+            let load = |c: usize| {
+                let h = _mm256_loadu_si256(wp.add(c * LANES) as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            };
+            let mut r = 0;
+            while r < rows {
+                let group = (rows - r).min(4);
+                let xp: [*const f32; 4] = std::array::from_fn(|i| x.as_ptr().add((r + i.min(group - 1)) * k));
+                let mut acc = [_mm512_setzero_ps(); 4];
+                for c in 0..chunks {
+                    let wv = load(c);
+                    for i in 0..4 {
+                        if i < group {
+                            acc[i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp[i].add(c * LANES)), acc[i]);
+                        }
+                    }
+                }
+                for i in 0..group {
+                    let mut sum = _mm512_reduce_add_ps(acc[i]);
+                    for j in chunks * LANES..k {
+                        sum += wrow[j].to_f32() * *xp[i].add(j);
+                    }
+                    dst[o * rows + r + i] = sum;
+                }
+                r += group;
+            }
+        }
+    }
+
     #[inline(always)]
     unsafe fn dots<const R: usize>(w: &[f32], x: &[f32], r0: usize, k: usize) -> [f32; 8] {
         let chunks = k / LANES;
@@ -149,6 +234,17 @@ mod tests {
             }
             // The same row alone: bit-identical.
             let alone = matmul_t(&x[r * k..(r + 1) * k], &w, 1, k, n);
+            assert_eq!(alone[..], out[r * n..(r + 1) * n]);
+        }
+        // bf16 weights: the f64 product with the rounded weights, and rows independent too.
+        let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let out = matmul_t_bf16(&x, &wb, rows, k, n);
+        for r in 0..rows {
+            for o in 0..n {
+                let want: f64 = (0..k).map(|j| x[r * k + j] as f64 * wb[o * k + j].to_f64()).sum();
+                assert!((out[r * n + o] as f64 - want).abs() < 1e-4 * want.abs().max(1.0));
+            }
+            let alone = matmul_t_bf16(&x[r * k..(r + 1) * k], &wb, 1, k, n);
             assert_eq!(alone[..], out[r * n..(r + 1) * n]);
         }
     }

@@ -53,13 +53,51 @@ impl ParamStore {
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// A bf16 copy of `weight` that decoding reads instead (see [`CausalLm::enable_bf16_decode`]).
+    shadow: Option<Shadow>,
+}
+
+/// A bf16 copy of a weight for decoding, refreshed from the f32 weight by [`CausalLm::refresh_bf16_decode`].
+#[derive(Debug, Clone, Default)]
+struct Shadow(std::sync::Arc<std::sync::RwLock<Vec<half::bf16>>>);
+
+impl Shadow {
+    fn refresh(&self, weight: &Tensor) -> Result<()> {
+        use rayon::prelude::*;
+        let mut dst = self.0.write().expect("shadow lock");
+        crate::cpu::with_f32(weight, |w| {
+            dst.resize(w.len(), half::bf16::ZERO);
+            dst.par_chunks_mut(1 << 16).zip(w.par_chunks(1 << 16)).for_each(|(d, s)| {
+                for (d, s) in d.iter_mut().zip(s) {
+                    *d = half::bf16::from_f32(*s);
+                }
+            });
+        })
+    }
+
+    /// `x · Wᵀ` with the bf16 copy, for decoding rows (`None`: not applicable, use the f32 weight).
+    fn matmul_t(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let rows = x.dim(0)?;
+        if rows > super::gemv::MAX_ROWS || x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let (n, k) = weight.dims2()?;
+        let w = self.0.read().expect("shadow lock");
+        if w.len() != n * k {
+            candle_core::bail!("bf16 decode weights were not refreshed");
+        }
+        let x = x.contiguous()?;
+        let out = crate::cpu::with_f32(&x, |xs| super::gemv::matmul_t_bf16(xs, &w, rows, k, n))
+            .map_err(candle_core::Error::wrap)?;
+        Tensor::from_vec(out, (rows, n), x.device()).map(Some)
+    }
 }
 
 impl Linear {
     fn load(p: &mut ParamStore, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = p.take(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
         let bias = if bias { Some(p.take(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, shadow: None })
     }
 }
 
@@ -69,7 +107,15 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has a last dim");
         let rows = x.elem_count() / in_dim;
-        let y = matmul_by_weight_t(&x.reshape((rows, in_dim))?, &self.weight)?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let shadowed = match &self.shadow {
+            Some(s) => s.matmul_t(&x2, &self.weight)?,
+            None => None,
+        };
+        let y = match shadowed {
+            Some(y) => y,
+            None => matmul_by_weight_t(&x2, &self.weight)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -411,6 +457,8 @@ pub struct CausalLm {
     vars: Vec<(String, Var)>,
     device: Device,
     dtype: DType,
+    /// The LM head's bf16 decode copy (with the layers' [`Linear::shadow`]s).
+    head_shadow: Option<Shadow>,
 }
 
 impl CausalLm {
@@ -455,6 +503,7 @@ impl CausalLm {
             vars: p.vars,
             device: device.clone(),
             dtype,
+            head_shadow: None,
         })
     }
 
@@ -478,6 +527,42 @@ impl CausalLm {
     pub fn frozen_view(&self) -> Result<CausalLm> {
         let tensors = self.named_tensors().into_iter().map(|(n, t)| (n, t.detach())).collect();
         CausalLm::from_tensors(&self.cfg, tensors, false, &self.device, self.dtype)
+    }
+
+    /// Decode (at most [`super::gemv::MAX_ROWS`] rows, no gradient) from bf16 copies of the weights: half the bytes
+    /// to stream per token. Prefill and every forward with a graph keep the f32 weights. The copies are made, and
+    /// must be remade after the weights change, by [`Self::refresh_bf16_decode`]. CPU f32 models only.
+    pub fn enable_bf16_decode(&mut self) -> Result<()> {
+        if !crate::cpu::is_cpu_f32(&self.embed_tokens) {
+            bail!("bf16 decoding copies need an f32 model on the CPU");
+        }
+        for b in &mut self.layers {
+            let a = &mut b.self_attn;
+            for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+                l.shadow = Some(Shadow::default());
+            }
+            for l in [&mut b.mlp.gate_proj, &mut b.mlp.up_proj, &mut b.mlp.down_proj] {
+                l.shadow = Some(Shadow::default());
+            }
+        }
+        self.head_shadow = Some(Shadow::default());
+        self.refresh_bf16_decode()
+    }
+
+    /// Copy the current f32 weights into the bf16 decode copies (nothing without [`Self::enable_bf16_decode`]).
+    pub fn refresh_bf16_decode(&self) -> Result<()> {
+        for b in &self.layers {
+            let a = &b.self_attn;
+            for l in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj] {
+                if let Some(s) = &l.shadow {
+                    s.refresh(&l.weight)?;
+                }
+            }
+        }
+        if let Some(s) = &self.head_shadow {
+            s.refresh(self.lm_head_weight())?;
+        }
+        Ok(())
     }
 
     /// Every weight with its HF name, in a stable order, as saved to `model.safetensors`.
@@ -626,7 +711,15 @@ impl CausalLm {
         let dims = hidden.dims().to_vec();
         let h = *dims.last().unwrap();
         let rows = hidden.elem_count() / h;
-        let y = matmul_by_weight_t(&hidden.reshape((rows, h))?, self.lm_head_weight())?;
+        let x = hidden.reshape((rows, h))?;
+        let shadowed = match &self.head_shadow {
+            Some(s) => s.matmul_t(&x, self.lm_head_weight())?,
+            None => None,
+        };
+        let y = match shadowed {
+            Some(y) => y,
+            None => matmul_by_weight_t(&x, self.lm_head_weight())?,
+        };
         let mut out = dims;
         *out.last_mut().unwrap() = self.cfg.vocab_size;
         Ok(y.reshape(out)?)

@@ -16,8 +16,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use schema::{
-    AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LossType, LrSchedule, RewardKind, RolloutSourceKind, RuleKind,
-    ScaleRewards, ShapingKind, Value, RESUMABLE_KEYS,
+    AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LossType, LrSchedule, RewardKind, RolloutSourceKind,
+    RolloutWeights, RuleKind, ScaleRewards, ShapingKind, Value, RESUMABLE_KEYS,
 };
 
 /// Everything wrong with a recipe, one problem per line, each starting with `file:line:` or `--set `k=v`:`.
@@ -137,6 +137,9 @@ pub struct RolloutSettings {
     pub source: RolloutSource,
     /// 0 = all completions of a step at once; see [`RolloutSettings::generation_batch_size`].
     pub batch_size: usize,
+    /// `rollout.weights = "bf16"`: decode from bf16 copies, with this importance-weight cap (`None`: the model's own
+    /// weights, on-policy).
+    pub bf16_importance_cap: Option<f64>,
 }
 
 impl RolloutSettings {

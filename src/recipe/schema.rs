@@ -303,6 +303,10 @@ choice_enum!(
     RolloutSourceKind { Sample = "sample", File = "file" }
 );
 choice_enum!(
+    /// The weights decoding reads.
+    RolloutWeights { Model = "model", Bf16 = "bf16" }
+);
+choice_enum!(
     /// Reward source.
     RewardKind { Rule = "rule", Model = "model", Command = "command", Http = "http" }
 );
@@ -476,6 +480,19 @@ pub static KEYS: &[KeySpec] = &[
         doc: "JSONL of recorded rollouts (prompt, completion, rewards) to train on.",
     },
     key("rollout.batch_size", int(0), "0", "Sequences generated at once; 0 = all completions of a step together."),
+    key(
+        "rollout.weights",
+        Kind::Choice(RolloutWeights::NAMES),
+        "\"model\"",
+        "Weights decoding reads: the policy's own (\"model\": exact on-policy samples), or a bf16 copy refreshed every step (\"bf16\", CPU f32 GRPO: half the bytes per token; the loss recomputes log-probs in f32 and corrects the mismatch by truncated importance sampling, as TRL does for vLLM rollouts).",
+    ),
+    KeySpec {
+        path: "rollout.importance_cap",
+        kind: Kind::Float(FloatRange { min: 1.0, max: f64::INFINITY, min_open: false, max_open: true }),
+        default: Default::Value("2.0"),
+        when: Some(When { key: "rollout.weights", is: &["bf16"] }),
+        doc: "Cap C on each token's importance weight min(π_θ/π_rollout, C) (TRL's vllm_importance_sampling_cap).",
+    },
     // [algorithm]
     key(
         "algorithm.kind",

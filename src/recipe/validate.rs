@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use super::schema::{self, Default, KeySpec, Kind, Mismatch, Value};
 use super::LrSchedule;
 use super::{
-    AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LossType, RewardKind, RolloutSourceKind, RuleKind, ScaleRewards,
-    ShapingKind,
+    AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LossType, RewardKind, RolloutSourceKind, RolloutWeights,
+    RuleKind, ScaleRewards, ShapingKind,
 };
 use super::{
     AlgorithmSettings, CriticSettings, DataSettings, DataSource, DeviceSpec, GateSettings, GrpoLambdaSettings,
@@ -535,6 +535,10 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
             stop: strings(rollout, "rollout.stop"),
             source: rollout_source,
             batch_size: usz(rollout, "rollout.batch_size"),
+            bf16_importance_cap: match choice(rollout, "rollout.weights", RolloutWeights::from_name) {
+                RolloutWeights::Model => None,
+                RolloutWeights::Bf16 => Some(float(rollout, "rollout.importance_cap")),
+            },
         },
         algorithm: AlgorithmSettings {
             kind: choice(algo, "algorithm.kind", AlgorithmKind::from_name),
@@ -657,6 +661,16 @@ fn cross_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, rewards: &[
         );
     }
     let grouped = matches!(r.algorithm.kind, AlgorithmKind::Grpo | AlgorithmKind::GrpoLambda);
+    if ro.bf16_importance_cap.is_some() && !grouped {
+        ctx.err(
+            &at("rollout", "rollout.weights"),
+            format!(
+                "`rollout.weights` = \"bf16\" is for grpo and grpo_lambda (their loss applies the importance \
+                 correction); {} samples from the model's own weights",
+                r.algorithm.kind
+            ),
+        );
+    }
     if grouped && ro.num_generations < 2 {
         ctx.err(
             &at("rollout", "rollout.num_generations"),

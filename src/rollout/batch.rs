@@ -22,6 +22,9 @@ pub struct Sample {
     pub finish: FinishReason,
     /// Data columns other than the prompt (rewards read e.g. `answer`).
     pub columns: Map<String, Value>,
+    /// Per-token log-probs under the distribution that sampled the completion, when that is not the policy itself
+    /// (bf16 rollout weights): the loss's importance correction needs them.
+    pub sampling_logprobs: Option<Vec<f32>>,
 }
 
 /// One step's samples, `prompts_per_step` groups of `num_generations`, group-major.

@@ -241,6 +241,7 @@ fn parse_line(
         completion_ids,
         finish,
         columns: obj,
+        sampling_logprobs: None,
     };
     Ok((sample, reward))
 }

@@ -395,6 +395,11 @@ impl Trainer {
                 });
             }
         }
+        let bf16 = self.recipe.rollout.bf16_importance_cap.is_some();
+        if bf16 {
+            // The weights changed in the last update: decode from a fresh bf16 copy.
+            self.sampler_model.refresh_bf16_decode()?;
+        }
         let completions = generate(&self.sampler_model, Some(&self.tokenizer), &requests, &self.generation, None)
             .context("sampling completions")?;
         let mut samples = Vec::with_capacity(requests.len());
@@ -411,6 +416,7 @@ impl Trainer {
                 completion_ids: c.ids,
                 finish: c.finish,
                 columns: example.columns.clone(),
+                sampling_logprobs: bf16.then_some(c.logprobs),
             });
         }
         Ok(Rollouts { samples, rewards: None })

@@ -252,7 +252,10 @@ impl Trainer {
                 Some((critic, opt))
             }
         };
-        let sampler_model = policy.frozen_view()?;
+        let mut sampler_model = policy.frozen_view()?;
+        if recipe.rollout.bf16_importance_cap.is_some() {
+            sampler_model.enable_bf16_decode().context("rollout.weights = \"bf16\"")?;
+        }
         Ok(Self {
             recipe,
             run_dir,

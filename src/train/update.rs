@@ -28,12 +28,19 @@ impl Trainer {
             samples.iter().map(|s| !(a.mask_truncated_completions && s.finish == FinishReason::Length)).collect();
         // μ > 1 reuses the batch: ρ needs the sampling policy's log-probs, taken before the first update.
         let old = if a.num_iterations > 1 { Some(self.old_logprobs(&prompts, &completions)?) } else { None };
+        // bf16 rollout weights: the sampling distribution's log-probs for the importance correction.
+        let sampling: Option<Vec<Vec<f32>>> = self
+            .recipe
+            .rollout
+            .bf16_importance_cap
+            .and_then(|_| samples.iter().map(|s| s.sampling_logprobs.clone()).collect());
         let batch = UpdateBatch {
             prompts: &prompts,
             completions: &completions,
             advantages,
             old_logprobs: old.as_deref(),
             keep: &keep,
+            sampling: sampling.as_deref().zip(self.recipe.rollout.bf16_importance_cap),
         };
         let mu = a.num_iterations as u64;
         let o = &self.recipe.optim;
@@ -69,6 +76,8 @@ impl Trainer {
                     entropy: s.entropy,
                     reference_seconds: s.reference_seconds + m.reference_seconds,
                     optimizer_seconds: s.optimizer_seconds + m.optimizer_seconds,
+                    // Old log-probs are fixed over the μ updates, so are the weights: the first update's.
+                    importance: s.importance,
                 },
             });
         }
@@ -89,6 +98,13 @@ impl Trainer {
             record.set(names::TIMING_REFERENCE, m.reference_seconds);
         }
         record.set(names::TIMING_OPTIMIZER, m.optimizer_seconds);
+        if let Some(is) = m.importance {
+            record.set(names::IS_RATIO_MEAN, is.ratio_mean);
+            record.set(names::IS_RATIO_MIN, is.ratio_min);
+            record.set(names::IS_RATIO_MAX, is.ratio_max);
+            record.set(names::SAMPLING_LOGP_DIFF_MEAN, is.logp_diff_mean);
+            record.set(names::SAMPLING_LOGP_DIFF_MAX, is.logp_diff_max);
+        }
         Ok(StepOutcome::Trained)
     }
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# How GRPO step time and peak memory grow with num_generations, max_new_tokens and model size, on this machine:
+# SmolLM2-135M-Instruct (GGUF, f32) and random models with SmolLM2-360M's and Qwen2.5-1.5B's shapes
+# (builtin:random-360m, builtin:random-1.5b). One prompt per step, β = 0.04, the benchmark prompts and digit reward
+# of scripts/bench-vs-trl.sh; medians of steps 2..N. A configuration the memory plan refuses is reported with the
+# plan's message instead of figures.
+#
+#   bash scripts/bench-scale.sh [--steps N] [--grad-ckpt]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+steps=3 sets=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --steps) steps=$2; shift 2 ;;
+    --grad-ckpt) sets+=(--set algorithm.gradient_checkpointing=true); shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+out="$(realpath -m "${BENCH_DIR:-target/bench-scale}")"
+mkdir -p "$out"
+gguf="$(bash scripts/fetch-smollm2.sh)"
+cargo build --release --quiet
+python3 scripts/bench/make_inputs.py "$out" "$gguf" "$steps" 0.04
+echo "| model | num_generations | max_new_tokens | s/step | gen s | update s | mean compl. len | peak RSS GiB | memory plan |"
+echo "|---|---|---|---|---|---|---|---|---|"
+run() { # model label, model id, generations, max tokens
+  local rd="$out/$1-g$3-t$4"
+  rm -rf "$rd" && mkdir -p "$rd"
+  if RAYON_NUM_THREADS=2 /usr/bin/time -v -o "$rd/time" target/release/safe train --config "$out/safe.toml" \
+    --set run.output_dir="$rd/runs" --set model.id="$2" --set rollout.num_generations="$3" \
+    --set rollout.max_new_tokens="$4" --set algorithm.micro_batch_size=0 --set run.save_every=0 \
+    "${sets[@]}" > "$rd/log" 2>&1; then
+    find "$rd/runs" -name '*.safetensors' -delete
+    python3 - "$rd" "$1" "$3" "$4" <<'PY'
+import json, re, statistics, sys
+rd, model, g, t = sys.argv[1:]
+m = [json.loads(l) for l in open(f"{rd}/runs/safe-bench/metrics.jsonl")][1:]
+med = lambda k: statistics.median(x[k] for x in m)
+rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(f"{rd}/time").read()).group(1)) / 2**20
+plan = re.search(r"memory: +(.*)", open(f"{rd}/log").read())
+print(f"| {model} | {g} | {t} | {med('timing/step'):.2f} | {med('timing/rollout'):.2f} | {med('timing/update'):.2f} "
+      f"| {statistics.mean(x['completions/mean_length'] for x in m):.1f} | {rss:.2f} | {plan.group(1) if plan else ''} |")
+PY
+  else
+    echo "| $1 | $3 | $4 | refused | | | | | $(grep -o 'error: .*' "$rd/log" | head -1 | cut -c8-) |"
+  fi
+}
+run smollm2-135m "$gguf" 4 64
+run smollm2-135m "$gguf" 8 64
+run smollm2-135m "$gguf" 16 64
+run smollm2-135m "$gguf" 8 256
+run random-360m builtin:random-360m 8 64
+run random-360m builtin:random-360m 16 64
+run random-1.5b builtin:random-1.5b 8 64
