@@ -470,6 +470,10 @@ pub fn grpo_update(
     Ok(metrics)
 }
 
+/// What a micro-batch's loss closure returns beside the loss: the loss metrics, the entropy `[b, C]`, and with an
+/// off-policy rollout the importance weights and |logp_old − logp_sampling| `[b, C]`.
+type LossExtras = (GrpoLossMetrics, Tensor, Option<(Tensor, Tensor)>);
+
 /// Per-token rows right-padded with 0 to `width` columns → `[rows, width]`.
 fn padded_rows(rows: &[Vec<f32>], width: usize, dev: &candle_core::Device) -> Result<Tensor> {
     let flat: Vec<f32> =
@@ -538,7 +542,7 @@ pub fn grpo_backward(
         };
         // The loss from the policy's final hidden states; with an off-policy rollout, also the importance weights
         // min(exp(old − sampling), C) and |old − sampling| (for the metrics).
-        let loss_of = |hidden: &Tensor| -> Result<(Tensor, (GrpoLossMetrics, Tensor, Option<(Tensor, Tensor)>))> {
+        let loss_of = |hidden: &Tensor| -> Result<(Tensor, LossExtras)> {
             let (logp, entropy) =
                 logprobs_from_hidden(policy, hidden, &seqs, cfg.temperature, cfg.logprob_chunk, Entropy::Metric)?;
             let old = old_rows.clone().unwrap_or_else(|| logp.detach());

@@ -172,8 +172,8 @@ mod avx512 {
                 }
                 for i in 0..group {
                     let mut sum = _mm512_reduce_add_ps(acc[i]);
-                    for j in chunks * LANES..k {
-                        sum += wrow[j].to_f32() * *xp[i].add(j);
+                    for (j, wj) in wrow.iter().enumerate().skip(chunks * LANES) {
+                        sum += wj.to_f32() * *xp[i].add(j);
                     }
                     dst[o * rows + r + i] = sum;
                 }
