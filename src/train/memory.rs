@@ -122,9 +122,19 @@ fn too_big(cfg: &ModelConfig, shape: &StepShape, micro: usize, budget: u64, auto
     };
     let advice = match fits {
         Some(d) if !auto => format!("set algorithm.micro_batch_size = {d} (or 0 for auto)"),
-        _ if state > budget => "the model's weights, gradients and optimizer state alone do not fit: use a smaller \
-                                model, or set algorithm.beta = 0 to drop the reference model"
-            .to_string(),
+        _ if state > budget => {
+            let without_reference = step_bytes(cfg, &StepShape { reference: false, ..*shape }, 0);
+            if shape.reference && without_reference <= budget {
+                "the model's weights, gradients and optimizer state alone do not fit: set algorithm.beta = 0 to drop \
+                 the reference model, or use a smaller model"
+                    .to_string()
+            } else {
+                format!(
+                    "the model's weights, gradients and optimizer state alone ({}) do not fit: use a smaller model",
+                    gb(without_reference)
+                )
+            }
+        }
         _ if !shape.gradient_checkpointing && shape.critic => {
             "lower rollout.max_new_tokens or data.max_prompt_tokens".to_string()
         }
@@ -204,9 +214,12 @@ mod tests {
         // An explicit micro-batch that does not fit names the one that does.
         let e = plan(&cfg, &shape(8), Some(avail)).unwrap_err();
         assert!(e.contains("algorithm.micro_batch_size = 4"), "{e}");
-        // Nothing fits: the state alone is too big.
-        let e = plan(&cfg, &shape(0), Some(state / 2)).unwrap_err();
+        // Nothing fits: the state alone is too big; dropping the reference helps only if the rest fits.
+        let without_reference = step_bytes(&cfg, &StepShape { reference: false, ..shape(0) }, 0);
+        let e = plan(&cfg, &shape(0), Some((without_reference as f64 / HEADROOM) as u64 + 1)).unwrap_err();
         assert!(e.contains("algorithm.beta = 0"), "{e}");
+        let e = plan(&cfg, &shape(0), Some(state / 2)).unwrap_err();
+        assert!(!e.contains("algorithm.beta = 0") && e.contains("use a smaller model"), "{e}");
         // State fits, one row does not: shorten the sequences.
         let e = plan(&cfg, &shape(0), Some(((state + per_row / 2) as f64 / HEADROOM) as u64)).unwrap_err();
         assert!(e.contains("rollout.max_new_tokens"), "{e}");
