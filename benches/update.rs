@@ -22,23 +22,22 @@ fn gguf_path() -> String {
     })
 }
 
-/// Peak RSS since the last reset, in MiB (VmHWM), and a reset of it (writing 5 to clear_refs).
-fn peak_mib() -> f64 {
+/// A `/proc/self/status` figure in MiB: `VmHWM` (peak RSS since the last reset) or `VmRSS`.
+fn status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim_start_matches(':').trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+fn peak_mib() -> f64 {
+    status_mib("VmHWM")
 }
 fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    status_mib("VmRSS")
 }
+/// Reset the peak RSS (writing 5 to clear_refs).
 fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }

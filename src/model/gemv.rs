@@ -14,34 +14,13 @@ const BLOCK: usize = 32;
 
 /// `out[r, o] = Σ_k x[r, k] · w[o, k]` for `x` `[rows, k]` and `w` `[n, k]`, both row-major.
 pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
-    assert_eq!(x.len(), rows * k, "gemv: x is not [rows, k]");
-    assert_eq!(w.len(), n * k, "gemv: w is not [n, k]");
-    // out_t[o, r], filled by blocks of output features in parallel, then transposed (it is small).
-    let mut out_t = vec![0f32; n * rows];
-    out_t.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(blk, dst)| {
-        let o0 = blk * BLOCK;
-        let count = dst.len() / rows;
-        dispatch(x, &w[o0 * k..(o0 + count) * k], rows, k, dst);
-    });
-    let mut out = vec![0f32; rows * n];
-    for o in 0..n {
-        for r in 0..rows {
-            out[r * n + o] = out_t[o * rows + r];
-        }
-    }
-    out
+    blocked(x, w, rows, k, n, dispatch)
 }
 
 /// [`matmul_t`] with bf16 weights (a rollout copy: half the bytes to stream per decoded token); products and sums
 /// in f32.
 pub fn matmul_t_bf16(x: &[f32], w: &[half::bf16], rows: usize, k: usize, n: usize) -> Vec<f32> {
-    assert_eq!(x.len(), rows * k, "gemv: x is not [rows, k]");
-    assert_eq!(w.len(), n * k, "gemv: w is not [n, k]");
-    let mut out_t = vec![0f32; n * rows];
-    out_t.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(blk, dst)| {
-        let o0 = blk * BLOCK;
-        let count = dst.len() / rows;
-        let w = &w[o0 * k..(o0 + count) * k];
+    blocked(x, w, rows, k, n, |x, w, rows, k, dst| {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
@@ -50,6 +29,26 @@ pub fn matmul_t_bf16(x: &[f32], w: &[half::bf16], rows: usize, k: usize, n: usiz
             }
         }
         block_bf16(x, w, rows, k, dst)
+    })
+}
+
+/// Blocks of [`BLOCK`] output features in parallel, each by `kernel` into `out_t[o, r]`, then transposed (it is
+/// small) to `[rows, n]`.
+fn blocked<W: Sync>(
+    x: &[f32],
+    w: &[W],
+    rows: usize,
+    k: usize,
+    n: usize,
+    kernel: impl Fn(&[f32], &[W], usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    assert_eq!(x.len(), rows * k, "gemv: x is not [rows, k]");
+    assert_eq!(w.len(), n * k, "gemv: w is not [n, k]");
+    let mut out_t = vec![0f32; n * rows];
+    out_t.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(blk, dst)| {
+        let o0 = blk * BLOCK;
+        let count = dst.len() / rows;
+        kernel(x, &w[o0 * k..(o0 + count) * k], rows, k, dst);
     });
     let mut out = vec![0f32; rows * n];
     for o in 0..n {
