@@ -418,7 +418,7 @@ pub struct UpdateConfig {
     /// Global grad-norm clip (≤ 0 = off).
     pub max_grad_norm: f64,
     pub pad_id: u32,
-    /// Completion positions per LM-head call.
+    /// Completion positions per LM-head call on the composite path (GPU, bf16); the fused CPU head picks its own.
     pub logprob_chunk: usize,
     /// Recompute each layer's forward during backward instead of keeping its activations (less memory, one more
     /// forward of the layers).

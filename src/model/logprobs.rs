@@ -1,8 +1,10 @@
 //! Per-token log-probs of completions given their prompts: the quantity every policy-gradient loss and KL term
 //! is built from. Prompts are left-padded to one width and completions right-padded to another, so completion
-//! token `j` of every row sits at the same column and one forward covers the batch. Only completion positions go
-//! through the LM head, in chunks, and only the sampled token's log-prob is kept, so at most one chunk of
-//! `[rows, chunk, vocab]` logits exists at a time (the whole micro-batch's, when gradients are recorded).
+//! token `j` of every row sits at the same column and one forward covers the batch; its per-token layers run on the
+//! real tokens only ([`SequenceBatch::hidden`]). Only completion positions go through the LM head and only the
+//! sampled token's log-prob is kept: on the CPU in f32 by the fused op of [`super::fused_head`] (no vocab-sized
+//! tensor in the graph), elsewhere in chunks of `[rows, chunk, vocab]` logits (all of the micro-batch's chunks stay
+//! in the graph when gradients are recorded).
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
