@@ -470,6 +470,56 @@ pub fn grpo_update(
     Ok(metrics)
 }
 
+/// Running totals of the importance weights and |logp_old − logp_sampling| over a step's active tokens.
+struct ImportanceTally {
+    ratio_sum: f64,
+    ratio_min: f64,
+    ratio_max: f64,
+    diff_sum: f64,
+    diff_max: f64,
+    tokens: usize,
+}
+
+impl ImportanceTally {
+    fn new() -> Self {
+        Self {
+            ratio_sum: 0.0,
+            ratio_min: f64::INFINITY,
+            ratio_max: f64::NEG_INFINITY,
+            diff_sum: 0.0,
+            diff_max: 0.0,
+            tokens: 0,
+        }
+    }
+
+    /// Add a micro-batch's weights and differences `[b, C]` at the tokens where `mask` is set.
+    fn add(&mut self, weights: &Tensor, diff: &Tensor, mask: &Tensor) -> Result<()> {
+        let mask = mask.flatten_all()?.to_vec1::<f32>()?;
+        let (w, d) = (weights.flatten_all()?.to_vec1::<f32>()?, diff.flatten_all()?.to_vec1::<f32>()?);
+        for ((&w, &d), _) in w.iter().zip(&d).zip(&mask).filter(|(_, m)| **m > 0.0) {
+            let (w, d) = (w as f64, d as f64);
+            self.ratio_sum += w;
+            self.ratio_min = self.ratio_min.min(w);
+            self.ratio_max = self.ratio_max.max(w);
+            self.diff_sum += d;
+            self.diff_max = self.diff_max.max(d);
+            self.tokens += 1;
+        }
+        Ok(())
+    }
+
+    fn finish(&self) -> ImportanceMetrics {
+        let n = self.tokens.max(1) as f64;
+        ImportanceMetrics {
+            ratio_mean: self.ratio_sum / n,
+            ratio_min: self.ratio_min,
+            ratio_max: self.ratio_max,
+            logp_diff_mean: self.diff_sum / n,
+            logp_diff_max: self.diff_max,
+        }
+    }
+}
+
 /// What a micro-batch's loss closure returns beside the loss: the loss metrics, the entropy `[b, C]`, and with an
 /// off-policy rollout the importance weights and |logp_old − logp_sampling| `[b, C]`.
 type LossExtras = (GrpoLossMetrics, Tensor, Option<(Tensor, Tensor)>);
@@ -509,9 +559,7 @@ pub fn grpo_backward(
     let (mut loss_sum, mut kl_sum, mut low, mut high, mut region, mut ent, mut weight) =
         (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
     let mut reference_seconds = 0.0;
-    // Importance weights: sum, min, max; |logp diff|: sum, max; active tokens.
-    let mut is_sum = (0.0, f64::INFINITY, f64::NEG_INFINITY, 0.0, 0.0f64);
-    let mut is_tokens = 0usize;
+    let mut importance_tally = ImportanceTally::new();
     for range in chunks {
         let seqs = SequenceBatch::new(
             &batch.prompts[range.clone()],
@@ -585,17 +633,7 @@ pub fn grpo_backward(
         }
         acc.add(grads, policy.vars())?;
         if let Some((w, diff)) = importance {
-            let active = |t: &Tensor| -> Result<Vec<f64>> {
-                let (t, m) = (t.flatten_all()?.to_vec1::<f32>()?, mask.flatten_all()?.to_vec1::<f32>()?);
-                Ok(t.iter().zip(&m).filter(|(_, m)| **m > 0.0).map(|(v, _)| *v as f64).collect())
-            };
-            let (w, diff) = (active(&w)?, active(&diff)?);
-            is_sum.0 += w.iter().sum::<f64>();
-            is_sum.1 = w.iter().copied().fold(is_sum.1, f64::min);
-            is_sum.2 = w.iter().copied().fold(is_sum.2, f64::max);
-            is_sum.3 += diff.iter().sum::<f64>();
-            is_sum.4 = diff.iter().copied().fold(is_sum.4, f64::max);
-            is_tokens += w.len();
+            importance_tally.add(&w, &diff, &mask)?;
         }
         let w = scalar(&mask.sum_all()?)?;
         loss_sum += loss_value;
@@ -618,16 +656,7 @@ pub fn grpo_backward(
         entropy: ent / w,
         reference_seconds,
         optimizer_seconds: 0.0,
-        importance: batch.sampling.map(|_| {
-            let n = is_tokens.max(1) as f64;
-            ImportanceMetrics {
-                ratio_mean: is_sum.0 / n,
-                ratio_min: is_sum.1,
-                ratio_max: is_sum.2,
-                logp_diff_mean: is_sum.3 / n,
-                logp_diff_max: is_sum.4,
-            }
-        }),
+        importance: batch.sampling.map(|_| importance_tally.finish()),
     };
     Ok((acc.finish(), metrics))
 }

@@ -9,7 +9,7 @@
 //! The entropy column carries no gradient (it is a metric; a differentiable entropy takes the composite path).
 
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows per chunk: one `[ROWS, vocab]` f32 buffer (50 MB at a 49k vocabulary) at a time, and enough rows for the
@@ -120,6 +120,46 @@ fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result
 }
 
 impl HeadLogprobs {
+    /// Gradients `(d hidden [n, h], d weight [vocab, h])` for the upstream gradient `g` of the log-probs.
+    fn backward(
+        &self,
+        hidden: &[f32],
+        weight: &[f32],
+        g: &[f32],
+        (n, h, vocab): (usize, usize, usize),
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut dh = vec![0f32; n * h];
+        let mut dw = vec![0f32; vocab * h];
+        let mut buf = vec![0f32; self.chunk_rows.min(n).max(1) * vocab];
+        let mut x = Vec::new();
+        let mut dx = vec![0f32; self.chunk_rows.min(n).max(1) * h];
+        let mut first = true;
+        // Rows with a zero upstream gradient (masked tokens) contribute nothing: skip them.
+        for rows in self.chunks(|r| g[r] != 0.0) {
+            let buf = &mut buf[..rows.len() * vocab];
+            self.chunk_logits(hidden, weight, h, &rows, &mut x, buf);
+            // dz = g·(onehot − p)/T, in place over the logits.
+            buf.par_chunks_mut(vocab).zip(rows.par_iter()).for_each(|(row, &r)| {
+                let (lse, _) = scaled_lse(row, self.inv_t);
+                let scale = g[r] * self.inv_t;
+                for z in row.iter_mut() {
+                    *z = -scale * ((*z as f64 - lse).exp() as f32);
+                }
+                row[self.targets[r] as usize] += scale;
+            });
+            let dx = &mut dx[..rows.len() * h];
+            // dx[R, h] = dz[R, V] · W[V, h]
+            gemm_f32((rows.len(), h, vocab), dx, (h, 1), false, buf, (vocab, 1), weight, (h, 1));
+            for (i, &r) in rows.iter().enumerate() {
+                dh[r * h..(r + 1) * h].copy_from_slice(&dx[i * h..(i + 1) * h]);
+            }
+            // dW[V, h] += dzᵀ[V, R] · x[R, h]
+            gemm_f32((vocab, h, rows.len()), &mut dw, (h, 1), !first, buf, (1, vocab), &x, (h, 1));
+            first = false;
+        }
+        (dh, dw)
+    }
+
     /// The active rows, in chunks of at most `chunk_rows`.
     fn chunks(&self, also: impl Fn(usize) -> bool) -> Vec<Vec<usize>> {
         let rows: Vec<usize> = (0..self.targets.len()).filter(|&r| self.active[r] && also(r)).collect();
@@ -211,42 +251,11 @@ impl CustomOp2 for HeadLogprobs {
         let g: Vec<f32> = grad_res.narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
         let (n, h) = hidden_t.dims2()?;
         let vocab = weight_t.dim(0)?;
-        let (hs, hl) = hidden_t.storage_and_layout();
-        let (ws, wl) = weight_t.storage_and_layout();
-        let (Storage::Cpu(hs), Storage::Cpu(ws)) = (&*hs, &*ws) else {
-            candle_core::bail!("fused LM head: CPU tensors only")
-        };
-        let hidden = cpu_f32(hs, hl, "hidden")?;
-        let weight = cpu_f32(ws, wl, "weight")?;
-        let mut dh = vec![0f32; n * h];
-        let mut dw = vec![0f32; vocab * h];
-        let mut buf = vec![0f32; self.chunk_rows.min(n).max(1) * vocab];
-        let mut x = Vec::new();
-        let mut dx = vec![0f32; self.chunk_rows.min(n).max(1) * h];
-        let mut first = true;
-        // Rows with a zero upstream gradient (masked tokens) contribute nothing: skip them.
-        for rows in self.chunks(|r| g[r] != 0.0) {
-            let buf = &mut buf[..rows.len() * vocab];
-            self.chunk_logits(hidden, weight, h, &rows, &mut x, buf);
-            // dz = g·(onehot − p)/T, in place over the logits.
-            buf.par_chunks_mut(vocab).zip(rows.par_iter()).for_each(|(row, &r)| {
-                let (lse, _) = scaled_lse(row, self.inv_t);
-                let scale = g[r] * self.inv_t;
-                for z in row.iter_mut() {
-                    *z = -scale * ((*z as f64 - lse).exp() as f32);
-                }
-                row[self.targets[r] as usize] += scale;
-            });
-            let dx = &mut dx[..rows.len() * h];
-            // dx[R, h] = dz[R, V] · W[V, h]
-            gemm_f32((rows.len(), h, vocab), dx, (h, 1), false, buf, (vocab, 1), weight, (h, 1));
-            for (i, &r) in rows.iter().enumerate() {
-                dh[r * h..(r + 1) * h].copy_from_slice(&dx[i * h..(i + 1) * h]);
-            }
-            // dW[V, h] += dzᵀ[V, R] · x[R, h]
-            gemm_f32((vocab, h, rows.len()), &mut dw, (h, 1), !first, buf, (1, vocab), &x, (h, 1));
-            first = false;
-        }
+        let (dh, dw) = crate::cpu::with_f32(hidden_t, |hidden| {
+            crate::cpu::with_f32(weight_t, |weight| self.backward(hidden, weight, &g, (n, h, vocab)))
+        })
+        .and_then(|r| r)
+        .map_err(candle_core::Error::wrap)?;
         let dev = hidden_t.device();
         Ok((Some(Tensor::from_vec(dh, (n, h), dev)?), Some(Tensor::from_vec(dw, (vocab, h), dev)?)))
     }

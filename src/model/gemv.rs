@@ -20,16 +20,7 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f3
 /// [`matmul_t`] with bf16 weights (a rollout copy: half the bytes to stream per decoded token); products and sums
 /// in f32.
 pub fn matmul_t_bf16(x: &[f32], w: &[half::bf16], rows: usize, k: usize, n: usize) -> Vec<f32> {
-    blocked(x, w, rows, k, n, |x, w, rows, k, dst| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F; `avx512::block_bf16` asserts the slice sizes it reads and writes.
-                return unsafe { avx512::block_bf16(x, w, rows, k, dst) };
-            }
-        }
-        block_bf16(x, w, rows, k, dst)
-    })
+    blocked(x, w, rows, k, n, dispatch_bf16)
 }
 
 /// Blocks of [`BLOCK`] output features in parallel, each by `kernel` into `out_t[o, r]`, then transposed (it is
@@ -59,27 +50,6 @@ fn blocked<W: Sync>(
     out
 }
 
-/// Portable bf16 version of [`block`].
-fn block_bf16(x: &[f32], w: &[half::bf16], rows: usize, k: usize, dst: &mut [f32]) {
-    let full = k / LANES * LANES;
-    for (o, wrow) in w.chunks_exact(k).enumerate() {
-        for r in 0..rows {
-            let xrow = &x[r * k..(r + 1) * k];
-            let mut acc = [0f32; LANES];
-            for (wc, xc) in wrow[..full].chunks_exact(LANES).zip(xrow[..full].chunks_exact(LANES)) {
-                for l in 0..LANES {
-                    acc[l] += wc[l].to_f32() * xc[l];
-                }
-            }
-            let mut sum: f32 = acc.iter().sum();
-            for j in full..k {
-                sum += wrow[j].to_f32() * xrow[j];
-            }
-            dst[o * rows + r] = sum;
-        }
-    }
-}
-
 fn dispatch(x: &[f32], w: &[f32], rows: usize, k: usize, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -91,8 +61,34 @@ fn dispatch(x: &[f32], w: &[f32], rows: usize, k: usize, dst: &mut [f32]) {
     block(x, w, rows, k, dst)
 }
 
+fn dispatch_bf16(x: &[f32], w: &[half::bf16], rows: usize, k: usize, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F; `avx512::block_bf16` asserts the slice sizes it reads and writes.
+            return unsafe { avx512::block_bf16(x, w, rows, k, dst) };
+        }
+    }
+    block(x, w, rows, k, dst)
+}
+
+/// A weight element the portable kernel reads: f32, or bf16 widened to f32.
+trait Weight: Copy {
+    fn f32(self) -> f32;
+}
+impl Weight for f32 {
+    fn f32(self) -> f32 {
+        self
+    }
+}
+impl Weight for half::bf16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
 /// Portable version: `dst[o·rows + r] = w[o] · x[r]` with a 16-lane partial sum per row.
-fn block(x: &[f32], w: &[f32], rows: usize, k: usize, dst: &mut [f32]) {
+fn block<W: Weight>(x: &[f32], w: &[W], rows: usize, k: usize, dst: &mut [f32]) {
     let full = k / LANES * LANES;
     for (o, wrow) in w.chunks_exact(k).enumerate() {
         for r in 0..rows {
@@ -100,12 +96,12 @@ fn block(x: &[f32], w: &[f32], rows: usize, k: usize, dst: &mut [f32]) {
             let mut acc = [0f32; LANES];
             for (wc, xc) in wrow[..full].chunks_exact(LANES).zip(xrow[..full].chunks_exact(LANES)) {
                 for l in 0..LANES {
-                    acc[l] += wc[l] * xc[l];
+                    acc[l] += wc[l].f32() * xc[l];
                 }
             }
             let mut sum: f32 = acc.iter().sum();
             for j in full..k {
-                sum += wrow[j] * xrow[j];
+                sum += wrow[j].f32() * xrow[j];
             }
             dst[o * rows + r] = sum;
         }
@@ -245,6 +241,18 @@ mod tests {
             }
             let alone = matmul_t_bf16(&x[r * k..(r + 1) * k], &wb, 1, k, n);
             assert_eq!(alone[..], out[r * n..(r + 1) * n]);
+        }
+        // The portable kernel (what runs without AVX-512), for both weight types: `out_t[o·rows + r]`.
+        let (mut pf, mut pb) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+        block(&x, &w, rows, k, &mut pf);
+        block(&x, &wb, rows, k, &mut pb);
+        for r in 0..rows {
+            for o in 0..n {
+                let want: f64 = (0..k).map(|j| x[r * k + j] as f64 * w[o * k + j] as f64).sum();
+                assert!((pf[o * rows + r] as f64 - want).abs() < 1e-4 * want.abs().max(1.0));
+                let want: f64 = (0..k).map(|j| x[r * k + j] as f64 * wb[o * k + j].to_f64()).sum();
+                assert!((pb[o * rows + r] as f64 - want).abs() < 1e-4 * want.abs().max(1.0));
+            }
         }
     }
 }

@@ -75,21 +75,13 @@ impl Shadow {
         })
     }
 
-    /// `x · Wᵀ` with the bf16 copy, for decoding rows (`None`: not applicable, use the f32 weight).
-    fn matmul_t(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let rows = x.dim(0)?;
-        if rows > super::gemv::MAX_ROWS || x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
-            return Ok(None);
-        }
-        let (n, k) = weight.dims2()?;
+    /// `x · Wᵀ` from the bf16 copy, for `x` `[rows, k]` (contiguous CPU f32) and the weight's shape `[n, k]`.
+    fn matmul_t(&self, x: &Tensor, n: usize, k: usize) -> Result<Vec<f32>> {
         let w = self.0.read().expect("shadow lock");
         if w.len() != n * k {
-            candle_core::bail!("bf16 decode weights were not refreshed");
+            bail!("bf16 decode weights were not refreshed");
         }
-        let x = x.contiguous()?;
-        let out = crate::cpu::with_f32(&x, |xs| super::gemv::matmul_t_bf16(xs, &w, rows, k, n))
-            .map_err(candle_core::Error::wrap)?;
-        Tensor::from_vec(out, (rows, n), x.device()).map(Some)
+        crate::cpu::with_f32(x, |xs| super::gemv::matmul_t_bf16(xs, &w, x.elem_count() / k, k, n))
     }
 }
 
@@ -107,15 +99,7 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has a last dim");
         let rows = x.elem_count() / in_dim;
-        let x2 = x.reshape((rows, in_dim))?;
-        let shadowed = match &self.shadow {
-            Some(s) => s.matmul_t(&x2, &self.weight)?,
-            None => None,
-        };
-        let y = match shadowed {
-            Some(y) => y,
-            None => matmul_by_weight_t(&x2, &self.weight)?,
-        };
+        let y = matmul_by_weight_t(&x.reshape((rows, in_dim))?, &self.weight, self.shadow.as_ref())?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -126,12 +110,14 @@ impl Module for Linear {
     }
 }
 
-/// `x · Wᵀ` for `x: [rows, in]`, `W: [out, in]`. With few rows (decoding) Candle's gemm is about 1.5× faster
-/// computing `W · xᵀ` and transposing the small result; with many rows the direct product is. Both have a backward.
-fn matmul_by_weight_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+/// `x · Wᵀ` for `x: [rows, in]`, `W: [out, in]`; `shadow` is W's bf16 decode copy, if the model has one. Decoding
+/// rows without a gradient on the CPU go through the weight-streaming kernel of [`super::gemv`]. Otherwise, with few
+/// rows Candle's gemm is about 1.5× faster computing `W · xᵀ` and transposing the small result; with many rows the
+/// direct product is. Both have a backward.
+fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle_core::Result<Tensor> {
     const FEW_ROWS: usize = 16; // measured by benches/matmul.rs: W·xᵀ wins up to 16 rows, x·Wᵀ from 32
     let rows = x.dim(0)?;
-    // Decoding (few rows, no gradient, CPU f32): the weight-streaming kernel.
+    // Decoding (few rows, no gradient, CPU f32): the weight-streaming kernel, over the bf16 copy when there is one.
     if rows <= super::gemv::MAX_ROWS
         && !x.track_op()
         && !w.track_op()
@@ -141,10 +127,14 @@ fn matmul_by_weight_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     {
         let x = x.contiguous()?;
         let (n, k) = w.dims2()?;
-        let out =
-            crate::cpu::with_f32(&x, |xs| crate::cpu::with_f32(w, |ws| super::gemv::matmul_t(xs, ws, rows, k, n)))
-                .map_err(candle_core::Error::wrap)?
-                .map_err(candle_core::Error::wrap)?;
+        let out = match shadow {
+            Some(s) => s.matmul_t(&x, n, k),
+            None => {
+                crate::cpu::with_f32(&x, |xs| crate::cpu::with_f32(w, |ws| super::gemv::matmul_t(xs, ws, rows, k, n)))
+                    .and_then(|r| r)
+            }
+        }
+        .map_err(candle_core::Error::wrap)?;
         return Tensor::from_vec(out, (rows, n), x.device());
     }
     if rows <= FEW_ROWS {
@@ -276,15 +266,6 @@ impl Packing {
             s,
             n,
         })
-    }
-
-    /// Number of real tokens.
-    pub fn len(&self) -> usize {
-        self.n
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.n == 0
     }
 
     /// `[b, s, ..]` → `[n, ..]`.
@@ -711,15 +692,7 @@ impl CausalLm {
         let dims = hidden.dims().to_vec();
         let h = *dims.last().unwrap();
         let rows = hidden.elem_count() / h;
-        let x = hidden.reshape((rows, h))?;
-        let shadowed = match &self.head_shadow {
-            Some(s) => s.matmul_t(&x, self.lm_head_weight())?,
-            None => None,
-        };
-        let y = match shadowed {
-            Some(y) => y,
-            None => matmul_by_weight_t(&x, self.lm_head_weight())?,
-        };
+        let y = matmul_by_weight_t(&hidden.reshape((rows, h))?, self.lm_head_weight(), self.head_shadow.as_ref())?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.cfg.vocab_size;
         Ok(y.reshape(out)?)

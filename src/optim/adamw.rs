@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::cpu as inplace;
+use crate::cpu;
 
 /// AdamW hyperparameters (defaults: transformers' Trainer, except `lr`, which the recipe always sets).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -150,7 +150,7 @@ impl AdamW {
         for (i, (name, var)) in self.vars.iter().enumerate() {
             let Some(grad) = grads.get(var.as_tensor()) else { continue };
             let (m, v) = (self.exp_avg[i].as_tensor(), self.exp_avg_sq[i].as_tensor());
-            if self.fused && [var.as_tensor(), grad, m, v].iter().all(|t| inplace::is_cpu_f32(t)) {
+            if self.fused && [var.as_tensor(), grad, m, v].iter().all(|t| cpu::is_cpu_f32(t)) {
                 let k = Kernel {
                     grad_scale: grad_scale.map(|s| s as f32),
                     c1: (1.0 - beta1) as f32,
@@ -161,9 +161,9 @@ impl AdamW {
                     decay: (weight_decay != 0.0).then_some((1.0 - lr * weight_decay) as f32),
                     step_size: step_size as f32,
                 };
-                inplace::with_f32(grad, |g| {
-                    inplace::with_f32_mut(m, |m| {
-                        inplace::with_f32_mut(v, |v| inplace::with_f32_mut(var.as_tensor(), |p| k.run(p, m, v, g)))
+                cpu::with_f32(grad, |g| {
+                    cpu::with_f32_mut(m, |m| {
+                        cpu::with_f32_mut(v, |v| cpu::with_f32_mut(var.as_tensor(), |p| k.run(p, m, v, g)))
                     })
                 })?
                 .with_context(|| format!("updating `{name}`"))?;

@@ -298,6 +298,13 @@ choice_enum!(
     /// The RL algorithm.
     AlgorithmKind { Grpo = "grpo", GrpoLambda = "grpo_lambda", Ppo = "ppo", Safe = "safe" }
 );
+impl AlgorithmKind {
+    /// GRPO and GRPO-λ: group-relative advantages over `num_generations` completions per prompt, the GRPO loss (with
+    /// its importance correction and gradient checkpointing).
+    pub fn is_grpo(self) -> bool {
+        matches!(self, AlgorithmKind::Grpo | AlgorithmKind::GrpoLambda)
+    }
+}
 choice_enum!(
     /// Where a step's completions come from.
     RolloutSourceKind { Sample = "sample", File = "file" }

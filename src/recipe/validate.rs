@@ -579,8 +579,7 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
             scale_rewards: choice(algo, "algorithm.scale_rewards", ScaleRewards::from_name),
             mask_truncated_completions: boolean(algo, "algorithm.mask_truncated_completions"),
             // Filled only where it applies (GRPO and GRPO-λ).
-            gradient_checkpointing: matches!(kind, AlgorithmKind::Grpo | AlgorithmKind::GrpoLambda)
-                && boolean(algo, "algorithm.gradient_checkpointing"),
+            gradient_checkpointing: kind.is_grpo() && boolean(algo, "algorithm.gradient_checkpointing"),
             use_bias_correction_kl: boolean(algo, "algorithm.use_bias_correction_kl"),
             micro_batch_size: usz(algo, "algorithm.micro_batch_size"),
         },
@@ -660,7 +659,7 @@ fn cross_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, rewards: &[
              must be at least 2",
         );
     }
-    let grouped = matches!(r.algorithm.kind, AlgorithmKind::Grpo | AlgorithmKind::GrpoLambda);
+    let grouped = r.algorithm.kind.is_grpo();
     if ro.bf16_importance_cap.is_some() && !grouped {
         ctx.err(
             &at("rollout", "rollout.weights"),

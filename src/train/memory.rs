@@ -43,6 +43,8 @@ pub struct StepShape {
     pub fused_head: bool,
     /// `algorithm.gradient_checkpointing`.
     pub gradient_checkpointing: bool,
+    /// Whether the algorithm offers gradient checkpointing (GRPO, GRPO-λ), so the advice may suggest it.
+    pub can_checkpoint: bool,
 }
 
 /// Bytes of the graph-free logits chunk we aim for (reference/old log-probs).
@@ -71,15 +73,15 @@ pub fn step_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     let (h, i, heads) = (cfg.hidden_size as u64, cfg.intermediate_size as u64, cfg.num_heads as u64);
     let (layers, vocab) = (cfg.num_layers as u64, cfg.vocab_size as u64);
     let layer_row = (t * (8 * h + 4 * i) + 3 * heads * t * t) * b;
-    let (per_row, fixed) =
-        if shape.gradient_checkpointing { (layers * t * h * b + layer_row, 0) } else { (layers * layer_row, 0) };
-    // The fused head's chunk buffers (logits, and in backward the input gradient) vs the composite head's graph.
-    let (per_row, fixed) = if shape.fused_head {
-        (per_row, fixed + 2 * crate::model::fused_head::ROWS as u64 * vocab * 4)
+    let activations = if shape.gradient_checkpointing { layers * t * h * b + layer_row } else { layers * layer_row };
+    // The fused head keeps only its chunk buffers (logits, and in backward the input gradient); the composite head
+    // keeps its logits in the graph for every row.
+    let (head_fixed, head_row) = if shape.fused_head {
+        (2 * crate::model::fused_head::ROWS as u64 * vocab * 4, 0)
     } else {
-        (per_row + 4 * c * vocab * 4, fixed)
+        (0, 4 * c * vocab * 4)
     };
-    state + fixed + micro as u64 * per_row
+    state + head_fixed + micro as u64 * (activations + head_row)
 }
 
 /// Plan a step within `available` bytes (`None`: unknown, e.g. a GPU; the recipe's choice is taken, `auto` = the
@@ -135,10 +137,7 @@ fn too_big(cfg: &ModelConfig, shape: &StepShape, micro: usize, budget: u64, auto
                 )
             }
         }
-        _ if !shape.gradient_checkpointing && shape.critic => {
-            "lower rollout.max_new_tokens or data.max_prompt_tokens".to_string()
-        }
-        _ if !shape.gradient_checkpointing => {
+        _ if shape.can_checkpoint && !shape.gradient_checkpointing => {
             "set algorithm.gradient_checkpointing = true, or lower rollout.max_new_tokens or data.max_prompt_tokens"
                 .to_string()
         }
@@ -191,6 +190,7 @@ mod tests {
             dtype_bytes: 4,
             fused_head: false,
             gradient_checkpointing: false,
+            can_checkpoint: true,
         }
     }
 
@@ -224,6 +224,10 @@ mod tests {
         let e = plan(&cfg, &shape(0), Some(((state + per_row / 2) as f64 / HEADROOM) as u64)).unwrap_err();
         assert!(e.contains("rollout.max_new_tokens"), "{e}");
         assert!(e.contains("algorithm.gradient_checkpointing = true"), "{e}");
+        // PPO and SAFE have no checkpointing to suggest.
+        let no_ckpt = StepShape { can_checkpoint: false, ..shape(0) };
+        let e = plan(&cfg, &no_ckpt, Some(((state + per_row / 2) as f64 / HEADROOM) as u64)).unwrap_err();
+        assert!(e.contains("rollout.max_new_tokens") && !e.contains("gradient_checkpointing"), "{e}");
     }
 
     #[test]

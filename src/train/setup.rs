@@ -65,6 +65,7 @@ impl Trainer {
             // SAFE's entropy term is differentiable, which needs the composite head.
             fused_head: crate::model::fused_head::supported(&device, dtype) && a.safe.is_none(),
             gradient_checkpointing: a.gradient_checkpointing,
+            can_checkpoint: a.kind.is_grpo(),
         };
         let plan = memory::plan(&config, &shape, available).map_err(|e| anyhow!(e))?;
         let reference = if needs_reference {

@@ -47,11 +47,11 @@ impl Trainer {
         let total_updates = self.recipe.run.max_steps * mu;
         let mut sum: Option<UpdateMetrics> = None;
         let mut lr = 0.0;
+        // The frozen model is the KL reference only when β > 0 (it may be loaded for PAR's references alone).
+        let kl_reference = self.reference.as_ref().filter(|_| a.beta > 0.0);
         for it in 0..mu {
             lr = lr_at(self.optimizer.state().step, o.lr, o.schedule, o.warmup_steps * mu, total_updates);
             self.optimizer.set_lr(lr);
-            // The frozen model is the KL reference only when β > 0 (it may be loaded for PAR's references alone).
-            let kl_reference = self.reference.as_ref().filter(|_| a.beta > 0.0);
             let m = grpo_update(&self.policy, kl_reference, &mut self.optimizer, &batch, &self.update)?;
             let which = if mu > 1 { format!(" (update {} of {mu})", it + 1) } else { String::new() };
             if !m.loss.is_finite() {
@@ -82,7 +82,6 @@ impl Trainer {
             });
         }
         let m = sum.expect("μ ≥ 1");
-        let kl_reference_loaded = self.reference.is_some() && a.beta > 0.0;
         let k = mu as f64;
         if let Some(kl) = m.kl {
             record.set(names::KL, kl / k);
@@ -94,7 +93,7 @@ impl Trainer {
         record.set(names::CLIP_LOW, m.clip_low / k);
         record.set(names::CLIP_HIGH, m.clip_high / k);
         record.set(names::CLIP_REGION, m.clip_region / k);
-        if kl_reference_loaded {
+        if kl_reference.is_some() {
             record.set(names::TIMING_REFERENCE, m.reference_seconds);
         }
         record.set(names::TIMING_OPTIMIZER, m.optimizer_seconds);
