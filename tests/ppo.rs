@@ -123,7 +123,7 @@ fn ppo_resume_is_exact_with_the_value_model_and_kl_controller() {
     }
     assert_eq!(metrics(&a), metrics(&b));
     let state = common::read_json(&step_dir(&a, 6).join("state.json"));
-    let beta = state["training"]["kl_controller"]["beta"].as_f64().unwrap();
+    let beta = state["training"]["algorithm"]["kl_controller"]["beta"].as_f64().unwrap();
     assert!(beta != 0.04, "the adaptive controller moved β: {beta}");
     let first: serde_json::Value =
         serde_json::from_str(std::fs::read_to_string(a.join("metrics.jsonl")).unwrap().lines().next().unwrap())
@@ -150,4 +150,45 @@ fn ppo_resume_is_exact_with_the_value_model_and_kl_controller() {
     let out = train(&grpo, &["run.name=g", "rollout.num_generations=1"], "never");
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("grpo compares completions within a group"), "{}", stderr(&out));
+}
+
+/// Regression: an old, edited or truncated `state.json` once reached `expect` (PPO's KL controller, SAFE's
+/// controller) and panicked, or failed without naming the field. Now each is exit 2 naming the field.
+#[test]
+fn edited_or_old_checkpoint_state_exits_2_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), &ppo_recipe(), 5);
+    ok(&train(&recipe, &["run.max_steps=1"], "never"));
+    let state_path = step_dir(&dir.path().join("runs/t"), 1).join("state.json");
+    let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(Edit, &[&str]); 5] = [
+        (
+            |v| drop(v["training"]["algorithm"].as_object_mut().unwrap().remove("kl_controller")),
+            &["`training.algorithm`", "missing field `kl_controller`"],
+        ),
+        // A checkpoint of a safe from before the algorithm state existed.
+        (|v| drop(v["training"].as_object_mut().unwrap().remove("algorithm")), &["`training.algorithm` is missing"]),
+        (
+            |v| v["training"]["algorithm"]["kl_controller"]["beta"] = "big".into(),
+            &["`training.algorithm.kl_controller.beta`", "invalid type"],
+        ),
+        (|v| v["training"]["step"] = "one".into(), &["`training.step`", "invalid type"]),
+        (
+            |v| drop(v["training"].as_object_mut().unwrap().remove("bad_steps_in_a_row")),
+            &["missing field `bad_steps_in_a_row`"],
+        ),
+    ];
+    for (edit, expected) in cases {
+        let mut v = original.clone();
+        edit(&mut v);
+        std::fs::write(&state_path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+        let out = train(&recipe, &["run.max_steps=2"], "auto");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        for e in expected {
+            assert!(err.contains(e), "expected {e:?} in:\n{err}");
+        }
+    }
 }

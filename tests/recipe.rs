@@ -1,5 +1,7 @@
 //! Recipe loading: defaults, error messages (file, line, key, suggestion), `--set`, resolved TOML, docs.
 
+use safe::algo::grpo::GrpoSettings;
+use safe::algo::{AlgorithmKind, Settings};
 use safe::recipe::{self, schema, DataSource, LossType, Recipe, RewardSource, Rule, ScaleRewards};
 
 const MINIMAL: &str = r#"
@@ -17,6 +19,14 @@ rule = "exact_answer"
 fn load(text: &str, sets: &[&str]) -> Result<Recipe, String> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     recipe::from_str(text, "recipe.toml", &sets).map_err(|e| e.to_string())
+}
+
+/// The GRPO settings of a `kind = "grpo"` recipe.
+fn grpo(r: &Recipe) -> &GrpoSettings {
+    match &r.algorithm.settings {
+        Settings::Grpo(g) => g,
+        other => panic!("not a grpo recipe: {other:?}"),
+    }
 }
 
 fn err(text: &str, sets: &[&str]) -> String {
@@ -46,8 +56,8 @@ fn every_schema_default_is_valid_and_defaults_resolve() {
     assert_eq!(ro.batch_size, 0);
     assert_eq!(ro.completions_per_step(), 64);
     // TRL GRPOConfig defaults.
-    let a = &r.algorithm;
-    assert_eq!((a.beta, a.epsilon, a.epsilon_high, a.num_iterations), (0.0, 0.2, 0.2, 1));
+    let a = grpo(&r);
+    assert_eq!((a.beta, a.clip.eps_low, a.clip.eps_high, a.num_iterations), (0.0, 0.2, 0.2, 1));
     assert_eq!(
         (a.loss_type, a.scale_rewards, a.mask_truncated_completions),
         (LossType::Dapo, ScaleRewards::Group, false)
@@ -56,19 +66,35 @@ fn every_schema_default_is_valid_and_defaults_resolve() {
     assert_eq!(r.optim.max_grad_norm, 1.0);
     assert_eq!(r.rewards.len(), 1);
     assert_eq!(r.rewards[0].source, RewardSource::Rule(Rule::ExactAnswer { field: "answer".into() }));
-    // Every literal default fits its own kind; `when` and `SameAs` refer to keys earlier in the same table
-    // (validation resolves keys in schema order).
+    // Every literal default fits its own kind; `SameAs` refers to a key earlier in the same table and `when` to one
+    // earlier in the same table or in an earlier table (validation resolves tables and keys in schema order).
     for (i, k) in schema::KEYS.iter().enumerate() {
         assert!(!k.doc.is_empty(), "{} has no doc", k.path);
         if let schema::Default::Value(lit) = k.default {
             assert!(k.default_value().is_some(), "{}: default {lit} does not fit {}", k.path, k.kind.describe());
+        }
+        if let schema::Default::ByAlgorithm { overrides, .. } = k.default {
+            assert!(k.default_value().is_some(), "{}: its default does not fit {}", k.path, k.kind.describe());
+            for (algorithm, _) in overrides {
+                assert!(AlgorithmKind::from_name(algorithm).is_some(), "{}: no algorithm {algorithm}", k.path);
+                assert!(k.default_for(algorithm).is_some(), "{}: {algorithm}'s default does not fit", k.path);
+            }
+            let kind = schema::KEYS[..i].iter().position(|e| e.path == "algorithm.kind");
+            assert!(
+                kind.is_some() && k.table() == "algorithm",
+                "{}: a per-algorithm default needs algorithm.kind first",
+                k.path
+            );
         }
         let earlier = |p: &str| schema::KEYS[..i].iter().any(|e| e.path == p && e.table() == k.table());
         if let schema::Default::SameAs(p) = k.default {
             assert!(earlier(p), "{}: SameAs {p} must come earlier", k.path);
         }
         if let Some(w) = k.when {
-            assert!(earlier(w.key), "{}: when {} must come earlier", k.path, w.key);
+            let table_index = |t: &str| schema::TABLES.iter().position(|s| s.name == t).unwrap();
+            let w_table = w.key.split_once('.').unwrap().0;
+            let earlier_table = table_index(w_table) < table_index(k.table()) && schema::spec(w.key).is_some();
+            assert!(earlier(w.key) || earlier_table, "{}: when {} must come earlier", k.path, w.key);
         }
     }
     for k in recipe::RESUMABLE_KEYS {
@@ -79,9 +105,9 @@ fn every_schema_default_is_valid_and_defaults_resolve() {
 #[test]
 fn epsilon_high_follows_epsilon_unless_set() {
     let r = load(MINIMAL, &["algorithm.epsilon=0.1"]).unwrap();
-    assert_eq!(r.algorithm.epsilon_high, 0.1);
+    assert_eq!(grpo(&r).clip.eps_high, 0.1);
     let r = load(MINIMAL, &["algorithm.epsilon_high=0.28"]).unwrap();
-    assert_eq!((r.algorithm.epsilon, r.algorithm.epsilon_high), (0.2, 0.28));
+    assert_eq!((grpo(&r).clip.eps_low, grpo(&r).clip.eps_high), (0.2, 0.28));
     let e = err(MINIMAL, &["algorithm.epsilon_high=0.1"]);
     assert!(e.contains("algorithm.epsilon_high") && e.contains("algorithm.epsilon"), "{e}");
 }
@@ -155,7 +181,7 @@ fn set_overrides_are_typed_by_the_schema() {
     assert_eq!(r.rollout.stop, vec!["\n\n".to_string(), "END".to_string()]);
     assert_eq!(r.optim.betas, [0.8, 0.95]);
     assert!(!r.data.shuffle);
-    assert_eq!(r.algorithm.loss_type, LossType::Grpo);
+    assert_eq!(grpo(&r).loss_type, LossType::Grpo);
     assert_eq!(r.rewards[0].weight, 2.0);
     assert_eq!(r.rewards[1].source, RewardSource::Rule(Rule::Regex { pattern: "^\\d+$".into() }));
 
@@ -344,4 +370,46 @@ fn reward_source_kinds_and_their_keys() {
     assert!(e.contains("`reward.urls` only applies when `reward.kind` is \"http\""), "{e}");
     let e = err(&MINIMAL.replace("rule = \"exact_answer\"", "kind = \"command\""), &[]);
     assert!(e.contains("missing required key `reward.command`"), "{e}");
+}
+
+/// Every default is stated once in the schema; the Rust `Default` of each algorithm's settings must agree with it,
+/// key for key (a recipe that sets only `algorithm.kind` builds exactly the default settings).
+#[test]
+fn every_algorithms_rust_defaults_equal_the_schema_defaults() {
+    for name in AlgorithmKind::NAMES {
+        let kind = AlgorithmKind::from_name(name).unwrap();
+        let r = load(MINIMAL, &[&format!("algorithm.kind={name}")]).unwrap();
+        assert_eq!(r.algorithm.kind, kind);
+        assert_eq!(r.algorithm.settings, Settings::default_of(kind), "{name}: Rust defaults differ from the schema's");
+    }
+}
+
+/// A key the chosen algorithm does not read is an error naming the key and the algorithms that read it.
+#[test]
+fn keys_of_other_algorithms_are_refused_naming_who_reads_them() {
+    for (key, value, readers) in [
+        ("algorithm.num_iterations", "2", "\"grpo\" or \"grpo_lambda\""),
+        ("algorithm.loss_type", "grpo", "\"grpo\" or \"grpo_lambda\""),
+        ("algorithm.scale_rewards", "none", "\"grpo\" or \"grpo_lambda\""),
+        ("algorithm.mask_truncated_completions", "true", "\"grpo\" or \"grpo_lambda\""),
+        ("algorithm.use_bias_correction_kl", "false", "\"grpo\" or \"grpo_lambda\""),
+    ] {
+        let e = err(MINIMAL, &["algorithm.kind=ppo", &format!("{key}={value}")]);
+        assert!(e.contains(&format!("`{key}` only applies when `algorithm.kind` is {readers}")), "{e}");
+        assert!(e.contains("`algorithm.kind` = \"ppo\""), "{e}");
+    }
+    // SAFE reads no β (its controller sets the KL penalty) and no PPO critic keys.
+    let e = err(MINIMAL, &["algorithm.kind=safe", "algorithm.beta=0.1"]);
+    assert!(e.contains("`algorithm.beta` only applies when `algorithm.kind` is"), "{e}");
+    let e = err(MINIMAL, &["algorithm.kind=safe", "critic.init=reward_model"]);
+    assert!(e.contains("`critic.init` only applies when `algorithm.kind` is \"ppo\""), "{e}");
+    // [critic] under GRPO, from a file: the line of the key.
+    let text = format!("{MINIMAL}\n[critic]\nlr = 1e-4\n");
+    let e = err(&text, &[]);
+    assert!(e.contains("recipe.toml:13: `critic.lr` only applies when `algorithm.kind` is \"ppo\" or \"safe\""), "{e}");
+    // Keys every algorithm reads stay accepted.
+    for name in AlgorithmKind::NAMES {
+        load(MINIMAL, &[&format!("algorithm.kind={name}"), "algorithm.epsilon=0.1", "algorithm.micro_batch_size=8"])
+            .unwrap();
+    }
 }

@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device};
 use common::train::*;
 use safe::algo::loss::ClipConfig;
-use safe::algo::safe::{safe_update, Controller, RewardNormalizer, SafeBatch, SafeConfig, ValuePosition};
+use safe::algo::safe::{safe_update, Controller, RewardNormalizer, SafeBatch, SafeConfig, SafeParams, ValuePosition};
 use safe::model::value::SoftMinHeads;
 use safe::model::{CausalLm, LoadedModel, ModelSource};
 use safe::optim::{AdamW, AdamWConfig};
@@ -24,17 +24,19 @@ fn snapshot(vars: &[(String, candle_core::Var)]) -> Vec<(String, Vec<f32>)> {
 
 fn config(kl_penalty_grad: bool) -> SafeConfig {
     SafeConfig {
-        alpha_softmin: 0.3,
-        epochs: 2,
-        clip: ClipConfig { eps_low: 0.2, eps_high: 0.2, delta: None },
-        value_clip: 0.2,
-        huber_delta: 0.5,
-        value_weight: 0.5,
-        entropy_coef: 0.01,
-        policy_max_grad_norm: 1.0,
-        heads_max_grad_norm: 0.5,
-        kl_penalty_grad,
-        value_position: ValuePosition::LastValid,
+        params: SafeParams {
+            alpha_softmin: 0.3,
+            epochs: 2,
+            clip: ClipConfig { eps_low: 0.2, eps_high: 0.2, delta: None },
+            value_clip: 0.2,
+            huber_delta: 0.5,
+            value_weight: 0.5,
+            entropy_coef: 0.01,
+            policy_max_grad_norm: 1.0,
+            heads_max_grad_norm: 0.5,
+            kl_penalty_grad,
+            value_position: ValuePosition::LastValid,
+        },
         micro_batch_size: 2,
         temperature: 1.0,
         pad_id: 258,
@@ -126,6 +128,7 @@ fn safe_resume_is_exact_with_controller_normaliser_and_heads() {
     let body = TINY
         .replace("[algorithm]\n", "[algorithm]\nkind = \"safe\"\n")
         .replace("num_iterations = 2\n", "")
+        .replace("beta = 0.04\n", "")
         .replace("num_generations = 4", "num_generations = 2")
         .replace("micro_batch_size = 4", "micro_batch_size = 2")
         .replace("[optim]\n", "[algorithm.safe]\nphase_window = 4\n\n[critic]\nlr = 1e-3\n\n[optim]\n");
@@ -140,14 +143,14 @@ fn safe_resume_is_exact_with_controller_normaliser_and_heads() {
         if f == "state.json" {
             let (x, y): (serde_json::Value, serde_json::Value) =
                 (serde_json::from_slice(&x).unwrap(), serde_json::from_slice(&y).unwrap());
-            assert_eq!(x["training"]["safe"], y["training"]["safe"], "controller and normaliser state");
+            assert_eq!(x["training"]["algorithm"], y["training"]["algorithm"], "controller and normaliser state");
         } else {
             assert_eq!(x, y, "{f}");
         }
     }
     assert_eq!(metrics(&a), metrics(&b));
     let state = common::read_json(&step_dir(&a, 6).join("state.json"));
-    let safe = &state["training"]["safe"];
+    let safe = &state["training"]["algorithm"];
     // Two controller calls per step: 12 rewards seen, the last 8 kept (2·window), past warm-up.
     assert_eq!(safe["controller"]["phase"]["history"].as_array().unwrap().len(), 8);
     assert_ne!(safe["controller"]["phase"]["phase"], "warmup");

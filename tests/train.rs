@@ -120,7 +120,8 @@ fn bf16_rollout_weights_log_the_importance_correction() {
         assert!(get("sampling/sampling_logp_difference/mean") <= diff);
     }
     // Only GRPO's loss applies the correction.
-    let out = train(&recipe, &["rollout.weights=bf16", "algorithm.kind=ppo", "run.name=p"], "never");
+    let ppo = setup(dir.path(), &TINY.replace("num_iterations = 2\n", ""), 5);
+    let out = train(&ppo, &["rollout.weights=bf16", "algorithm.kind=ppo", "run.name=p"], "never");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`rollout.weights` = \"bf16\" is for grpo"));
 }

@@ -1,10 +1,11 @@
-//! GRPO's token loss with TRL's semantics (../shared/algorithms.md §6.1), assembled from the shared pieces in
+//! GRPO with TRL's semantics (../shared/algorithms.md §6.1): its settings ([`GrpoSettings`]), group-relative
+//! advantages, μ optimizer updates ([`Grpo`]), and its token loss, assembled from the shared pieces in
 //! [`super::loss`]:
 //!
 //! ρ_t = exp(logp_t − logp_old_t), ℓ_t = −min(ρ̃_t·A, clip(ρ_t, 1 − ε_low, 1 + ε_high)·A) + β·k3_t,
 //! then aggregated over the completion mask per [`LossType`](super::loss::LossType).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
 use super::loss::{
@@ -659,4 +660,259 @@ pub fn grpo_backward(
         importance: batch.sampling.map(|_| importance_tally.finish()),
     };
     Ok((acc.finish(), metrics))
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The algorithm: settings, group advantages, μ updates.
+
+use super::boundary::{Algorithm, Models, Needs, Runtime, StepBatch, StepOutcome};
+use super::{Keys, Problem, RecipeShape};
+use crate::advantage::{group_advantages, ScaleRewards};
+use crate::metrics::{names, Record};
+use crate::reward::ScoredBatch;
+use crate::rollout::Sample;
+
+/// GRPO's settings (`algorithm.*`, TRL's `GRPOConfig` names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrpoSettings {
+    /// KL coefficient β on k3 to the frozen reference (0 = no reference model).
+    pub beta: f64,
+    /// Ratio clipping (`epsilon`, `epsilon_high`).
+    pub clip: ClipConfig,
+    /// μ: optimizer updates per batch of rollouts.
+    pub num_iterations: usize,
+    pub loss_type: super::loss::LossType,
+    pub scale_rewards: ScaleRewards,
+    /// Completions cut at `max_new_tokens` leave the loss.
+    pub mask_truncated_completions: bool,
+    pub use_bias_correction_kl: bool,
+    /// Recompute each layer in backward.
+    pub gradient_checkpointing: bool,
+    /// `rollout.weights = "bf16"`: the importance-weight cap C of the off-policy correction (None: on-policy).
+    pub importance_cap: Option<f64>,
+}
+
+impl Default for GrpoSettings {
+    fn default() -> Self {
+        Self {
+            beta: 0.0,
+            clip: ClipConfig::default(),
+            num_iterations: 1,
+            loss_type: Default::default(),
+            scale_rewards: Default::default(),
+            mask_truncated_completions: false,
+            use_bias_correction_kl: true,
+            gradient_checkpointing: false,
+            importance_cap: None,
+        }
+    }
+}
+
+impl GrpoSettings {
+    pub fn from_keys(k: &dyn Keys) -> Self {
+        Self {
+            beta: k.float("algorithm.beta"),
+            clip: ClipConfig::from_keys(k),
+            num_iterations: k.usize("algorithm.num_iterations"),
+            loss_type: k.choice("algorithm.loss_type", super::loss::LossType::from_name),
+            scale_rewards: k.choice("algorithm.scale_rewards", ScaleRewards::from_name),
+            mask_truncated_completions: k.boolean("algorithm.mask_truncated_completions"),
+            use_bias_correction_kl: k.boolean("algorithm.use_bias_correction_kl"),
+            gradient_checkpointing: k.boolean("algorithm.gradient_checkpointing"),
+            importance_cap: (k.string("rollout.weights") == "bf16").then(|| k.float("rollout.importance_cap")),
+        }
+    }
+
+    pub fn needs(&self) -> Needs {
+        Needs {
+            reference: self.beta > 0.0,
+            reference_for_beta_only: true,
+            can_checkpoint: true,
+            gradient_checkpointing: self.gradient_checkpointing,
+            groups: true,
+            importance_correction: true,
+            ..Needs::default()
+        }
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "loss_type {}, scale_rewards {}, beta {}, epsilon {}/{}, num_iterations {}",
+            self.loss_type, self.scale_rewards, self.beta, self.clip.eps_low, self.clip.eps_high, self.num_iterations
+        )
+    }
+
+    pub fn problems(&self, _shape: &RecipeShape) -> Vec<Problem> {
+        Vec::new()
+    }
+}
+
+/// GRPO (TRL's GRPOTrainer): group-relative advantages, then μ optimizer updates of the clipped surrogate with an
+/// optional k3 KL to the reference.
+pub struct Grpo {
+    params: GrpoSettings,
+}
+
+impl Grpo {
+    pub fn new(params: GrpoSettings) -> Self {
+        Self { params }
+    }
+
+    /// The group advantages of the step's rewards, with `reward_std` and `frac_reward_zero_std` logged.
+    pub fn group_advantages(&self, scored: &ScoredBatch, group_size: usize, record: &mut Record) -> Result<Vec<f64>> {
+        let rewards: Vec<Option<f64>> = scored.total.iter().map(|&r| (!r.is_nan()).then_some(r)).collect();
+        let adv = group_advantages(&rewards, group_size, self.params.scale_rewards)?;
+        record.set(names::REWARD_STD, adv.reward_std);
+        record.set(names::FRAC_REWARD_ZERO_STD, adv.frac_reward_zero_std);
+        Ok(adv.advantages)
+    }
+}
+
+impl Algorithm for Grpo {
+    fn advantages(
+        &mut self,
+        _models: &Models,
+        _samples: &[Sample],
+        scored: &mut ScoredBatch,
+        rt: &Runtime,
+        record: &mut Record,
+    ) -> Result<Option<Vec<f64>>> {
+        Ok(Some(self.group_advantages(scored, rt.group_size, record)?))
+    }
+
+    /// μ optimizer updates on the step's samples. A non-finite loss or grad norm stops the step (weights untouched
+    /// by that update) and makes it a skipped step.
+    fn update(
+        &mut self,
+        m: Models,
+        batch: &StepBatch,
+        advantages: Option<&[f64]>,
+        rt: &Runtime,
+        record: &mut Record,
+    ) -> Result<StepOutcome> {
+        let p = &self.params;
+        let advantages = advantages.context("GRPO's update needs the group advantages")?;
+        let samples = batch.samples;
+        let (prompts, completions) = batch.token_ids();
+        let keep = keep_mask(samples, p.mask_truncated_completions);
+        let cfg = UpdateConfig {
+            loss: GrpoLossConfig {
+                beta: p.beta,
+                clip: p.clip,
+                aggregation: Aggregation::new(p.loss_type, rt.max_new_tokens),
+                use_bias_correction_kl: p.use_bias_correction_kl,
+            },
+            micro_batch_size: rt.micro_batch_size,
+            temperature: rt.temperature,
+            max_grad_norm: rt.optim.max_grad_norm,
+            pad_id: rt.pad_id,
+            logprob_chunk: rt.logprob_chunk,
+            gradient_checkpointing: p.gradient_checkpointing,
+        };
+        // μ > 1 reuses the batch: ρ needs the sampling policy's log-probs, taken before the first update.
+        let old = if p.num_iterations > 1 { Some(rt.logprobs(m.rollout_view, &prompts, &completions)?) } else { None };
+        // bf16 rollout weights: the sampling distribution's log-probs for the importance correction.
+        let sampling: Option<Vec<Vec<f32>>> =
+            p.importance_cap.and_then(|_| samples.iter().map(|s| s.sampling_logprobs.clone()).collect());
+        let update_batch = UpdateBatch {
+            prompts: &prompts,
+            completions: &completions,
+            advantages,
+            old_logprobs: old.as_deref(),
+            keep: &keep,
+            sampling: sampling.as_deref().zip(p.importance_cap),
+        };
+        let mu = p.num_iterations as u64;
+        let mut sum: Option<UpdateMetrics> = None;
+        let mut lr = 0.0;
+        // The frozen model is the KL reference only when β > 0 (it may be loaded for PAR's references alone).
+        let kl_reference = m.reference.filter(|_| p.beta > 0.0);
+        for it in 0..mu {
+            lr = rt.lr_per_update(m.optimizer.state().step, mu);
+            m.optimizer.set_lr(lr);
+            let u = grpo_update(m.policy, kl_reference, m.optimizer, &update_batch, &cfg)?;
+            let which = if mu > 1 { format!(" (update {} of {mu})", it + 1) } else { String::new() };
+            if !u.loss.is_finite() {
+                return Ok(StepOutcome::skipped("loss", format!("the loss is {}{which}", u.loss)));
+            }
+            if !u.grad_norm.is_finite() {
+                return Ok(StepOutcome::skipped("gradient", format!("the gradient norm is {}{which}", u.grad_norm)));
+            }
+            sum = Some(match sum {
+                None => u,
+                Some(s) => UpdateMetrics {
+                    loss: s.loss + u.loss,
+                    grad_norm: s.grad_norm + u.grad_norm,
+                    kl: s.kl.zip(u.kl).map(|(a, b)| a + b),
+                    clip_low: s.clip_low + u.clip_low,
+                    clip_high: s.clip_high + u.clip_high,
+                    clip_region: s.clip_region + u.clip_region,
+                    // The policy's entropy on its own samples: the first update's.
+                    entropy: s.entropy,
+                    reference_seconds: s.reference_seconds + u.reference_seconds,
+                    optimizer_seconds: s.optimizer_seconds + u.optimizer_seconds,
+                    // Old log-probs are fixed over the μ updates, so are the weights: the first update's.
+                    importance: s.importance,
+                },
+            });
+        }
+        let u = sum.expect("μ ≥ 1");
+        let k = mu as f64;
+        if let Some(kl) = u.kl {
+            record.set(names::KL, kl / k);
+        }
+        record.set(names::ENTROPY, u.entropy);
+        record.set(names::LOSS, u.loss / k);
+        record.set(names::GRAD_NORM, u.grad_norm / k);
+        record.set(names::LEARNING_RATE, lr);
+        record.set(names::CLIP_LOW, u.clip_low / k);
+        record.set(names::CLIP_HIGH, u.clip_high / k);
+        record.set(names::CLIP_REGION, u.clip_region / k);
+        if kl_reference.is_some() {
+            record.set(names::TIMING_REFERENCE, u.reference_seconds);
+        }
+        record.set(names::TIMING_OPTIMIZER, u.optimizer_seconds);
+        if let Some(is) = u.importance {
+            record.set(names::IS_RATIO_MEAN, is.ratio_mean);
+            record.set(names::IS_RATIO_MIN, is.ratio_min);
+            record.set(names::IS_RATIO_MAX, is.ratio_max);
+            record.set(names::SAMPLING_LOGP_DIFF_MEAN, is.logp_diff_mean);
+            record.set(names::SAMPLING_LOGP_DIFF_MAX, is.logp_diff_max);
+        }
+        Ok(StepOutcome::Trained)
+    }
+}
+
+/// Which completions stay in the loss: all, or with `mask_truncated_completions` those not cut at
+/// `max_new_tokens` ([`crate::rollout::FinishReason::is_truncated`]).
+fn keep_mask(samples: &[Sample], mask_truncated: bool) -> Vec<bool> {
+    samples.iter().map(|s| !(mask_truncated && s.finish.is_truncated())).collect()
+}
+
+#[cfg(test)]
+mod keep_tests {
+    use super::*;
+    use crate::rollout::FinishReason;
+
+    /// Regression: the loss's helper once called every completion without a final EOS truncated, so a stop-string
+    /// ending left the loss under `mask_truncated_completions`, while the trainer's metrics counted it as ended.
+    /// One rule now: only a cut at `max_new_tokens` is truncated.
+    #[test]
+    fn mask_truncated_completions_keeps_stop_string_endings() {
+        let sample = |finish| Sample {
+            prompt_index: 0,
+            sample_index: 0,
+            prompt: crate::data::Prompt::Text(String::new()),
+            prompt_text: String::new(),
+            prompt_ids: vec![1],
+            completion_text: String::new(),
+            completion_ids: vec![5, 6],
+            finish,
+            columns: Default::default(),
+            sampling_logprobs: None,
+        };
+        let samples = [sample(FinishReason::Eos), sample(FinishReason::Stop), sample(FinishReason::Length)];
+        assert_eq!(keep_mask(&samples, true), vec![true, true, false]);
+        assert_eq!(keep_mask(&samples, false), vec![true, true, true]);
+    }
 }

@@ -242,3 +242,157 @@ mod tests {
         assert!(grpo_lambda_rewards(&c, &[1, 2, 3], 2, &cfg).is_err());
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// The algorithm: GRPO with GRPO-λ's rewards.
+
+use super::boundary::{Algorithm, Models, Needs, Runtime, StepBatch, StepOutcome};
+use super::grpo::{Grpo, GrpoSettings};
+use super::{Keys, Problem, RecipeShape};
+use crate::metrics::{names, Record};
+use crate::reward::ScoredBatch;
+use crate::rollout::Sample;
+
+/// GRPO-λ's settings: GRPO's, the selection's, and which reward decides correctness.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrpoLambdaSettings {
+    pub grpo: GrpoSettings,
+    pub config: GrpoLambdaConfig,
+    /// The reward whose raw value decides correctness.
+    pub correctness_reward: String,
+    /// A completion is correct when that reward is ≥ this.
+    pub correct_min: f64,
+}
+
+impl Default for GrpoLambdaSettings {
+    fn default() -> Self {
+        Self {
+            grpo: GrpoSettings::default(),
+            config: GrpoLambdaConfig::default(),
+            correctness_reward: "correct".into(),
+            correct_min: 1.0,
+        }
+    }
+}
+
+impl GrpoLambdaSettings {
+    pub fn from_keys(k: &dyn Keys) -> Self {
+        Self {
+            grpo: GrpoSettings::from_keys(k),
+            config: GrpoLambdaConfig {
+                lambda: k.float("algorithm.lambda"),
+                alpha: k.float("algorithm.alpha"),
+                length_std: k.choice("algorithm.length_std", LengthStd::from_name),
+            },
+            correctness_reward: k.string("algorithm.correctness_reward"),
+            correct_min: k.float("algorithm.correct_min"),
+        }
+    }
+
+    pub fn needs(&self) -> Needs {
+        self.grpo.needs()
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "lambda {}, alpha {}, correctness from `{}`; {}",
+            self.config.lambda,
+            self.config.alpha,
+            self.correctness_reward,
+            self.grpo.summary()
+        )
+    }
+
+    /// GRPO-λ replaces the reward with its own (0/1 or length-penalised) from one correctness reward: other rewards,
+    /// gates or shaping would be scored and silently ignored, so they are refused.
+    pub fn problems(&self, shape: &RecipeShape) -> Vec<Problem> {
+        let mut out = self.grpo.problems(shape);
+        if shape.shaping {
+            out.push((
+                "shaping.kind",
+                "algorithm.kind = \"grpo_lambda\" replaces the reward with its own; shaping it is defined by no \
+                 paper: remove the [shaping] keys or use algorithm.kind = \"grpo\""
+                    .into(),
+            ));
+        }
+        let names: Vec<&str> = shape.rewards.iter().map(|(n, _)| n.as_str()).collect();
+        if !names.contains(&self.correctness_reward.as_str()) {
+            out.push((
+                "algorithm.correctness_reward",
+                format!(
+                    "`algorithm.correctness_reward` = \"{}\" is not a [[reward]] of this recipe (rewards: {})",
+                    self.correctness_reward,
+                    names.join(", ")
+                ),
+            ));
+        } else {
+            // (Gates need a second reward, so refusing the others refuses gates too.)
+            for other in names.iter().filter(|n| **n != self.correctness_reward) {
+                out.push((
+                    "reward.name",
+                    format!(
+                        "reward `{other}`: algorithm.kind = \"grpo_lambda\" computes its reward from `{}` alone (0/1 \
+                         or length-penalised); remove the other [[reward]] tables",
+                        self.correctness_reward
+                    ),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// GRPO-λ: GRPO whose rewards are replaced, each step, by 0/1 correctness or the top-λ groups' length-penalised
+/// reward.
+pub struct GrpoLambda {
+    settings: GrpoLambdaSettings,
+    grpo: Grpo,
+}
+
+impl GrpoLambda {
+    pub fn new(settings: GrpoLambdaSettings) -> Self {
+        let grpo = Grpo::new(settings.grpo.clone());
+        Self { settings, grpo }
+    }
+}
+
+impl Algorithm for GrpoLambda {
+    /// Replace the step's rewards, log the selection, then GRPO's group advantages. Correctness is the raw value of
+    /// the recipe's correctness reward (or a replay file's reward).
+    fn advantages(
+        &mut self,
+        _models: &Models,
+        samples: &[Sample],
+        scored: &mut ScoredBatch,
+        rt: &Runtime,
+        record: &mut Record,
+    ) -> Result<Option<Vec<f64>>> {
+        let s = &self.settings;
+        let raw: Vec<Option<f64>> = match scored.per_reward.iter().find(|(n, _)| *n == s.correctness_reward) {
+            Some((_, v)) => v.clone(),
+            None => scored.total.iter().map(|&x| (!x.is_nan()).then_some(x)).collect(),
+        };
+        let correct: Vec<bool> = raw.iter().map(|v| v.is_some_and(|x| x >= s.correct_min)).collect();
+        let lengths: Vec<usize> = samples.iter().map(|s| s.completion_ids.len()).collect();
+        let out = grpo_lambda_rewards(&correct, &lengths, rt.group_size, &s.config)?;
+        let groups = out.efficiency.len() as f64;
+        record.set(names::REWARD, out.rewards.iter().sum::<f64>() / out.rewards.len().max(1) as f64);
+        record.set(names::GRPO_LAMBDA_N_EFFICIENCY, out.n_efficiency as f64);
+        record.set(names::GRPO_LAMBDA_FRAC_EFFICIENCY, out.n_efficiency as f64 / groups);
+        record.set(names::GRPO_LAMBDA_RATIO_EFFICIENCY, out.ratio_efficiency);
+        record.set(names::GRPO_LAMBDA_RATIO_ACCURACY, out.ratio_accuracy);
+        scored.total = out.rewards;
+        Ok(Some(self.grpo.group_advantages(scored, rt.group_size, record)?))
+    }
+
+    fn update(
+        &mut self,
+        models: Models,
+        batch: &StepBatch,
+        advantages: Option<&[f64]>,
+        rt: &Runtime,
+        record: &mut Record,
+    ) -> Result<StepOutcome> {
+        self.grpo.update(models, batch, advantages, rt, record)
+    }
+}

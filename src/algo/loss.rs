@@ -80,6 +80,13 @@ pub struct ClipConfig {
     pub delta: Option<f64>,
 }
 
+impl ClipConfig {
+    /// `algorithm.epsilon` and `algorithm.epsilon_high` (no `delta`: TRL's default), for every algorithm.
+    pub fn from_keys(k: &dyn super::Keys) -> Self {
+        Self { eps_low: k.float("algorithm.epsilon"), eps_high: k.float("algorithm.epsilon_high"), delta: None }
+    }
+}
+
 impl Default for ClipConfig {
     fn default() -> Self {
         Self { eps_low: 0.2, eps_high: 0.2, delta: None }
@@ -131,6 +138,17 @@ pub fn clip_indicators_tensor(
     // Low needs A < 0 and high A > 0, so they never overlap and the region is their sum.
     let region = (&low + &high)?;
     Ok((low, high, region))
+}
+
+/// Value clipping (PPO, SAFE): V_clip = V_old + clip(V − V_old, ±clip), so a value moves at most `clip` from its
+/// rollout-time estimate through the clipped term.
+pub fn clipped_value(v: f64, v_old: f64, clip: f64) -> f64 {
+    v_old + (v - v_old).clamp(-clip, clip)
+}
+
+/// Tensor [`clipped_value`], elementwise; differentiable wrt `v` inside the clip range.
+pub fn clipped_value_tensor(v: &Tensor, v_old: &Tensor, clip: f64) -> Result<Tensor> {
+    Ok((v_old + (v - v_old)?.clamp(-clip, clip)?)?)
 }
 
 /// Masked mean Σ m·x / max(Σ m, 1) (TRL's `masked_batch_mean` on one process), as a scalar tensor.
@@ -243,35 +261,6 @@ pub fn aggregate_tensor(per_token: &Tensor, mask: &Tensor, agg: &Aggregation) ->
     })
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Masks.
-
-/// A completion (its generated ids up to and including the first EOS, no padding) is truncated when it does not end
-/// in an EOS id: it was cut at the length cap.
-pub fn is_truncated(completion: &[u32], eos_ids: &[u32]) -> bool {
-    completion.last().is_none_or(|t| !eos_ids.contains(t))
-}
-
-/// TRL `mask_truncated_completions`: zero the mask rows `[B, T]` of truncated completions, so a cut-off answer
-/// neither gains nor loses probability (and leaves the token counts of dapo/bnpo).
-pub fn mask_truncated_completions(mask: &Tensor, completions: &[Vec<u32>], eos_ids: &[u32]) -> Result<Tensor> {
-    if mask.dim(0)? != completions.len() {
-        bail!("mask has {} rows for {} completions", mask.dim(0)?, completions.len());
-    }
-    let keep: Vec<f32> = completions.iter().map(|c| if is_truncated(c, eos_ids) { 0.0 } else { 1.0 }).collect();
-    let keep = Tensor::from_vec(keep, (completions.len(), 1), mask.device())?.to_dtype(mask.dtype())?;
-    Ok(mask.broadcast_mul(&keep)?)
-}
-
-/// `f64` rows version of [`mask_truncated_completions`], in place.
-pub fn mask_truncated_completions_rows(mask: &mut [Vec<f64>], completions: &[Vec<u32>], eos_ids: &[u32]) {
-    for (row, c) in mask.iter_mut().zip(completions) {
-        if is_truncated(c, eos_ids) {
-            row.iter_mut().for_each(|m| *m = 0.0);
-        }
-    }
-}
-
 /// Scalar tensor → f64 (for metrics).
 pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
@@ -334,20 +323,6 @@ mod tests {
         assert_eq!(l[0], vec![1.5, 1.3, 0.8]);
     }
 
-    #[test]
-    fn loss_truncated_mask() {
-        let eos = [2u32, 7];
-        assert!(!is_truncated(&[5, 6, 2], &eos));
-        assert!(!is_truncated(&[7], &eos));
-        assert!(is_truncated(&[5, 6, 9], &eos));
-        assert!(is_truncated(&[], &eos));
-        let mask = Tensor::new(&[[1f32, 1., 1.], [1., 1., 0.]], &Device::Cpu).unwrap();
-        let out = mask_truncated_completions(&mask, &[vec![4, 4, 4], vec![4, 2]], &eos).unwrap();
-        assert_eq!(out.to_vec2::<f32>().unwrap(), vec![vec![0., 0., 0.], vec![1., 1., 0.]]);
-        let mut rows = vec![vec![1.0, 1.0, 1.0], vec![1.0, 1.0, 0.0]];
-        mask_truncated_completions_rows(&mut rows, &[vec![4, 4, 4], vec![4, 2]], &eos);
-        assert_eq!(rows, vec![vec![0.0; 3], vec![1.0, 1.0, 0.0]]);
-    }
     #[test]
     fn loss_type_recipe_names() {
         // TRL's spellings, as a recipe writes them.

@@ -1,5 +1,5 @@
-//! PPO's pieces that are not GRPO's (../shared/algorithms.md §6.2–6.4): the clipped value loss and the adaptive KL
-//! controller. The advantage side (per-token rewards, GAE, whitening) is in [`crate::advantage::gae`]; the clipped
+//! PPO with TRL's PPOTrainer semantics (../shared/algorithms.md §6.2–6.4): the clipped value loss, the adaptive KL
+//! controller, the step ([`ppo_update`]) and the algorithm with its value model ([`Ppo`]). The advantage side (per-token rewards, GAE, whitening) is in [`crate::advantage::gae`]; the clipped
 //! policy surrogate is shared with GRPO in [`super::loss`].
 
 use serde::{Deserialize, Serialize};
@@ -13,7 +13,7 @@ pub fn clipped_value_loss(values: &[f64], old_values: &[f64], returns: &[f64], m
         if mask[i] == 0.0 {
             continue;
         }
-        let v_clip = old_values[i] + (values[i] - old_values[i]).clamp(-clip, clip);
+        let v_clip = super::loss::clipped_value(values[i], old_values[i], clip);
         let (a, b) = ((values[i] - returns[i]).powi(2), (v_clip - returns[i]).powi(2));
         sum += a.max(b);
         clipped += (b > a) as u8 as f64;
@@ -23,6 +23,22 @@ pub fn clipped_value_loss(values: &[f64], old_values: &[f64], returns: &[f64], m
         return (0.0, 0.0);
     }
     (0.5 * sum / n, clipped / n)
+}
+
+/// Tensor [`clipped_value_loss`], as PPO's update differentiates it: `v`, `v_old`, `returns`, `mask` `[b, C]`.
+/// Returns the loss (differentiable wrt `v`) and the 0/1 indicator `[b, C]` of tokens where the clipped term is the
+/// larger (for `val/clipfrac_avg`).
+pub fn clipped_value_loss_tensor(
+    v: &Tensor,
+    v_old: &Tensor,
+    returns: &Tensor,
+    mask: &Tensor,
+    clip: f64,
+) -> Result<(Tensor, Tensor)> {
+    let v_clip = super::loss::clipped_value_tensor(v, v_old, clip)?;
+    let (a, b) = ((v - returns)?.sqr()?, (&v_clip - returns)?.sqr()?);
+    let loss = (masked_mean_tensor(&a.maximum(&b)?, mask)? * 0.5)?;
+    Ok((loss, b.gt(&a)?.to_dtype(candle_core::DType::F32)?))
 }
 
 /// The adaptive KL controller of Ziegler et al. (OpenRLHF's `AdaptiveKLController`): after a step with measured KL
@@ -68,6 +84,36 @@ mod tests {
         assert_eq!(frac, 1.0); // (0.9 − 1.5)² = 0.36 < (0.7 − 1.5)² = 0.64
     }
 
+    /// The tensor loss PPO trains with equals the f64 golden version on §6.3's worked example, and its gradient is
+    /// the unclipped term's where that is the larger: ∂/∂V of ½·mean (V − R)² = (V − R)/n.
+    #[test]
+    fn clipped_value_loss_tensor_matches_the_golden_version() {
+        use candle_core::{Device, Var};
+        let dev = Device::Cpu;
+        let row = |x: &[f32]| Tensor::new(x, &dev).unwrap().unsqueeze(0).unwrap();
+        let v = Var::from_tensor(&row(&[0.9, 0.55, 0.2, 9.0])).unwrap();
+        let (v_old, ret) = (row(&[0.5, 0.6, 0.7, 0.0]), row(&[0.69776, 0.833, 0.975, 0.0]));
+        let mask = row(&[1.0, 1.0, 1.0, 0.0]);
+        let (loss, clipped) = clipped_value_loss_tensor(v.as_tensor(), &v_old, &ret, &mask, 0.2).unwrap();
+        let loss_value = loss.to_scalar::<f32>().unwrap() as f64;
+        assert!((loss_value - 0.12026916959999996).abs() < 1e-6, "{loss_value}");
+        assert_eq!(clipped.to_vec2::<f32>().unwrap(), vec![vec![0.0, 0.0, 0.0, 0.0]]);
+        let g = loss.backward().unwrap().get(v.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        // Token 1 is inside the clip range (both terms equal: the gradient is the unclipped one); token 3 is padding.
+        for (t, (vi, ri)) in [(0.9, 0.69776), (0.55, 0.833), (0.2, 0.975)].iter().enumerate() {
+            assert!((g[0][t] as f64 - (vi - ri) / 3.0).abs() < 1e-6, "token {t}: {}", g[0][t]);
+        }
+        assert_eq!(g[0][3], 0.0);
+        // Clipped side: (0.9 − 1.5)² < (0.7 − 1.5)², the clipped term wins and V gets no gradient through it.
+        let v = Var::from_tensor(&row(&[0.9])).unwrap();
+        let (loss, clipped) =
+            clipped_value_loss_tensor(v.as_tensor(), &row(&[0.5]), &row(&[1.5]), &row(&[1.0]), 0.2).unwrap();
+        let (golden, frac) = clipped_value_loss(&[0.9], &[0.5], &[1.5], &[1.0], 0.2);
+        assert!((loss.to_scalar::<f32>().unwrap() as f64 - golden).abs() < 1e-6);
+        assert_eq!((clipped.to_vec2::<f32>().unwrap()[0][0] as f64, frac), (1.0, 1.0));
+        assert_eq!(loss.backward().unwrap().get(v.as_tensor()).unwrap().to_vec2::<f32>().unwrap(), vec![vec![0.0]]);
+    }
+
     #[test]
     fn adaptive_kl_worked_example() {
         // §6.4: β = 0.1, target 6, horizon 10000, n = 256: KL 8 → 0.100512; KL 3 → 0.09999737856; KL 6.6 →
@@ -88,7 +134,7 @@ mod tests {
 // ---------------------------------------------------------------------------------------------------------------
 // The PPO step.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
 use super::loss::{
@@ -293,9 +339,7 @@ pub fn ppo_update(
                 let ratio = log_ratio.exp()?;
                 let pg = masked_mean_tensor(&clipped_surrogate_tensor(&ratio, &adv_t, &cfg.clip)?, mask_t)?;
                 let v = critic.values(&s)?;
-                let v_clip = (&vold_t + (&v - &vold_t)?.clamp(-cfg.params.value_clip, cfg.params.value_clip)?)?;
-                let (a, b) = ((&v - &ret_t)?.sqr()?, (&v_clip - &ret_t)?.sqr()?);
-                let vf = (masked_mean_tensor(&a.maximum(&b)?, mask_t)? * 0.5)?;
+                let (vf, vf_clipped) = clipped_value_loss_tensor(&v, &vold_t, &ret_t, mask_t, cfg.params.value_clip)?;
                 let loss = ((&pg + (&vf * cfg.params.vf_coef)?)? / accum)?;
                 let value = scalar(&loss)?;
                 if !value.is_finite() {
@@ -310,8 +354,7 @@ pub fn ppo_update(
                 m.entropy += scalar(&masked_mean_tensor(&ent.expect("requested"), mask_t)?)? * w;
                 m.pg_loss += scalar(&pg)? * w;
                 m.vf_loss += scalar(&vf)? * w;
-                m.vf_clipfrac +=
-                    scalar(&masked_mean_tensor(&b.gt(&a)?.to_dtype(candle_core::DType::F32)?, mask_t)?)? * w;
+                m.vf_clipfrac += scalar(&masked_mean_tensor(&vf_clipped, mask_t)?)? * w;
                 let r = ratio.detach();
                 ratios += scalar(&(&r * mask_t)?.sum_all()?)?;
                 ratio_sq += scalar(&(r.sqr()? * mask_t)?.sum_all()?)?;
@@ -344,3 +387,275 @@ pub fn ppo_update(
 
 /// Tags the per-epoch shuffle streams.
 const PPO_SHUFFLE_STREAM: u64 = 0x9900_0000_0000_0001;
+
+// ---------------------------------------------------------------------------------------------------------------
+// The algorithm: settings, the value model, the KL controller.
+
+use super::boundary::{Algorithm, Models, Needs, Runtime, StepBatch, TensorFileReader, TensorFiles};
+use super::critic::{actor_critic_lr, Critic, CriticParams, CriticState};
+use super::{Keys, Problem, RecipeShape, Setup, StepOutcome};
+use crate::metrics::{names, Record};
+use crate::model::{LoadedModel, ModelSource};
+use crate::rollout::FinishReason;
+
+/// PPO's settings: `algorithm.*` (TRL's `PPOConfig` names) and `[critic]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PpoSettings {
+    pub params: PpoParams,
+    /// Initial KL coefficient β of the per-token KL reward (the adaptive controller moves it).
+    pub beta: f64,
+    pub clip: ClipConfig,
+    pub critic: CriticParams,
+    /// Where the value model starts: "policy", "reward_model", or a model id.
+    pub critic_init: String,
+}
+
+impl Default for PpoParams {
+    fn default() -> Self {
+        Self {
+            gamma: 1.0,
+            lam: 0.95,
+            epochs: 4,
+            num_mini_batches: 1,
+            vf_coef: 0.1,
+            value_clip: 0.2,
+            kl_estimator: KlEstimator::K1,
+            whitening: Whitening::Unbiased,
+            placement: ScorePlacement::LastToken,
+            missing_eos_penalty: None,
+            kl_target: None,
+            kl_horizon: 10000.0,
+        }
+    }
+}
+
+impl Default for PpoSettings {
+    fn default() -> Self {
+        Self {
+            params: PpoParams::default(),
+            beta: 0.0,
+            clip: ClipConfig::default(),
+            critic: CriticParams::default(),
+            critic_init: "policy".into(),
+        }
+    }
+}
+
+impl PpoSettings {
+    pub fn from_keys(k: &dyn Keys) -> Self {
+        Self {
+            params: PpoParams {
+                gamma: k.float("algorithm.gamma"),
+                lam: k.float("algorithm.lam"),
+                epochs: k.usize("algorithm.ppo_epochs"),
+                num_mini_batches: k.usize("algorithm.num_mini_batches"),
+                vf_coef: k.float("algorithm.vf_coef"),
+                value_clip: k.float("algorithm.value_clip"),
+                kl_estimator: match k.string("algorithm.kl_estimator").as_str() {
+                    "k1" => KlEstimator::K1,
+                    _ => KlEstimator::K3,
+                },
+                whitening: k.choice("algorithm.whiten", Whitening::from_name),
+                placement: k.choice("algorithm.score_placement", ScorePlacement::from_name),
+                missing_eos_penalty: k.opt_float("algorithm.missing_eos_penalty"),
+                kl_target: k.opt_float("algorithm.kl_target"),
+                kl_horizon: k.float("algorithm.kl_horizon"),
+            },
+            beta: k.float("algorithm.beta"),
+            clip: ClipConfig::from_keys(k),
+            critic: CriticParams::from_keys(k),
+            critic_init: k.string("critic.init"),
+        }
+    }
+
+    pub fn needs(&self) -> Needs {
+        Needs {
+            reference: self.beta > 0.0 || self.params.kl_target.is_some(),
+            // With an adaptive target the reference stays whatever β starts at.
+            reference_for_beta_only: self.params.kl_target.is_none(),
+            value_model: true,
+            ..Needs::default()
+        }
+    }
+
+    pub fn summary(&self) -> String {
+        let p = &self.params;
+        let kl = p.kl_target.map_or("fixed".to_string(), |t| format!("target {t}"));
+        format!(
+            "beta {} ({kl}), epsilon {}/{}, ppo_epochs {}, num_mini_batches {}, vf_coef {}, critic from {}",
+            self.beta, self.clip.eps_low, self.clip.eps_high, p.epochs, p.num_mini_batches, p.vf_coef, self.critic_init
+        )
+    }
+
+    pub fn problems(&self, shape: &RecipeShape) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let n = shape.completions_per_step();
+        let mb = self.params.num_mini_batches;
+        if mb == 0 || !n.is_multiple_of(mb) {
+            out.push((
+                "algorithm.num_mini_batches",
+                format!(
+                    "`algorithm.num_mini_batches` = {mb} does not divide the {n} completions of a step \
+                     (rollout.prompts_per_step × rollout.num_generations)"
+                ),
+            ));
+        }
+        if self.critic_init == "reward_model" && !shape.rewards.iter().any(|(_, model)| *model) {
+            out.push((
+                "critic.init",
+                "`critic.init` = \"reward_model\" needs a [[reward]] with kind = \"model\" to start from".into(),
+            ));
+        }
+        out
+    }
+}
+
+/// PPO's state between steps besides the weights: the KL controller and the value model's optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PpoState {
+    pub kl_controller: KlController,
+    pub critic: CriticState,
+}
+
+/// PPO (TRL's PPOTrainer): a value model, per-token KL rewards, GAE, epochs of shuffled mini-batches.
+pub struct Ppo {
+    settings: PpoSettings,
+    critic: Critic<ValueModel>,
+    kl: KlController,
+}
+
+impl Ppo {
+    /// Loads the value model from `critic.init`.
+    pub fn new(settings: PpoSettings, setup: &Setup) -> Result<Self> {
+        let source = match settings.critic_init.as_str() {
+            "policy" => setup.policy_source.clone(),
+            "reward_model" => ModelSource::parse(
+                setup.reward_model.context("critic.init = \"reward_model\" needs a reward model")?,
+                None,
+            )?,
+            path => ModelSource::parse(path, None).context("critic.init")?,
+        };
+        let value =
+            ValueModel::from_loaded(LoadedModel::load(&source, setup.device, setup.dtype)?, setup.device, setup.dtype)
+                .context("loading the value model (critic.init)")?;
+        if value.vocab_size() != setup.policy.vocab_size {
+            bail!(
+                "critic.init = \"{}\" has a vocabulary of {} tokens, the policy {}: the value model reads the policy's \
+                 token ids, so it needs the same tokenizer",
+                settings.critic_init,
+                value.vocab_size(),
+                setup.policy.vocab_size
+            );
+        }
+        let critic = Critic::new(value, settings.critic.clone(), setup.optim)?;
+        let p = &settings.params;
+        let kl = KlController { beta: settings.beta, target: p.kl_target, horizon: p.kl_horizon };
+        Ok(Self { settings, critic, kl })
+    }
+}
+
+impl Algorithm for Ppo {
+    fn advantages(
+        &mut self,
+        _models: &Models,
+        _samples: &[crate::rollout::Sample],
+        _scored: &mut crate::reward::ScoredBatch,
+        _rt: &Runtime,
+        _record: &mut Record,
+    ) -> Result<Option<Vec<f64>>> {
+        Ok(None) // per token, from GAE inside the update
+    }
+
+    /// One PPO step with the value model; the KL controller moves after it.
+    fn update(
+        &mut self,
+        m: Models,
+        batch: &StepBatch,
+        _advantages: Option<&[f64]>,
+        rt: &Runtime,
+        record: &mut Record,
+    ) -> Result<StepOutcome> {
+        let lr = actor_critic_lr(rt.step, rt.max_steps, &rt.optim, m.optimizer, &mut self.critic);
+        let p = &self.settings.params;
+        let (prompts, completions) = batch.token_ids();
+        // A sample no reward applied to scores 0.
+        let scores: Vec<f64> = batch.scored.total.iter().map(|&r| if r.is_nan() { 0.0 } else { r }).collect();
+        let eos: Vec<bool> = batch.samples.iter().map(|s| s.finish == FinishReason::Eos).collect();
+        let cfg = PpoConfig {
+            params: *p,
+            clip: self.settings.clip,
+            micro_batch_size: rt.micro_batch_size,
+            temperature: rt.temperature,
+            max_grad_norm: rt.optim.max_grad_norm,
+            critic_max_grad_norm: self.settings.critic.max_grad_norm,
+            pad_id: rt.pad_id,
+            logprob_chunk: rt.logprob_chunk,
+            seed: rt.seed,
+        };
+        let reference = m.reference.filter(|_| self.kl.beta > 0.0 || self.kl.target.is_some());
+        let ppo_batch =
+            PpoBatch { prompts: &prompts, completions: &completions, scores: &scores, ended_with_eos: &eos };
+        let critic = &mut self.critic;
+        let u = ppo_update(
+            m.policy,
+            m.rollout_view,
+            reference,
+            &critic.model,
+            m.optimizer,
+            &mut critic.optimizer,
+            &self.kl,
+            &ppo_batch,
+            &cfg,
+            rt.step,
+        )?;
+        if !u.pg_loss.is_finite() {
+            return Ok(StepOutcome::skipped("loss", "the PPO loss is not finite"));
+        }
+        if !u.grad_norm.is_finite() || !u.critic_grad_norm.is_finite() {
+            let reason =
+                format!("the gradient norm is {} (policy) / {} (value model)", u.grad_norm, u.critic_grad_norm);
+            return Ok(StepOutcome::skipped("gradient", reason));
+        }
+        self.kl.update(u.kl_token_mean, batch.samples.len());
+        for (name, v) in [
+            (names::PPO_KL, u.kl_sum),
+            (names::PPO_ENTROPY, u.entropy_sum),
+            (names::PPO_NON_SCORE_REWARD, u.non_score_reward),
+            (names::PPO_RLHF_REWARD, u.rlhf_reward),
+            (names::PPO_SCORES, u.scores),
+            (names::PPO_APPROXKL, u.approxkl),
+            (names::PPO_CLIPFRAC, u.clipfrac),
+            (names::PPO_POLICY_ENTROPY, u.entropy),
+            (names::PPO_LOSS_POLICY, u.pg_loss),
+            (names::PPO_LOSS_VALUE, u.vf_loss),
+            (names::PPO_VAL_CLIPFRAC, u.vf_clipfrac),
+            (names::PPO_VAL_RATIO, u.ratio_mean),
+            (names::PPO_VAL_RATIO_VAR, u.ratio_var),
+            (names::PPO_VAL_NUM_EOS, u.num_eos),
+            (names::PPO_KL_COEF, u.kl_coef),
+            (names::KL, u.kl_token_mean),
+            (names::ENTROPY, u.entropy),
+            (names::LOSS, u.pg_loss + p.vf_coef * u.vf_loss),
+            (names::GRAD_NORM, u.grad_norm),
+            (names::CRITIC_GRAD_NORM, u.critic_grad_norm),
+            (names::LEARNING_RATE, lr),
+        ] {
+            record.set(name, v);
+        }
+        Ok(StepOutcome::Trained)
+    }
+
+    fn state(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::to_value(PpoState { kl_controller: self.kl, critic: self.critic.state() })?)
+    }
+
+    fn tensor_files(&self) -> TensorFiles {
+        self.critic.tensor_files()
+    }
+
+    fn restore(&mut self, state: &serde_json::Value, files: TensorFileReader) -> Result<()> {
+        let s: PpoState = super::boundary::parse_state(state, "ppo")?;
+        self.kl = s.kl_controller;
+        self.critic.restore(&s.critic, files)
+    }
+}

@@ -1,7 +1,8 @@
 //! SAFE (arXiv 2602.04651; ../shared/algorithms.md §1): a sequence-level actor-critic with a pessimistic double
 //! soft-min critic, a reward normaliser, and an entropy-gated KL penalty whose threshold a PID controller on the
-//! reward's velocity moves. This file holds the numbers: each piece is a pure function or a small state machine whose
-//! whole state is serialisable (checkpointed), tested against §1.9's worked examples.
+//! reward's velocity moves. The numbers come first, each a pure function or a small state machine whose whole state
+//! is serialisable (checkpointed), tested against §1.9's worked examples; then the step ([`safe_update`]) and the
+//! algorithm with its critic heads ([`Safe`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -83,7 +84,7 @@ pub fn value_loss(v: &[f64], v_old: &[f64], target: &[f64], clip: f64, delta: f6
     let n = v.len().max(1) as f64;
     let (mut a, mut b) = (0.0, 0.0);
     for i in 0..v.len() {
-        let v_clip = v_old[i] + (v[i] - v_old[i]).clamp(-clip, clip);
+        let v_clip = super::loss::clipped_value(v[i], v_old[i], clip);
         a += huber(v[i] - target[i], delta);
         b += huber(v_clip - target[i], delta);
     }
@@ -360,6 +361,51 @@ mod tests {
         // Value loss: V = [0.9, −0.3, 0.1, 0.0], clip 0.2, Huber δ 0.5 → 0.3821226460255006.
         close(value_loss(&[0.9, -0.3, 0.1, 0.0], &v_old, &r1, 0.2, 0.5), 0.3821226460255006, 1e-13);
         assert_eq!(advantages(&[1.0], &[0.0]), vec![0.0]);
+        // The tensor loss SAFE trains with gives the same number, whole or summed over two micro-batches of 2.
+        let dev = candle_core::Device::Cpu;
+        let t = |x: &[f64]| Tensor::new(x.iter().map(|&v| v as f32).collect::<Vec<_>>(), &dev).unwrap();
+        let v = [0.9, -0.3, 0.1, 0.0];
+        let whole = value_loss_tensor(&t(&v), &t(&v_old), &t(&r1), 0.2, 0.5, 4).unwrap().to_scalar::<f32>().unwrap();
+        close(whole as f64, 0.3821226460255006, 1e-6);
+        let half = |r: std::ops::Range<usize>| {
+            let l = value_loss_tensor(&t(&v[r.clone()]), &t(&v_old[r.clone()]), &t(&r1[r]), 0.2, 0.5, 4).unwrap();
+            l.to_scalar::<f32>().unwrap() as f64
+        };
+        close(half(0..2) + half(2..4), 0.3821226460255006, 1e-6);
+    }
+
+    /// The tensor pieces SAFE's update differentiates against their f64 golden versions: soft-min (value and its
+    /// gradient, the head weights) and Huber on both sides of δ (value and gradient: e inside, δ·sign(e) outside).
+    #[test]
+    fn soft_min_and_huber_tensors_match_the_golden_versions() {
+        use candle_core::Var;
+        let dev = candle_core::Device::Cpu;
+        let (v1, v2) = (Var::new(&[0.5f32, 0.4, 2.0], &dev).unwrap(), Var::new(&[0.2f32, 0.4, -1.0], &dev).unwrap());
+        let sm = soft_min_tensor(v1.as_tensor(), v2.as_tensor(), 0.3).unwrap();
+        let got = sm.to_vec1::<f32>().unwrap();
+        let grads = sm.sum_all().unwrap().backward().unwrap();
+        let (g1, g2) = (
+            grads.get(v1.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+            grads.get(v2.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+        );
+        for (i, (a, b)) in [(0.5, 0.2), (0.4, 0.4), (2.0, -1.0)].into_iter().enumerate() {
+            close(got[i] as f64, soft_min(a, b, 0.3), 1e-6);
+            let (w1, w2) = soft_min_weights(a, b, 0.3);
+            close(g1[i] as f64, w1, 1e-6);
+            close(g2[i] as f64, w2, 1e-6);
+        }
+        let e = Var::new(&[0.3f32, -0.3, 1.2, -2.0], &dev).unwrap();
+        let h = huber_tensor(e.as_tensor(), 0.5).unwrap();
+        let got = h.to_vec1::<f32>().unwrap();
+        let g = h.sum_all().unwrap().backward().unwrap().get(e.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        // Huber_0.5: 0.3 → 0.045, −0.3 → 0.045, 1.2 → 0.5·(1.2 − 0.25) = 0.475, −2 → 0.5·(2 − 0.25) = 0.875.
+        for (i, (x, golden, grad)) in
+            [(0.3, 0.045, 0.3), (-0.3, 0.045, -0.3), (1.2, 0.475, 0.5), (-2.0, 0.875, -0.5)].into_iter().enumerate()
+        {
+            close(huber(x, 0.5), golden, 1e-15);
+            close(got[i] as f64, golden, 1e-6);
+            close(g[i] as f64, grad, 1e-6);
+        }
     }
 
     #[test]
@@ -449,7 +495,7 @@ mod tests {
 // ---------------------------------------------------------------------------------------------------------------
 // The SAFE step.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
 use super::loss::{clipped_surrogate_tensor, scalar, ClipConfig};
@@ -474,7 +520,7 @@ choice_enum!(
 
 /// SAFE's hyperparameters that are not the controller's (those live in [`Controller`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SafeConfig {
+pub struct SafeParams {
     pub alpha_softmin: f64,
     /// Passes over the whole batch per step (official E = 2).
     pub epochs: usize,
@@ -490,6 +536,12 @@ pub struct SafeConfig {
     /// official code, where it is a constant.
     pub kl_penalty_grad: bool,
     pub value_position: ValuePosition,
+}
+
+/// A SAFE step's configuration: the recipe's parameters plus what the trainer decides.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SafeConfig {
+    pub params: SafeParams,
     pub micro_batch_size: usize,
     pub temperature: f64,
     pub pad_id: u32,
@@ -523,19 +575,34 @@ pub struct SafeBatch<'a> {
     pub rewards: &'a [f64],
 }
 
-/// Soft-min of two value tensors (`[b]`), differentiable: −α·(logsumexp(−V1/α, −V2/α) − ln 2).
-fn soft_min_tensor(v1: &Tensor, v2: &Tensor, alpha: f64) -> Result<Tensor> {
+/// Tensor [`soft_min`] of two value tensors (`[b]`), differentiable: −α·(logsumexp(−V1/α, −V2/α) − ln 2).
+pub fn soft_min_tensor(v1: &Tensor, v2: &Tensor, alpha: f64) -> Result<Tensor> {
     let (a, b) = ((v1 / -alpha)?, (v2 / -alpha)?);
     let m = a.maximum(&b)?.detach();
     let lse = ((a.broadcast_sub(&m)?.exp()? + b.broadcast_sub(&m)?.exp()?)?.log()? + &m)?;
     Ok(((lse - std::f64::consts::LN_2)? * -alpha)?)
 }
 
-/// Huber_δ as a tensor: q = min(|e|, δ), q·(|e| − q/2).
-fn huber_tensor(e: &Tensor, delta: f64) -> Result<Tensor> {
+/// Tensor [`huber`]: q = min(|e|, δ), q·(|e| − q/2).
+pub fn huber_tensor(e: &Tensor, delta: f64) -> Result<Tensor> {
     let abs = e.abs()?;
     let q = abs.minimum(delta)?;
     Ok((&q * (abs - (&q * 0.5)?)?)?)
+}
+
+/// Tensor [`value_loss`] of a micro-batch, as SAFE's update differentiates it: ½·Σ[Huber(V − r̃) + Huber(V_clip −
+/// r̃)] / n with `n` the whole batch's size (micro-batches sum to the batch's loss). `v`, `v_old`, `target` `[b]`.
+pub fn value_loss_tensor(
+    v: &Tensor,
+    v_old: &Tensor,
+    target: &Tensor,
+    clip: f64,
+    delta: f64,
+    n: usize,
+) -> Result<Tensor> {
+    let v_clip = super::loss::clipped_value_tensor(v, v_old, clip)?;
+    let sum = (huber_tensor(&(v - target)?, delta)? + huber_tensor(&(&v_clip - target)?, delta)?)?.sum_all()?;
+    Ok(((sum * 0.5)? / n as f64)?)
 }
 
 /// One SAFE step (algorithms.md §1.4): normalise the rewards, take rollout log-probs, reference log-probs, the
@@ -573,7 +640,7 @@ pub fn safe_update(
         SequenceBatch::with_width(&p, &c, cfg.pad_id, policy.config().sliding_window, dev, width)
     };
     let columns = |s: &SequenceBatch, idx: &[usize]| -> Vec<usize> {
-        match cfg.value_position {
+        match cfg.params.value_position {
             ValuePosition::LastValid => {
                 last_token_columns(s, &idx.iter().map(|&i| batch.completions[i].len()).collect::<Vec<_>>())
             }
@@ -609,7 +676,7 @@ pub fn safe_update(
         let (v1, v2) = heads.values(&select_columns(&hidden, &columns(&s, idx))?)?;
         let (v1, v2) = (v1.detach().to_vec1::<f32>()?, v2.detach().to_vec1::<f32>()?);
         for (a, b) in v1.iter().zip(&v2) {
-            v_old.push(soft_min(*a as f64, *b as f64, cfg.alpha_softmin));
+            v_old.push(soft_min(*a as f64, *b as f64, cfg.params.alpha_softmin));
             v1s += *a as f64;
             v2s += *b as f64;
         }
@@ -641,10 +708,10 @@ pub fn safe_update(
         Ok(Tensor::from_vec(idx.iter().map(|&i| src[i] as f32).collect::<Vec<f32>>(), idx.len(), dev)?)
     };
     let k1 = |lp: &Tensor, rp: &Tensor, mask: &Tensor| -> Result<Tensor> { Ok(((lp - rp)? * mask)?.sum_all()?) };
-    for epoch in 0..cfg.epochs {
+    for epoch in 0..cfg.params.epochs {
         // The controller needs this epoch's KL before the backward when the penalty has a gradient: a graph-free pass.
         let mut control = None;
-        if cfg.kl_penalty_grad {
+        if cfg.params.kl_penalty_grad {
             let mut kl_sum = 0.0;
             for (k, idx) in chunks.iter().enumerate() {
                 let s = seqs(idx)?;
@@ -673,21 +740,16 @@ pub fn safe_update(
                 logprobs_from_hidden(policy, &hidden, &s, cfg.temperature, cfg.logprob_chunk, Entropy::Differentiable)?;
             let mask = &s.completion_mask;
             let ratio = (&lp - &old[k])?.exp()?;
-            let pg =
-                ((clipped_surrogate_tensor(&ratio, &pick(&adv, idx)?, &cfg.clip)? * mask)?.sum_all()? / total_tokens)?;
+            let pg = ((clipped_surrogate_tensor(&ratio, &pick(&adv, idx)?, &cfg.params.clip)? * mask)?.sum_all()?
+                / total_tokens)?;
             let (v1, v2) = heads.values(&select_columns(&hidden, &columns(&s, idx))?)?;
-            let v = soft_min_tensor(&v1, &v2, cfg.alpha_softmin)?;
+            let v = soft_min_tensor(&v1, &v2, cfg.params.alpha_softmin)?;
             let (vo, target) = (pick(&v_old, idx)?, pick(&normalized, idx)?);
-            let v_clip = (&vo + (&v - &vo)?.clamp(-cfg.value_clip, cfg.value_clip)?)?;
-            let vf = (((huber_tensor(&(&v - &target)?, cfg.huber_delta)?
-                + huber_tensor(&(&v_clip - &target)?, cfg.huber_delta)?)?
-            .sum_all()?
-                * 0.5)?
-                / n as f64)?;
+            let vf = value_loss_tensor(&v, &vo, &target, cfg.params.value_clip, cfg.params.huber_delta, n)?;
             // H_e: the mean over every position of the completion tensor, padding included (official).
             let h = (ent.expect("requested").sum_all()? / (n * width) as f64)?;
             let kl = k1(&lp, &refs[k], mask)?;
-            let mut loss = ((&pg + (&vf * cfg.value_weight)?)? - (&h * cfg.entropy_coef)?)?;
+            let mut loss = ((&pg + (&vf * cfg.params.value_weight)?)? - (&h * cfg.params.entropy_coef)?)?;
             if penalty_slope != 0.0 {
                 loss = (loss + ((&kl / total_tokens)? * penalty_slope)?)?;
             }
@@ -709,15 +771,15 @@ pub fn safe_update(
         };
         let mut grads = acc.finish();
         let max = |x: f64| if x > 0.0 { x } else { f64::INFINITY };
-        let gp = clip_grad_norm(&mut grads, policy.vars(), max(cfg.policy_max_grad_norm))?;
-        let gh = clip_grad_norm(&mut grads, heads.vars(), max(cfg.heads_max_grad_norm))?;
+        let gp = clip_grad_norm(&mut grads, policy.vars(), max(cfg.params.policy_max_grad_norm))?;
+        let gh = clip_grad_norm(&mut grads, heads.vars(), max(cfg.params.heads_max_grad_norm))?;
         if !gp.is_finite() || !gh.is_finite() {
             m.failed = Some(format!("the gradient norm is {gp} (policy) / {gh} (critic heads)"));
             return Ok(m);
         }
         policy_opt.step(&grads)?;
         heads_opt.step(&grads)?;
-        let e = cfg.epochs as f64;
+        let e = cfg.params.epochs as f64;
         m.pg_loss += pg_sum / e;
         m.value_loss += vf_sum / e;
         m.entropy_bonus += ent_sum / e;
@@ -727,4 +789,273 @@ pub fn safe_update(
         m.control = Some(control);
     }
     Ok(m)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The algorithm: settings, critic heads, controller and normaliser.
+
+use super::boundary::{Algorithm, Models, Needs, Runtime, StepBatch, TensorFileReader, TensorFiles};
+use super::critic::{actor_critic_lr, Critic, CriticParams, CriticState};
+use super::{Keys, Problem, RecipeShape, Setup, StepOutcome};
+use crate::metrics::{names, Record};
+
+/// SAFE's settings: `algorithm.safe.*`, the shared clip and value-clip keys, `critic.lr` for the heads, and the
+/// controller's and normaliser's constants (their state starts empty).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SafeSettings {
+    pub params: SafeParams,
+    /// The controller before the first step: its constants, an empty state.
+    pub controller: Controller,
+    pub normalizer: RewardNormalizer,
+    /// `critic.lr` and `algorithm.safe.heads_max_grad_norm`.
+    pub critic: CriticParams,
+}
+
+impl Default for SafeParams {
+    fn default() -> Self {
+        Self {
+            alpha_softmin: 0.3,
+            epochs: 2,
+            clip: ClipConfig::default(),
+            value_clip: 0.2,
+            huber_delta: 0.5,
+            value_weight: 0.5,
+            entropy_coef: 0.01,
+            policy_max_grad_norm: 1.0,
+            heads_max_grad_norm: 0.5,
+            kl_penalty_grad: true,
+            value_position: ValuePosition::LastValid,
+        }
+    }
+}
+
+impl Default for SafeSettings {
+    fn default() -> Self {
+        let params = SafeParams::default();
+        Self {
+            critic: CriticParams { lr: CriticParams::default().lr, max_grad_norm: params.heads_max_grad_norm },
+            params,
+            controller: Controller::default(),
+            normalizer: RewardNormalizer::default(),
+        }
+    }
+}
+
+impl SafeSettings {
+    pub fn from_keys(k: &dyn Keys) -> Self {
+        let f = |name: &str| k.float(&format!("algorithm.safe.{name}"));
+        let params = SafeParams {
+            alpha_softmin: f("alpha_softmin"),
+            epochs: k.usize("algorithm.safe.epochs"),
+            clip: ClipConfig::from_keys(k),
+            value_clip: k.float("algorithm.value_clip"),
+            huber_delta: f("huber_delta"),
+            value_weight: f("value_weight"),
+            entropy_coef: f("entropy_coef"),
+            policy_max_grad_norm: k.float("optim.max_grad_norm"),
+            heads_max_grad_norm: f("heads_max_grad_norm"),
+            kl_penalty_grad: k.boolean("algorithm.safe.kl_penalty_grad"),
+            value_position: k.choice("algorithm.safe.value_position", ValuePosition::from_name),
+        };
+        let controller = Controller {
+            kl_base_threshold: f("kl_base_threshold"),
+            entropy_floor: f("entropy_floor"),
+            penalty_coef: f("penalty_coef"),
+            kl_ema: [f("kl_ema_short"), f("kl_ema_long")],
+            threshold_clamp: [f("threshold_min"), f("threshold_max")],
+            entropy_offset: f("entropy_offset"),
+            gate_floor: f("gate_floor"),
+            kl_short: 0.0,
+            kl_long: 0.0,
+            pid: Pid {
+                kp: f("pid_kp"),
+                ki: f("pid_ki"),
+                kd: f("pid_kd"),
+                reward_ema: f("reward_ema"),
+                target_velocity: f("target_velocity"),
+                integral_clamp: f("integral_clamp"),
+                ema: None,
+                integral: 0.0,
+                prev_error: 0.0,
+            },
+            phase: PhaseDetector {
+                window: k.usize("algorithm.safe.phase_window"),
+                climb_margin: f("climb_margin"),
+                converge_std: f("converge_std"),
+                converge_min: f("converge_min"),
+                multipliers: [f("phi_warmup"), f("phi_climbing"), f("phi_plateau"), f("phi_converged")],
+                history: Vec::new(),
+                phase: Phase::Warmup,
+            },
+        };
+        let normalizer =
+            RewardNormalizer { count: f("reward_norm_init_count"), mean: 0.0, var: 1.0, eps: f("reward_norm_eps") };
+        let critic = CriticParams { lr: k.float("critic.lr"), max_grad_norm: params.heads_max_grad_norm };
+        Self { params, controller, normalizer, critic }
+    }
+
+    pub fn needs(&self) -> Needs {
+        // The KL is to the starting policy whatever the penalty's state; the entropy bonus is differentiable.
+        Needs { reference: true, entropy_gradient: true, ..Needs::default() }
+    }
+
+    pub fn summary(&self) -> String {
+        let p = &self.params;
+        format!(
+            "epsilon {}/{}, epochs {}, alpha_softmin {}, kl_base_threshold {}, penalty_coef {}",
+            p.clip.eps_low,
+            p.clip.eps_high,
+            p.epochs,
+            p.alpha_softmin,
+            self.controller.kl_base_threshold,
+            self.controller.penalty_coef
+        )
+    }
+
+    pub fn problems(&self, shape: &RecipeShape) -> Vec<Problem> {
+        if shape.completions_per_step() < 2 {
+            return vec![(
+                "rollout.prompts_per_step",
+                "safe whitens advantages over the step's completions: rollout.prompts_per_step × \
+                 rollout.num_generations must be at least 2"
+                    .into(),
+            )];
+        }
+        Vec::new()
+    }
+}
+
+/// SAFE's state between steps besides the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SafeState {
+    pub controller: Controller,
+    pub normalizer: RewardNormalizer,
+    pub critic: CriticState,
+}
+
+/// SAFE: soft-min critic heads on the policy's trunk, the reward normaliser, the entropy-gated PID controller.
+pub struct Safe {
+    settings: SafeSettings,
+    heads: Critic<SoftMinHeads>,
+    controller: Controller,
+    normalizer: RewardNormalizer,
+}
+
+impl Safe {
+    pub fn new(settings: SafeSettings, setup: &Setup) -> Result<Self> {
+        let heads = SoftMinHeads::new(setup.policy.hidden_size, setup.seed, setup.device)?;
+        let heads = Critic::new(heads, settings.critic.clone(), setup.optim)?;
+        let (controller, normalizer) = (settings.controller.clone(), settings.normalizer);
+        Ok(Self { settings, heads, controller, normalizer })
+    }
+}
+
+impl Algorithm for Safe {
+    fn advantages(
+        &mut self,
+        _models: &Models,
+        _samples: &[crate::rollout::Sample],
+        _scored: &mut crate::reward::ScoredBatch,
+        _rt: &Runtime,
+        _record: &mut Record,
+    ) -> Result<Option<Vec<f64>>> {
+        Ok(None) // from the critic's values inside the update
+    }
+
+    /// One SAFE step: the controller and normaliser advance; their internals are logged.
+    fn update(
+        &mut self,
+        m: Models,
+        batch: &StepBatch,
+        _advantages: Option<&[f64]>,
+        rt: &Runtime,
+        record: &mut Record,
+    ) -> Result<StepOutcome> {
+        let cfg = SafeConfig {
+            params: self.settings.params,
+            micro_batch_size: rt.micro_batch_size,
+            temperature: rt.temperature,
+            pad_id: rt.pad_id,
+            logprob_chunk: rt.logprob_chunk,
+        };
+        let (prompts, completions) = batch.token_ids();
+        let total = &batch.scored.total;
+        if let Some(i) = total.iter().position(|r| r.is_nan()) {
+            let reason = format!("no reward applied to completion {i}; safe needs one reward per completion");
+            return Ok(StepOutcome::skipped("reward", reason));
+        }
+        let lr = actor_critic_lr(rt.step, rt.max_steps, &rt.optim, m.optimizer, &mut self.heads);
+        // Work on copies: a step that fails leaves the controller and normaliser as they were.
+        let (mut controller, mut normalizer) = (self.controller.clone(), self.normalizer);
+        let reference = m.reference.context("safe needs the reference model")?;
+        let safe_batch = SafeBatch { prompts: &prompts, completions: &completions, rewards: total };
+        let heads = &mut self.heads;
+        let u = safe_update(
+            m.policy,
+            m.rollout_view,
+            reference,
+            &heads.model,
+            m.optimizer,
+            &mut heads.optimizer,
+            &mut controller,
+            &mut normalizer,
+            &safe_batch,
+            &cfg,
+        )?;
+        if let Some(reason) = u.failed {
+            return Ok(StepOutcome::skipped("loss", reason));
+        }
+        (self.controller, self.normalizer) = (controller, normalizer);
+        let c = u.control.expect("at least one epoch");
+        let phase = match c.phase {
+            Phase::Warmup => 0.0,
+            Phase::Climbing => 1.0,
+            Phase::Plateau => 2.0,
+            Phase::Converged => 3.0,
+        };
+        let p = &cfg.params;
+        for (name, v) in [
+            (names::KL, u.kl),
+            (names::ENTROPY, u.rollout_entropy),
+            (names::LOSS, u.pg_loss + p.value_weight * u.value_loss + c.penalty - p.entropy_coef * u.entropy_bonus),
+            (names::PPO_LOSS_POLICY, u.pg_loss),
+            (names::PPO_LOSS_VALUE, u.value_loss),
+            (names::GRAD_NORM, u.grad_norm),
+            (names::CRITIC_GRAD_NORM, u.heads_grad_norm),
+            (names::LEARNING_RATE, lr),
+            (names::SAFE_KL_SHORT, c.kl_short),
+            (names::SAFE_KL_LONG, c.kl_long),
+            (names::SAFE_PID, c.pid),
+            (names::SAFE_PHASE, phase),
+            (names::SAFE_PHI, c.phi),
+            (names::SAFE_THRESHOLD, c.threshold),
+            (names::SAFE_ENTROPY_FACTOR, c.gate),
+            (names::SAFE_PENALTY, c.penalty),
+            (names::SAFE_ACTIVE, c.active as u8 as f64),
+            (names::SAFE_ENTROPY_BONUS, u.entropy_bonus),
+            (names::SAFE_V1_MEAN, u.v1_mean),
+            (names::SAFE_V2_MEAN, u.v2_mean),
+            (names::SAFE_VALUE_MEAN, u.value_mean),
+            (names::SAFE_NORMALIZED_REWARD, u.normalized_mean),
+        ] {
+            record.set(name, v);
+        }
+        Ok(StepOutcome::Trained)
+    }
+
+    fn state(&self) -> Result<serde_json::Value> {
+        let s =
+            SafeState { controller: self.controller.clone(), normalizer: self.normalizer, critic: self.heads.state() };
+        Ok(serde_json::to_value(s)?)
+    }
+
+    fn tensor_files(&self) -> TensorFiles {
+        self.heads.tensor_files()
+    }
+
+    fn restore(&mut self, state: &serde_json::Value, files: TensorFileReader) -> Result<()> {
+        let s: SafeState = super::boundary::parse_state(state, "safe")?;
+        (self.controller, self.normalizer) = (s.controller, s.normalizer);
+        self.heads.restore(&s.critic, files)
+    }
 }

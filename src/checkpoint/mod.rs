@@ -240,6 +240,17 @@ fn read_state(dir: &Path) -> Result<StateFile> {
     serde_json::from_str(&text).with_context(|| format!("{} is corrupt (not a valid checkpoint state)", path.display()))
 }
 
+/// Read a part of a checkpoint's state (`prefix` names it, e.g. `training`) into `T`; an error names the field that
+/// is missing or of the wrong type (`training.sampler.cursor: invalid type: string "x", expected u64`), so an old,
+/// edited or truncated `state.json` is a clear error, never a panic.
+pub fn from_state<T: serde::de::DeserializeOwned>(value: &serde_json::Value, prefix: &str) -> Result<T> {
+    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." { prefix.to_string() } else { format!("{prefix}.{path}") };
+        anyhow::anyhow!("`{at}`: {}", e.into_inner())
+    })
+}
+
 /// A complete checkpoint on disk.
 #[derive(Debug)]
 pub struct Checkpoint {

@@ -55,7 +55,6 @@ pub struct Recipe {
     pub rollout: RolloutSettings,
     pub algorithm: AlgorithmSettings,
     pub optim: OptimSettings,
-    pub critic: CriticSettings,
     pub shaping: crate::reward::shaping::ShapingConfig,
     pub rewards: Vec<RewardSettings>,
     resolved: Resolved,
@@ -157,48 +156,14 @@ impl RolloutSettings {
     }
 }
 
+/// `[algorithm]`: which algorithm, its settings (built by the algorithm's own file from its keys), and the
+/// micro-batch every algorithm's update runs in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AlgorithmSettings {
     pub kind: AlgorithmKind,
-    /// Set when `kind = "grpo_lambda"`.
-    pub grpo_lambda: Option<GrpoLambdaSettings>,
-    /// Set when `kind = "ppo"` (β, ε and the micro-batch come from the shared keys).
-    pub ppo: Option<crate::algo::ppo::PpoParams>,
-    /// Set when `kind = "safe"`: the step's settings (micro-batch, temperature and ids filled in by the trainer) and
-    /// the controller's constants (its state starts empty).
-    pub safe:
-        Option<(crate::algo::safe::SafeConfig, crate::algo::safe::Controller, crate::algo::safe::RewardNormalizer)>,
-    pub beta: f64,
-    pub epsilon: f64,
-    /// Already resolved: equals `epsilon` when the recipe leaves it unset.
-    pub epsilon_high: f64,
-    pub num_iterations: usize,
-    pub loss_type: LossType,
-    pub scale_rewards: ScaleRewards,
-    pub mask_truncated_completions: bool,
-    /// GRPO: recompute layer activations in backward (see `algorithm.gradient_checkpointing`).
-    pub gradient_checkpointing: bool,
-    pub use_bias_correction_kl: bool,
+    pub settings: crate::algo::Settings,
     /// 0 = auto (the trainer picks); otherwise divides `completions_per_step` (checked at load).
     pub micro_batch_size: usize,
-}
-
-/// `[critic]`: PPO's value model.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CriticSettings {
-    /// "policy", "reward_model", or a model id.
-    pub init: String,
-    pub lr: f64,
-    pub max_grad_norm: f64,
-}
-
-/// GRPO-λ's keys (`algorithm.kind = "grpo_lambda"`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct GrpoLambdaSettings {
-    pub config: crate::algo::grpo_lambda::GrpoLambdaConfig,
-    /// The reward whose raw value decides correctness.
-    pub correctness_reward: String,
-    pub correct_min: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

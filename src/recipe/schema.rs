@@ -226,9 +226,13 @@ pub enum Default {
     SameAs(&'static str),
     /// May be left out: then it is absent from the resolved recipe (`reward.gate.on`: no gate).
     Optional,
+    /// A TOML literal that depends on `algorithm.kind` (a key of the same table resolved before it): each
+    /// algorithm keeps its reference implementation's default (`algorithm.beta`: TRL GRPO 0.0, TRL RLOO 0.05).
+    ByAlgorithm { value: &'static str, overrides: &'static [(&'static str, &'static str)] },
 }
 
-/// A key that only applies when another key (same table or same `[[reward]]` entry) has a given value.
+/// A key that only applies when another key (of an earlier table, the same table or the same `[[reward]]` entry)
+/// has a given value.
 #[derive(Clone, Copy)]
 pub struct When {
     pub key: &'static str,
@@ -253,7 +257,24 @@ impl KeySpec {
     }
     /// The literal default typed by the key's own kind; `None` for required and `SameAs` defaults, or a bad literal.
     pub fn default_value(&self) -> Option<Value> {
-        let Default::Value(lit) = self.default else { return None };
+        let lit = match self.default {
+            Default::Value(lit) | Default::ByAlgorithm { value: lit, .. } => lit,
+            _ => return None,
+        };
+        self.literal(lit)
+    }
+
+    /// The default under `algorithm.kind` = `algorithm` (for [`Default::ByAlgorithm`]; others as [`Self::default_value`]).
+    pub fn default_for(&self, algorithm: &str) -> Option<Value> {
+        match self.default {
+            Default::ByAlgorithm { value, overrides } => {
+                self.literal(overrides.iter().find(|(a, _)| *a == algorithm).map_or(value, |(_, v)| v))
+            }
+            _ => self.default_value(),
+        }
+    }
+
+    fn literal(&self, lit: &str) -> Option<Value> {
         let v = Value::from_toml(&lit.parse::<toml_edit::Value>().ok()?).ok()?;
         self.kind.check(&v).ok()
     }
@@ -262,6 +283,10 @@ impl KeySpec {
     pub fn default_text(&self) -> String {
         let base = match self.default {
             Default::Value(lit) => lit.to_string(),
+            Default::ByAlgorithm { value, overrides } => {
+                let per: Vec<String> = overrides.iter().map(|(a, v)| format!("{a}: {v}")).collect();
+                format!("{value} ({})", per.join(", "))
+            }
             Default::Required => "required".to_string(),
             Default::SameAs(other) => format!("= {other}"),
             Default::Optional => "none".to_string(),
@@ -278,6 +303,7 @@ pub use crate::advantage::ScaleRewards;
 pub use crate::algo::grpo_lambda::LengthStd;
 pub use crate::algo::loss::LossType;
 pub use crate::algo::safe::ValuePosition;
+pub use crate::algo::AlgorithmKind;
 pub(crate) use crate::choice::quoted_list;
 pub use crate::optim::schedule::LrSchedule;
 pub use crate::reward::shaping::ShapingKind;
@@ -294,17 +320,6 @@ choice_enum!(
     DTypeSpec { /// f32 on CPU, bf16 on GPU.
     Auto = "auto", F32 = "f32", Bf16 = "bf16" }
 );
-choice_enum!(
-    /// The RL algorithm.
-    AlgorithmKind { Grpo = "grpo", GrpoLambda = "grpo_lambda", Ppo = "ppo", Safe = "safe" }
-);
-impl AlgorithmKind {
-    /// GRPO and GRPO-λ: group-relative advantages over `num_generations` completions per prompt, the GRPO loss (with
-    /// its importance correction and gradient checkpointing).
-    pub fn is_grpo(self) -> bool {
-        matches!(self, AlgorithmKind::Grpo | AlgorithmKind::GrpoLambda)
-    }
-}
 choice_enum!(
     /// Where a step's completions come from.
     RolloutSourceKind { Sample = "sample", File = "file" }
@@ -375,6 +390,25 @@ const fn key(path: &'static str, kind: Kind, default: &'static str, doc: &'stati
     KeySpec { path, kind, default: Default::Value(default), when: None, doc }
 }
 
+/// A key only the algorithms in `when` read: setting it under another `algorithm.kind` is an error naming them.
+const fn scoped(path: &'static str, kind: Kind, default: &'static str, when: When, doc: &'static str) -> KeySpec {
+    KeySpec { path, kind, default: Default::Value(default), when: Some(when), doc }
+}
+
+/// The algorithms that read each algorithm-specific key (a new algorithm adds its name where it reads the key).
+const fn algorithms(is: &'static [&'static str]) -> When {
+    When { key: "algorithm.kind", is }
+}
+/// GRPO's loss and its options (TRL's GRPOConfig keys).
+const GRPO_LOSS: When = algorithms(&["grpo", "grpo_lambda"]);
+/// The KL coefficient to the frozen reference.
+const KL_BETA: When = algorithms(&["grpo", "grpo_lambda", "ppo"]);
+/// μ updates per batch of rollouts, and dropping truncated completions from the loss.
+const REUSE: When = algorithms(&["grpo", "grpo_lambda"]);
+/// A trained critic beside the policy.
+const CRITIC: When = algorithms(&["ppo", "safe"]);
+const PPO: When = algorithms(&["ppo"]);
+
 pub static TABLES: &[TableSpec] = &[
     TableSpec { name: "run", array: false, doc: "Naming, length and bookkeeping of the run." },
     TableSpec { name: "model", array: false, doc: "The policy model to fine-tune." },
@@ -389,7 +423,11 @@ pub static TABLES: &[TableSpec] = &[
         array: false,
         doc: "The RL objective. GRPO keys follow TRL's GRPOConfig names and defaults.",
     },
-    TableSpec { name: "critic", array: false, doc: "The value model of algorithm.kind = \"ppo\" (ignored otherwise)." },
+    TableSpec {
+        name: "critic",
+        array: false,
+        doc: "The critic of algorithm.kind = \"ppo\" (its value model) and \"safe\" (its heads' learning rate).",
+    },
     TableSpec { name: "optim", array: false, doc: "AdamW and the learning-rate schedule." },
     TableSpec {
         name: "shaping",
@@ -542,7 +580,13 @@ pub static KEYS: &[KeySpec] = &[
         when: Some(When { key: "algorithm.kind", is: &["grpo_lambda"] }),
         doc: "A completion is correct when the correctness reward is ≥ this.",
     },
-    key("algorithm.beta", Kind::Float(FloatRange::non_negative()), "0.0", "KL coefficient (k3 to a frozen reference); 0 = no reference model."),
+    KeySpec {
+        path: "algorithm.beta",
+        kind: Kind::Float(FloatRange::non_negative()),
+        default: Default::Value("0.0"),
+        when: Some(KL_BETA),
+        doc: "KL coefficient: k3 in GRPO's loss, the initial per-token k1 reward of PPO; 0 = no reference model.",
+    },
     key("algorithm.epsilon", Kind::Float(FloatRange::new(0.0, 1.0)), "0.2", "Lower clipping bound: ratio ≥ 1 − epsilon."),
     KeySpec {
         path: "algorithm.epsilon_high",
@@ -551,26 +595,28 @@ pub static KEYS: &[KeySpec] = &[
         when: None,
         doc: "Upper clipping bound: ratio ≤ 1 + epsilon_high (DAPO suggests 0.28).",
     },
-    key("algorithm.num_iterations", int(1), "1", "Updates per batch of rollouts (μ); > 1 reuses stored old log-probs."),
-    key("algorithm.loss_type", Kind::Choice(LossType::NAMES), "\"dapo\"", "Token-loss aggregation, as in TRL."),
-    key(
+    scoped("algorithm.num_iterations", int(1), "1", REUSE, "Updates per batch of rollouts (μ); > 1 reuses stored old log-probs."),
+    scoped("algorithm.loss_type", Kind::Choice(LossType::NAMES), "\"dapo\"", GRPO_LOSS, "Token-loss aggregation, as in TRL."),
+    scoped(
         "algorithm.scale_rewards",
         Kind::Choice(ScaleRewards::NAMES),
         "\"group\"",
+        GRPO_LOSS,
         "Divide centred rewards by the group std, the batch std, or nothing.",
     ),
-    key("algorithm.mask_truncated_completions", Kind::Bool, "false", "Exclude completions cut at max_new_tokens from the loss."),
+    scoped("algorithm.mask_truncated_completions", Kind::Bool, "false", REUSE, "Exclude completions cut at max_new_tokens from the loss."),
     KeySpec {
         path: "algorithm.gradient_checkpointing",
         kind: Kind::Bool,
         default: Default::Value("false"),
-        when: Some(When { key: "algorithm.kind", is: &["grpo", "grpo_lambda"] }),
+        when: Some(GRPO_LOSS),
         doc: "Recompute each layer's forward in backward instead of keeping its activations: far less memory, about a third more update time (TRL's gradient_checkpointing).",
     },
-    key(
+    scoped(
         "algorithm.use_bias_correction_kl",
         Kind::Bool,
         "true",
+        GRPO_LOSS,
         "Multiply k3 by the importance ratio (TRL 1.16's default): same value on-policy, gradient β·(logp − ref).",
     ),
     key(
@@ -583,84 +629,84 @@ pub static KEYS: &[KeySpec] = &[
         path: "algorithm.gamma",
         kind: Kind::Float(FloatRange::new(0.0, 1.0)),
         default: Default::Value("1.0"),
-        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        when: Some(PPO),
         doc: "GAE discount γ.",
     },
     KeySpec {
         path: "algorithm.lam",
         kind: Kind::Float(FloatRange::new(0.0, 1.0)),
         default: Default::Value("0.95"),
-        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        when: Some(PPO),
         doc: "GAE λ.",
     },
     KeySpec {
         path: "algorithm.ppo_epochs",
         kind: int(1),
         default: Default::Value("4"),
-        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        when: Some(PPO),
         doc: "Passes over each step's rollouts (TRL num_ppo_epochs).",
     },
     KeySpec {
         path: "algorithm.num_mini_batches",
         kind: int(1),
         default: Default::Value("1"),
-        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        when: Some(PPO),
         doc: "Optimizer steps per epoch, over shuffled mini-batches (divides the step's completions).",
     },
     KeySpec {
         path: "algorithm.vf_coef",
         kind: Kind::Float(FloatRange::non_negative()),
         default: Default::Value("0.1"),
-        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        when: Some(PPO),
         doc: "Weight of the value loss.",
     },
     KeySpec {
         path: "algorithm.value_clip",
         kind: Kind::Float(FloatRange::positive()),
         default: Default::Value("0.2"),
-        when: Some(When { key: "algorithm.kind", is: &["ppo", "safe"] }),
+        when: Some(CRITIC),
         doc: "Value clipping: V_clip = V_old + clip(V − V_old, ±value_clip) (TRL cliprange_value).",
     },
     KeySpec {
         path: "algorithm.kl_estimator",
         kind: Kind::Choice(&["k1", "k3"]),
         default: Default::Value("\"k1\""),
-        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        when: Some(PPO),
         doc: "Per-token KL in the reward: k1 = logp − ref (TRL, OpenRLHF default) or k3.",
     },
     KeySpec {
         path: "algorithm.whiten",
         kind: Kind::Choice(Whitening::NAMES),
         default: Default::Value("\"unbiased\""),
-        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        when: Some(PPO),
         doc: "Advantage whitening over the step's tokens: unbiased variance (TRL), population (OpenRLHF), or none.",
     },
     KeySpec {
         path: "algorithm.score_placement",
         kind: Kind::Choice(ScorePlacement::NAMES),
         default: Default::Value("\"last_token\""),
-        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        when: Some(PPO),
         doc: "Where the score joins the per-token rewards: the last real token (OpenRLHF) or one past it (TRL's trl_p1).",
     },
     KeySpec {
         path: "algorithm.missing_eos_penalty",
         kind: Kind::Float(FloatRange::non_negative()),
         default: Default::Optional,
-        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        when: Some(PPO),
         doc: "Subtracted from the score of a completion without EOS (truncated or stopped by a stop string).",
     },
     KeySpec {
         path: "algorithm.kl_target",
         kind: Kind::Float(FloatRange::positive()),
         default: Default::Optional,
-        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        when: Some(PPO),
         doc: "Adaptive KL: steer β so the mean per-token KL approaches this (Ziegler et al.); unset = fixed β.",
     },
     KeySpec {
         path: "algorithm.kl_horizon",
         kind: Kind::Float(FloatRange::positive()),
         default: Default::Value("10000.0"),
-        when: Some(When { key: "algorithm.kind", is: &["ppo"] }),
+        when: Some(PPO),
         doc: "Adaptive KL horizon: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon), n the step's completions.",
     },
     KeySpec {
@@ -895,14 +941,15 @@ pub static KEYS: &[KeySpec] = &[
         doc: "Reward normaliser's initial count (mean 0, variance 1).",
     },
     // [critic]
-    key(
+    scoped(
         "critic.init",
         NON_EMPTY,
         "\"policy\"",
+        PPO,
         "ppo's value model: \"policy\" (the starting policy's weights, a zero value head), \"reward_model\" (the [[reward]] of kind model), or a path/hub id.",
     ),
-    key("critic.lr", Kind::Float(FloatRange::new(0.0, 1.0)), "1e-5", "Value model learning rate (AdamW, same betas, eps and schedule as the policy)."),
-    key("critic.max_grad_norm", Kind::Float(FloatRange::non_negative()), "1.0", "Clip the value model's gradient norm; 0 = off."),
+    scoped("critic.lr", Kind::Float(FloatRange::new(0.0, 1.0)), "1e-5", CRITIC, "Value model learning rate (AdamW, same betas, eps and schedule as the policy)."),
+    scoped("critic.max_grad_norm", Kind::Float(FloatRange::non_negative()), "1.0", PPO, "Clip the value model's gradient norm; 0 = off."),
     // [optim]
     key("optim.lr", Kind::Float(FloatRange::new(0.0, 1.0)), "1e-6", "Peak learning rate."),
     key(

@@ -9,13 +9,11 @@ use std::path::PathBuf;
 use super::schema::{self, Default, KeySpec, Kind, Mismatch, Value};
 use super::LrSchedule;
 use super::{
-    AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LossType, RewardKind, RolloutSourceKind, RolloutWeights,
-    RuleKind, ScaleRewards, ShapingKind,
+    AlgorithmKind, BuiltinData, DTypeSpec, RewardKind, RolloutSourceKind, RolloutWeights, RuleKind, ShapingKind,
 };
 use super::{
-    AlgorithmSettings, CriticSettings, DataSettings, DataSource, DeviceSpec, GateSettings, GrpoLambdaSettings,
-    ModelSettings, OptimSettings, Recipe, RecipeError, Resolved, RewardSettings, RewardSource, RolloutSettings,
-    RolloutSource, Rule, RunSettings,
+    AlgorithmSettings, DataSettings, DataSource, DeviceSpec, GateSettings, ModelSettings, OptimSettings, Recipe,
+    RecipeError, Resolved, RewardSettings, RewardSource, RolloutSettings, RolloutSource, Rule, RunSettings,
 };
 
 /// Where a value came from, for messages.
@@ -332,24 +330,34 @@ fn fill(raw: &mut Raw, ctx: &mut Ctx) -> (BTreeMap<&'static str, Filled>, Vec<Fi
     let mut tables = BTreeMap::new();
     for t in schema::TABLES.iter().filter(|t| !t.array) {
         let given = raw.tables.remove(t.name).unwrap_or_default();
-        tables.insert(t.name, fill_one(t.name, given, "", ctx));
+        let filled = fill_one(t.name, given, "", &tables, ctx);
+        tables.insert(t.name, filled);
     }
     let rewards = std::mem::take(&mut raw.rewards)
         .into_iter()
         .enumerate()
-        .map(|(i, g)| fill_one("reward", g, &format!("[[reward]] #{} ", i + 1), ctx))
+        .map(|(i, g)| fill_one("reward", g, &format!("[[reward]] #{} ", i + 1), &tables, ctx))
         .collect();
     (tables, rewards)
 }
 
-fn fill_one(table: &str, mut given: Given, what: &str, ctx: &mut Ctx) -> Filled {
+/// Fill one table's defaults; `earlier` are the tables filled before it (a `when` may name their keys).
+fn fill_one(
+    table: &str,
+    mut given: Given,
+    what: &str,
+    earlier: &BTreeMap<&'static str, Filled>,
+    ctx: &mut Ctx,
+) -> Filled {
     let header = given.header.map(Origin::Line).unwrap_or(Origin::Default);
     let mut out = Filled { header: header.clone(), keys: Vec::new() };
     // Schema order puts every `when` / `SameAs` target before the keys that refer to it.
     for spec in schema::keys_of(table) {
         let entry = given.keys.remove(spec.path);
         if let Some(w) = spec.when {
-            let Some(cond) = out.get(w.key) else { continue }; // its own problem is already reported
+            let other = w.key.split_once('.').and_then(|(t, _)| earlier.get(t));
+            // (A missing condition key has its own problem reported already.)
+            let Some(cond) = out.get(w.key).or_else(|| other.and_then(|t| t.get(w.key))) else { continue };
             let Value::Str(cond) = &cond.value else { unreachable!("`when` keys are choices") };
             if !w.is.contains(&cond.as_str()) {
                 if let Some(e) = entry {
@@ -366,6 +374,14 @@ fn fill_one(table: &str, mut given: Given, what: &str, ctx: &mut Ctx) -> Filled 
             (Some(e), _) => e,
             (None, Default::Value(_)) => {
                 let v = spec.default_value().expect("schema defaults are valid (tested)");
+                Entry { value: v, origin: Origin::Default }
+            }
+            (None, Default::ByAlgorithm { .. }) => {
+                let kind = match out.get("algorithm.kind").map(|e| &e.value) {
+                    Some(Value::Str(k)) => k.clone(),
+                    _ => continue, // its own problem is already reported
+                };
+                let v = spec.default_for(&kind).expect("schema defaults are valid (tested)");
                 Entry { value: v, origin: Origin::Default }
             }
             (None, Default::SameAs(other)) => {
@@ -438,7 +454,7 @@ fn strings(t: &Filled, path: &str) -> Vec<String> {
 fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut Ctx) -> Option<Recipe> {
     let (run, model, data) = (&tables["run"], &tables["model"], &tables["data"]);
     let (rollout, algo, optim) = (&tables["rollout"], &tables["algorithm"], &tables["optim"]);
-    let (shaping, critic) = (&tables["shaping"], &tables["critic"]);
+    let shaping = &tables["shaping"];
     let kind = choice(algo, "algorithm.kind", AlgorithmKind::from_name);
 
     let source = string(data, "data.source");
@@ -541,46 +557,8 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
             },
         },
         algorithm: AlgorithmSettings {
-            kind: choice(algo, "algorithm.kind", AlgorithmKind::from_name),
-            ppo: (kind == AlgorithmKind::Ppo).then(|| crate::algo::ppo::PpoParams {
-                gamma: float(algo, "algorithm.gamma"),
-                lam: float(algo, "algorithm.lam"),
-                epochs: usz(algo, "algorithm.ppo_epochs"),
-                num_mini_batches: usz(algo, "algorithm.num_mini_batches"),
-                vf_coef: float(algo, "algorithm.vf_coef"),
-                value_clip: float(algo, "algorithm.value_clip"),
-                kl_estimator: match string(algo, "algorithm.kl_estimator").as_str() {
-                    "k1" => crate::algo::loss::KlEstimator::K1,
-                    _ => crate::algo::loss::KlEstimator::K3,
-                },
-                whitening: choice(algo, "algorithm.whiten", crate::advantage::gae::Whitening::from_name),
-                placement: choice(algo, "algorithm.score_placement", crate::advantage::gae::ScorePlacement::from_name),
-                missing_eos_penalty: algo
-                    .get("algorithm.missing_eos_penalty")
-                    .map(|_| float(algo, "algorithm.missing_eos_penalty")),
-                kl_target: algo.get("algorithm.kl_target").map(|_| float(algo, "algorithm.kl_target")),
-                kl_horizon: float(algo, "algorithm.kl_horizon"),
-            }),
-            safe: (kind == AlgorithmKind::Safe).then(|| safe_settings(algo, optim)),
-            grpo_lambda: (kind == AlgorithmKind::GrpoLambda).then(|| GrpoLambdaSettings {
-                config: crate::algo::grpo_lambda::GrpoLambdaConfig {
-                    lambda: float(algo, "algorithm.lambda"),
-                    alpha: float(algo, "algorithm.alpha"),
-                    length_std: choice(algo, "algorithm.length_std", LengthStd::from_name),
-                },
-                correctness_reward: string(algo, "algorithm.correctness_reward"),
-                correct_min: float(algo, "algorithm.correct_min"),
-            }),
-            beta: float(algo, "algorithm.beta"),
-            epsilon: float(algo, "algorithm.epsilon"),
-            epsilon_high: float(algo, "algorithm.epsilon_high"),
-            num_iterations: usz(algo, "algorithm.num_iterations"),
-            loss_type: choice(algo, "algorithm.loss_type", LossType::from_name),
-            scale_rewards: choice(algo, "algorithm.scale_rewards", ScaleRewards::from_name),
-            mask_truncated_completions: boolean(algo, "algorithm.mask_truncated_completions"),
-            // Filled only where it applies (GRPO and GRPO-λ).
-            gradient_checkpointing: kind.is_grpo() && boolean(algo, "algorithm.gradient_checkpointing"),
-            use_bias_correction_kl: boolean(algo, "algorithm.use_bias_correction_kl"),
+            kind,
+            settings: crate::algo::Settings::from_keys(kind, &TableKeys(tables)),
             micro_batch_size: usz(algo, "algorithm.micro_batch_size"),
         },
         optim: OptimSettings {
@@ -591,11 +569,6 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
             max_grad_norm: float(optim, "optim.max_grad_norm"),
             schedule: choice(optim, "optim.schedule", LrSchedule::from_name),
             warmup_steps: uint(optim, "optim.warmup_steps"),
-        },
-        critic: CriticSettings {
-            init: string(critic, "critic.init"),
-            lr: float(critic, "critic.lr"),
-            max_grad_norm: float(critic, "critic.max_grad_norm"),
         },
         shaping: crate::reward::shaping::ShapingConfig {
             kind: choice(shaping, "shaping.kind", ShapingKind::from_name),
@@ -631,99 +604,58 @@ fn cross_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, rewards: &[
         }
     };
     let ro = &r.rollout;
-    if let Some(p) = &r.algorithm.ppo {
-        if !n_divisible(ro.completions_per_step(), p.num_mini_batches) {
-            ctx.err(
-                &at("algorithm", "algorithm.num_mini_batches"),
-                format!(
-                    "`algorithm.num_mini_batches` = {} does not divide the {} completions of a step \
-                     (rollout.prompts_per_step × rollout.num_generations)",
-                    p.num_mini_batches,
-                    ro.completions_per_step()
-                ),
-            );
-        }
-        if r.critic.init == "reward_model"
-            && !r.rewards.iter().any(|w| matches!(w.source, super::RewardSource::Model { .. }))
-        {
-            ctx.err(
-                &at("critic", "critic.init"),
-                "`critic.init` = \"reward_model\" needs a [[reward]] with kind = \"model\" to start from",
-            );
-        }
+    let a = &r.algorithm;
+    // The algorithm's own checks: each names the key it is about, for the line number.
+    let reward_names: Vec<(String, bool)> =
+        r.rewards.iter().map(|w| (w.name.clone(), matches!(w.source, super::RewardSource::Model { .. }))).collect();
+    let sh = &r.shaping;
+    let shape = crate::algo::RecipeShape {
+        prompts_per_step: ro.prompts_per_step,
+        num_generations: ro.num_generations,
+        rewards: &reward_names,
+        shaping: sh.kind != ShapingKind::None || sh.ceil.is_some() || sh.length_penalty.is_some(),
+    };
+    for (key, msg) in a.settings.problems(&shape) {
+        let origin = match key.split_once('.') {
+            // `reward.name`: the first reward the message names, else the first reward.
+            Some(("reward", field)) => {
+                let path = format!("reward.{field}");
+                let i = r.rewards.iter().position(|w| msg.starts_with(&format!("reward `{}`", w.name))).unwrap_or(0);
+                rewards.get(i).and_then(|t| t.get(&path)).map(|e| e.origin.clone()).unwrap_or(Origin::Default)
+            }
+            Some((table, _)) => at(table, key),
+            None => Origin::Default,
+        };
+        ctx.err(&origin, msg);
     }
-    if r.algorithm.safe.is_some() && ro.completions_per_step() < 2 {
-        ctx.err(
-            &at("rollout", "rollout.prompts_per_step"),
-            "safe whitens advantages over the step's completions: rollout.prompts_per_step × rollout.num_generations \
-             must be at least 2",
-        );
-    }
-    let grouped = r.algorithm.kind.is_grpo();
-    if ro.bf16_importance_cap.is_some() && !grouped {
+    let needs = a.settings.needs();
+    if ro.bf16_importance_cap.is_some() && !needs.importance_correction {
         ctx.err(
             &at("rollout", "rollout.weights"),
             format!(
                 "`rollout.weights` = \"bf16\" is for grpo and grpo_lambda (their loss applies the importance \
                  correction); {} samples from the model's own weights",
-                r.algorithm.kind
+                a.kind
             ),
         );
     }
-    if grouped && ro.num_generations < 2 {
+    if needs.groups && ro.num_generations < 2 {
         ctx.err(
             &at("rollout", "rollout.num_generations"),
             format!(
                 "`rollout.num_generations` = {} but {} compares completions within a group: set it to 2 or more",
-                ro.num_generations, r.algorithm.kind
+                ro.num_generations, a.kind
             ),
         );
     }
-    let sh = &r.shaping;
-    if r.algorithm.grpo_lambda.is_some()
-        && (sh.kind != ShapingKind::None || sh.ceil.is_some() || sh.length_penalty.is_some())
-    {
-        ctx.err(
-            &at("shaping", "shaping.kind"),
-            "algorithm.kind = \"grpo_lambda\" replaces the reward with its own; shaping it is defined by no paper: \
-             remove the [shaping] keys or use algorithm.kind = \"grpo\"",
-        );
-    }
-    if let Some(gl) = &r.algorithm.grpo_lambda {
-        // GRPO-λ replaces the reward with its own (0/1 or length-penalised) from one correctness reward; other
-        // rewards or gates would be scored and silently ignored, so they are refused.
-        let at_key = at("algorithm", "algorithm.correctness_reward");
-        match r.rewards.iter().position(|w| w.name == gl.correctness_reward) {
-            None => ctx.err(
-                &at_key,
-                format!(
-                    "`algorithm.correctness_reward` = \"{}\" is not a [[reward]] of this recipe (rewards: {})",
-                    gl.correctness_reward,
-                    r.rewards.iter().map(|w| w.name.as_str()).collect::<Vec<_>>().join(", ")
-                ),
-            ),
-            Some(i) => {
-                // (Gates need a second reward, so refusing the others refuses gates too.)
-                for (j, w) in r.rewards.iter().enumerate().filter(|(j, _)| *j != i) {
-                    let origin = rewards[j].get("reward.name").map(|e| e.origin.clone()).unwrap_or(Origin::Default);
-                    ctx.err(
-                        &origin,
-                        format!(
-                            "reward `{}`: algorithm.kind = \"grpo_lambda\" computes its reward from `{}` alone (0/1 or \
-                             length-penalised); remove the other [[reward]] tables",
-                            w.name, gl.correctness_reward
-                        ),
-                    );
-                }
-            }
-        }
-    }
-    if r.algorithm.epsilon_high < r.algorithm.epsilon {
+    let algo = &tables["algorithm"];
+    let (eps, eps_high) = (float(algo, "algorithm.epsilon"), float(algo, "algorithm.epsilon_high"));
+    if eps_high < eps {
         ctx.err(
             &at("algorithm", "algorithm.epsilon_high"),
             format!(
-                "`algorithm.epsilon_high` = {} is below `algorithm.epsilon` = {}: raise epsilon_high or lower epsilon",
-                r.algorithm.epsilon_high, r.algorithm.epsilon
+                "`algorithm.epsilon_high` = {eps_high} is below `algorithm.epsilon` = {eps}: raise epsilon_high or \
+                 lower epsilon"
             ),
         );
     }
@@ -823,72 +755,30 @@ fn gate_checks(r: &Recipe, rewards: &[Filled], ctx: &mut Ctx) {
     }
 }
 
-fn n_divisible(n: usize, d: usize) -> bool {
-    d > 0 && n.is_multiple_of(d)
+/// The algorithms' view of the filled tables ([`crate::algo::Keys`]): a key by its full path.
+struct TableKeys<'a>(&'a BTreeMap<&'static str, Filled>);
+
+impl TableKeys<'_> {
+    fn table(&self, path: &str) -> &Filled {
+        let table = path.split('.').next().unwrap_or(path);
+        self.0.get(table).unwrap_or_else(|| panic!("`{path}`: no table [{table}]"))
+    }
 }
 
-/// `[algorithm] kind = "safe"` and its `safe.*` keys.
-fn safe_settings(
-    algo: &Filled,
-    optim: &Filled,
-) -> (crate::algo::safe::SafeConfig, crate::algo::safe::Controller, crate::algo::safe::RewardNormalizer) {
-    use crate::algo::safe::{Controller, Phase, PhaseDetector, Pid, RewardNormalizer, SafeConfig, ValuePosition};
-    let f = |k: &str| float(algo, &format!("algorithm.safe.{k}"));
-    let eps = float(algo, "algorithm.epsilon");
-    let config = SafeConfig {
-        alpha_softmin: f("alpha_softmin"),
-        epochs: usz(algo, "algorithm.safe.epochs"),
-        clip: crate::algo::loss::ClipConfig {
-            eps_low: eps,
-            eps_high: float(algo, "algorithm.epsilon_high"),
-            delta: None,
-        },
-        value_clip: float(algo, "algorithm.value_clip"),
-        huber_delta: f("huber_delta"),
-        value_weight: f("value_weight"),
-        entropy_coef: f("entropy_coef"),
-        policy_max_grad_norm: float(optim, "optim.max_grad_norm"),
-        heads_max_grad_norm: f("heads_max_grad_norm"),
-        kl_penalty_grad: boolean(algo, "algorithm.safe.kl_penalty_grad"),
-        value_position: choice(algo, "algorithm.safe.value_position", ValuePosition::from_name),
-        // Filled in by the trainer from the memory plan and the tokenizer.
-        micro_batch_size: 0,
-        temperature: 1.0,
-        pad_id: 0,
-        logprob_chunk: 0,
-    };
-    let controller = Controller {
-        kl_base_threshold: f("kl_base_threshold"),
-        entropy_floor: f("entropy_floor"),
-        penalty_coef: f("penalty_coef"),
-        kl_ema: [f("kl_ema_short"), f("kl_ema_long")],
-        threshold_clamp: [f("threshold_min"), f("threshold_max")],
-        entropy_offset: f("entropy_offset"),
-        gate_floor: f("gate_floor"),
-        kl_short: 0.0,
-        kl_long: 0.0,
-        pid: Pid {
-            kp: f("pid_kp"),
-            ki: f("pid_ki"),
-            kd: f("pid_kd"),
-            reward_ema: f("reward_ema"),
-            target_velocity: f("target_velocity"),
-            integral_clamp: f("integral_clamp"),
-            ema: None,
-            integral: 0.0,
-            prev_error: 0.0,
-        },
-        phase: PhaseDetector {
-            window: usz(algo, "algorithm.safe.phase_window"),
-            climb_margin: f("climb_margin"),
-            converge_std: f("converge_std"),
-            converge_min: f("converge_min"),
-            multipliers: [f("phi_warmup"), f("phi_climbing"), f("phi_plateau"), f("phi_converged")],
-            history: Vec::new(),
-            phase: Phase::Warmup,
-        },
-    };
-    let normalizer =
-        RewardNormalizer { count: f("reward_norm_init_count"), mean: 0.0, var: 1.0, eps: f("reward_norm_eps") };
-    (config, controller, normalizer)
+impl crate::algo::Keys for TableKeys<'_> {
+    fn float(&self, path: &str) -> f64 {
+        float(self.table(path), path)
+    }
+    fn int(&self, path: &str) -> i64 {
+        int(self.table(path), path)
+    }
+    fn boolean(&self, path: &str) -> bool {
+        boolean(self.table(path), path)
+    }
+    fn string(&self, path: &str) -> String {
+        string(self.table(path), path)
+    }
+    fn is_set(&self, path: &str) -> bool {
+        self.table(path).get(path).is_some()
+    }
 }

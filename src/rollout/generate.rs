@@ -23,6 +23,14 @@ pub enum FinishReason {
     Length,
 }
 
+impl FinishReason {
+    /// The one rule for "truncated" (`algorithm.mask_truncated_completions`, `completions/clipped_ratio`): cut at
+    /// `max_new_tokens`. A completion that ended at EOS or at a stop string ended on its own.
+    pub fn is_truncated(self) -> bool {
+        self == FinishReason::Length
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct GenerationConfig {
     pub sampling: SamplingParams,

@@ -1,7 +1,6 @@
-//! Rollout: batched KV-cache generation and sampling, and the `safe generate` command.
+//! Rollout: batched KV-cache generation and sampling, and replayed rollouts.
 
 pub mod batch;
-pub mod command;
 pub mod generate;
 pub mod replay;
 pub mod rng;

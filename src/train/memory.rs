@@ -33,8 +33,10 @@ pub struct StepShape {
     pub micro_batch_size: usize,
     pub max_prompt_tokens: usize,
     pub max_new_tokens: usize,
-    /// Whether a frozen reference model is loaded (β > 0).
+    /// Whether a frozen reference model is loaded.
     pub reference: bool,
+    /// Whether it is loaded for the KL term alone, so `algorithm.beta = 0` would drop it.
+    pub reference_optional: bool,
     /// Whether a trainable value model is loaded (PPO): its state and activations count like the policy's.
     pub critic: bool,
     /// Bytes per weight (4 for f32, 2 for bf16).
@@ -125,15 +127,17 @@ fn too_big(cfg: &ModelConfig, shape: &StepShape, micro: usize, budget: u64, auto
     let advice = match fits {
         Some(d) if !auto => format!("set algorithm.micro_batch_size = {d} (or 0 for auto)"),
         _ if state > budget => {
+            // β = 0 is advice only where the reference is there for β's KL alone (not SAFE's, not PAR's).
+            let droppable = shape.reference && shape.reference_optional;
             let without_reference = step_bytes(cfg, &StepShape { reference: false, ..*shape }, 0);
-            if shape.reference && without_reference <= budget {
+            if droppable && without_reference <= budget {
                 "the model's weights, gradients and optimizer state alone do not fit: set algorithm.beta = 0 to drop \
                  the reference model, or use a smaller model"
                     .to_string()
             } else {
                 format!(
                     "the model's weights, gradients and optimizer state alone ({}) do not fit: use a smaller model",
-                    gb(without_reference)
+                    gb(if droppable { without_reference } else { state })
                 )
             }
         }
@@ -186,6 +190,7 @@ mod tests {
             max_prompt_tokens: 64,
             max_new_tokens: 64,
             reference: true,
+            reference_optional: true,
             critic: false,
             dtype_bytes: 4,
             fused_head: false,
@@ -220,6 +225,11 @@ mod tests {
         assert!(e.contains("algorithm.beta = 0"), "{e}");
         let e = plan(&cfg, &shape(0), Some(state / 2)).unwrap_err();
         assert!(!e.contains("algorithm.beta = 0") && e.contains("use a smaller model"), "{e}");
+        // Regression: SAFE (its controller always reads the KL) and PAR need the reference whatever β is, so β = 0
+        // is no advice for them.
+        let needed = StepShape { reference_optional: false, ..shape(0) };
+        let e = plan(&cfg, &needed, Some((without_reference as f64 / HEADROOM) as u64 + 1)).unwrap_err();
+        assert!(!e.contains("algorithm.beta") && e.contains("use a smaller model"), "{e}");
         // State fits, one row does not: shorten the sequences.
         let e = plan(&cfg, &shape(0), Some(((state + per_row / 2) as f64 / HEADROOM) as u64)).unwrap_err();
         assert!(e.contains("rollout.max_new_tokens"), "{e}");

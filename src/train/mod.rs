@@ -1,18 +1,19 @@
 //! `safe train`: the loop. It owns the order of the stages and nothing else:
 //!
-//! rollout (sample G completions per prompt, or replay them) → rewards → group advantages → policy update
-//! (μ optimizer steps) → metrics and completions files → checkpoint.
+//! rollout (sample G completions per prompt, or replay them) → rewards (and shaping) → the algorithm's advantages
+//! → the algorithm's update → metrics and completions files → checkpoint. What each algorithm does in its stages is
+//! its own ([`crate::algo`]); this file never asks which algorithm runs.
 //!
 //! Exact resume follows from three choices: every random stream is keyed by (run.seed, step, prompt, sample), so no
 //! generator state exists; the data position is the sampler's (epoch, cursor); and everything else that changes
-//! between steps is in [`TrainState`] or the optimizer, both saved in each checkpoint.
+//! between steps is in [`TrainState`] (the algorithm's own state included), the optimizer or the algorithm's tensor
+//! files, all saved in each checkpoint.
 
 pub mod memory;
 pub mod references;
 pub mod run_dir;
 mod setup;
 pub mod signal;
-mod update;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -21,61 +22,19 @@ use anyhow::{anyhow, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::advantage::group_advantages;
-use crate::algo::grpo::UpdateConfig;
-use crate::algo::ppo::KlController;
-use crate::algo::safe::{Controller, RewardNormalizer};
+pub use crate::algo::StepOutcome;
+use crate::algo::{Algorithm, Models, Runtime, StepBatch};
 use crate::checkpoint::{self, SaveRequest};
 use crate::data::{Dataset, Sampler, SamplerState};
 use crate::exit::{self, Failure, OrExit};
 use crate::metrics::{names, MetricsWriter, Record};
-use crate::model::value::{SoftMinHeads, ValueModel};
 use crate::model::{CausalLm, Tokenizer};
 use crate::optim::AdamW;
-use crate::optim::AdamWState;
-use crate::recipe::{AlgorithmKind, Recipe};
+use crate::recipe::Recipe;
 use crate::reward::shaping::{shape, RunningStats, ShapingKind};
 use crate::reward::{RewardInput, RewardPipeline, ScoredBatch};
-use crate::rollout::{generate, FinishReason, GenerationConfig, Replay, Request, Rollouts, RowKey, Sample};
+use crate::rollout::{generate, GenerationConfig, Replay, Request, Rollouts, RowKey, Sample};
 use references::{ReferenceRewards, ReferenceSource};
-
-/// The critic: PPO's separate value model, or SAFE's two heads on the policy's trunk.
-pub enum Critic {
-    Value(Box<ValueModel>),
-    Heads(SoftMinHeads),
-}
-
-impl Critic {
-    fn vars(&self) -> &[(String, candle_core::Var)] {
-        match self {
-            Critic::Value(v) => v.vars(),
-            Critic::Heads(h) => h.vars(),
-        }
-    }
-    fn named_tensors(&self) -> Vec<(String, candle_core::Tensor)> {
-        match self {
-            Critic::Value(v) => v.named_tensors(),
-            Critic::Heads(h) => h.named_tensors(),
-        }
-    }
-    fn load_weights(&self, t: &std::collections::HashMap<String, candle_core::Tensor>) -> Result<()> {
-        match self {
-            Critic::Value(v) => v.load_weights(t),
-            Critic::Heads(h) => h.load_weights(t),
-        }
-    }
-}
-
-/// SAFE's controller and reward normaliser: all the state it carries between steps besides weights.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SafeState {
-    pub controller: Controller,
-    pub normalizer: RewardNormalizer,
-}
-
-/// The critic's weights and optimizer moments in a checkpoint (PPO, SAFE).
-pub const CRITIC_FILE: &str = "critic.safetensors";
-pub const CRITIC_OPTIMIZER_FILE: &str = "critic_optimizer.safetensors";
 
 /// Everything the loop carries from one step to the next besides weights and optimizer; saved verbatim in each
 /// checkpoint's `state.json` (`training`).
@@ -102,26 +61,10 @@ pub struct TrainState {
     /// Reference rewards per prompt (PAR and the other relative shaping kinds).
     #[serde(default)]
     pub references: ReferenceRewards,
-    /// PPO: the KL coefficient's controller (β moves when adaptive).
+    /// The algorithm's own state (its controllers, its critic's optimizer step; `null` for none): what
+    /// [`Algorithm::state`] returned.
     #[serde(default)]
-    pub kl_controller: Option<KlController>,
-    /// PPO / SAFE: the critic optimizer's scalar state (its moments are `critic_optimizer.safetensors`).
-    #[serde(default)]
-    pub critic_optimizer: Option<AdamWState>,
-    /// SAFE: controller and reward normaliser.
-    #[serde(default)]
-    pub safe: Option<SafeState>,
-}
-
-/// How a step ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StepOutcome {
-    Trained,
-    /// Not applied: a stage produced a non-finite value (or a reward source failed).
-    Skipped {
-        stage: &'static str,
-        reason: String,
-    },
+    pub algorithm: serde_json::Value,
 }
 
 /// One step's result: its metrics record and outcome.
@@ -152,12 +95,13 @@ pub struct Trainer {
     reference: Option<CausalLm>,
     tokenizer: Tokenizer,
     optimizer: AdamW,
-    /// PPO's value model or SAFE's critic heads, with their optimizer.
-    critic: Option<(Critic, AdamW)>,
+    /// The algorithm, with its own models (critics) and state.
+    algorithm: Box<dyn Algorithm>,
     rewards: RewardPipeline,
     prompts: Prompts,
     generation: GenerationConfig,
-    update: UpdateConfig,
+    /// What every update is handed (its `step` set each step).
+    runtime: Runtime,
     plan: memory::Plan,
     state: TrainState,
     metrics: MetricsWriter,
@@ -278,12 +222,8 @@ impl Trainer {
     /// Write a checkpoint of the current state.
     pub fn save(&self) -> Result<PathBuf> {
         let mut state = self.state.clone();
-        let mut extra = Vec::new();
-        if let Some((value, opt)) = &self.critic {
-            state.critic_optimizer = Some(opt.state());
-            extra.push((CRITIC_FILE.to_string(), value.named_tensors()));
-            extra.push((CRITIC_OPTIMIZER_FILE.to_string(), opt.state_tensors()));
-        }
+        state.algorithm = self.algorithm.state()?;
+        let extra = self.algorithm.tensor_files();
         let state = serde_json::to_value(&state)?;
         let req = SaveRequest {
             step: self.state.step,
@@ -320,34 +260,28 @@ impl Trainer {
                 for (name, value) in &scored.metrics {
                     record.set(name.clone(), *value);
                 }
-                let g = self.recipe.rollout.num_generations;
-                if let Some(gl) = &self.recipe.algorithm.grpo_lambda {
-                    update::grpo_lambda_rewards(gl, &samples, g, &mut scored, &mut record)?;
-                }
                 completion_metrics(&mut record, &samples);
-                // GRPO's advantages are one per completion; PPO's (GAE) and SAFE's come out of their updates.
-                let kind = self.recipe.algorithm.kind;
-                let group = match kind {
-                    AlgorithmKind::Ppo | AlgorithmKind::Safe => None,
-                    AlgorithmKind::Grpo | AlgorithmKind::GrpoLambda => {
-                        let rewards: Vec<Option<f64>> =
-                            scored.total.iter().map(|&r| (!r.is_nan()).then_some(r)).collect();
-                        let adv = group_advantages(&rewards, g, self.recipe.algorithm.scale_rewards)?;
-                        record.set(names::REWARD_STD, adv.reward_std);
-                        record.set(names::FRAC_REWARD_ZERO_STD, adv.frac_reward_zero_std);
-                        Some(adv.advantages)
-                    }
+                let rt = Runtime { step, ..self.runtime };
+                let models = Models {
+                    policy: &self.policy,
+                    rollout_view: &self.sampler_model,
+                    reference: self.reference.as_ref(),
+                    optimizer: &mut self.optimizer,
                 };
+                let advantages = self.algorithm.advantages(&models, &samples, &mut scored, &rt, &mut record)?;
                 let every = self.recipe.run.completions_every;
                 if every > 0 && step.is_multiple_of(every) {
-                    self.write_completions(step, &samples, &scored, group.as_deref())?;
+                    self.write_completions(step, &samples, &scored, advantages.as_deref())?;
                 }
                 let t = Instant::now();
-                let outcome = match (&group, kind) {
-                    (Some(advantages), _) => self.update(&samples, advantages, &mut record)?,
-                    (None, AlgorithmKind::Safe) => self.safe_update(&samples, &scored, &mut record)?,
-                    (None, _) => self.ppo_update(step, &samples, &scored, &mut record)?,
+                let models = Models {
+                    policy: &self.policy,
+                    rollout_view: &self.sampler_model,
+                    reference: self.reference.as_ref(),
+                    optimizer: &mut self.optimizer,
                 };
+                let batch = StepBatch { samples: &samples, scored: &scored };
+                let outcome = self.algorithm.update(models, &batch, advantages.as_deref(), &rt, &mut record)?;
                 update_s = t.elapsed().as_secs_f64();
                 outcome
             }
@@ -507,7 +441,7 @@ impl Trainer {
                 "num_tokens": s.completion_ids.len(),
                 "rewards": rewards,
                 "reward": finite_or_null(scored.total[i]),
-                // PPO's advantages are per token: none per completion.
+                // PPO's and SAFE's advantages come out of their updates: none per completion here.
                 "advantage": advantages.map(|a| finite_or_null(a[i])),
             });
             writeln!(out, "{line}")?;
@@ -526,9 +460,9 @@ fn finite_or_null(x: f64) -> serde_json::Value {
 fn completion_metrics(record: &mut Record, samples: &[Sample]) {
     let lens: Vec<f64> = samples.iter().map(|s| s.completion_ids.len() as f64).collect();
     let n = lens.len().max(1) as f64;
-    let clipped = samples.iter().filter(|s| s.finish == FinishReason::Length).count();
+    let clipped = samples.iter().filter(|s| s.finish.is_truncated()).count();
     let ended: Vec<f64> =
-        samples.iter().filter(|s| s.finish != FinishReason::Length).map(|s| s.completion_ids.len() as f64).collect();
+        samples.iter().filter(|s| !s.finish.is_truncated()).map(|s| s.completion_ids.len() as f64).collect();
     record.set(names::COMPLETION_MEAN_LENGTH, lens.iter().sum::<f64>() / n);
     record.set(names::COMPLETION_MIN_LENGTH, lens.iter().copied().fold(f64::INFINITY, f64::min));
     record.set(names::COMPLETION_MAX_LENGTH, lens.iter().copied().fold(0.0, f64::max));

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::checkpoint::{self, Checkpoint};
-use crate::cli::Resume;
 use crate::recipe::{self, Recipe, RESUMABLE_KEYS};
 
 pub const RESOLVED_RECIPE_FILE: &str = "recipe.resolved.toml";
@@ -17,6 +16,26 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const COMPLETIONS_DIR: &str = "completions";
 /// Checkpoints after the one a run was resumed from (`--resume DIR`) are moved aside under this prefix, never deleted.
 pub const SUPERSEDED_PREFIX: &str = "superseded-";
+
+/// `--resume auto|DIR|never`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    Auto,
+    Never,
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for Resume {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "never" => Self::Never,
+            "" => return Err("expected auto, never or a checkpoint directory".into()),
+            dir => Self::Dir(PathBuf::from(dir)),
+        })
+    }
+}
 
 /// Where the run starts.
 pub enum Start {

@@ -5,15 +5,12 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::references::ReferenceRewards;
 use super::run_dir::{self, Start};
-use super::{memory, Critic, Prompts, SafeState, TrainState, Trainer, CRITIC_FILE, CRITIC_OPTIMIZER_FILE};
-use crate::algo::grpo::{GrpoLossConfig, UpdateConfig};
-use crate::algo::loss::{Aggregation, ClipConfig};
-use crate::algo::ppo::KlController;
+use super::{memory, Prompts, TrainState, Trainer};
+use crate::algo::{OptimSchedule, Runtime};
 use crate::checkpoint::Checkpoint;
 use crate::data::{Dataset, Sampler, TruncationCounter};
 use crate::exit::{self, Failure, OrExit};
 use crate::metrics::MetricsWriter;
-use crate::model::value::{SoftMinHeads, ValueModel};
 use crate::model::{LoadedModel, ModelSource};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::recipe::{Recipe, RolloutSource};
@@ -48,9 +45,10 @@ impl Trainer {
         let (policy, tokenizer) = loaded.into_model(true, &device, dtype)?;
         let tokenizer = tokenizer.with_context(|| format!("{origin} has no tokenizer (tokenizer.json)"))?;
         let a = &recipe.algorithm;
-        // The frozen starting policy: the KL reference (β > 0) and the source of PAR's reference completions.
+        let needs = a.settings.needs();
+        // The frozen starting policy: the algorithm's KL reference and the source of PAR's reference completions.
         let sh = &recipe.shaping;
-        let needs_reference = a.beta > 0.0 || sh.kind.needs_references(sh.relative) || a.safe.is_some();
+        let needs_reference = needs.reference || sh.kind.needs_references(sh.relative);
         // Plan before the reference loads: a step that cannot fit is refused without loading a second copy.
         let ro = &recipe.rollout;
         let n = ro.completions_per_step();
@@ -60,12 +58,13 @@ impl Trainer {
             max_prompt_tokens: recipe.data.max_prompt_tokens,
             max_new_tokens: ro.max_new_tokens,
             reference: needs_reference,
-            critic: a.ppo.is_some(),
+            reference_optional: needs.reference_for_beta_only && !sh.kind.needs_references(sh.relative),
+            critic: needs.value_model,
             dtype_bytes: dtype.size_in_bytes(),
-            // SAFE's entropy term is differentiable, which needs the composite head.
-            fused_head: crate::model::fused_head::supported(&device, dtype) && a.safe.is_none(),
-            gradient_checkpointing: a.gradient_checkpointing,
-            can_checkpoint: a.kind.is_grpo(),
+            // A differentiable entropy needs the composite head.
+            fused_head: crate::model::fused_head::supported(&device, dtype) && !needs.entropy_gradient,
+            gradient_checkpointing: needs.gradient_checkpointing,
+            can_checkpoint: needs.can_checkpoint,
         };
         let plan = memory::plan(&config, &shape, available).map_err(|e| anyhow!(e))?;
         let reference = if needs_reference {
@@ -147,16 +146,7 @@ impl Trainer {
                 recipe: recipe.to_toml_string(),
                 shaping_stats: RunningStats::default(),
                 references: ReferenceRewards::default(),
-                kl_controller: a.ppo.as_ref().map(|p| KlController {
-                    beta: a.beta,
-                    target: p.kl_target,
-                    horizon: p.kl_horizon,
-                }),
-                critic_optimizer: None,
-                safe: a.safe.as_ref().map(|(_, controller, normalizer)| SafeState {
-                    controller: controller.clone(),
-                    normalizer: *normalizer,
-                }),
+                algorithm: serde_json::Value::Null,
             },
         };
 
@@ -184,75 +174,47 @@ impl Trainer {
             batch_size: ro.generation_batch_size(),
             pad_id,
         };
-        let update = UpdateConfig {
-            loss: GrpoLossConfig {
-                beta: a.beta,
-                clip: ClipConfig { eps_low: a.epsilon, eps_high: a.epsilon_high, delta: None },
-                aggregation: Aggregation::new(a.loss_type, ro.max_new_tokens),
-                use_bias_correction_kl: a.use_bias_correction_kl,
-            },
+        let runtime = Runtime {
+            step: state.step,
+            max_steps: recipe.run.max_steps,
+            seed: recipe.run.seed,
             micro_batch_size: plan.micro_batch_size,
-            temperature: ro.temperature,
-            max_grad_norm: o.max_grad_norm,
-            pad_id,
             logprob_chunk: plan.logprob_chunk,
-            gradient_checkpointing: a.gradient_checkpointing,
+            temperature: ro.temperature,
+            pad_id,
+            max_new_tokens: ro.max_new_tokens,
+            group_size: ro.num_generations,
+            optim: OptimSchedule {
+                lr: o.lr,
+                schedule: o.schedule,
+                warmup_steps: o.warmup_steps,
+                max_grad_norm: o.max_grad_norm,
+            },
         };
-        let critic_opt = |vars: &[(String, candle_core::Var)]| {
-            let c = &recipe.critic;
-            AdamW::new(
-                vars.to_vec(),
-                AdamWConfig {
-                    lr: c.lr,
-                    beta1: o.betas[0],
-                    beta2: o.betas[1],
-                    eps: o.eps,
-                    weight_decay: o.weight_decay,
-                },
-            )
+        let reward_model = recipe.rewards.iter().find_map(|w| match &w.source {
+            crate::recipe::RewardSource::Model { id, .. } => Some(id.as_str()),
+            _ => None,
+        });
+        let setup = crate::algo::Setup {
+            device: &device,
+            dtype,
+            policy: &config,
+            policy_source: &base,
+            reward_model,
+            seed: recipe.run.seed,
+            optim: *optimizer.config(),
         };
-        let critic = match (&a.ppo, &a.safe) {
-            (None, None) => None,
-            (None, Some(_)) => Some(Critic::Heads(SoftMinHeads::new(config.hidden_size, recipe.run.seed, &device)?)),
-            (Some(_), _) => {
-                let c = &recipe.critic;
-                let source = match c.init.as_str() {
-                    "policy" => base.clone(),
-                    "reward_model" => {
-                        let id = recipe.rewards.iter().find_map(|w| match &w.source {
-                            crate::recipe::RewardSource::Model { id, .. } => Some(id.clone()),
-                            _ => None,
-                        });
-                        ModelSource::parse(&id.expect("checked by the recipe"), None)?
-                    }
-                    path => ModelSource::parse(path, None).context("critic.init")?,
-                };
-                let value = ValueModel::from_loaded(LoadedModel::load(&source, &device, dtype)?, &device, dtype)
-                    .context("loading the value model (critic.init)")?;
-                if value.vocab_size() != config.vocab_size {
-                    bail!(
-                        "critic.init = \"{}\" has a vocabulary of {} tokens, the policy {}: the value model reads the \
-                         policy's token ids, so it needs the same tokenizer",
-                        c.init,
-                        value.vocab_size(),
-                        config.vocab_size
-                    );
-                }
-                Some(Critic::Value(Box::new(value)))
-            }
-        };
-        let critic = match critic {
-            None => None,
-            Some(critic) => {
-                let mut opt = critic_opt(critic.vars())?;
-                if let Some(ckpt) = checkpoint {
-                    critic.load_weights(&ckpt.tensor_file(CRITIC_FILE, &device)?)?;
-                    let st = state.critic_optimizer.context("the checkpoint has no critic optimizer state")?;
-                    opt.load_state(&st, &ckpt.tensor_file(CRITIC_OPTIMIZER_FILE, &device)?)?;
-                }
-                Some((critic, opt))
-            }
-        };
+        let mut algorithm = crate::algo::build(&a.settings, &setup)?;
+        if let Some(ckpt) = checkpoint {
+            let files = |name: &str| ckpt.tensor_file(name, &device);
+            algorithm.restore(&state.algorithm, &files).with_context(|| {
+                format!(
+                    "{}: cannot restore the {} state",
+                    ckpt.dir().join(crate::checkpoint::STATE_FILE).display(),
+                    a.kind
+                )
+            })?;
+        }
         let mut sampler_model = policy.frozen_view()?;
         if recipe.rollout.bf16_importance_cap.is_some() {
             sampler_model.enable_bf16_decode().context("rollout.weights = \"bf16\"")?;
@@ -265,11 +227,11 @@ impl Trainer {
             reference,
             tokenizer,
             optimizer,
-            critic,
+            algorithm,
             rewards,
             prompts,
             generation,
-            update,
+            runtime,
             plan,
             state,
             metrics,
@@ -280,6 +242,10 @@ impl Trainer {
 
 /// The trainer's state saved in a checkpoint.
 fn train_state(c: &Checkpoint) -> Result<TrainState> {
-    serde_json::from_value(c.state().clone())
-        .with_context(|| format!("{}: the training state is not one this safe can read", c.dir().display()))
+    crate::checkpoint::from_state(c.state(), "training").with_context(|| {
+        format!(
+            "{}: the training state is not one this safe can read",
+            c.dir().join(crate::checkpoint::STATE_FILE).display()
+        )
+    })
 }

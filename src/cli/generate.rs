@@ -6,10 +6,10 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{generate, GenerationConfig, Request, RowKey, SamplingParams};
-use crate::cli::{GenerateArgs, OutputFormat};
+use super::{GenerateArgs, OutputFormat};
 use crate::data::{Dataset, Prompt};
 use crate::model::{LoadedModel, ModelSource};
+use crate::rollout::{generate, GenerationConfig, Request, RowKey, SamplingParams};
 
 /// Everything before sampling: all errors here are bad input (exit 2).
 pub struct Prepared {

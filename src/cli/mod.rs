@@ -7,6 +7,9 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use crate::exit::{self, Failure, OrExit};
 use crate::recipe::{self, DTypeSpec, DeviceSpec, Recipe, RewardSource, RolloutSource, Rule};
+pub use crate::train::run_dir::Resume;
+
+mod generate;
 
 const ABOUT: &str = "Fine-tune Hugging Face causal language models with reinforcement learning (GRPO), on Candle.";
 
@@ -64,26 +67,6 @@ pub struct TrainArgs {
     /// With `--resume never`: delete an existing run directory (checkpoints included) and start over.
     #[arg(long)]
     pub overwrite: bool,
-}
-
-/// `--resume auto|DIR|never`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Resume {
-    Auto,
-    Never,
-    Dir(PathBuf),
-}
-
-impl std::str::FromStr for Resume {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "auto" => Self::Auto,
-            "never" => Self::Never,
-            "" => return Err("expected auto, never or a checkpoint directory".into()),
-            dir => Self::Dir(PathBuf::from(dir)),
-        })
-    }
 }
 
 /// Validate a recipe and print it fully resolved.
@@ -231,8 +214,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Train(args) => train(&args),
         Command::Generate(args) => {
             // Loading and prompt preparation are input (exit 2); a failure while sampling is a run failure (exit 1).
-            let prepared = crate::rollout::command::prepare(&args).or_exit(exit::BAD_INPUT)?;
-            crate::rollout::command::run(&args, prepared).or_exit(exit::TRAINING_FAILED)
+            let prepared = generate::prepare(&args).or_exit(exit::BAD_INPUT)?;
+            generate::run(&args, prepared).or_exit(exit::TRAINING_FAILED)
         }
     }
 }
@@ -323,7 +306,7 @@ pub fn summary(r: &Recipe, resume: &Resume) -> String {
         "run:        {} (max_steps {}, seed {}, resume {resume})\n\
          model:      {} @ {} (dtype {}, device {})\n\
          data:       {data}\n\
-         algorithm:  {} (loss_type {}, scale_rewards {}, beta {}, epsilon {}/{}, num_iterations {})\n\
+         algorithm:  {} ({})\n\
          batch:      {} prompts × {} generations = {n} completions per step; micro-batches: {micro}\n\
          rollout:    {source}\n\
          optimizer:  AdamW lr {:?} ({} schedule, {} warm-up steps), max_grad_norm {}\n\
@@ -337,12 +320,7 @@ pub fn summary(r: &Recipe, resume: &Resume) -> String {
         r.model.dtype,
         r.model.device,
         a.kind,
-        a.loss_type,
-        a.scale_rewards,
-        a.beta,
-        a.epsilon,
-        a.epsilon_high,
-        a.num_iterations,
+        a.settings.summary(),
         ro.prompts_per_step,
         ro.num_generations,
         r.optim.lr,
