@@ -104,9 +104,79 @@ pub fn group_advantages(rewards: &[Option<f64>], group_size: usize, scale: Scale
     Ok(GroupAdvantages { advantages, group_mean, group_std, frac_reward_zero_std, reward_mean, reward_std, batch_std })
 }
 
+/// RLOO's leave-one-out advantages (TRL `RLOOTrainer._generate_and_score_completions`): within each group of
+/// `group_size`, A_i = r_i − (Σ_{j≠i} r_j)/(K − 1) over the K scorable (non-missing) rewards, which equals
+/// K/(K − 1)·(r_i − mean). `None` where TRL has NaN: a missing reward, or a group with a single scorable reward
+/// (the trainer then uses 0, TRL's `nan_to_num`).
+pub fn leave_one_out(rewards: &[Option<f64>], group_size: usize) -> Result<Vec<Option<f64>>> {
+    if group_size == 0 || !rewards.len().is_multiple_of(group_size) {
+        bail!("{} rewards do not split into groups of {group_size}", rewards.len());
+    }
+    let valid = |r: &Option<f64>| r.filter(|x| !x.is_nan());
+    let mut out = Vec::with_capacity(rewards.len());
+    for group in rewards.chunks(group_size) {
+        let k = group.iter().filter_map(valid).count();
+        let sum: f64 = group.iter().filter_map(valid).sum();
+        out.extend(group.iter().map(|r| valid(r).filter(|_| k > 1).map(|x| x - (sum - x) / (k - 1) as f64)));
+    }
+    Ok(out)
+}
+
+/// TRL RLOO's `normalize_advantages`: (A − mean)/(std + 1e-4) over the batch's defined advantages, the std unbiased
+/// (n − 1, TRL's `nanstd`); `None` stays `None`.
+pub fn normalize_batch(advantages: &mut [Option<f64>]) {
+    let defined: Vec<f64> = advantages.iter().flatten().copied().collect();
+    let (mean, std) = mean_std_u(&defined);
+    for a in advantages.iter_mut().flatten() {
+        *a = (*a - mean) / (std + STD_EPS);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leave_one_out_worked_examples() {
+        // TRL RLOO, G = 4: r = [1, 0, 0.5, 0], sum 1.5: A_0 = 1 − 0.5/3 = 0.8333…, A_1 = 0 − 1.5/3 = −0.5,
+        // A_2 = 0.5 − 1/3 = 0.1666…, A_3 = −0.5.
+        let r = |v: &[f64]| v.iter().map(|&x| Some(x)).collect::<Vec<_>>();
+        let close = |a: &[Option<f64>], e: &[f64], tol: f64| {
+            assert_eq!(a.len(), e.len());
+            for (x, e) in a.iter().zip(e) {
+                assert!((x.unwrap() - e).abs() < tol, "{a:?} vs {e}");
+            }
+        };
+        close(
+            &leave_one_out(&r(&[1.0, 0.0, 0.5, 0.0]), 4).unwrap(),
+            &[0.8333333333333334, -0.5, 0.16666666666666669, -0.5],
+            1e-15,
+        );
+        // Two groups, then normalised over the batch (unbiased std + 1e-4).
+        let mut a = leave_one_out(&r(&[1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.5]), 4).unwrap();
+        let raw =
+            [0.8333333333333334, -0.5, 0.16666666666666669, -0.5, 0.5, 0.5, -0.8333333333333334, -0.16666666666666663];
+        close(&a, &raw, 1e-15);
+        normalize_batch(&mut a);
+        let norm = [
+            1.4099515910566656,
+            -0.8459709546339993,
+            0.28199031821133314,
+            -0.8459709546339993,
+            0.8459709546339993,
+            0.8459709546339993,
+            -1.4099515910566656,
+            -0.281990318211333,
+        ];
+        close(&a, &norm, 1e-12);
+        // A missing reward leaves the baseline and has no advantage: [1, –, 0, 0.5] → K = 3, sum 1.5: 1 − 0.25,
+        // none, 0 − 0.75, 0.5 − 0.5.
+        let a = leave_one_out(&[Some(1.0), None, Some(0.0), Some(0.5)], 4).unwrap();
+        assert_eq!(a, vec![Some(0.75), None, Some(-0.75), Some(0.0)]);
+        // A single scorable reward in a group: no baseline, no advantage.
+        assert_eq!(leave_one_out(&[Some(1.0), None], 2).unwrap(), vec![None, None]);
+        assert!(leave_one_out(&r(&[1.0, 2.0, 3.0]), 2).is_err());
+    }
 
     fn close(a: f64, b: f64) {
         assert!((a - b).abs() <= 1e-12, "{a} vs {b}");

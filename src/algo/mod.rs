@@ -27,6 +27,7 @@ pub mod grpo;
 pub mod grpo_lambda;
 pub mod loss;
 pub mod ppo;
+pub mod rloo;
 pub mod safe;
 
 use anyhow::Result;
@@ -36,7 +37,7 @@ pub use critic::{CRITIC_FILE, CRITIC_OPTIMIZER_FILE};
 
 choice_enum!(
     /// The RL algorithm (`algorithm.kind`).
-    AlgorithmKind { Grpo = "grpo", GrpoLambda = "grpo_lambda", Ppo = "ppo", Safe = "safe" }
+    AlgorithmKind { Grpo = "grpo", GrpoLambda = "grpo_lambda", Ppo = "ppo", Safe = "safe", Rloo = "rloo" }
 );
 
 /// An algorithm's view of the validated recipe keys it reads, by full path (`algorithm.epsilon`, `critic.lr`). The
@@ -106,6 +107,7 @@ pub enum Settings {
     GrpoLambda(grpo_lambda::GrpoLambdaSettings),
     Ppo(ppo::PpoSettings),
     Safe(safe::SafeSettings),
+    Rloo(rloo::RlooSettings),
 }
 
 impl Settings {
@@ -116,6 +118,7 @@ impl Settings {
             AlgorithmKind::GrpoLambda => Settings::GrpoLambda(grpo_lambda::GrpoLambdaSettings::from_keys(k)),
             AlgorithmKind::Ppo => Settings::Ppo(ppo::PpoSettings::from_keys(k)),
             AlgorithmKind::Safe => Settings::Safe(safe::SafeSettings::from_keys(k)),
+            AlgorithmKind::Rloo => Settings::Rloo(rloo::RlooSettings::from_keys(k)),
         }
     }
 
@@ -126,6 +129,7 @@ impl Settings {
             AlgorithmKind::GrpoLambda => Settings::GrpoLambda(Default::default()),
             AlgorithmKind::Ppo => Settings::Ppo(Default::default()),
             AlgorithmKind::Safe => Settings::Safe(Default::default()),
+            AlgorithmKind::Rloo => Settings::Rloo(Default::default()),
         }
     }
 
@@ -135,6 +139,7 @@ impl Settings {
             Settings::GrpoLambda(_) => AlgorithmKind::GrpoLambda,
             Settings::Ppo(_) => AlgorithmKind::Ppo,
             Settings::Safe(_) => AlgorithmKind::Safe,
+            Settings::Rloo(_) => AlgorithmKind::Rloo,
         }
     }
 
@@ -144,6 +149,7 @@ impl Settings {
             Settings::GrpoLambda(p) => p.needs(),
             Settings::Ppo(p) => p.needs(),
             Settings::Safe(p) => p.needs(),
+            Settings::Rloo(p) => p.needs(),
         }
     }
 
@@ -154,6 +160,7 @@ impl Settings {
             Settings::GrpoLambda(p) => p.summary(),
             Settings::Ppo(p) => p.summary(),
             Settings::Safe(p) => p.summary(),
+            Settings::Rloo(p) => p.summary(),
         }
     }
 
@@ -164,6 +171,7 @@ impl Settings {
             Settings::GrpoLambda(p) => p.problems(shape),
             Settings::Ppo(p) => p.problems(shape),
             Settings::Safe(p) => p.problems(shape),
+            Settings::Rloo(p) => p.problems(shape),
         }
     }
 }
@@ -175,5 +183,6 @@ pub fn build(settings: &Settings, setup: &Setup) -> Result<Box<dyn Algorithm>> {
         Settings::GrpoLambda(p) => Box::new(grpo_lambda::GrpoLambda::new(p.clone())),
         Settings::Ppo(p) => Box::new(ppo::Ppo::new(p.clone(), setup)?),
         Settings::Safe(p) => Box::new(safe::Safe::new(p.clone(), setup)?),
+        Settings::Rloo(p) => Box::new(rloo::Rloo::new(p.clone())),
     })
 }

@@ -402,9 +402,10 @@ const fn algorithms(is: &'static [&'static str]) -> When {
 /// GRPO's loss and its options (TRL's GRPOConfig keys).
 const GRPO_LOSS: When = algorithms(&["grpo", "grpo_lambda"]);
 /// The KL coefficient to the frozen reference.
-const KL_BETA: When = algorithms(&["grpo", "grpo_lambda", "ppo"]);
+const KL_BETA: When = algorithms(&["grpo", "grpo_lambda", "ppo", "rloo"]);
 /// μ updates per batch of rollouts, and dropping truncated completions from the loss.
-const REUSE: When = algorithms(&["grpo", "grpo_lambda"]);
+const REUSE: When = algorithms(&["grpo", "grpo_lambda", "rloo"]);
+const RLOO: When = algorithms(&["rloo"]);
 /// A trained critic beside the policy.
 const CRITIC: When = algorithms(&["ppo", "safe"]);
 const PPO: When = algorithms(&["ppo"]);
@@ -543,7 +544,7 @@ pub static KEYS: &[KeySpec] = &[
         "algorithm.kind",
         Kind::Choice(AlgorithmKind::NAMES),
         "\"grpo\"",
-        "grpo (TRL's GRPO), grpo_lambda (arXiv 2505.18086: the top λ fraction of groups by correctness get a length-penalised reward), ppo (a critic and GAE, TRL's PPOTrainer), or safe (arXiv 2602.04651: soft-min critic heads, entropy-gated PID-controlled KL penalty).",
+        "grpo (TRL's GRPO), grpo_lambda (arXiv 2505.18086: the top λ fraction of groups by correctness get a length-penalised reward), ppo (a critic and GAE, TRL's PPOTrainer), safe (arXiv 2602.04651: soft-min critic heads, entropy-gated PID-controlled KL penalty), or rloo (TRL's RLOOTrainer: leave-one-out baseline, KL in the reward, sequence-level ratio).",
     ),
     KeySpec {
         path: "algorithm.lambda",
@@ -583,9 +584,9 @@ pub static KEYS: &[KeySpec] = &[
     KeySpec {
         path: "algorithm.beta",
         kind: Kind::Float(FloatRange::non_negative()),
-        default: Default::Value("0.0"),
+        default: Default::ByAlgorithm { value: "0.0", overrides: &[("rloo", "0.05")] },
         when: Some(KL_BETA),
-        doc: "KL coefficient: k3 in GRPO's loss, the initial per-token k1 reward of PPO; 0 = no reference model.",
+        doc: "KL coefficient: k3 in GRPO's loss, the initial per-token k1 reward of PPO, the sequence k1 reward of RLOO; 0 = no reference model.",
     },
     key("algorithm.epsilon", Kind::Float(FloatRange::new(0.0, 1.0)), "0.2", "Lower clipping bound: ratio ≥ 1 − epsilon."),
     KeySpec {
@@ -940,6 +941,13 @@ pub static KEYS: &[KeySpec] = &[
         when: Some(When { key: "algorithm.kind", is: &["safe"] }),
         doc: "Reward normaliser's initial count (mean 0, variance 1).",
     },
+    scoped(
+        "algorithm.normalize_advantages",
+        Kind::Bool,
+        "false",
+        RLOO,
+        "Whiten the leave-one-out advantages over the step: (A − mean)/(std + 1e-4) (TRL RLOOConfig).",
+    ),
     // [critic]
     scoped(
         "critic.init",
