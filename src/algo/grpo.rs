@@ -525,13 +525,6 @@ impl ImportanceTally {
 /// off-policy rollout the importance weights and |logp_old − logp_sampling| `[b, C]`.
 type LossExtras = (GrpoLossMetrics, Tensor, Option<(Tensor, Tensor)>);
 
-/// Per-token rows right-padded with 0 to `width` columns → `[rows, width]`.
-fn padded_rows(rows: &[Vec<f32>], width: usize, dev: &candle_core::Device) -> Result<Tensor> {
-    let flat: Vec<f32> =
-        rows.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat(0.0)).take(width)).collect();
-    Ok(Tensor::from_vec(flat, (rows.len(), width), dev)?)
-}
-
 /// The forward/backward half of [`grpo_update`]: the policy's gradients summed over micro-batches, and the
 /// metrics (`grad_norm` is NaN here: it is measured when clipping). With a non-finite loss the gradients are empty.
 pub fn grpo_backward(
@@ -582,11 +575,13 @@ pub fn grpo_backward(
         let adv =
             Tensor::from_vec(batch.advantages[range.clone()].iter().map(|&a| a as f32).collect(), range.len(), dev)?;
         let old_rows = match batch.old_logprobs {
-            Some(old) => Some(padded_rows(&old[range.clone()], seqs.completion_width, dev)?),
+            Some(old) => Some(super::batching::padded_rows(&old[range.clone()], seqs.completion_width, dev)?),
             None => None,
         };
         let sampling_rows = match batch.sampling {
-            Some((lps, cap)) => Some((padded_rows(&lps[range.clone()], seqs.completion_width, dev)?, cap)),
+            Some((lps, cap)) => {
+                Some((super::batching::padded_rows(&lps[range.clone()], seqs.completion_width, dev)?, cap))
+            }
             None => None,
         };
         // The loss from the policy's final hidden states; with an off-policy rollout, also the importance weights

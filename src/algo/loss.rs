@@ -44,6 +44,15 @@ pub fn kl_k3(logp: f64, ref_logp: f64) -> f64 {
 }
 
 impl KlEstimator {
+    /// `algorithm.kl_estimator` (PPO, REINFORCE++).
+    pub fn from_keys(k: &dyn super::Keys) -> Self {
+        match k.string("algorithm.kl_estimator").as_str() {
+            "k1" => KlEstimator::K1,
+            "k2" => KlEstimator::K2,
+            _ => KlEstimator::K3,
+        }
+    }
+
     /// The estimate for one token.
     pub fn eval(self, logp: f64, ref_logp: f64) -> f64 {
         match self {

@@ -21,12 +21,14 @@
 //! Registration: a variant of [`AlgorithmKind`] (its recipe name), of [`Settings`], and one arm in each `match` of
 //! this file. Nothing in `train/` or `recipe/validate.rs` names an algorithm.
 
+pub mod batching;
 pub mod boundary;
 pub mod critic;
 pub mod grpo;
 pub mod grpo_lambda;
 pub mod loss;
 pub mod ppo;
+pub mod reinforce;
 pub mod rloo;
 pub mod safe;
 
@@ -37,7 +39,8 @@ pub use critic::{CRITIC_FILE, CRITIC_OPTIMIZER_FILE};
 
 choice_enum!(
     /// The RL algorithm (`algorithm.kind`).
-    AlgorithmKind { Grpo = "grpo", GrpoLambda = "grpo_lambda", Ppo = "ppo", Safe = "safe", Rloo = "rloo" }
+    AlgorithmKind { Grpo = "grpo", GrpoLambda = "grpo_lambda", Ppo = "ppo", Safe = "safe", Rloo = "rloo",
+        ReinforcePp = "reinforce_pp", ReinforcePpBaseline = "reinforce_pp_baseline" }
 );
 
 /// An algorithm's view of the validated recipe keys it reads, by full path (`algorithm.epsilon`, `critic.lr`). The
@@ -108,6 +111,8 @@ pub enum Settings {
     Ppo(ppo::PpoSettings),
     Safe(safe::SafeSettings),
     Rloo(rloo::RlooSettings),
+    /// `reinforce_pp` and `reinforce_pp_baseline` (its `baseline` flag).
+    Reinforce(reinforce::ReinforceSettings),
 }
 
 impl Settings {
@@ -119,6 +124,8 @@ impl Settings {
             AlgorithmKind::Ppo => Settings::Ppo(ppo::PpoSettings::from_keys(k)),
             AlgorithmKind::Safe => Settings::Safe(safe::SafeSettings::from_keys(k)),
             AlgorithmKind::Rloo => Settings::Rloo(rloo::RlooSettings::from_keys(k)),
+            AlgorithmKind::ReinforcePp => Settings::Reinforce(reinforce::ReinforceSettings::from_keys(k, false)),
+            AlgorithmKind::ReinforcePpBaseline => Settings::Reinforce(reinforce::ReinforceSettings::from_keys(k, true)),
         }
     }
 
@@ -130,6 +137,8 @@ impl Settings {
             AlgorithmKind::Ppo => Settings::Ppo(Default::default()),
             AlgorithmKind::Safe => Settings::Safe(Default::default()),
             AlgorithmKind::Rloo => Settings::Rloo(Default::default()),
+            AlgorithmKind::ReinforcePp => Settings::Reinforce(reinforce::ReinforceSettings::default_for(false)),
+            AlgorithmKind::ReinforcePpBaseline => Settings::Reinforce(reinforce::ReinforceSettings::default_for(true)),
         }
     }
 
@@ -140,6 +149,8 @@ impl Settings {
             Settings::Ppo(_) => AlgorithmKind::Ppo,
             Settings::Safe(_) => AlgorithmKind::Safe,
             Settings::Rloo(_) => AlgorithmKind::Rloo,
+            Settings::Reinforce(p) if p.baseline => AlgorithmKind::ReinforcePpBaseline,
+            Settings::Reinforce(_) => AlgorithmKind::ReinforcePp,
         }
     }
 
@@ -150,6 +161,7 @@ impl Settings {
             Settings::Ppo(p) => p.needs(),
             Settings::Safe(p) => p.needs(),
             Settings::Rloo(p) => p.needs(),
+            Settings::Reinforce(p) => p.needs(),
         }
     }
 
@@ -161,6 +173,7 @@ impl Settings {
             Settings::Ppo(p) => p.summary(),
             Settings::Safe(p) => p.summary(),
             Settings::Rloo(p) => p.summary(),
+            Settings::Reinforce(p) => p.summary(),
         }
     }
 
@@ -172,6 +185,7 @@ impl Settings {
             Settings::Ppo(p) => p.problems(shape),
             Settings::Safe(p) => p.problems(shape),
             Settings::Rloo(p) => p.problems(shape),
+            Settings::Reinforce(p) => p.problems(shape),
         }
     }
 }
@@ -184,5 +198,6 @@ pub fn build(settings: &Settings, setup: &Setup) -> Result<Box<dyn Algorithm>> {
         Settings::Ppo(p) => Box::new(ppo::Ppo::new(p.clone(), setup)?),
         Settings::Safe(p) => Box::new(safe::Safe::new(p.clone(), setup)?),
         Settings::Rloo(p) => Box::new(rloo::Rloo::new(p.clone())),
+        Settings::Reinforce(p) => Box::new(reinforce::Reinforce::new(p.clone())),
     })
 }

@@ -145,7 +145,6 @@ use crate::model::logprobs::{completion_logprobs, SequenceBatch};
 use crate::model::value::ValueModel;
 use crate::model::CausalLm;
 use crate::optim::{clip_grad_norm, AdamW, GradAccumulator};
-use crate::rollout::rng::{RowKey, RowRng};
 
 /// PPO's hyperparameters as the recipe gives them (`algorithm.*` when `kind = "ppo"`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -319,12 +318,7 @@ pub fn ppo_update(
     let (mut updates, mut tokens) = (0.0f64, 0.0f64);
     let (mut ratios, mut ratio_sq) = (0.0f64, 0.0f64);
     for epoch in 0..cfg.params.epochs {
-        let mut order: Vec<usize> = (0..n).collect();
-        let mut rng = RowRng::new(RowKey { seed: cfg.seed, step, prompt: PPO_SHUFFLE_STREAM, sample: epoch as u64 });
-        for i in (1..n).rev() {
-            let j = ((rng.next_u64() as u128 * (i as u128 + 1)) >> 64) as usize;
-            order.swap(i, j);
-        }
+        let order = super::batching::shuffled_order(n, cfg.seed, step, epoch, PPO_SHUFFLE_STREAM);
         for mb in order.chunks(mini) {
             let chunks: Vec<&[usize]> = mb.chunks(micro).collect();
             let accum = chunks.len() as f64;
@@ -451,10 +445,7 @@ impl PpoSettings {
                 num_mini_batches: k.usize("algorithm.num_mini_batches"),
                 vf_coef: k.float("algorithm.vf_coef"),
                 value_clip: k.float("algorithm.value_clip"),
-                kl_estimator: match k.string("algorithm.kl_estimator").as_str() {
-                    "k1" => KlEstimator::K1,
-                    _ => KlEstimator::K3,
-                },
+                kl_estimator: KlEstimator::from_keys(k),
                 whitening: k.choice("algorithm.whiten", Whitening::from_name),
                 placement: k.choice("algorithm.score_placement", ScorePlacement::from_name),
                 missing_eos_penalty: k.opt_float("algorithm.missing_eos_penalty"),
@@ -488,18 +479,10 @@ impl PpoSettings {
     }
 
     pub fn problems(&self, shape: &RecipeShape) -> Vec<Problem> {
-        let mut out = Vec::new();
-        let n = shape.completions_per_step();
-        let mb = self.params.num_mini_batches;
-        if mb == 0 || !n.is_multiple_of(mb) {
-            out.push((
-                "algorithm.num_mini_batches",
-                format!(
-                    "`algorithm.num_mini_batches` = {mb} does not divide the {n} completions of a step \
-                     (rollout.prompts_per_step × rollout.num_generations)"
-                ),
-            ));
-        }
+        let mut out: Vec<Problem> =
+            super::batching::mini_batch_problem(shape.completions_per_step(), self.params.num_mini_batches)
+                .into_iter()
+                .collect();
         if self.critic_init == "reward_model" && !shape.rewards.iter().any(|(_, model)| *model) {
             out.push((
                 "critic.init",

@@ -210,7 +210,7 @@ impl Algorithm for Rloo {
                 let (logp, ent) =
                     logprobs_from_hidden(m.policy, &hidden, &seqs, rt.temperature, rt.logprob_chunk, Entropy::Metric)?;
                 let old_t = match &old {
-                    Some(rows) => padded(&rows[r.clone()], seqs.completion_width, dev)?,
+                    Some(rows) => super::batching::padded_rows(&rows[r.clone()], seqs.completion_width, dev)?,
                     None => logp.detach(),
                 };
                 let adv: Vec<f32> = advantages[r.clone()].iter().map(|&a| a as f32).collect();
@@ -252,13 +252,6 @@ impl Algorithm for Rloo {
         record.set(names::CLIP_REGION, clipped[2] / n as f64);
         Ok(StepOutcome::Trained)
     }
-}
-
-/// Per-token rows right-padded with 0 to `width` → `[rows, width]`.
-fn padded(rows: &[Vec<f32>], width: usize, dev: &candle_core::Device) -> Result<Tensor> {
-    let flat: Vec<f32> =
-        rows.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat(0.0)).take(width)).collect();
-    Ok(Tensor::from_vec(flat, (rows.len(), width), dev)?)
 }
 
 #[cfg(test)]

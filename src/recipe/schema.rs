@@ -402,7 +402,12 @@ const fn algorithms(is: &'static [&'static str]) -> When {
 /// GRPO's loss and its options (TRL's GRPOConfig keys).
 const GRPO_LOSS: When = algorithms(&["grpo", "grpo_lambda"]);
 /// The KL coefficient to the frozen reference.
-const KL_BETA: When = algorithms(&["grpo", "grpo_lambda", "ppo", "rloo"]);
+const KL_BETA: When = algorithms(&["grpo", "grpo_lambda", "ppo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]);
+/// Per-token KL rewards, epochs of shuffled mini-batches.
+const TOKEN_KL: When = algorithms(&["ppo", "reinforce_pp", "reinforce_pp_baseline"]);
+/// A discount γ of the returns (REINFORCE++-baseline fixes it at 1).
+const DISCOUNT: When = algorithms(&["ppo", "reinforce_pp"]);
+const REINFORCE: When = algorithms(&["reinforce_pp", "reinforce_pp_baseline"]);
 /// μ updates per batch of rollouts, and dropping truncated completions from the loss.
 const REUSE: When = algorithms(&["grpo", "grpo_lambda", "rloo"]);
 const RLOO: When = algorithms(&["rloo"]);
@@ -544,7 +549,7 @@ pub static KEYS: &[KeySpec] = &[
         "algorithm.kind",
         Kind::Choice(AlgorithmKind::NAMES),
         "\"grpo\"",
-        "grpo (TRL's GRPO), grpo_lambda (arXiv 2505.18086: the top λ fraction of groups by correctness get a length-penalised reward), ppo (a critic and GAE, TRL's PPOTrainer), safe (arXiv 2602.04651: soft-min critic heads, entropy-gated PID-controlled KL penalty), or rloo (TRL's RLOOTrainer: leave-one-out baseline, KL in the reward, sequence-level ratio).",
+        "grpo (TRL's GRPO), grpo_lambda (arXiv 2505.18086: the top λ fraction of groups by correctness get a length-penalised reward), ppo (a critic and GAE, TRL's PPOTrainer), safe (arXiv 2602.04651: soft-min critic heads, entropy-gated PID-controlled KL penalty), rloo (TRL's RLOOTrainer: leave-one-out baseline, KL in the reward, sequence-level ratio), reinforce_pp (OpenRLHF's REINFORCE++: per-token KL rewards, returns whitened over the batch, no critic) or reinforce_pp_baseline (REINFORCE++ with each group's mean score subtracted first).",
     ),
     KeySpec {
         path: "algorithm.lambda",
@@ -584,9 +589,12 @@ pub static KEYS: &[KeySpec] = &[
     KeySpec {
         path: "algorithm.beta",
         kind: Kind::Float(FloatRange::non_negative()),
-        default: Default::ByAlgorithm { value: "0.0", overrides: &[("rloo", "0.05")] },
+        default: Default::ByAlgorithm {
+            value: "0.0",
+            overrides: &[("rloo", "0.05"), ("reinforce_pp", "0.01"), ("reinforce_pp_baseline", "0.01")],
+        },
         when: Some(KL_BETA),
-        doc: "KL coefficient: k3 in GRPO's loss, the initial per-token k1 reward of PPO, the sequence k1 reward of RLOO; 0 = no reference model.",
+        doc: "KL coefficient: k3 in GRPO's loss, the initial per-token KL reward of PPO, the sequence k1 reward of RLOO, the per-token KL reward of REINFORCE++; 0 = no reference model.",
     },
     key("algorithm.epsilon", Kind::Float(FloatRange::new(0.0, 1.0)), "0.2", "Lower clipping bound: ratio ≥ 1 − epsilon."),
     KeySpec {
@@ -630,7 +638,7 @@ pub static KEYS: &[KeySpec] = &[
         path: "algorithm.gamma",
         kind: Kind::Float(FloatRange::new(0.0, 1.0)),
         default: Default::Value("1.0"),
-        when: Some(PPO),
+        when: Some(DISCOUNT),
         doc: "GAE discount γ.",
     },
     KeySpec {
@@ -643,15 +651,15 @@ pub static KEYS: &[KeySpec] = &[
     KeySpec {
         path: "algorithm.ppo_epochs",
         kind: int(1),
-        default: Default::Value("4"),
-        when: Some(PPO),
-        doc: "Passes over each step's rollouts (TRL num_ppo_epochs).",
+        default: Default::ByAlgorithm { value: "4", overrides: &[("reinforce_pp", "1"), ("reinforce_pp_baseline", "1")] },
+        when: Some(TOKEN_KL),
+        doc: "Passes over each step's rollouts (TRL num_ppo_epochs; OpenRLHF max_epochs for REINFORCE++).",
     },
     KeySpec {
         path: "algorithm.num_mini_batches",
         kind: int(1),
         default: Default::Value("1"),
-        when: Some(PPO),
+        when: Some(TOKEN_KL),
         doc: "Optimizer steps per epoch, over shuffled mini-batches (divides the step's completions).",
     },
     KeySpec {
@@ -670,10 +678,10 @@ pub static KEYS: &[KeySpec] = &[
     },
     KeySpec {
         path: "algorithm.kl_estimator",
-        kind: Kind::Choice(&["k1", "k3"]),
+        kind: Kind::Choice(&["k1", "k2", "k3"]),
         default: Default::Value("\"k1\""),
-        when: Some(PPO),
-        doc: "Per-token KL in the reward: k1 = logp − ref (TRL, OpenRLHF default) or k3.",
+        when: Some(TOKEN_KL),
+        doc: "Per-token KL in the reward: k1 = logp − ref (TRL, OpenRLHF default), k2 = (logp − ref)²/2, or k3.",
     },
     KeySpec {
         path: "algorithm.whiten",
@@ -947,6 +955,13 @@ pub static KEYS: &[KeySpec] = &[
         "false",
         RLOO,
         "Whiten the leave-one-out advantages over the step: (A − mean)/(std + 1e-4) (TRL RLOOConfig).",
+    ),
+    scoped(
+        "algorithm.reward_clip",
+        Kind::Float(FloatRange::positive()),
+        "10.0",
+        REINFORCE,
+        "Scores are clipped to ±this after the baseline (OpenRLHF reward.clip_range).",
     ),
     // [critic]
     scoped(
