@@ -45,6 +45,9 @@ pub mod names {
     pub const IS_RATIO_MAX: &str = "sampling/importance_sampling_ratio/max";
     pub const SAMPLING_LOGP_DIFF_MEAN: &str = "sampling/sampling_logp_difference/mean";
     pub const SAMPLING_LOGP_DIFF_MAX: &str = "sampling/sampling_logp_difference/max";
+    /// Dynamic sampling: rounds of `prompts_per_step` prompts sampled this step, and groups dropped for equal rewards.
+    pub const SAMPLING_ROUNDS: &str = "sampling/rounds";
+    pub const SAMPLING_FILTERED_GROUPS: &str = "sampling/filtered_groups";
     pub const TIMING_STEP: &str = "timing/step";
     /// Completion tokens sampled per second of rollout.
     pub const TOKENS_PER_SECOND: &str = "tokens_per_second";

@@ -31,6 +31,7 @@ fn config(loss_type: LossType, micro: usize) -> UpdateConfig {
             clip: ClipConfig { eps_low: 0.2, eps_high: 0.28, delta: None },
             aggregation: Aggregation::new(loss_type, 8),
             use_bias_correction_kl: true,
+            importance_sampling_level: Default::default(),
         },
         micro_batch_size: micro,
         temperature: 0.9,

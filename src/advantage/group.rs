@@ -104,6 +104,19 @@ pub fn group_advantages(rewards: &[Option<f64>], group_size: usize, scale: Scale
     Ok(GroupAdvantages { advantages, group_mean, group_std, frac_reward_zero_std, reward_mean, reward_std, batch_std })
 }
 
+/// DAPO's dynamic-sampling filter: for each group of `group_size` consecutive rewards, whether its valid rewards
+/// have zero spread (all equal, or fewer than two valid: the same zero-std rule as `frac_reward_zero_std`), so the
+/// group carries no learning signal for a group-relative advantage.
+pub fn zero_std_groups(rewards: &[f64], group_size: usize) -> Vec<bool> {
+    rewards
+        .chunks(group_size.max(1))
+        .map(|g| {
+            let valid: Vec<f64> = g.iter().copied().filter(|x| !x.is_nan()).collect();
+            is_zero_std(mean_std_u(&valid).1)
+        })
+        .collect()
+}
+
 /// RLOO's leave-one-out advantages (TRL `RLOOTrainer._generate_and_score_completions`): within each group of
 /// `group_size`, A_i = r_i − (Σ_{j≠i} r_j)/(K − 1) over the K scorable (non-missing) rewards, which equals
 /// K/(K − 1)·(r_i − mean). `None` where TRL has NaN: a missing reward, or a group with a single scorable reward
@@ -135,6 +148,15 @@ pub fn normalize_batch(advantages: &mut [Option<f64>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_std_groups_are_the_filtered_ones() {
+        // Groups of 4: mixed rewards (kept), all equal (dropped), one valid reward (dropped), two equal valid among
+        // missing ones (dropped), a spread of 1e-6 (kept: above the 1e-8 zero-std tolerance).
+        let nan = f64::NAN;
+        let r = [1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, nan, 1.0, nan, nan, 0.5, nan, 0.5, nan, 0.0, 1e-6, 0.0, 0.0];
+        assert_eq!(zero_std_groups(&r, 4), vec![false, true, true, true, false]);
+    }
 
     #[test]
     fn leave_one_out_worked_examples() {

@@ -6,4 +6,6 @@
 pub mod gae;
 pub mod group;
 
-pub use group::{group_advantages, leave_one_out, normalize_batch, GroupAdvantages, ScaleRewards, STD_EPS};
+pub use group::{
+    group_advantages, leave_one_out, normalize_batch, zero_std_groups, GroupAdvantages, ScaleRewards, STD_EPS,
+};

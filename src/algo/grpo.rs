@@ -27,7 +27,25 @@ pub struct GrpoLossConfig {
     /// TRL 1.16; other TRL versions' `GRPOConfig` document `False`, so set it explicitly when comparing with TRL.
     /// The ρ here is the unclipped ratio, without the `delta` cap.
     pub use_bias_correction_kl: bool,
+    /// Where the importance ratio lives: per token (GRPO) or per sequence (GSPO).
+    pub importance_sampling_level: ImportanceLevel,
 }
+
+choice_enum!(
+    /// TRL `importance_sampling_level`: the ratio ρ of the clipped surrogate (`trl/trainer/grpo_trainer.py`
+    /// `_compute_loss`; `sequence_token` is `trl/experimental/gspo_token`'s).
+    #[derive(Default)]
+    ImportanceLevel {
+        /// ρ_t = exp(logp_t − logp_old,t) per token (GRPO).
+        #[default]
+        Token = "token",
+        /// GSPO: one ρ_i = exp(mean_t (logp_t − logp_old,t)) per sequence, clipped as a whole (arXiv 2507.18071).
+        Sequence = "sequence",
+        /// GSPO-token: ρ_i,t = sg[ρ_i]·π_t/sg[π_t]: the sequence ratio's value on every token, each token's own
+        /// gradient.
+        SequenceToken = "sequence_token",
+    }
+);
 
 impl Default for GrpoLossConfig {
     fn default() -> Self {
@@ -36,6 +54,7 @@ impl Default for GrpoLossConfig {
             clip: ClipConfig::default(),
             aggregation: Aggregation::new(Default::default(), 512),
             use_bias_correction_kl: true,
+            importance_sampling_level: ImportanceLevel::Token,
         }
     }
 }
@@ -92,13 +111,25 @@ pub fn grpo_token_loss_weighted(
         bail!("GRPO with beta = {} needs reference log-probs", cfg.beta);
     }
     let old_logp = old_logp.detach();
-    let ratio = (logp - &old_logp)?.exp()?;
-    let mut per_token = clipped_surrogate_tensor(&ratio, advantages, &cfg.clip)?;
+    let log_ratio = (logp - &old_logp)?;
+    // The sequence level's mean log-ratio over each completion's real tokens, `[B, 1]`.
+    let sequence_log_ratio = || -> Result<Tensor> {
+        let lens = mask.sum_keepdim(1)?.maximum(1.0)?;
+        Ok((&log_ratio * mask)?.sum_keepdim(1)?.div(&lens)?)
+    };
+    let ratio = match cfg.importance_sampling_level {
+        ImportanceLevel::Token => log_ratio.exp()?,
+        ImportanceLevel::Sequence => sequence_log_ratio()?.exp()?,
+        ImportanceLevel::SequenceToken => {
+            (logp - logp.detach())?.broadcast_add(&sequence_log_ratio()?.detach())?.exp()?
+        }
+    };
+    let mut per_token = clipped_surrogate_tensor(&ratio, advantages, &cfg.clip)?.broadcast_as(mask.shape())?;
     let mut kl = None;
     if let Some(ref_logp) = ref_logp {
         let mut term = KlEstimator::K3.tensor(logp, &ref_logp.detach())?;
         if cfg.use_bias_correction_kl {
-            term = (term * &ratio)?;
+            term = term.broadcast_mul(&ratio)?;
         }
         kl = Some(scalar(&masked_mean_tensor(&term.detach(), mask)?)?);
         if cfg.beta != 0.0 {
@@ -110,12 +141,15 @@ pub fn grpo_token_loss_weighted(
     }
     let loss = aggregate_tensor(&per_token, mask, &cfg.aggregation)?;
     let (low, high, region) = clip_indicators_tensor(&ratio, advantages, &cfg.clip)?;
-    let metrics = GrpoLossMetrics {
-        kl,
-        clip_low: scalar(&masked_mean_tensor(&low, mask)?)?,
-        clip_high: scalar(&masked_mean_tensor(&high, mask)?)?,
-        clip_region: scalar(&masked_mean_tensor(&region, mask)?)?,
+    // One ratio per sequence: the clip fractions are over sequences, as TRL logs them.
+    let fraction = |x: &Tensor| -> Result<f64> {
+        match x.dim(1)? {
+            1 => scalar(&x.mean_all()?),
+            _ => scalar(&masked_mean_tensor(x, mask)?),
+        }
     };
+    let metrics =
+        GrpoLossMetrics { kl, clip_low: fraction(&low)?, clip_high: fraction(&high)?, clip_region: fraction(&region)? };
     Ok((loss, metrics))
 }
 
@@ -216,6 +250,7 @@ mod tests {
             clip: ClipConfig { eps_low: 0.2, eps_high: 0.2, delta: None },
             aggregation: Aggregation::new(loss_type, 4),
             use_bias_correction_kl: bias_correction,
+            importance_sampling_level: ImportanceLevel::Token,
         }
     }
 
@@ -324,6 +359,7 @@ mod tests {
             clip: ClipConfig::default(),
             aggregation: Aggregation::new(LossType::Bnpo, 3),
             use_bias_correction_kl: true,
+            importance_sampling_level: ImportanceLevel::Token,
         };
         let (loss, m) = grpo_token_loss(logp.as_tensor(), &old, None, &adv, &mask, &c).unwrap();
         close(m.clip_low, 1.0 / 6.0, 1e-7);
@@ -347,6 +383,59 @@ mod tests {
         assert_eq!(g[0][0], 0.0);
         assert_eq!(g[1][0], 0.0);
     }
+    /// GSPO (TRL `importance_sampling_level`) by hand, ε = 3e-4 / 4e-4, β = 0, A = [+1, −1]:
+    /// lp = [[−1, −0.5, −2, −0.1], [−0.3, −1.2, −0.8, pad]], old = lp − [[0.001, 0.0005, 0.001, 0.0007],
+    /// [0, −0.001, 0.0005]]: the mean log-ratios are [0.0008, −0.000166…], s = [1.00080032, 0.99983335]; sequence 0
+    /// (A > 0) is clipped at 1.0004, sequence 1 is inside. Per-sequence loss [−1.0004, 0.99983335]: `grpo`
+    /// aggregation −0.0002833263892745852, `dapo` over 7 tokens (4·l0 + 3·l1)/7 = −0.14315713690509252. The gradient
+    /// per real token is 0 for the clipped sequence and −A·s/(|o|·B) = 0.1666388912035751 for the other, for both
+    /// `sequence` and `sequence_token`; the token level gives each token its own ρ.
+    #[test]
+    fn gspo_sequence_level_matches_hand_computed_values() {
+        let dev = Device::Cpu;
+        let lp = Var::new(&[[-1.0f32, -0.5, -2.0, -0.1], [-0.3, -1.2, -0.8, 0.0]], &dev).unwrap();
+        let old = Tensor::new(&[[-1.001f32, -0.5005, -2.001, -0.1007], [-0.3, -1.199, -0.8005, 0.0]], &dev).unwrap();
+        let mask = Tensor::new(&[[1f32, 1., 1., 1.], [1., 1., 1., 0.]], &dev).unwrap();
+        let adv = Tensor::new(&[1.0f32, -1.0], &dev).unwrap();
+        let clip = ClipConfig { eps_low: 3e-4, eps_high: 4e-4, delta: None };
+        let cfg = |level, loss_type| GrpoLossConfig {
+            beta: 0.0,
+            clip,
+            aggregation: Aggregation { dapo_num_items: Some(7.0), ..Aggregation::new(loss_type, 4) },
+            use_bias_correction_kl: false,
+            importance_sampling_level: level,
+        };
+        for level in [ImportanceLevel::Sequence, ImportanceLevel::SequenceToken] {
+            let (loss, m) =
+                grpo_token_loss(lp.as_tensor(), &old, None, &adv, &mask, &cfg(level, LossType::Grpo)).unwrap();
+            close(scalar(&loss).unwrap(), -0.0002833263892745852, 2e-7);
+            // Sequence 0 is clipped (high): counted per sequence at the sequence level (1 of 2), per token at the
+            // sequence_token level, whose ratio lives on every token (4 of 7).
+            let clipped = if level == ImportanceLevel::Sequence { 0.5 } else { 4.0 / 7.0 };
+            close(m.clip_low, 0.0, 0.0);
+            close(m.clip_high, clipped, 1e-7);
+            close(m.clip_region, clipped, 1e-7);
+            let g = loss.backward().unwrap().get(lp.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+            for t in 0..4 {
+                assert_eq!(g[0][t], 0.0, "{level}: the clipped sequence gets no gradient");
+            }
+            for t in 0..3 {
+                close(g[1][t] as f64, 0.1666388912035751, 1e-6);
+            }
+            assert_eq!(g[1][3], 0.0);
+            let (loss, _) =
+                grpo_token_loss(lp.as_tensor(), &old, None, &adv, &mask, &cfg(level, LossType::Dapo)).unwrap();
+            close(scalar(&loss).unwrap(), -0.14315713690509252, 1e-6);
+        }
+        // Token level on the same numbers: per-token ratios, so every token of sequence 0 (log-ratios 0.001, 0.0005,
+        // 0.001, 0.0007: ρ > 1.0004) is clipped high, and of sequence 1 the token with ρ = e^−0.001 < 0.9997 low.
+        let (_, m) =
+            grpo_token_loss(lp.as_tensor(), &old, None, &adv, &mask, &cfg(ImportanceLevel::Token, LossType::Grpo))
+                .unwrap();
+        close(m.clip_high, 4.0 / 7.0, 1e-7);
+        close(m.clip_low, 1.0 / 7.0, 1e-7);
+    }
+
     #[test]
     fn grpo_bias_corrected_kl_gradient() {
         // On-policy (old = logp.detach(), ρ = 1), A = 0 so only β·KL acts; bnpo over N = 3 tokens, β = 0.04.
@@ -685,6 +774,8 @@ pub struct GrpoSettings {
     pub gradient_checkpointing: bool,
     /// `rollout.weights = "bf16"`: the importance-weight cap C of the off-policy correction (None: on-policy).
     pub importance_cap: Option<f64>,
+    /// GSPO: the ratio per sequence (`importance_sampling_level`).
+    pub importance_sampling_level: ImportanceLevel,
 }
 
 impl Default for GrpoSettings {
@@ -699,6 +790,7 @@ impl Default for GrpoSettings {
             use_bias_correction_kl: true,
             gradient_checkpointing: false,
             importance_cap: None,
+            importance_sampling_level: ImportanceLevel::Token,
         }
     }
 }
@@ -715,6 +807,7 @@ impl GrpoSettings {
             use_bias_correction_kl: k.boolean("algorithm.use_bias_correction_kl"),
             gradient_checkpointing: k.boolean("algorithm.gradient_checkpointing"),
             importance_cap: (k.string("rollout.weights") == "bf16").then(|| k.float("rollout.importance_cap")),
+            importance_sampling_level: k.choice("algorithm.importance_sampling_level", ImportanceLevel::from_name),
         }
     }
 
@@ -732,8 +825,14 @@ impl GrpoSettings {
 
     pub fn summary(&self) -> String {
         format!(
-            "loss_type {}, scale_rewards {}, beta {}, epsilon {}/{}, num_iterations {}",
-            self.loss_type, self.scale_rewards, self.beta, self.clip.eps_low, self.clip.eps_high, self.num_iterations
+            "loss_type {}, scale_rewards {}, beta {}, epsilon {}/{}, num_iterations {}, importance_sampling_level {}",
+            self.loss_type,
+            self.scale_rewards,
+            self.beta,
+            self.clip.eps_low,
+            self.clip.eps_high,
+            self.num_iterations,
+            self.importance_sampling_level
         )
     }
 
@@ -796,6 +895,7 @@ impl Algorithm for Grpo {
                 clip: p.clip,
                 aggregation: Aggregation::new(p.loss_type, rt.max_new_tokens),
                 use_bias_correction_kl: p.use_bias_correction_kl,
+                importance_sampling_level: p.importance_sampling_level,
             },
             micro_batch_size: rt.micro_batch_size,
             temperature: rt.temperature,

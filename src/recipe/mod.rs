@@ -136,6 +136,9 @@ pub struct RolloutSettings {
     pub source: RolloutSource,
     /// 0 = all completions of a step at once; see [`RolloutSettings::generation_batch_size`].
     pub batch_size: usize,
+    /// `rollout.dynamic_sampling = true`: at most this many rounds of `prompts_per_step` prompts per step (`None`:
+    /// off).
+    pub max_sampling_rounds: Option<usize>,
     /// `rollout.weights = "bf16"`: decode from bf16 copies, with this importance-weight cap (`None`: the model's own
     /// weights, on-policy).
     pub bf16_importance_cap: Option<f64>,

@@ -300,6 +300,7 @@ impl KeySpec {
 
 pub use crate::advantage::gae::{ScorePlacement, Whitening};
 pub use crate::advantage::ScaleRewards;
+pub use crate::algo::grpo::ImportanceLevel;
 pub use crate::algo::grpo_lambda::LengthStd;
 pub use crate::algo::loss::LossType;
 pub use crate::algo::safe::ValuePosition;
@@ -544,6 +545,19 @@ pub static KEYS: &[KeySpec] = &[
         when: Some(When { key: "rollout.weights", is: &["bf16"] }),
         doc: "Cap C on each token's importance weight min(π_θ/π_rollout, C) (TRL's vllm_importance_sampling_cap).",
     },
+    key(
+        "rollout.dynamic_sampling",
+        Kind::Bool,
+        "false",
+        "DAPO's dynamic sampling: drop groups whose rewards are all equal and sample more prompts until the step holds prompts_per_step groups (group algorithms).",
+    ),
+    KeySpec {
+        path: "rollout.max_sampling_rounds",
+        kind: int(1),
+        default: Default::Value("4"),
+        when: Some(When { key: "rollout.dynamic_sampling", is: &["true"] }),
+        doc: "Most rounds of prompts_per_step prompts a dynamic-sampling step samples; then it trains on the groups it has, with a warning.",
+    },
     // [algorithm]
     key(
         "algorithm.kind",
@@ -621,6 +635,13 @@ pub static KEYS: &[KeySpec] = &[
         when: Some(GRPO_LOSS),
         doc: "Recompute each layer's forward in backward instead of keeping its activations: far less memory, about a third more update time (TRL's gradient_checkpointing).",
     },
+    scoped(
+        "algorithm.importance_sampling_level",
+        Kind::Choice(ImportanceLevel::NAMES),
+        "\"token\"",
+        GRPO_LOSS,
+        "GSPO: the importance ratio per token (GRPO), per sequence (exp of the mean token log-ratio, clipped whole), or sequence_token (GSPO-token). GSPO's paper uses epsilon = 3e-4, epsilon_high = 4e-4, loss_type = \"grpo\", beta = 0.",
+    ),
     scoped(
         "algorithm.use_bias_correction_kl",
         Kind::Bool,

@@ -358,7 +358,11 @@ fn fill_one(
             let other = w.key.split_once('.').and_then(|(t, _)| earlier.get(t));
             // (A missing condition key has its own problem reported already.)
             let Some(cond) = out.get(w.key).or_else(|| other.and_then(|t| t.get(w.key))) else { continue };
-            let Value::Str(cond) = &cond.value else { unreachable!("`when` keys are choices") };
+            let cond = match &cond.value {
+                Value::Str(c) => c.clone(),
+                Value::Bool(b) => b.to_string(),
+                _ => unreachable!("`when` keys are choices or booleans"),
+            };
             if !w.is.contains(&cond.as_str()) {
                 if let Some(e) = entry {
                     let (wk, is) = (w.key, schema::quoted_list(w.is));
@@ -551,6 +555,8 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
             stop: strings(rollout, "rollout.stop"),
             source: rollout_source,
             batch_size: usz(rollout, "rollout.batch_size"),
+            max_sampling_rounds: boolean(rollout, "rollout.dynamic_sampling")
+                .then(|| usz(rollout, "rollout.max_sampling_rounds")),
             bf16_importance_cap: match choice(rollout, "rollout.weights", RolloutWeights::from_name) {
                 RolloutWeights::Model => None,
                 RolloutWeights::Bf16 => Some(float(rollout, "rollout.importance_cap")),
@@ -637,6 +643,23 @@ fn cross_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, rewards: &[
                  correction); {} samples from the model's own weights",
                 a.kind
             ),
+        );
+    }
+    if ro.max_sampling_rounds.is_some() && !needs.groups {
+        ctx.err(
+            &at("rollout", "rollout.dynamic_sampling"),
+            format!(
+                "`rollout.dynamic_sampling` drops groups whose rewards are all equal, which is a signal only to \
+                 algorithms that compare completions within a group; {} does not",
+                a.kind
+            ),
+        );
+    }
+    if ro.max_sampling_rounds.is_some() && ro.source != RolloutSource::Sample {
+        ctx.err(
+            &at("rollout", "rollout.dynamic_sampling"),
+            "`rollout.dynamic_sampling` samples more prompts when groups are dropped; a replayed file has no more to \
+             sample: set rollout.source = \"sample\" or drop dynamic_sampling",
         );
     }
     if needs.groups && ro.num_generations < 2 {

@@ -41,6 +41,30 @@ pub struct ScoredBatch {
     pub metrics: Vec<(String, f64)>,
 }
 
+impl ScoredBatch {
+    /// The rows `picks` = (batch, row) of several scored batches, in that order (dynamic sampling's kept groups),
+    /// with `rewards/<name>/mean|std`, `reward` and `reward_std` recomputed over them; the sources' own metrics and
+    /// gate fractions are the first batch's.
+    pub fn select(batches: &[ScoredBatch], picks: &[(usize, usize)]) -> ScoredBatch {
+        let Some(first) = batches.first() else {
+            return ScoredBatch { per_reward: Vec::new(), total: Vec::new(), metrics: Vec::new() };
+        };
+        let per_reward: Vec<(String, Vec<Option<f64>>)> = first
+            .per_reward
+            .iter()
+            .enumerate()
+            .map(|(k, (name, _))| (name.clone(), picks.iter().map(|&(b, i)| batches[b].per_reward[k].1[i]).collect()))
+            .collect();
+        let total: Vec<f64> = picks.iter().map(|&(b, i)| batches[b].total[i]).collect();
+        let mut metrics = metrics(&per_reward, &total);
+        let standard: Vec<String> = metrics.iter().map(|(n, _)| n.clone()).collect();
+        for (name, v) in first.metrics.iter().filter(|(n, _)| !standard.contains(n)) {
+            metrics.insert(metrics.len() - 2, (name.clone(), *v));
+        }
+        ScoredBatch { per_reward, total, metrics }
+    }
+}
+
 impl RewardPipeline {
     /// The recipe's rewards (reward models on `device` in `dtype`). Names must be unique (they key the metrics)
     /// and weights finite.

@@ -73,7 +73,12 @@ pub struct StepReport {
     pub step: u64,
     pub record: Record,
     pub outcome: StepOutcome,
+    /// Warnings for the console (e.g. dynamic sampling ran out of rounds).
+    pub notes: Vec<String>,
 }
+
+/// A step's samples, their scores (`Err`: a reward failed, the step is skipped), and the rollout and reward seconds.
+type SampledBatch = (Vec<Sample>, Result<ScoredBatch>, f64, f64);
 
 /// Where prompts come from.
 enum Prompts {
@@ -171,6 +176,9 @@ impl Trainer {
                 break;
             }
             let report = self.step().or_exit(exit::TRAINING_FAILED)?;
+            for note in &report.notes {
+                warn(note);
+            }
             let r = &self.recipe.run;
             let step = report.step;
             if step % r.log_every == 0 || step == max_steps {
@@ -242,16 +250,11 @@ impl Trainer {
         let t_step = Instant::now();
         let mut record = Record::new(step);
 
-        let t = Instant::now();
-        let Rollouts { samples, rewards: given_rewards } = self.rollout(step)?;
-        let rollout_s = t.elapsed().as_secs_f64();
-
-        let t = Instant::now();
-        let scored = self.score(&samples, given_rewards).and_then(|mut s| {
-            self.shape(&samples, &mut s, &mut record)?;
-            Ok(s)
-        });
-        let reward_s = t.elapsed().as_secs_f64();
+        let mut notes = Vec::new();
+        let (samples, scored, rollout_s, reward_s) = match self.recipe.rollout.max_sampling_rounds {
+            None => self.sample_and_score(step, 0, &mut record)?,
+            Some(rounds) => self.dynamic_sample(step, rounds, &mut record, &mut notes)?,
+        };
 
         let mut update_s = 0.0;
         let outcome = match scored {
@@ -308,12 +311,76 @@ impl Trainer {
                 self.state.skipped_steps += 1;
             }
         }
-        Ok(StepReport { step, record, outcome })
+        Ok(StepReport { step, record, outcome, notes })
+    }
+
+    /// One round of the step's rollouts (sampled or replayed) and their rewards, shaped; with the seconds each took.
+    /// A reward that fails is the scored batch's `Err` (the step is skipped), not the run's.
+    fn sample_and_score(&mut self, step: u64, round: u64, record: &mut Record) -> Result<SampledBatch> {
+        let t = Instant::now();
+        let Rollouts { samples, rewards: given_rewards } = self.rollout(step, round)?;
+        let rollout_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let scored = self.score(&samples, given_rewards).and_then(|mut s| {
+            self.shape(&samples, &mut s, record)?;
+            Ok(s)
+        });
+        Ok((samples, scored, rollout_s, t.elapsed().as_secs_f64()))
+    }
+
+    /// DAPO's dynamic sampling: rounds of `prompts_per_step` fresh prompts, keeping the groups whose rewards differ,
+    /// until the step holds `prompts_per_step` of them (the surplus of the last round dropped, as verl does) or
+    /// `rounds` rounds have run (then the step trains on what it has, with a note). Each round draws the next
+    /// prompts from the sampler and its own random streams (the round is part of their key), so resume stays exact.
+    fn dynamic_sample(
+        &mut self,
+        step: u64,
+        rounds: usize,
+        record: &mut Record,
+        notes: &mut Vec<String>,
+    ) -> Result<SampledBatch> {
+        let (want, g) = (self.recipe.rollout.prompts_per_step, self.recipe.rollout.num_generations);
+        let (mut samples, mut batches, mut picks) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut rollout_s, mut reward_s, mut filtered, mut done) = (0.0, 0.0, 0usize, 0usize);
+        for round in 0..rounds {
+            let (round_samples, scored, r_s, s_s) = self.sample_and_score(step, round as u64, record)?;
+            (rollout_s, reward_s, done) = (rollout_s + r_s, reward_s + s_s, round + 1);
+            let scored = match scored {
+                Ok(s) => s,
+                Err(e) => return Ok((round_samples, Err(e), rollout_s, reward_s)),
+            };
+            for (k, zero) in crate::advantage::zero_std_groups(&scored.total, g).into_iter().enumerate() {
+                if zero {
+                    filtered += 1;
+                } else if samples.len() < want * g {
+                    samples.extend_from_slice(&round_samples[k * g..(k + 1) * g]);
+                    picks.extend((k * g..(k + 1) * g).map(|i| (batches.len(), i)));
+                }
+            }
+            batches.push(scored);
+            if samples.len() == want * g {
+                break;
+            }
+        }
+        record.set(names::SAMPLING_ROUNDS, done as f64);
+        record.set(names::SAMPLING_FILTERED_GROUPS, filtered as f64);
+        let kept = samples.len() / g;
+        if kept < want {
+            notes.push(format!(
+                "dynamic sampling kept {kept} of {want} groups in {done} rounds (rollout.max_sampling_rounds): the step \
+                 trains on those"
+            ));
+        }
+        if kept == 0 {
+            let e = anyhow!("every group's rewards were equal in {done} rounds: nothing to learn from");
+            return Ok((samples, Err(e), rollout_s, reward_s));
+        }
+        Ok((samples, Ok(ScoredBatch::select(&batches, &picks)), rollout_s, reward_s))
     }
 
     /// The step's samples: `prompts_per_step` groups of `num_generations`, group-major; and the rewards when a replay
     /// file carries them.
-    fn rollout(&mut self, step: u64) -> Result<Rollouts> {
+    fn rollout(&mut self, step: u64, round: u64) -> Result<Rollouts> {
         let ro = &self.recipe.rollout;
         let (dataset, sampler, encoded) = match &mut self.prompts {
             Prompts::Replay(replay) => return Ok(replay.batch(step, ro.prompts_per_step)),
@@ -325,7 +392,13 @@ impl Trainer {
             for g in 0..ro.num_generations {
                 requests.push(Request {
                     prompt: encoded[ex].1.clone(),
-                    key: RowKey { seed: self.recipe.run.seed, step, prompt: i as u64, sample: g as u64 },
+                    // Round 0 is the step's only round without dynamic sampling.
+                    key: RowKey {
+                        seed: self.recipe.run.seed,
+                        step,
+                        prompt: round * ro.prompts_per_step as u64 + i as u64,
+                        sample: g as u64,
+                    },
                 });
             }
         }
