@@ -94,6 +94,8 @@ pub struct ModelSettings {
     /// Local HF directory, `.gguf` file or hub id; `crate::model::ModelSource::parse` decides which.
     pub id: String,
     pub revision: String,
+    /// `model.reference`: the frozen reference's id (`None`: the starting policy).
+    pub reference: Option<String>,
     pub dtype: DTypeSpec,
     pub device: DeviceSpec,
 }

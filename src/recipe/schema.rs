@@ -479,6 +479,13 @@ pub static KEYS: &[KeySpec] = &[
         doc: "A local directory in HF layout, a .gguf file, or a hub id org/name.",
     },
     key("model.revision", NON_EMPTY, "\"main\"", "Hub revision (branch, tag or commit); ignored for local models."),
+    KeySpec {
+        path: "model.reference",
+        kind: NON_EMPTY,
+        default: Default::Optional,
+        when: None,
+        doc: "The frozen reference model (KL term, PAR's reference completions): a directory, hub id or GGUF with the policy's architecture and vocabulary (TRL ref_model, OpenRLHF --ref_pretrain); unset = the starting policy.",
+    },
     key("model.dtype", Kind::Choice(DTypeSpec::NAMES), "\"auto\"", "Weights dtype; auto = f32 on CPU, bf16 on GPU."),
     key(
         "model.device",

@@ -533,6 +533,7 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
         model: ModelSettings {
             id: string(model, "model.id"),
             revision: string(model, "model.revision"),
+            reference: model.get("model.reference").map(|_| string(model, "model.reference")),
             dtype: choice(model, "model.dtype", DTypeSpec::from_name),
             device: string(model, "model.device").parse::<DeviceSpec>().expect("checked by the schema"),
         },

@@ -68,7 +68,15 @@ impl Trainer {
         };
         let plan = memory::plan(&config, &shape, available).map_err(|e| anyhow!(e))?;
         let reference = if needs_reference {
-            let (r, _) = LoadedModel::load(&base, &device, dtype)?.into_model(false, &device, dtype)?;
+            let source = match &recipe.model.reference {
+                Some(id) => ModelSource::parse(id, None).context("model.reference")?,
+                None => base.clone(),
+            };
+            let loaded = LoadedModel::load(&source, &device, dtype)?;
+            if recipe.model.reference.is_some() {
+                same_vocabulary(&loaded, &origin, &config, &tokenizer)?;
+            }
+            let (r, _) = loaded.into_model(false, &device, dtype)?;
             Some(r)
         } else {
             None
@@ -248,4 +256,37 @@ fn train_state(c: &Checkpoint) -> Result<TrainState> {
             c.dir().join(crate::checkpoint::STATE_FILE).display()
         )
     })
+}
+
+/// `model.reference` must read the policy's token ids as the policy does: same architecture, vocabulary size and,
+/// when it has a tokenizer, the same token for every id.
+fn same_vocabulary(
+    reference: &LoadedModel,
+    policy: &str,
+    config: &crate::model::ModelConfig,
+    tokenizer: &crate::model::Tokenizer,
+) -> Result<()> {
+    let r = &reference.config;
+    let what = |arch, vocab| format!("{arch:?} with a vocabulary of {vocab} tokens");
+    if r.arch != config.arch || r.vocab_size != config.vocab_size {
+        bail!(
+            "model.reference = {} is a {}, the policy {policy} a {}: the reference scores the policy's tokens, so it \
+             needs the same architecture and vocabulary",
+            reference.origin,
+            what(r.arch, r.vocab_size),
+            what(config.arch, config.vocab_size)
+        );
+    }
+    if let Some(rt) = &reference.tokenizer {
+        let differs = (0..config.vocab_size as u32).find(|&id| rt.id_to_token(id) != tokenizer.id_to_token(id));
+        if let Some(id) = differs {
+            bail!(
+                "model.reference = {}: token {id} is {:?} there and {:?} in the policy {policy}: the tokenizers differ",
+                reference.origin,
+                rt.id_to_token(id),
+                tokenizer.id_to_token(id)
+            );
+        }
+    }
+    Ok(())
 }
