@@ -65,6 +65,7 @@ fn every_policy_and_value_tensor_gets_a_gradient_and_the_first_update_is_on_poli
         completions: &completions,
         scores: &[1.0, -0.5, 0.25, 0.0],
         ended_with_eos: &[true, false, false, true],
+        old_logprobs: None,
     };
     let kl = KlController { beta: 0.05, target: None, horizon: 10000.0 };
     let (p0, c0, r0) = (snapshot(policy.vars()), snapshot(critic.vars()), reference.named_tensors());

@@ -33,6 +33,8 @@ pub struct Needs {
     pub groups: bool,
     /// The loss applies the truncated importance correction of `rollout.weights = "bf16"`.
     pub importance_correction: bool,
+    /// A replay file's recorded `old_logprobs` are the update's old log-probs.
+    pub recorded_logprobs: bool,
 }
 
 /// How a step ended.
@@ -97,6 +99,17 @@ impl Runtime {
         crate::optim::lr_at(optimizer_steps, o.lr, o.schedule, o.warmup_steps * updates_per_step, total)
     }
 
+    /// The step's rollout-time log-probs: a replay file's recorded `old_logprobs` when the samples carry them, else
+    /// the rollout view's, computed now.
+    pub fn rollout_logprobs(&self, rollout_view: &CausalLm, samples: &[Sample]) -> Result<Vec<Vec<f32>>> {
+        if let Some(recorded) = recorded_logprobs(samples) {
+            return Ok(recorded);
+        }
+        let (prompts, completions): (Vec<_>, Vec<_>) =
+            samples.iter().map(|s| (s.prompt_ids.clone(), s.completion_ids.clone())).unzip();
+        self.logprobs(rollout_view, &prompts, &completions)
+    }
+
     /// Per-token log-probs of each completion under `model` (the rollout view or the reference), without a graph,
     /// one micro-batch at a time: rollout-time log-probs for KL rewards and for μ > 1.
     pub fn logprobs(&self, model: &CausalLm, prompts: &[Vec<u32>], completions: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
@@ -119,6 +132,11 @@ impl Runtime {
         }
         Ok(out)
     }
+}
+
+/// A replay file's recorded `old_logprobs`, when every sample carries them.
+pub fn recorded_logprobs(samples: &[Sample]) -> Option<Vec<Vec<f32>>> {
+    samples.iter().map(|s| s.old_logprobs.clone()).collect()
 }
 
 /// The policy optimizer's schedule and clipping (`[optim]`).

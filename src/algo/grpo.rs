@@ -819,6 +819,7 @@ impl GrpoSettings {
             gradient_checkpointing: self.gradient_checkpointing,
             groups: true,
             importance_correction: true,
+            recorded_logprobs: true,
             ..Needs::default()
         }
     }
@@ -905,7 +906,10 @@ impl Algorithm for Grpo {
             gradient_checkpointing: p.gradient_checkpointing,
         };
         // μ > 1 reuses the batch: ρ needs the sampling policy's log-probs, taken before the first update.
-        let old = if p.num_iterations > 1 { Some(rt.logprobs(m.rollout_view, &prompts, &completions)?) } else { None };
+        // A replay file's recorded log-probs are the old ones even at μ = 1 (an off-policy batch).
+        let recorded = super::boundary::recorded_logprobs(samples).is_some();
+        let old =
+            if p.num_iterations > 1 || recorded { Some(rt.rollout_logprobs(m.rollout_view, samples)?) } else { None };
         // bf16 rollout weights: the sampling distribution's log-probs for the importance correction.
         let sampling: Option<Vec<Vec<f32>>> =
             p.importance_cap.and_then(|_| samples.iter().map(|s| s.sampling_logprobs.clone()).collect());
@@ -1005,6 +1009,7 @@ mod keep_tests {
             finish,
             columns: Default::default(),
             sampling_logprobs: None,
+            old_logprobs: None,
         };
         let samples = [sample(FinishReason::Eos), sample(FinishReason::Stop), sample(FinishReason::Length)];
         assert_eq!(keep_mask(&samples, true), vec![true, true, false]);

@@ -193,6 +193,8 @@ pub struct PpoBatch<'a> {
     pub scores: &'a [f64],
     /// Whether each completion ended with EOS (for `missing_eos_penalty` and `val/num_eos_tokens`).
     pub ended_with_eos: &'a [bool],
+    /// Recorded rollout-time log-probs (a replay file's `old_logprobs`); `None`: computed from the rollout view.
+    pub old_logprobs: Option<&'a [Vec<f32>]>,
 }
 
 /// What a PPO step logs (TRL's names in [`crate::metrics::names`]).
@@ -270,7 +272,15 @@ pub fn ppo_update(
     let (mut old, mut refs, mut v_old) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for idx in all.chunks(micro) {
         let s = seqs(idx)?;
-        old.extend(rows(&completion_logprobs(rollout_view, &s, cfg.temperature, cfg.logprob_chunk, false)?.0)?);
+        match batch.old_logprobs {
+            Some(recorded) => old.extend(
+                idx.iter()
+                    .map(|&i| (0..width).map(|t| recorded[i].get(t).map_or(0.0, |&x| x as f64)).collect::<Vec<f64>>()),
+            ),
+            None => {
+                old.extend(rows(&completion_logprobs(rollout_view, &s, cfg.temperature, cfg.logprob_chunk, false)?.0)?)
+            }
+        }
         if let Some(r) = reference {
             refs.extend(rows(&completion_logprobs(r, &s, cfg.temperature, cfg.logprob_chunk, false)?.0)?);
         }
@@ -465,6 +475,7 @@ impl PpoSettings {
             // With an adaptive target the reference stays whatever β starts at.
             reference_for_beta_only: self.params.kl_target.is_none(),
             value_model: true,
+            recorded_logprobs: true,
             ..Needs::default()
         }
     }
@@ -576,8 +587,14 @@ impl Algorithm for Ppo {
             seed: rt.seed,
         };
         let reference = m.reference.filter(|_| self.kl.beta > 0.0 || self.kl.target.is_some());
-        let ppo_batch =
-            PpoBatch { prompts: &prompts, completions: &completions, scores: &scores, ended_with_eos: &eos };
+        let recorded = super::boundary::recorded_logprobs(batch.samples);
+        let ppo_batch = PpoBatch {
+            prompts: &prompts,
+            completions: &completions,
+            scores: &scores,
+            ended_with_eos: &eos,
+            old_logprobs: recorded.as_deref(),
+        };
         let critic = &mut self.critic;
         let u = ppo_update(
             m.policy,

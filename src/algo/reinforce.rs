@@ -73,7 +73,13 @@ impl ReinforceSettings {
     }
 
     pub fn needs(&self) -> Needs {
-        Needs { reference: self.beta > 0.0, reference_for_beta_only: true, groups: self.baseline, ..Needs::default() }
+        Needs {
+            reference: self.beta > 0.0,
+            reference_for_beta_only: true,
+            groups: self.baseline,
+            recorded_logprobs: true,
+            ..Needs::default()
+        }
     }
 
     pub fn summary(&self) -> String {
@@ -176,7 +182,7 @@ impl Algorithm for Reinforce {
             samples.iter().map(|s| (s.prompt_ids.clone(), s.completion_ids.clone())).unzip();
         // A sample no reward applied to scores 0 (as PPO).
         let scores: Vec<f64> = scored.total.iter().map(|&r| if r.is_nan() { 0.0 } else { r }).collect();
-        let old = rt.logprobs(models.rollout_view, &prompts, &completions)?;
+        let old = rt.rollout_logprobs(models.rollout_view, samples)?;
         let mut kl = Vec::new();
         if let Some(reference) = models.reference.filter(|_| s.beta > 0.0) {
             let refs = rt.logprobs(reference, &prompts, &completions)?;

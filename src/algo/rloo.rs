@@ -61,7 +61,13 @@ impl RlooSettings {
     }
 
     pub fn needs(&self) -> Needs {
-        Needs { reference: self.beta > 0.0, reference_for_beta_only: true, groups: true, ..Needs::default() }
+        Needs {
+            reference: self.beta > 0.0,
+            reference_for_beta_only: true,
+            groups: true,
+            recorded_logprobs: true,
+            ..Needs::default()
+        }
     }
 
     pub fn summary(&self) -> String {
@@ -152,10 +158,11 @@ impl Algorithm for Rloo {
         record.set(names::FRAC_REWARD_ZERO_STD, stats.frac_reward_zero_std);
         self.old = None;
         let kl_reference = models.reference.filter(|_| s.beta > 0.0);
-        if kl_reference.is_some() || s.num_iterations > 1 {
+        let recorded = super::boundary::recorded_logprobs(samples).is_some();
+        if kl_reference.is_some() || s.num_iterations > 1 || recorded {
             let (prompts, completions): (Vec<_>, Vec<_>) =
                 samples.iter().map(|s| (s.prompt_ids.clone(), s.completion_ids.clone())).unzip();
-            let old = rt.logprobs(models.rollout_view, &prompts, &completions)?;
+            let old = rt.rollout_logprobs(models.rollout_view, samples)?;
             if let Some(reference) = kl_reference {
                 let refs = rt.logprobs(reference, &prompts, &completions)?;
                 let kl = kl_penalty(&mut rewards, &old, &refs, &self.keep(samples), s.beta);
@@ -183,7 +190,8 @@ impl Algorithm for Rloo {
         let advantages = advantages.context("RLOO's update needs its advantages")?;
         let (prompts, completions) = batch.token_ids();
         let keep = self.keep(batch.samples);
-        let old = if s.num_iterations > 1 { self.old.take() } else { None };
+        let recorded = super::boundary::recorded_logprobs(batch.samples).is_some();
+        let old = if s.num_iterations > 1 || recorded { self.old.take() } else { None };
         let n = completions.len();
         let micro = rt.micro_batch_size.clamp(1, n.max(1));
         let dev = m.policy.device();

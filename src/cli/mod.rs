@@ -10,6 +10,7 @@ use crate::recipe::{self, DTypeSpec, DeviceSpec, Recipe, RewardSource, RolloutSo
 pub use crate::train::run_dir::Resume;
 
 mod generate;
+mod logprobs;
 
 const ABOUT: &str = "Fine-tune Hugging Face causal language models with reinforcement learning (GRPO), on Candle.";
 
@@ -36,6 +37,7 @@ pub enum Command {
     Train(TrainArgs),
     Check(CheckArgs),
     Generate(GenerateArgs),
+    Logprobs(LogprobsArgs),
 }
 
 /// Train a model as a recipe describes.
@@ -175,6 +177,47 @@ pub struct GenerateArgs {
     pub format: OutputFormat,
 }
 
+/// Per-token log-probs and entropies of given completions under a model.
+#[derive(Args, Debug)]
+#[command(
+    about = "Print the per-token log-probs and entropies of given completions under a model",
+    long_about = "\
+For each line of --input (a replay file's format: `prompt` text or messages, or `prompt_ids`; `completion` text,
+or `completion_ids` / `token_ids`), print one JSON line: the input's fields, then `completion_ids`, `tokens`,
+`logprobs` and `entropies` (one per completion token, of softmax(logits / temperature)) and `logprob_sum`.
+Debug a reward hack, check parity with another trainer, or record `old_logprobs` for a replay file.
+
+Example:
+  safe logprobs --model ../shared/fixtures/tiny/tiny-llama --input completions.jsonl --temperature 0.7",
+    after_help = exit::HELP
+)]
+pub struct LogprobsArgs {
+    /// Local HF directory, .gguf file, hub id org/name, or a checkpoint directory.
+    #[arg(long, value_name = "M")]
+    pub model: String,
+    /// A JSONL file of prompts and completions.
+    #[arg(long, value_name = "FILE")]
+    pub input: PathBuf,
+    /// The temperature the log-probs are taken at (the recipe's rollout.temperature for old_logprobs).
+    #[arg(long, value_name = "T", default_value_t = 1.0, value_parser = positive)]
+    pub temperature: f64,
+    /// Sequences per forward pass.
+    #[arg(long, value_name = "B", default_value_t = 8, value_parser = at_least_one)]
+    pub batch_size: usize,
+    /// Hub revision (branch, tag or commit); ignored for local models.
+    #[arg(long, value_name = "R")]
+    pub revision: Option<String>,
+    /// auto | cpu | cuda | cuda:N | metal.
+    #[arg(long, value_name = "D", default_value = "auto")]
+    pub device: DeviceSpec,
+    /// auto (f32 on CPU, bf16 on GPU) | f32 | bf16.
+    #[arg(long, value_name = "D", default_value = "auto")]
+    pub dtype: DTypeSpec,
+    /// Write here instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputFormat {
     Text,
@@ -212,6 +255,10 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Check(args) => check(&args),
         Command::Train(args) => train(&args),
+        Command::Logprobs(args) => {
+            let prepared = logprobs::prepare(&args).or_exit(exit::BAD_INPUT)?;
+            logprobs::run(&args, prepared).or_exit(exit::TRAINING_FAILED)
+        }
         Command::Generate(args) => {
             // Loading and prompt preparation are input (exit 2); a failure while sampling is a run failure (exit 1).
             let prepared = generate::prepare(&args).or_exit(exit::BAD_INPUT)?;

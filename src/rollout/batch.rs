@@ -25,6 +25,9 @@ pub struct Sample {
     /// Per-token log-probs under the distribution that sampled the completion, when that is not the policy itself
     /// (bf16 rollout weights): the loss's importance correction needs them.
     pub sampling_logprobs: Option<Vec<f32>>,
+    /// A replay file's recorded per-token log-probs of the policy that sampled the completion (`old_logprobs`, at
+    /// the recipe's temperature): the update's old log-probs, so an off-policy batch replays exactly.
+    pub old_logprobs: Option<Vec<f32>>,
 }
 
 /// One step's samples, `prompts_per_step` groups of `num_generations`, group-major.

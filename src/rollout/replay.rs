@@ -12,6 +12,9 @@
 //!   the tokenizer's EOS id; for ids it is read off the last id (an EOS id → `eos`, else `length`);
 //! - optionally `reward` (a number, or null for "no reward"): when every line has one, these are the rewards and the
 //!   recipe's `[[reward]]`s are not scored; when no line has one, the rewards are scored as for sampled rollouts;
+//! - optionally `old_logprobs`: one finite number per completion token, the sampling policy's log-probs at the
+//!   recipe's temperature; on every line or none. The update takes them as its old log-probs (the ratio's
+//!   denominator), so a recorded off-policy batch replays exactly;
 //! - any other field: a data column the rewards see (e.g. `answer`).
 //!
 //! Step k (1-based) trains on the groups `(k − 1)·P .. k·P` (P = `rollout.prompts_per_step`), wrapping around the
@@ -51,6 +54,7 @@ impl Replay {
         let mut samples: Vec<Sample> = Vec::new();
         let mut rewards: Vec<Option<f64>> = Vec::new();
         let mut with_reward = Vec::new();
+        let mut with_old = Vec::new();
         let mut first_line_of_group = 0;
         for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
             let at = format!("{}:{}", path.display(), i + 1);
@@ -80,6 +84,7 @@ impl Replay {
                 );
             }
             with_reward.push((i + 1, reward.is_some()));
+            with_old.push((i + 1, sample.old_logprobs.is_some()));
             rewards.push(reward.flatten());
             samples.push(sample);
         }
@@ -102,12 +107,25 @@ impl Replay {
                 path.display()
             );
         }
+        let has_old = with_old.iter().filter(|(_, o)| *o).count();
+        if has_old != 0 && has_old != with_old.len() {
+            let (l, _) = with_old.iter().find(|(_, o)| !*o).unwrap();
+            bail!(
+                "{}:{l}: no `old_logprobs`, but other lines have them: give them on every line or on none",
+                path.display()
+            );
+        }
         Ok(Self { samples, group_size, rewards: (has > 0).then_some(rewards) })
     }
 
     /// Number of groups (prompts) in the file.
     pub fn groups(&self) -> usize {
         self.samples.len() / self.group_size
+    }
+
+    /// Whether the file carries the sampling policy's log-probs (`old_logprobs`).
+    pub fn has_old_logprobs(&self) -> bool {
+        self.samples.first().is_some_and(|s| s.old_logprobs.is_some())
     }
 
     /// Whether the file carries the rewards (else the recipe's rewards score the samples).
@@ -132,9 +150,16 @@ impl Replay {
     }
 }
 
+/// One line in a replay file's format (prompt and completion as text or ids), read on its own, untruncated:
+/// `safe logprobs` reads its input with it.
+pub fn parse_rollout_line(line: &str, tokenizer: &Tokenizer) -> Result<Sample> {
+    let mut truncation = TruncationCounter::default();
+    Ok(parse_line(line, tokenizer, usize::MAX, 0, 1, &mut truncation)?.0)
+}
+
 /// Fields with a meaning in a replay line; every other field is a data column.
-const FIELDS: [&str; 7] =
-    ["prompt", "prompt_ids", "completion", "completion_ids", "token_ids", "finish_reason", "reward"];
+const FIELDS: [&str; 8] =
+    ["prompt", "prompt_ids", "completion", "completion_ids", "token_ids", "finish_reason", "reward", "old_logprobs"];
 
 /// One line into a sample and its reward (`None`: no `reward` field; `Some(None)`: `"reward": null`).
 fn parse_line(
@@ -228,6 +253,26 @@ fn parse_line(
             Some(Some(v.as_f64().filter(|x| x.is_finite()).context("`reward` must be a finite number or null")?))
         }
     };
+    let old_logprobs = match obj.get("old_logprobs") {
+        None => None,
+        Some(v) => {
+            let n = completion_ids.len();
+            let bad = || format!("`old_logprobs` must be a list of {n} finite numbers (one per completion token)");
+            let list = v.as_array().with_context(bad)?;
+            let values = list
+                .iter()
+                .map(|x| x.as_f64().filter(|x| x.is_finite() && *x <= 0.0).map(|x| x as f32))
+                .collect::<Option<Vec<f32>>>()
+                .with_context(|| format!("{}; log-probs are ≤ 0", bad()))?;
+            if values.len() != n {
+                bail!(
+                    "`old_logprobs` has {} values, the completion {n} tokens: one per completion token",
+                    values.len()
+                );
+            }
+            Some(values)
+        }
+    };
     for f in FIELDS {
         obj.remove(f);
     }
@@ -242,6 +287,7 @@ fn parse_line(
         finish,
         columns: obj,
         sampling_logprobs: None,
+        old_logprobs,
     };
     Ok((sample, reward))
 }

@@ -424,6 +424,7 @@ impl Trainer {
                 finish: c.finish,
                 columns: example.columns.clone(),
                 sampling_logprobs: bf16.then_some(c.logprobs),
+                old_logprobs: None,
             });
         }
         Ok(Rollouts { samples, rewards: None })

@@ -124,6 +124,16 @@ impl Trainer {
             }
         };
         notes.extend(truncation.warning(recipe.data.max_prompt_tokens));
+        if let (Prompts::Replay(r), RolloutSource::File(path)) = (&prompts, &ro.source) {
+            if r.has_old_logprobs() && !needs.recorded_logprobs {
+                bail!(
+                    "{}: the replay file has `old_logprobs`, which {} does not read (it recomputes its rollout-time \
+                     quantities from the policy): drop the field or use another algorithm.kind",
+                    path.display(),
+                    a.kind
+                );
+            }
+        }
 
         let rewards = RewardPipeline::from_settings(&recipe.rewards, &device, dtype)?;
         let o = &recipe.optim;
