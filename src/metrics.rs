@@ -31,9 +31,9 @@ pub mod names {
     pub const TIMING_ROLLOUT: &str = "timing/rollout";
     pub const TIMING_REWARD: &str = "timing/reward";
     pub const TIMING_UPDATE: &str = "timing/update";
-    /// The frozen reference model's forwards (GRPO with β > 0), a part of `timing/update`.
+    /// The frozen reference model's forwards in GRPO's update (β > 0), a part of `timing/update`.
     pub const TIMING_REFERENCE: &str = "timing/reference";
-    /// Gradient clipping and the optimizer step (GRPO), a part of `timing/update`.
+    /// Gradient clipping and the optimizer step in GRPO's update, a part of `timing/update`.
     pub const TIMING_OPTIMIZER: &str = "timing/optimizer";
     /// Prompt tokens (each completion's own prompt, unpadded) and completion tokens in the step.
     pub const TOKENS_PROMPT: &str = "tokens/prompt";

@@ -76,6 +76,27 @@ fn check_bad_recipe_exits_2_with_file_line_and_suggestion() {
     );
 }
 
+/// A GRPO-only key under `kind = "ppo"` is refused with the key's line and the algorithms that read it.
+#[test]
+fn check_grpo_only_key_under_ppo_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = std::fs::read_to_string(example()).unwrap();
+    assert!(body.contains("kind = \"grpo\"\n"));
+    let body = body.replace("kind = \"grpo\"\n", "kind = \"ppo\"\nnum_iterations = 2\n");
+    let line = body.lines().position(|l| l.starts_with("num_iterations")).unwrap() + 1;
+    let p = write_recipe(dir.path(), &body);
+    let out = safe(&["check", "--config", p.to_str().unwrap()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "recipe.toml:{line}: `algorithm.num_iterations` only applies when `algorithm.kind` is \"grpo\" or \
+             \"grpo_lambda\" or \"rloo\", but `algorithm.kind` = \"ppo\""
+        )),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn check_missing_file_exits_2() {
     let out = safe(&["check", "--config", "/nonexistent/recipe.toml"]);

@@ -1,6 +1,6 @@
 //! Advantages: turning per-completion rewards into the per-completion signal the policy loss scales.
 //!
-//! Pure functions over plain `f64` slices, so every algorithm (GRPO now, PPO/SAFE later) can call and test them
+//! Pure functions over plain `f64` slices, so every algorithm (GRPO, RLOO, PPO, REINFORCE++, SAFE) can call and test them
 //! without a model.
 
 pub mod gae;

@@ -1,4 +1,4 @@
-//! Loss pieces shared by the policy-gradient algorithms (GRPO now; PPO and SAFE reuse them): KL estimators, the
+//! Loss pieces shared by the policy-gradient algorithms (GRPO, PPO, SAFE, RLOO, REINFORCE++): KL estimators, the
 //! clipped surrogate with its clip indicators, and the aggregation of per-token losses over a completion mask.
 //!
 //! Every piece exists twice: over `f64` scalars/slices (the golden tests' reference, "numbers in, numbers out") and

@@ -156,7 +156,7 @@ pub fn token_loss_tensor(
 pub struct Reinforce {
     settings: ReinforceSettings,
     /// This step's rollout-time log-probs and per-token advantages, from [`Algorithm::advantages`].
-    pending: Option<(Vec<Vec<f32>>, Vec<Vec<f64>>)>,
+    pending: Option<Pending>,
 }
 
 impl Reinforce {
@@ -164,6 +164,9 @@ impl Reinforce {
         Self { settings, pending: None }
     }
 }
+
+/// A step's rollout-time log-probs and per-token advantages, between its two stages.
+type Pending = (Vec<Vec<f32>>, Vec<Vec<f64>>);
 
 /// Tags the per-epoch shuffle streams.
 const SHUFFLE_STREAM: u64 = 0x9900_0000_0000_0002;

@@ -12,10 +12,12 @@ pub use crate::train::run_dir::Resume;
 mod generate;
 mod logprobs;
 
-const ABOUT: &str = "Fine-tune Hugging Face causal language models with reinforcement learning (GRPO), on Candle.";
+const ABOUT: &str =
+    "Fine-tune Hugging Face causal language models with reinforcement learning (GRPO, PPO, SAFE, RLOO, REINFORCE++), on Candle.";
 
 const LONG_ABOUT: &str = "\
-Fine-tune Hugging Face causal language models with reinforcement learning (GRPO), on Candle.
+Fine-tune Hugging Face causal language models with reinforcement learning (GRPO, GSPO, GRPO-λ, PPO, SAFE,
+RLOO, REINFORCE++), on Candle.
 
 A run is described by a TOML recipe: the model, the prompts, how completions are sampled, the algorithm,
 the optimizer and the rewards. Start from configs/example.toml; `safe check --explain` lists every key.

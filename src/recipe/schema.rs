@@ -428,7 +428,7 @@ pub static TABLES: &[TableSpec] = &[
     TableSpec {
         name: "algorithm",
         array: false,
-        doc: "The RL objective. GRPO keys follow TRL's GRPOConfig names and defaults.",
+        doc: "The RL objective. Keys follow the reference implementation's names and defaults (TRL's GRPOConfig, PPOConfig and RLOOConfig, OpenRLHF for REINFORCE++); a key only the algorithms it names read is an error under another kind.",
     },
     TableSpec {
         name: "critic",
@@ -512,7 +512,7 @@ pub static KEYS: &[KeySpec] = &[
     key("data.chat", Kind::Bool, "true", "Render prompts with the model's chat template."),
     // [rollout]
     key("rollout.prompts_per_step", int(1), "8", "Distinct prompts per optimizer step."),
-    key("rollout.num_generations", int(1), "8", "Completions per prompt (the GRPO group size G; ≥ 2 for grpo)."),
+    key("rollout.num_generations", int(1), "8", "Completions per prompt (the group size G; ≥ 2 for the algorithms that compare a group's completions)."),
     key("rollout.max_new_tokens", int(1), "64", "Most tokens generated per completion (TRL: max_completion_length)."),
     key("rollout.temperature", Kind::Float(FloatRange::positive()), "1.0", "Sampling temperature; log-probs use it too."),
     key(
