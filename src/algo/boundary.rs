@@ -10,8 +10,8 @@ use crate::metrics::Record;
 use crate::model::CausalLm;
 use crate::optim::schedule::LrSchedule;
 use crate::optim::AdamW;
-use crate::reward::ScoredBatch;
-use crate::rollout::Sample;
+use crate::reward::scored::ScoredBatch;
+use crate::rollout::batch::Sample;
 
 /// What an algorithm needs from the trainer, known from its settings before anything is loaded (the memory plan and
 /// the decision to load a reference model are made from it).
@@ -105,8 +105,7 @@ impl Runtime {
         if let Some(recorded) = recorded_logprobs(samples) {
             return Ok(recorded);
         }
-        let (prompts, completions): (Vec<_>, Vec<_>) =
-            samples.iter().map(|s| (s.prompt_ids.clone(), s.completion_ids.clone())).unzip();
+        let (prompts, completions) = token_ids(samples);
         self.logprobs(rollout_view, &prompts, &completions)
     }
 
@@ -160,8 +159,23 @@ pub struct StepBatch<'a> {
 impl StepBatch<'_> {
     /// Each sample's prompt and completion token ids, as the update batches take them.
     pub fn token_ids(&self) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
-        self.samples.iter().map(|s| (s.prompt_ids.clone(), s.completion_ids.clone())).unzip()
+        token_ids(self.samples)
     }
+}
+
+/// Each sample's prompt and completion token ids.
+pub fn token_ids(samples: &[Sample]) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    samples.iter().map(|s| (s.prompt_ids.clone(), s.completion_ids.clone())).unzip()
+}
+
+/// TRL's `reward_std` (the mean of the groups' stds) and `frac_reward_zero_std` of the step's rewards, for
+/// algorithms whose advantages are not GRPO's but whose groups are.
+pub fn log_reward_spread(scored: &ScoredBatch, group_size: usize, record: &mut Record) -> Result<()> {
+    let rewards: Vec<Option<f64>> = scored.total.iter().map(|&r| (!r.is_nan()).then_some(r)).collect();
+    let stats = crate::advantage::group_advantages(&rewards, group_size, Default::default())?;
+    record.set(crate::metrics::names::REWARD_STD, stats.reward_std);
+    record.set(crate::metrics::names::FRAC_REWARD_ZERO_STD, stats.frac_reward_zero_std);
+    Ok(())
 }
 
 /// Tensor files an algorithm keeps in a checkpoint beside the policy's: file name → named tensors.
@@ -193,6 +207,8 @@ pub trait Algorithm {
     ///
     /// `models` is for rollout-time forwards without a graph (RLOO's KL reward needs the sampling and reference
     /// log-probs); nothing is trained here.
+    ///
+    /// The default has none: per-token advantages (GAE, SAFE's critic) come out of the update.
     fn advantages(
         &mut self,
         models: &Models,
@@ -200,7 +216,10 @@ pub trait Algorithm {
         scored: &mut ScoredBatch,
         rt: &Runtime,
         record: &mut Record,
-    ) -> Result<Option<Vec<f64>>>;
+    ) -> Result<Option<Vec<f64>>> {
+        let _ = (models, samples, scored, rt, record);
+        Ok(None)
+    }
 
     /// The whole update of one step: optimizer steps of the policy (and of the algorithm's own models), its
     /// metrics into `record`. A non-finite loss or gradient norm is a [`StepOutcome::Skipped`] with the policy's

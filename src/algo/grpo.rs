@@ -751,8 +751,8 @@ use super::boundary::{Algorithm, Models, Needs, Runtime, StepBatch, StepOutcome}
 use super::{Keys, Problem, RecipeShape};
 use crate::advantage::{group_advantages, ScaleRewards};
 use crate::metrics::{names, Record};
-use crate::reward::ScoredBatch;
-use crate::rollout::Sample;
+use crate::reward::scored::ScoredBatch;
+use crate::rollout::batch::Sample;
 
 /// GRPO's settings (`algorithm.*`, TRL's `GRPOConfig` names).
 #[derive(Debug, Clone, PartialEq)]
@@ -981,7 +981,7 @@ impl Algorithm for Grpo {
 }
 
 /// Which completions stay in the loss: all, or with `mask_truncated_completions` those not cut at
-/// `max_new_tokens` ([`crate::rollout::FinishReason::is_truncated`]).
+/// `max_new_tokens` ([`crate::rollout::generate::FinishReason::is_truncated`]).
 fn keep_mask(samples: &[Sample], mask_truncated: bool) -> Vec<bool> {
     samples.iter().map(|s| !(mask_truncated && s.finish.is_truncated())).collect()
 }
@@ -989,7 +989,7 @@ fn keep_mask(samples: &[Sample], mask_truncated: bool) -> Vec<bool> {
 #[cfg(test)]
 mod keep_tests {
     use super::*;
-    use crate::rollout::FinishReason;
+    use crate::rollout::generate::FinishReason;
 
     /// Regression: the loss's helper once called every completion without a final EOS truncated, so a stop-string
     /// ending left the loss under `mask_truncated_completions`, while the trainer's metrics counted it as ended.
@@ -999,7 +999,7 @@ mod keep_tests {
         let sample = |finish| Sample {
             prompt_index: 0,
             sample_index: 0,
-            prompt: crate::data::Prompt::Text(String::new()),
+            prompt: crate::model::chat::Prompt::Text(String::new()),
             prompt_text: String::new(),
             prompt_ids: vec![1],
             completion_text: String::new(),

@@ -250,8 +250,8 @@ use super::boundary::{Algorithm, Models, Needs, Runtime, StepBatch, StepOutcome}
 use super::grpo::{Grpo, GrpoSettings};
 use super::{Keys, Problem, RecipeShape};
 use crate::metrics::{names, Record};
-use crate::reward::ScoredBatch;
-use crate::rollout::Sample;
+use crate::reward::scored::ScoredBatch;
+use crate::rollout::batch::Sample;
 
 /// GRPO-λ's settings: GRPO's, the selection's, and which reward decides correctness.
 #[derive(Debug, Clone, PartialEq)]

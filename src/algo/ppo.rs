@@ -400,7 +400,7 @@ use super::critic::{actor_critic_lr, Critic, CriticParams, CriticState};
 use super::{Keys, Problem, RecipeShape, Setup, StepOutcome};
 use crate::metrics::{names, Record};
 use crate::model::{LoadedModel, ModelSource};
-use crate::rollout::FinishReason;
+use crate::rollout::generate::FinishReason;
 
 /// PPO's settings: `algorithm.*` (TRL's `PPOConfig` names) and `[critic]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -549,17 +549,6 @@ impl Ppo {
 }
 
 impl Algorithm for Ppo {
-    fn advantages(
-        &mut self,
-        _models: &Models,
-        _samples: &[crate::rollout::Sample],
-        _scored: &mut crate::reward::ScoredBatch,
-        _rt: &Runtime,
-        _record: &mut Record,
-    ) -> Result<Option<Vec<f64>>> {
-        Ok(None) // per token, from GAE inside the update
-    }
-
     /// One PPO step with the value model; the KL controller moves after it.
     fn update(
         &mut self,

@@ -22,8 +22,8 @@ use super::{Keys, Problem, RecipeShape};
 use crate::advantage::gae::{gae, token_rewards, whiten, ScorePlacement, Whitening};
 use crate::metrics::{names, Record};
 use crate::model::logprobs::{logprobs_from_hidden, Entropy, SequenceBatch};
-use crate::reward::ScoredBatch;
-use crate::rollout::Sample;
+use crate::reward::scored::ScoredBatch;
+use crate::rollout::batch::Sample;
 
 /// REINFORCE++'s settings (`algorithm.*`; OpenRLHF's defaults).
 #[derive(Debug, Clone, PartialEq)]
@@ -181,8 +181,7 @@ impl Algorithm for Reinforce {
         record: &mut Record,
     ) -> Result<Option<Vec<f64>>> {
         let s = &self.settings;
-        let (prompts, completions): (Vec<_>, Vec<_>) =
-            samples.iter().map(|s| (s.prompt_ids.clone(), s.completion_ids.clone())).unzip();
+        let (prompts, completions) = super::boundary::token_ids(samples);
         // A sample no reward applied to scores 0 (as PPO).
         let scores: Vec<f64> = scored.total.iter().map(|&r| if r.is_nan() { 0.0 } else { r }).collect();
         let old = rt.rollout_logprobs(models.rollout_view, samples)?;
@@ -200,10 +199,7 @@ impl Algorithm for Reinforce {
             record.set(names::KL, kl.iter().flatten().sum::<f64>() / tokens.max(1) as f64);
         }
         if s.baseline {
-            let rewards: Vec<Option<f64>> = scored.total.iter().map(|&r| (!r.is_nan()).then_some(r)).collect();
-            let stats = crate::advantage::group_advantages(&rewards, rt.group_size, Default::default())?;
-            record.set(names::REWARD_STD, stats.reward_std);
-            record.set(names::FRAC_REWARD_ZERO_STD, stats.frac_reward_zero_std);
+            super::boundary::log_reward_spread(scored, rt.group_size, record)?;
         }
         let lens: Vec<usize> = completions.iter().map(Vec::len).collect();
         let adv = advantages(&scores, &kl, &lens, s, rt.group_size);

@@ -16,11 +16,11 @@ use candle_core::Tensor;
 use super::boundary::{Algorithm, Models, Needs, Runtime, StepBatch, StepOutcome};
 use super::loss::{clip_indicators_tensor, clipped_surrogate_tensor, scalar, ClipConfig};
 use super::{Keys, Problem, RecipeShape};
-use crate::advantage::{group_advantages, leave_one_out, normalize_batch};
+use crate::advantage::{leave_one_out, normalize_batch};
 use crate::metrics::{names, Record};
 use crate::model::logprobs::{logprobs_from_hidden, Entropy, SequenceBatch};
-use crate::reward::ScoredBatch;
-use crate::rollout::Sample;
+use crate::reward::scored::ScoredBatch;
+use crate::rollout::batch::Sample;
 
 /// RLOO's settings (`algorithm.*`, TRL's `RLOOConfig` names and defaults).
 #[derive(Debug, Clone, PartialEq)]
@@ -153,15 +153,12 @@ impl Algorithm for Rloo {
         let s = &self.settings;
         let mut rewards: Vec<Option<f64>> = scored.total.iter().map(|&r| (!r.is_nan()).then_some(r)).collect();
         // TRL logs the spread of the rewards before the KL shaping.
-        let stats = group_advantages(&rewards, rt.group_size, Default::default())?;
-        record.set(names::REWARD_STD, stats.reward_std);
-        record.set(names::FRAC_REWARD_ZERO_STD, stats.frac_reward_zero_std);
+        super::boundary::log_reward_spread(scored, rt.group_size, record)?;
         self.old = None;
         let kl_reference = models.reference.filter(|_| s.beta > 0.0);
         let recorded = super::boundary::recorded_logprobs(samples).is_some();
         if kl_reference.is_some() || s.num_iterations > 1 || recorded {
-            let (prompts, completions): (Vec<_>, Vec<_>) =
-                samples.iter().map(|s| (s.prompt_ids.clone(), s.completion_ids.clone())).unzip();
+            let (prompts, completions) = super::boundary::token_ids(samples);
             let old = rt.rollout_logprobs(models.rollout_view, samples)?;
             if let Some(reference) = kl_reference {
                 let refs = rt.logprobs(reference, &prompts, &completions)?;

@@ -951,17 +951,6 @@ impl Safe {
 }
 
 impl Algorithm for Safe {
-    fn advantages(
-        &mut self,
-        _models: &Models,
-        _samples: &[crate::rollout::Sample],
-        _scored: &mut crate::reward::ScoredBatch,
-        _rt: &Runtime,
-        _record: &mut Record,
-    ) -> Result<Option<Vec<f64>>> {
-        Ok(None) // from the critic's values inside the update
-    }
-
     /// One SAFE step: the controller and normaliser advance; their internals are logged.
     fn update(
         &mut self,

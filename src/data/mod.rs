@@ -11,22 +11,15 @@ use std::io::BufRead;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::model::tokenizer::ChatMessage;
 use crate::recipe::{BuiltinData, DataSettings, DataSource};
 
 pub use prompt::{encode_prompt, render, TruncationCounter};
 pub use sampler::{Sampler, SamplerState};
 
-/// A prompt as users write it: plain text, or chat messages that always go through the chat template.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Prompt {
-    Text(String),
-    Messages(Vec<ChatMessage>),
-}
+/// A prompt as users write it (defined beside the chat messages it may hold; rendered in [`prompt`]).
+pub use crate::model::chat::Prompt;
 
 /// One row: its position in the source, its prompt, and every other column (rewards read e.g. `answer`).
 #[derive(Debug, Clone, PartialEq)]

@@ -12,10 +12,12 @@ pub mod http;
 pub mod model;
 pub mod pipeline;
 pub mod rule;
+pub mod scored;
 pub mod shaping;
 
-pub use pipeline::{RewardPipeline, ScoredBatch};
+pub use pipeline::RewardPipeline;
 pub use rule::{last_number, RuleSource};
+pub use scored::ScoredBatch;
 
 use serde_json::{Map, Value};
 

@@ -12,7 +12,7 @@ pub struct Sample {
     /// Which of the group's completions (0..G).
     pub sample_index: usize,
     /// The prompt as the data gave it (text or messages).
-    pub prompt: crate::data::Prompt,
+    pub prompt: crate::model::chat::Prompt,
     /// The prompt as the model saw it.
     pub prompt_text: String,
     pub prompt_ids: Vec<u32>,
