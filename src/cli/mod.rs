@@ -287,6 +287,8 @@ fn check(args: &CheckArgs) -> Result<(), Failure> {
 fn train(args: &TrainArgs) -> Result<(), Failure> {
     use crate::train::run_dir::{self, Start};
     let recipe = load(&args.config, &args.sets)?;
+    // Held until the process ends: no second process may resume, overwrite or supersede this run meanwhile.
+    let _lock = run_dir::RunLock::acquire(&recipe.run).map_err(Failure::bad_input)?;
     let start = run_dir::resolve_start(&recipe, &args.resume, args.overwrite).map_err(Failure::bad_input)?;
     print!("{}", summary(&recipe, &args.resume));
     if let Start::From(c) = &start {

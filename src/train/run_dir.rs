@@ -43,6 +43,54 @@ pub enum Start {
     From(Checkpoint),
 }
 
+/// An exclusive advisory lock (`flock`) on `<output_dir>/<name>.lock`, beside the run directory (so `--overwrite`
+/// never deletes it), held for the whole process. The kernel releases it when the process ends however it ends, so
+/// a killed run never leaves a stale lock; the file keeps the holder's PID for the message.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// The lock file of a run.
+    pub fn path(run: &recipe::RunSettings) -> PathBuf {
+        run.output_dir.join(format!("{}.lock", run.name))
+    }
+
+    /// Take the run's lock, or fail (exit 2) naming the process that holds it.
+    pub fn acquire(run: &recipe::RunSettings) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        let path = Self::path(run);
+        std::fs::create_dir_all(&run.output_dir)
+            .with_context(|| format!("cannot create the output directory {}", run.output_dir.display()))?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open the run's lock file {}", path.display()))?;
+        // SAFETY: a valid open descriptor; flock has no memory effects.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let who = if holder.is_empty() { "another process".to_string() } else { format!("process {holder}") };
+            bail!(
+                "run {} is in use by {who} (it holds {}): wait for it to finish, stop it, or pick another run.name",
+                run.dir().display(),
+                path.display()
+            );
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())?;
+        file.flush()?;
+        Ok(Self { _file: file })
+    }
+}
+
 /// `completions/step-<N>.jsonl`.
 pub fn completions_file(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join(COMPLETIONS_DIR).join(format!("step-{step}.jsonl"))

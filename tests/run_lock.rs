@@ -1,0 +1,48 @@
+//! One process per run directory (issue 13): a second `safe train` on a live run once deleted its temporary
+//! checkpoint or moved its checkpoints aside, and `--resume never --overwrite` deleted a live run. Now the run's
+//! lock refuses both (exit 2, naming the holder's PID), and a killed holder leaves no stale lock.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::train::*;
+
+#[test]
+fn a_second_process_on_a_live_run_is_refused_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), TINY, 5);
+    let mut holder = safe_cmd()
+        .args(["train", "--config", recipe.to_str().unwrap(), "--resume", "never"])
+        .args(["--set", "run.max_steps=1000000", "--set", "run.save_every=0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = dir.path().join("runs/t.lock");
+    let pid = holder.id().to_string();
+    let start = Instant::now();
+    while std::fs::read_to_string(&lock).ok().as_deref() != Some(pid.as_str()) {
+        assert!(start.elapsed() < Duration::from_secs(60), "the first run never took its lock");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = |extra: &[&str]| {
+        let mut c = safe_cmd();
+        c.args(["train", "--config", recipe.to_str().unwrap()]).args(extra);
+        c.output().unwrap()
+    };
+    let expected = format!("is in use by process {pid}");
+    for extra in [&["--resume", "auto"][..], &["--resume", "never", "--overwrite"], &["--resume", "never"]] {
+        let out = second(extra);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(&expected), "{extra:?}: {}", stderr(&out));
+    }
+    assert!(dir.path().join("runs/t/metrics.jsonl").is_file(), "the live run was left alone");
+    // kill -9: the kernel drops the lock with the process; the next run takes it at once.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let out = second(&["--resume", "never", "--overwrite", "--set", "run.max_steps=1"]);
+    ok(&out);
+    assert!(std::fs::read_to_string(&lock).unwrap().trim().parse::<u32>().is_ok());
+}
