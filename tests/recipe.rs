@@ -413,3 +413,15 @@ fn keys_of_other_algorithms_are_refused_naming_who_reads_them() {
             .unwrap();
     }
 }
+
+/// An algorithm's problem with a `[[reward]]` names that reward's own line (GRPO-λ refuses rewards besides its
+/// correctness reward), even when the correctness reward comes after it.
+#[test]
+fn an_algorithms_reward_problem_names_the_rewards_line() {
+    let text = "[model]\nid = \"org/model\"\n\n[data]\nsource = \"builtin:arithmetic\"\n\n[algorithm]\n\
+                kind = \"grpo_lambda\"\n\n[[reward]]\nname = \"short\"\nrule = \"length\"\ntarget = 3\n\n\
+                [[reward]]\nname = \"correct\"\nrule = \"exact_answer\"\n";
+    let line = text.lines().position(|l| l == "name = \"short\"").unwrap() + 1;
+    let e = err(text, &[]);
+    assert!(e.contains(&format!("recipe.toml:{line}: reward `short`: algorithm.kind = \"grpo_lambda\"")), "{e}");
+}

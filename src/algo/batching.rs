@@ -29,7 +29,7 @@ pub fn shuffled_order(n: usize, seed: u64, step: u64, epoch: usize, stream: u64)
 pub fn mini_batch_problem(completions: usize, num_mini_batches: usize) -> Option<super::Problem> {
     let mb = num_mini_batches;
     (mb == 0 || !completions.is_multiple_of(mb)).then(|| {
-        (
+        super::Problem::at(
             "algorithm.num_mini_batches",
             format!(
                 "`algorithm.num_mini_batches` = {mb} does not divide the {completions} completions of a step \

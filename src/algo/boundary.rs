@@ -91,6 +91,31 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// This step's learning rate when the schedule counts training steps (PPO, SAFE, REINFORCE++: TRL steps its
+    /// scheduler once per batch of rollouts, however many optimizer steps the batch makes).
+    pub fn lr_per_step(&self) -> f64 {
+        let o = &self.optim;
+        // `step` is 1-based; the schedule counts steps already taken.
+        crate::optim::lr_at(self.step - 1, o.lr, o.schedule, o.warmup_steps, self.max_steps)
+    }
+
+    /// The policy's per-token log-probs `[b, C]` and entropies (a metric) of a micro-batch, with its sequence batch
+    /// (masks, widths), in a graph for the update.
+    pub fn policy_logprobs(
+        &self,
+        policy: &CausalLm,
+        prompts: &[Vec<u32>],
+        completions: &[Vec<u32>],
+    ) -> Result<(crate::model::logprobs::SequenceBatch, Tensor, Tensor)> {
+        use crate::model::logprobs::{logprobs_from_hidden, Entropy, SequenceBatch};
+        let seqs =
+            SequenceBatch::new(prompts, completions, self.pad_id, policy.config().sliding_window, policy.device())?;
+        let hidden = seqs.hidden(policy)?;
+        let (logp, entropy) =
+            logprobs_from_hidden(policy, &hidden, &seqs, self.temperature, self.logprob_chunk, Entropy::Metric)?;
+        Ok((seqs, logp, entropy.context("requested")?))
+    }
+
     /// The learning rate of the next optimizer update when each step makes `updates_per_step` of them (GRPO's and
     /// RLOO's μ): warm-up and schedule count updates, so both stretch by μ.
     pub fn lr_per_update(&self, optimizer_steps: u64, updates_per_step: u64) -> f64 {
@@ -136,6 +161,11 @@ impl Runtime {
 /// A replay file's recorded `old_logprobs`, when every sample carries them.
 pub fn recorded_logprobs(samples: &[Sample]) -> Option<Vec<Vec<f32>>> {
     samples.iter().map(|s| s.old_logprobs.clone()).collect()
+}
+
+/// Whether every sample carries recorded `old_logprobs` (without copying them).
+pub fn has_recorded_logprobs(samples: &[Sample]) -> bool {
+    samples.iter().all(|s| s.old_logprobs.is_some())
 }
 
 /// The policy optimizer's schedule and clipping (`[optim]`).

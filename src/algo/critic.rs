@@ -8,9 +8,9 @@ use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::boundary::{OptimSchedule, TensorFileReader, TensorFiles};
+use super::boundary::{Runtime, TensorFileReader, TensorFiles};
 use crate::model::value::{SoftMinHeads, ValueModel};
-use crate::optim::{lr_at, AdamW, AdamWConfig, AdamWState};
+use crate::optim::{AdamW, AdamWConfig, AdamWState};
 
 /// The critic's weights and optimizer moments in a checkpoint.
 pub const CRITIC_FILE: &str = "critic.safetensors";
@@ -107,18 +107,12 @@ impl<M: CriticModel> Critic<M> {
     }
 }
 
-/// PPO and SAFE: set this step's learning rates, the policy's from its schedule (which counts training steps, as
-/// TRL steps its scheduler once per batch of rollouts) and the critic's scaled alike. Returns the policy's.
-pub fn actor_critic_lr<M>(
-    step: u64,
-    max_steps: u64,
-    o: &OptimSchedule,
-    policy: &mut AdamW,
-    critic: &mut Critic<M>,
-) -> f64 {
-    // `step` is 1-based; the schedule counts steps already taken.
-    let lr = lr_at(step - 1, o.lr, o.schedule, o.warmup_steps, max_steps);
+/// PPO and SAFE: set this step's learning rates, the policy's from its per-step schedule ([`Runtime::lr_per_step`])
+/// and the critic's scaled alike. Returns the policy's.
+pub fn actor_critic_lr<M>(rt: &Runtime, policy: &mut AdamW, critic: &mut Critic<M>) -> f64 {
+    let lr = rt.lr_per_step();
     policy.set_lr(lr);
-    critic.optimizer.set_lr(critic.params.lr * if o.lr > 0.0 { lr / o.lr } else { 0.0 });
+    let base = rt.optim.lr;
+    critic.optimizer.set_lr(critic.params.lr * if base > 0.0 { lr / base } else { 0.0 });
     lr
 }

@@ -548,12 +548,7 @@ pub fn grpo_update(
         return Ok(metrics);
     }
     let t = std::time::Instant::now();
-    let max_norm = if cfg.max_grad_norm > 0.0 { cfg.max_grad_norm } else { f64::INFINITY };
-    let (norm, scale) = crate::optim::grad_norm_and_scale(&grads, policy.vars(), max_norm)?;
-    metrics.grad_norm = norm;
-    if norm.is_finite() {
-        optimizer.step_scaled(&grads, scale)?;
-    }
+    metrics.grad_norm = crate::optim::clipped_step(optimizer, &grads, policy.vars(), cfg.max_grad_norm)?;
     metrics.optimizer_seconds = t.elapsed().as_secs_f64();
     Ok(metrics)
 }
@@ -905,7 +900,7 @@ impl Algorithm for Grpo {
         };
         // μ > 1 reuses the batch: ρ needs the sampling policy's log-probs, taken before the first update.
         // A replay file's recorded log-probs are the old ones even at μ = 1 (an off-policy batch).
-        let recorded = super::boundary::recorded_logprobs(samples).is_some();
+        let recorded = super::boundary::has_recorded_logprobs(samples);
         let old =
             if p.num_iterations > 1 || recorded { Some(rt.rollout_logprobs(m.rollout_view, samples)?) } else { None };
         // bf16 rollout weights: the sampling distribution's log-probs for the importance correction.

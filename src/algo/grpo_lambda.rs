@@ -308,16 +308,15 @@ impl GrpoLambdaSettings {
     pub fn problems(&self, shape: &RecipeShape) -> Vec<Problem> {
         let mut out = self.grpo.problems(shape);
         if shape.shaping {
-            out.push((
+            out.push(Problem::at(
                 "shaping.kind",
                 "algorithm.kind = \"grpo_lambda\" replaces the reward with its own; shaping it is defined by no \
-                 paper: remove the [shaping] keys or use algorithm.kind = \"grpo\""
-                    .into(),
+                 paper: remove the [shaping] keys or use algorithm.kind = \"grpo\"",
             ));
         }
         let names: Vec<&str> = shape.rewards.iter().map(|(n, _)| n.as_str()).collect();
         if !names.contains(&self.correctness_reward.as_str()) {
-            out.push((
+            out.push(Problem::at(
                 "algorithm.correctness_reward",
                 format!(
                     "`algorithm.correctness_reward` = \"{}\" is not a [[reward]] of this recipe (rewards: {})",
@@ -327,8 +326,9 @@ impl GrpoLambdaSettings {
             ));
         } else {
             // (Gates need a second reward, so refusing the others refuses gates too.)
-            for other in names.iter().filter(|n| **n != self.correctness_reward) {
-                out.push((
+            for (i, other) in names.iter().enumerate().filter(|(_, n)| **n != self.correctness_reward) {
+                out.push(Problem::at_reward(
+                    i,
                     "reward.name",
                     format!(
                         "reward `{other}`: algorithm.kind = \"grpo_lambda\" computes its reward from `{}` alone (0/1 \

@@ -35,7 +35,6 @@ pub mod safe;
 use anyhow::Result;
 
 pub use boundary::{Algorithm, Models, Needs, OptimSchedule, Runtime, StepBatch, StepOutcome};
-pub use critic::{CRITIC_FILE, CRITIC_OPTIMIZER_FILE};
 
 choice_enum!(
     /// The RL algorithm (`algorithm.kind`).
@@ -83,8 +82,24 @@ impl RecipeShape<'_> {
     }
 }
 
-/// A problem with the recipe found by an algorithm: the key it is about (for the line number) and the message.
-pub type Problem = (&'static str, String);
+/// A problem with the recipe found by an algorithm: the key it is about (for the line number), the `[[reward]]`
+/// entry when it is a reward key, and the message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub key: &'static str,
+    /// Index into the recipe's rewards, for a `reward.*` key.
+    pub reward: Option<usize>,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn at(key: &'static str, message: impl Into<String>) -> Self {
+        Self { key, reward: None, message: message.into() }
+    }
+    pub fn at_reward(index: usize, key: &'static str, message: impl Into<String>) -> Self {
+        Self { key, reward: Some(index), message: message.into() }
+    }
+}
 
 /// What [`build`] needs besides the settings.
 pub struct Setup<'a> {
@@ -139,18 +154,6 @@ impl Settings {
             AlgorithmKind::Rloo => Settings::Rloo(Default::default()),
             AlgorithmKind::ReinforcePp => Settings::Reinforce(reinforce::ReinforceSettings::default_for(false)),
             AlgorithmKind::ReinforcePpBaseline => Settings::Reinforce(reinforce::ReinforceSettings::default_for(true)),
-        }
-    }
-
-    pub fn kind(&self) -> AlgorithmKind {
-        match self {
-            Settings::Grpo(_) => AlgorithmKind::Grpo,
-            Settings::GrpoLambda(_) => AlgorithmKind::GrpoLambda,
-            Settings::Ppo(_) => AlgorithmKind::Ppo,
-            Settings::Safe(_) => AlgorithmKind::Safe,
-            Settings::Rloo(_) => AlgorithmKind::Rloo,
-            Settings::Reinforce(p) if p.baseline => AlgorithmKind::ReinforcePpBaseline,
-            Settings::Reinforce(_) => AlgorithmKind::ReinforcePp,
         }
     }
 

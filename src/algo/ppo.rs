@@ -144,7 +144,7 @@ use crate::advantage::gae::{gae, token_rewards, value_len, whiten, ScorePlacemen
 use crate::model::logprobs::{completion_logprobs, SequenceBatch};
 use crate::model::value::ValueModel;
 use crate::model::CausalLm;
-use crate::optim::{clip_grad_norm, AdamW, GradAccumulator};
+use crate::optim::{clip_grad_norm, norm_limit, AdamW, GradAccumulator};
 
 /// PPO's hyperparameters as the recipe gives them (`algorithm.*` when `kind = "ppo"`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -365,9 +365,8 @@ pub fn ppo_update(
                 tokens += w;
             }
             let mut grads = acc.finish();
-            let max = |x: f64| if x > 0.0 { x } else { f64::INFINITY };
-            let gp = clip_grad_norm(&mut grads, policy.vars(), max(cfg.max_grad_norm))?;
-            let gc = clip_grad_norm(&mut grads, critic.vars(), max(cfg.critic_max_grad_norm))?;
+            let gp = clip_grad_norm(&mut grads, policy.vars(), norm_limit(cfg.max_grad_norm))?;
+            let gc = clip_grad_norm(&mut grads, critic.vars(), norm_limit(cfg.critic_max_grad_norm))?;
             if !gp.is_finite() || !gc.is_finite() {
                 return Ok(PpoMetrics { grad_norm: gp, critic_grad_norm: gc, ..m });
             }
@@ -495,9 +494,9 @@ impl PpoSettings {
                 .into_iter()
                 .collect();
         if self.critic_init == "reward_model" && !shape.rewards.iter().any(|(_, model)| *model) {
-            out.push((
+            out.push(Problem::at(
                 "critic.init",
-                "`critic.init` = \"reward_model\" needs a [[reward]] with kind = \"model\" to start from".into(),
+                "`critic.init` = \"reward_model\" needs a [[reward]] with kind = \"model\" to start from",
             ));
         }
         out
@@ -558,7 +557,7 @@ impl Algorithm for Ppo {
         rt: &Runtime,
         record: &mut Record,
     ) -> Result<StepOutcome> {
-        let lr = actor_critic_lr(rt.step, rt.max_steps, &rt.optim, m.optimizer, &mut self.critic);
+        let lr = actor_critic_lr(rt, m.optimizer, &mut self.critic);
         let p = &self.settings.params;
         let (prompts, completions) = batch.token_ids();
         // A sample no reward applied to scores 0.

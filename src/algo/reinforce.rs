@@ -21,7 +21,6 @@ use super::loss::{clip_indicators_tensor, clipped_surrogate_tensor, scalar, Clip
 use super::{Keys, Problem, RecipeShape};
 use crate::advantage::gae::{gae, token_rewards, whiten, ScorePlacement, Whitening};
 use crate::metrics::{names, Record};
-use crate::model::logprobs::{logprobs_from_hidden, Entropy, SequenceBatch};
 use crate::reward::scored::ScoredBatch;
 use crate::rollout::batch::Sample;
 
@@ -223,10 +222,9 @@ impl Algorithm for Reinforce {
         let micro = rt.micro_batch_size.clamp(1, n.max(1));
         let mini = n.div_ceil(s.num_mini_batches.max(1));
         // The schedule counts training steps, as PPO's (one rollout batch each).
-        let o = &rt.optim;
-        let lr = crate::optim::lr_at(rt.step - 1, o.lr, o.schedule, o.warmup_steps, rt.max_steps);
+        let lr = rt.lr_per_step();
         m.optimizer.set_lr(lr);
-        let max_norm = if o.max_grad_norm > 0.0 { o.max_grad_norm } else { f64::INFINITY };
+        let max_grad_norm = rt.optim.max_grad_norm;
         let (mut loss_sum, mut norm_sum, mut updates, mut clipped, mut entropy, mut tokens_seen) =
             (0.0, 0.0, 0.0f64, [0.0; 3], 0.0, 0.0f64);
         for epoch in 0..s.epochs {
@@ -237,22 +235,7 @@ impl Algorithm for Reinforce {
                 let mut loss_value = 0.0;
                 for idx in mb.chunks(micro) {
                     let pick = |src: &[Vec<u32>]| idx.iter().map(|&i| src[i].clone()).collect::<Vec<_>>();
-                    let seqs = SequenceBatch::new(
-                        &pick(&prompts),
-                        &pick(&completions),
-                        rt.pad_id,
-                        m.policy.config().sliding_window,
-                        dev,
-                    )?;
-                    let hidden = seqs.hidden(m.policy)?;
-                    let (logp, ent) = logprobs_from_hidden(
-                        m.policy,
-                        &hidden,
-                        &seqs,
-                        rt.temperature,
-                        rt.logprob_chunk,
-                        Entropy::Metric,
-                    )?;
+                    let (seqs, logp, ent) = rt.policy_logprobs(m.policy, &pick(&prompts), &pick(&completions))?;
                     let width = seqs.completion_width;
                     let old_t = padded_rows(&idx.iter().map(|&i| old[i].clone()).collect::<Vec<_>>(), width, dev)?;
                     let adv_rows: Vec<Vec<f32>> =
@@ -269,15 +252,13 @@ impl Algorithm for Reinforce {
                     for (total, x) in clipped.iter_mut().zip(c) {
                         *total += x;
                     }
-                    entropy += scalar(&(ent.context("requested")? * mask)?.sum_all()?)?;
+                    entropy += scalar(&(ent * mask)?.sum_all()?)?;
                     tokens_seen += scalar(&mask.sum_all()?)?;
                 }
-                let grads = acc.finish();
-                let (norm, scale) = crate::optim::grad_norm_and_scale(&grads, m.policy.vars(), max_norm)?;
+                let norm = crate::optim::clipped_step(m.optimizer, &acc.finish(), m.policy.vars(), max_grad_norm)?;
                 if !norm.is_finite() {
                     return Ok(StepOutcome::skipped("gradient", format!("the gradient norm is {norm}")));
                 }
-                m.optimizer.step_scaled(&grads, scale)?;
                 loss_sum += loss_value;
                 norm_sum += norm;
                 updates += 1.0;

@@ -18,7 +18,6 @@ use super::loss::{clip_indicators_tensor, clipped_surrogate_tensor, scalar, Clip
 use super::{Keys, Problem, RecipeShape};
 use crate::advantage::{leave_one_out, normalize_batch};
 use crate::metrics::{names, Record};
-use crate::model::logprobs::{logprobs_from_hidden, Entropy, SequenceBatch};
 use crate::reward::scored::ScoredBatch;
 use crate::rollout::batch::Sample;
 
@@ -156,7 +155,7 @@ impl Algorithm for Rloo {
         super::boundary::log_reward_spread(scored, rt.group_size, record)?;
         self.old = None;
         let kl_reference = models.reference.filter(|_| s.beta > 0.0);
-        let recorded = super::boundary::recorded_logprobs(samples).is_some();
+        let recorded = super::boundary::has_recorded_logprobs(samples);
         if kl_reference.is_some() || s.num_iterations > 1 || recorded {
             let (prompts, completions) = super::boundary::token_ids(samples);
             let old = rt.rollout_logprobs(models.rollout_view, samples)?;
@@ -187,7 +186,7 @@ impl Algorithm for Rloo {
         let advantages = advantages.context("RLOO's update needs its advantages")?;
         let (prompts, completions) = batch.token_ids();
         let keep = self.keep(batch.samples);
-        let recorded = super::boundary::recorded_logprobs(batch.samples).is_some();
+        let recorded = super::boundary::has_recorded_logprobs(batch.samples);
         let old = if s.num_iterations > 1 || recorded { self.old.take() } else { None };
         let n = completions.len();
         let micro = rt.micro_batch_size.clamp(1, n.max(1));
@@ -202,18 +201,9 @@ impl Algorithm for Rloo {
             let mut loss_value = 0.0;
             for start in (0..n).step_by(micro) {
                 let r = start..(start + micro).min(n);
-                let seqs = SequenceBatch::new(
-                    &prompts[r.clone()],
-                    &completions[r.clone()],
-                    rt.pad_id,
-                    m.policy.config().sliding_window,
-                    dev,
-                )?;
+                let (seqs, logp, ent) = rt.policy_logprobs(m.policy, &prompts[r.clone()], &completions[r.clone()])?;
                 let keep_t = Tensor::new(&keep[r.clone()], dev)?.unsqueeze(1)?;
                 let mask = seqs.completion_mask.broadcast_mul(&keep_t)?;
-                let hidden = seqs.hidden(m.policy)?;
-                let (logp, ent) =
-                    logprobs_from_hidden(m.policy, &hidden, &seqs, rt.temperature, rt.logprob_chunk, Entropy::Metric)?;
                 let old_t = match &old {
                     Some(rows) => super::batching::padded_rows(&rows[r.clone()], seqs.completion_width, dev)?,
                     None => logp.detach(),
@@ -232,17 +222,14 @@ impl Algorithm for Rloo {
                     for (total, x) in clipped.iter_mut().zip(c) {
                         *total += x;
                     }
-                    entropy += scalar(&(ent.context("requested")? * &mask)?.sum_all()?)?;
+                    entropy += scalar(&(ent * &mask)?.sum_all()?)?;
                     tokens += scalar(&mask.sum_all()?)?;
                 }
             }
-            let grads = acc.finish();
-            let max = if rt.optim.max_grad_norm > 0.0 { rt.optim.max_grad_norm } else { f64::INFINITY };
-            let (norm, scale) = crate::optim::grad_norm_and_scale(&grads, m.policy.vars(), max)?;
+            let norm = crate::optim::clipped_step(m.optimizer, &acc.finish(), m.policy.vars(), rt.optim.max_grad_norm)?;
             if !norm.is_finite() {
                 return Ok(StepOutcome::skipped("gradient", format!("the gradient norm is {norm}")));
             }
-            m.optimizer.step_scaled(&grads, scale)?;
             loss_sum += loss_value;
             norm_sum += norm;
         }

@@ -504,7 +504,7 @@ use crate::model::logprobs::{
 };
 use crate::model::value::SoftMinHeads;
 use crate::model::CausalLm;
-use crate::optim::{clip_grad_norm, AdamW, GradAccumulator};
+use crate::optim::{clip_grad_norm, norm_limit, AdamW, GradAccumulator};
 
 choice_enum!(
     /// Where the critic reads the hidden state.
@@ -770,9 +770,8 @@ pub fn safe_update(
             None => controller.step(kl_e, h_bar, reward_raw_mean),
         };
         let mut grads = acc.finish();
-        let max = |x: f64| if x > 0.0 { x } else { f64::INFINITY };
-        let gp = clip_grad_norm(&mut grads, policy.vars(), max(cfg.params.policy_max_grad_norm))?;
-        let gh = clip_grad_norm(&mut grads, heads.vars(), max(cfg.params.heads_max_grad_norm))?;
+        let gp = clip_grad_norm(&mut grads, policy.vars(), norm_limit(cfg.params.policy_max_grad_norm))?;
+        let gh = clip_grad_norm(&mut grads, heads.vars(), norm_limit(cfg.params.heads_max_grad_norm))?;
         if !gp.is_finite() || !gh.is_finite() {
             m.failed = Some(format!("the gradient norm is {gp} (policy) / {gh} (critic heads)"));
             return Ok(m);
@@ -914,11 +913,10 @@ impl SafeSettings {
 
     pub fn problems(&self, shape: &RecipeShape) -> Vec<Problem> {
         if shape.completions_per_step() < 2 {
-            return vec![(
+            return vec![Problem::at(
                 "rollout.prompts_per_step",
                 "safe whitens advantages over the step's completions: rollout.prompts_per_step × \
-                 rollout.num_generations must be at least 2"
-                    .into(),
+                 rollout.num_generations must be at least 2",
             )];
         }
         Vec::new()
@@ -973,7 +971,7 @@ impl Algorithm for Safe {
             let reason = format!("no reward applied to completion {i}; safe needs one reward per completion");
             return Ok(StepOutcome::skipped("reward", reason));
         }
-        let lr = actor_critic_lr(rt.step, rt.max_steps, &rt.optim, m.optimizer, &mut self.heads);
+        let lr = actor_critic_lr(rt, m.optimizer, &mut self.heads);
         // Work on copies: a step that fails leaves the controller and normaliser as they were.
         let (mut controller, mut normalizer) = (self.controller.clone(), self.normalizer);
         let reference = m.reference.context("safe needs the reference model")?;

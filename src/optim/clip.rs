@@ -22,6 +22,30 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f
     Ok(norm)
 }
 
+/// A recipe's `max_grad_norm` as a norm limit: ≤ 0 means no clipping (an infinite limit).
+pub fn norm_limit(max_grad_norm: f64) -> f64 {
+    if max_grad_norm > 0.0 {
+        max_grad_norm
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// One AdamW step of `vars` from `grads`, clipped to `max_grad_norm` (≤ 0 = off) inside the update. Returns the
+/// pre-clip norm; a non-finite norm leaves the weights untouched, for the caller to skip the step.
+pub fn clipped_step(
+    optimizer: &mut crate::optim::AdamW,
+    grads: &GradStore,
+    vars: &[(String, Var)],
+    max_grad_norm: f64,
+) -> Result<f64> {
+    let (norm, scale) = grad_norm_and_scale(grads, vars, norm_limit(max_grad_norm))?;
+    if norm.is_finite() {
+        optimizer.step_scaled(grads, scale)?;
+    }
+    Ok(norm)
+}
+
 /// The global L2 norm of the gradients of `vars`, and the factor that clips it to `max_norm` (None when no clipping
 /// applies, including a non-finite norm), without changing the gradients: [`crate::optim::AdamW::step_scaled`]
 /// applies the factor inside its update. Sums of squares are accumulated in f64 (directly over the storage for CPU

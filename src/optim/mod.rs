@@ -7,5 +7,5 @@ pub mod schedule;
 
 pub use accumulate::GradAccumulator;
 pub use adamw::{AdamW, AdamWConfig, AdamWState};
-pub use clip::{clip_grad_norm, grad_norm_and_scale};
+pub use clip::{clip_grad_norm, clipped_step, grad_norm_and_scale, norm_limit};
 pub use schedule::{lr_at, LrSchedule};

@@ -622,18 +622,13 @@ fn cross_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, rewards: &[
         rewards: &reward_names,
         shaping: sh.kind != ShapingKind::None || sh.ceil.is_some() || sh.length_penalty.is_some(),
     };
-    for (key, msg) in a.settings.problems(&shape) {
-        let origin = match key.split_once('.') {
-            // `reward.name`: the first reward the message names, else the first reward.
-            Some(("reward", field)) => {
-                let path = format!("reward.{field}");
-                let i = r.rewards.iter().position(|w| msg.starts_with(&format!("reward `{}`", w.name))).unwrap_or(0);
-                rewards.get(i).and_then(|t| t.get(&path)).map(|e| e.origin.clone()).unwrap_or(Origin::Default)
-            }
-            Some((table, _)) => at(table, key),
-            None => Origin::Default,
+    for p in a.settings.problems(&shape) {
+        let origin = match (p.reward, p.key.split_once('.')) {
+            (Some(i), _) => rewards.get(i).and_then(|t| t.get(p.key)).map(|e| e.origin.clone()),
+            (None, Some((table, _))) => Some(at(table, p.key)),
+            (None, None) => None,
         };
-        ctx.err(&origin, msg);
+        ctx.err(&origin.unwrap_or(Origin::Default), p.message);
     }
     let needs = a.settings.needs();
     if ro.bf16_importance_cap.is_some() && !needs.importance_correction {
