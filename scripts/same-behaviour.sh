@@ -78,8 +78,8 @@ for r in grpo grpo_bnpo grpo_lambda ppo safe; do
 done
 "$BIN" train --config configs/quickstart.toml --set run.output_dir="$OUT/runs" --resume never > "$OUT/quickstart.log" 2>&1
 "$BIN" train --config configs/par-reward-model.toml --set run.output_dir="$OUT/runs" --set run.max_steps=4 --resume never > "$OUT/par.log" 2>&1 || echo "FAIL par"
-for d in "$OUT"/runs/*; do
-  n=$(basename "$d")
+for d in "$OUT"/runs/*/; do
+  d=${d%/}; n=$(basename "$d")
   python3 -c '
 import json,sys
 for l in open(sys.argv[1]):
