@@ -285,3 +285,30 @@ fn sigkill_during_a_checkpoint_write_leaves_a_resumable_checkpoint() {
     }
     assert!(last > 0, "no checkpoint was ever completed");
 }
+
+#[test]
+fn state_json_records_the_sha256_of_every_file() {
+    let (model, tok) = tiny(DType::F32);
+    let opt = AdamW::new(model.vars().to_vec(), AdamWConfig::default()).unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let dir = save(run.path(), 1, &model, &tok, &opt, 0);
+    let state = read_json(&dir.join("state.json"));
+    let files = state["files"].as_object().unwrap();
+    let mut listed: Vec<&str> = files.keys().map(String::as_str).collect();
+    listed.sort();
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "state.json")
+        .collect();
+    on_disk.sort();
+    assert_eq!(listed, on_disk);
+    // `sha256sum` of the file, computed independently here.
+    use sha2::Digest;
+    let want = format!("{:x}", sha2::Sha256::digest(std::fs::read(dir.join("model.safetensors")).unwrap()));
+    assert_eq!(files["model.safetensors"], want);
+    // `complete` stays the last key written.
+    let text = std::fs::read_to_string(dir.join("state.json")).unwrap();
+    assert!(text.trim_end().trim_end_matches('}').trim_end().ends_with("\"complete\": true"), "{text}");
+    Checkpoint::open(&dir).unwrap();
+}

@@ -4,11 +4,17 @@
 //! Crash safety is by construction, not by recovery: a checkpoint is written completely into a hidden temporary
 //! directory, fsynced, and only then renamed into place; `latest` is replaced the same way. A process killed at any
 //! moment leaves every visible `step-*` directory complete and `latest` naming one of them (or nothing new).
+//!
+//! Damage after the fact (a disk error, a copy cut short, an edit) is caught on resume: `state.json` records a
+//! SHA-256 of every other file, and opening a checkpoint compares them. `--resume auto` takes the newest checkpoint
+//! that passes, saying why it passed over any newer one, and refuses a run whose checkpoints all fail rather than
+//! silently starting it over.
 
 mod fsio;
+mod integrity;
 mod safetensors_io;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -32,6 +38,9 @@ pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Prefix of every in-progress or half-deleted entry; anything with it is garbage on the next save.
 const TMP_PREFIX: &str = ".tmp-";
+/// Checkpoints after the one a run was resumed from are moved aside under this prefix; they count toward
+/// `run.keep_last` and are the first rotated out.
+pub const SUPERSEDED_PREFIX: &str = "superseded-";
 /// Bumped when `state.json` changes incompatibly.
 const STATE_FORMAT: u32 = 1;
 
@@ -76,6 +85,9 @@ struct StateFile {
     step: u64,
     optimizer: AdamWState,
     training: serde_json::Value,
+    /// Hex SHA-256 of every other file of the checkpoint, by name (empty in checkpoints older than the digests).
+    #[serde(default)]
+    files: BTreeMap<String, String>,
     #[serde(default)]
     complete: bool,
 }
@@ -139,6 +151,7 @@ fn write_contents(dir: &Path, req: &SaveRequest) -> Result<()> {
         step: req.step,
         optimizer: req.optimizer.state(),
         training: req.training_state.clone(),
+        files: integrity::digests(dir, STATE_FILE)?,
         complete: true,
     };
     // Serialized from the struct, not a `Value` (whose map sorts keys), so `complete` stays last.
@@ -202,29 +215,85 @@ fn latest_pointer(root: &Path) -> Option<PathBuf> {
     Some(root.join(name))
 }
 
-/// The checkpoint to resume from: the one `latest` names if it is complete, else the highest complete step.
+/// The newest complete checkpoint (the highest step marked complete with its files present), whatever `latest`
+/// says: a pointer left behind by an older process must not send a resume back in time.
 pub fn latest_complete(run_dir: &Path) -> Option<PathBuf> {
-    let root = checkpoints_dir(run_dir);
-    if let Some(p) = latest_pointer(&root).filter(|p| is_complete(p)) {
-        return Some(p);
-    }
-    complete_steps(&root).pop().map(|(_, p)| p)
+    complete_steps(&checkpoints_dir(run_dir)).pop().map(|(_, p)| p)
 }
 
-/// Delete the oldest complete checkpoints beyond `keep_last`; never the newest complete one, never `latest`'s.
-/// Each is renamed to a temporary name before deletion, so a crash mid-delete leaves garbage, not a broken step.
+/// What `--resume auto` found: the newest intact checkpoint, and a reason for each newer one passed over.
+#[derive(Debug)]
+pub struct NewestIntact {
+    pub checkpoint: Checkpoint,
+    pub passed_over: Vec<String>,
+}
+
+/// The checkpoint `--resume auto` continues: the highest `step-<N>` that opens and verifies. `Ok(None)` when the run
+/// has no checkpoint directory at all (a fresh start); an error naming every checkpoint and what is wrong with it
+/// when none is intact, so a damaged run is never silently started over.
+pub fn newest_intact(run_dir: &Path) -> Result<Option<NewestIntact>> {
+    let root = checkpoints_dir(run_dir);
+    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(None) };
+    let mut steps: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((parse_step_dir_name(e.file_name().to_str()?)?, e.path())))
+        .collect();
+    steps.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
+    let mut passed_over = Vec::new();
+    for (_, dir) in &steps {
+        match Checkpoint::open(dir) {
+            Ok(checkpoint) => {
+                let passed_over = passed_over
+                    .into_iter()
+                    .map(|reason| format!("{reason}; resuming from the older {} instead", dir.display()))
+                    .collect();
+                return Ok(Some(NewestIntact { checkpoint, passed_over }));
+            }
+            Err(e) => passed_over.push(format!("checkpoint {} is not usable: {e:#}", dir.display())),
+        }
+    }
+    if passed_over.is_empty() {
+        return Ok(None);
+    }
+    bail!(
+        "no intact checkpoint in {} to resume from:\n  {}\nResume from a copy with --resume DIR, or start over with \
+         --resume never --overwrite (deletes the run)",
+        root.display(),
+        passed_over.join("\n  ")
+    )
+}
+
+/// Delete the oldest checkpoints beyond `keep_last`, counting the superseded ones (moved aside by a resume from an
+/// earlier step) and rotating those out first; never the newest complete step, never `latest`'s. Each is renamed
+/// to a temporary name before deletion, so a crash mid-delete leaves garbage, not a broken step.
 fn rotate(root: &Path, keep_last: usize) -> Result<()> {
     if keep_last == 0 {
         return Ok(());
     }
     let steps = complete_steps(root);
+    let mut superseded: Vec<PathBuf> = std::fs::read_dir(root)
+        .with_context(|| format!("cannot list {}", root.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(SUPERSEDED_PREFIX))
+        .map(|e| e.path())
+        .collect();
+    // Oldest first: by the step in the name (`superseded-step-<N>[-<k>]`), then by name.
+    superseded.sort_by_key(|p| {
+        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let step = name
+            .strip_prefix(SUPERSEDED_PREFIX)
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.split('-').next()?.parse::<u64>().ok());
+        (step, name)
+    });
     let protected = latest_pointer(root);
-    let excess = steps.len().saturating_sub(keep_last.max(1));
+    let newest = steps.last().map(|(_, p)| p.clone());
+    let excess = (steps.len() + superseded.len()).saturating_sub(keep_last.max(1));
+    let candidates = superseded.iter().chain(steps.iter().map(|(_, p)| p));
+    let doomed: Vec<&PathBuf> =
+        candidates.filter(|p| protected.as_ref() != Some(*p) && newest.as_ref() != Some(*p)).take(excess).collect();
     let pid = std::process::id();
-    for (_, path) in steps.iter().take(excess) {
-        if protected.as_deref() == Some(path.as_path()) {
-            continue;
-        }
+    for path in doomed {
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         let doomed = root.join(format!("{TMP_PREFIX}rotate-{name}-{pid}"));
         std::fs::rename(path, &doomed).with_context(|| format!("cannot rotate out {}", path.display()))?;
@@ -259,7 +328,8 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Open a checkpoint directory; errors name `state.json` when it is missing, corrupt or not marked complete.
+    /// Open a checkpoint directory and verify its files; errors name `state.json` when it is missing, corrupt or
+    /// not marked complete, and the file that is missing, truncated or does not match its recorded SHA-256.
     pub fn open(dir: &Path) -> Result<Self> {
         let state = read_state(dir)?;
         let path = dir.join(STATE_FILE);
@@ -274,6 +344,7 @@ impl Checkpoint {
                 bail!("checkpoint {} has no {f}", dir.display());
             }
         }
+        integrity::verify(dir, &state.files)?;
         Ok(Self { dir: dir.to_path_buf(), state })
     }
 

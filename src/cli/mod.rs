@@ -289,7 +289,11 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
     let recipe = load(&args.config, &args.sets)?;
     // Held until the process ends: no second process may resume, overwrite or supersede this run meanwhile.
     let _lock = run_dir::RunLock::acquire(&recipe.run).map_err(Failure::bad_input)?;
-    let start = run_dir::resolve_start(&recipe, &args.resume, args.overwrite).map_err(Failure::bad_input)?;
+    let (start, warnings) =
+        run_dir::resolve_start(&recipe, &args.resume, args.overwrite).map_err(Failure::bad_input)?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
     print!("{}", summary(&recipe, &args.resume));
     if let Start::From(c) = &start {
         println!("resuming:   from {} (step {})", c.dir().display(), c.step());

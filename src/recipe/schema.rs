@@ -462,7 +462,7 @@ pub static KEYS: &[KeySpec] = &[
     ),
     key("run.log_every", int(1), "1", "Write a metrics line every this many steps."),
     key("run.save_every", int(0), "50", "Checkpoint every this many steps; 0 = only at the end."),
-    key("run.keep_last", int(1), "3", "Number of checkpoints kept; older ones are deleted."),
+    key("run.keep_last", int(1), "3", "Number of checkpoints kept, superseded ones (moved aside by a resume from an earlier step) included; older ones are deleted, superseded ones first."),
     key("run.completions_every", int(0), "10", "Write completions/step-<N>.jsonl every this many steps; 0 = never."),
     key(
         "run.max_bad_steps",

@@ -193,10 +193,12 @@ impl Trainer {
                 if self.state.bad_steps_in_a_row > r.max_bad_steps {
                     bar.abandon();
                     let last = checkpoint::latest_complete(&self.run_dir)
-                        .map_or("none was written".to_string(), |p| p.display().to_string());
+                        .map_or("no checkpoint was written before them".to_string(), |p| {
+                            format!("the last good checkpoint is {}", p.display())
+                        });
                     return Err(Failure::training(anyhow!(
-                        "stopping after {} bad steps in a row (run.max_bad_steps = {}); the last good checkpoint is \
-                         {last}. Last problem ({stage}): {reason}",
+                        "stopping after {} bad steps in a row (run.max_bad_steps = {}); {last}. Last problem \
+                         ({stage}): {reason}",
                         self.state.bad_steps_in_a_row,
                         r.max_bad_steps
                     )));

@@ -8,14 +8,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::{self, Checkpoint, SUPERSEDED_PREFIX};
 use crate::recipe::{self, Recipe, RESUMABLE_KEYS};
 
 pub const RESOLVED_RECIPE_FILE: &str = "recipe.resolved.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const COMPLETIONS_DIR: &str = "completions";
-/// Checkpoints after the one a run was resumed from (`--resume DIR`) are moved aside under this prefix, never deleted.
-pub const SUPERSEDED_PREFIX: &str = "superseded-";
 
 /// `--resume auto|DIR|never`.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,17 +96,20 @@ pub fn completions_file(run_dir: &Path, step: u64) -> PathBuf {
 
 /// Decide where the run starts. Errors are bad input (exit 2): nothing has been written yet.
 ///
-/// - `auto`: the newest complete checkpoint of this run, else a fresh start (a run killed before its first
-///   checkpoint restarts from step 0);
+/// - `auto`: the newest intact checkpoint of this run (a warning for each newer one passed over, naming what is
+///   wrong with it), else a fresh start (a run killed before its first checkpoint restarts from step 0); a run whose
+///   checkpoints are all damaged is refused, never silently started over;
 /// - `never`: a fresh start; an existing non-empty run directory is refused unless `overwrite`, which deletes it;
 /// - `DIR`: that checkpoint (of this run or another one).
 ///
 /// A checkpoint whose recipe differs from `recipe` in a key that may not change on resume is refused, naming the keys.
-pub fn resolve_start(recipe: &Recipe, resume: &Resume, overwrite: bool) -> Result<Start> {
+/// Returns the start and warnings for the console.
+pub fn resolve_start(recipe: &Recipe, resume: &Resume, overwrite: bool) -> Result<(Start, Vec<String>)> {
     let run_dir = recipe.run.dir();
     if overwrite && *resume != Resume::Never {
         bail!("--overwrite starts the run over: use it with --resume never");
     }
+    let mut warnings = Vec::new();
     let start = match resume {
         Resume::Never => {
             if is_non_empty_dir(&run_dir) {
@@ -124,8 +125,11 @@ pub fn resolve_start(recipe: &Recipe, resume: &Resume, overwrite: bool) -> Resul
             }
             Start::Fresh
         }
-        Resume::Auto => match checkpoint::latest_complete(&run_dir) {
-            Some(dir) => Start::From(Checkpoint::open(&dir)?),
+        Resume::Auto => match checkpoint::newest_intact(&run_dir)? {
+            Some(found) => {
+                warnings = found.passed_over;
+                Start::From(found.checkpoint)
+            }
             None => Start::Fresh,
         },
         Resume::Dir(dir) => Start::From(
@@ -135,7 +139,7 @@ pub fn resolve_start(recipe: &Recipe, resume: &Resume, overwrite: bool) -> Resul
     if let Start::From(ckpt) = &start {
         check_recipe(ckpt, recipe)?;
     }
-    Ok(start)
+    Ok((start, warnings))
 }
 
 /// The recipe a checkpoint was trained under must equal this one except for [`RESUMABLE_KEYS`].
