@@ -5,6 +5,7 @@ mod choice;
 pub mod advantage;
 pub mod algo;
 pub mod checkpoint;
+pub mod child;
 pub mod cli;
 pub mod cpu;
 pub mod data;
@@ -15,6 +16,7 @@ pub mod optim;
 pub mod recipe;
 pub mod reward;
 pub mod rollout;
+pub mod signal;
 pub mod train;
 
 /// Fix the CPU thread count once, before any work. Candle asks for it on every matmul and, unless

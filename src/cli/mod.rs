@@ -308,7 +308,7 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
             return Ok(());
         }
     }
-    crate::train::signal::install();
+    crate::signal::install();
     let mut trainer = crate::train::Trainer::new(recipe, start)?;
     trainer.run()
 }

@@ -11,18 +11,22 @@
 //! to ours line by line, and each request has a timeout. A request that times out, finds the process dead, or gets
 //! a malformed answer kills and restarts the process and is sent again, up to `max_retries` times; after that the
 //! batch fails with an error naming the command (the step is skipped; see `run.max_bad_steps`).
+//!
+//! The wait for an answer wakes every [`signal::POLL`]: a stop request (Ctrl-C, SIGTERM) abandons it at once and
+//! starts no retry. The process is tied to ours ([`crate::child`]): it is killed when `safe` ends, even by SIGKILL.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
 use super::answer::{parse_answer, Answer};
 use super::{RewardInput, RewardSource};
+use crate::signal;
 
 pub struct CommandSource {
     name: String,
@@ -69,12 +73,9 @@ impl CommandSource {
     }
 
     fn spawn(&self) -> Result<Process> {
-        let mut child = Command::new(&self.argv[0])
-            .args(&self.argv[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
+        let mut command = Command::new(&self.argv[0]);
+        command.args(&self.argv[1..]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = crate::child::spawn(command)
             .with_context(|| format!("reward `{}`: cannot start `{}`", self.name, self.describe()))?;
         let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
@@ -99,13 +100,19 @@ impl CommandSource {
     /// One request on a running process.
     fn exchange(&self, p: &mut Process, request: &str, n: usize) -> Result<Answer> {
         writeln!(p.stdin, "{request}").and_then(|_| p.stdin.flush()).context("it does not read its input")?;
-        let line = match p.lines.recv_timeout(self.timeout) {
-            Ok(Ok(line)) => line,
-            Ok(Err(e)) => bail!("reading its answer: {e}"),
-            Err(RecvTimeoutError::Timeout) => bail!("no answer within {:.1} s", self.timeout.as_secs_f64()),
-            Err(RecvTimeoutError::Disconnected) => {
-                let status = p.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                bail!("it exited ({status}) without answering")
+        let deadline = Instant::now() + self.timeout;
+        let line = loop {
+            signal::check()?;
+            let wait = deadline.saturating_duration_since(Instant::now()).min(signal::POLL);
+            match p.lines.recv_timeout(wait) {
+                Ok(Ok(line)) => break line,
+                Ok(Err(e)) => bail!("reading its answer: {e}"),
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
+                Err(RecvTimeoutError::Timeout) => bail!("no answer within {:.1} s", self.timeout.as_secs_f64()),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = p.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                    bail!("it exited ({status}) without answering")
+                }
             }
         };
         parse_answer(&line, n, "metrics")
@@ -141,6 +148,7 @@ impl RewardSource for CommandSource {
         let mut guard = self.process.lock().unwrap();
         let mut last = None;
         for attempt in 0..=self.max_retries {
+            signal::check()?;
             if guard.is_none() {
                 match self.spawn() {
                     Ok(p) => *guard = Some(p),
@@ -155,6 +163,10 @@ impl RewardSource for CommandSource {
                 Ok((rewards, metrics)) => {
                     *self.metrics.lock().unwrap() = metrics;
                     return Ok(rewards);
+                }
+                Err(e) if signal::is(&e) => {
+                    *guard = None; // killed: it may be half-way through the abandoned batch
+                    return Err(e);
                 }
                 Err(e) => {
                     if attempt < self.max_retries {

@@ -10,8 +10,12 @@
 //! error, an HTTP 429 or 5xx, or an answer that does not validate (not JSON, a non-finite number, the wrong number
 //! of rewards). Other 4xx answers are not retried. If any share still fails, the whole batch fails with an error
 //! naming the URL: no step trains on a partial batch of rewards.
+//!
+//! Shares run on their own threads while the caller waits in [`signal::POLL`] slices: a stop request (Ctrl-C,
+//! SIGTERM) abandons the batch at once (the requests in flight are left to end on their own), and back-offs wake
+//! for it too, so no retry starts after an interrupt.
 
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
@@ -19,15 +23,23 @@ use serde_json::Value;
 
 use super::answer::{parse_answer, Answer};
 use super::{RewardInput, RewardSource};
+use crate::signal;
 
 pub struct HttpSource {
     name: String,
     urls: Vec<String>,
     label_field: String,
+    client: Client,
+    metrics: Mutex<Vec<(String, f64)>>,
+}
+
+/// What a share's thread needs, owned (a share outlives the call that started it when the call is interrupted).
+#[derive(Clone)]
+struct Client {
+    name: String,
     max_retries: usize,
     backoff: Duration,
     agent: ureq::Agent,
-    metrics: Mutex<Vec<(String, f64)>>,
 }
 
 /// Why an attempt failed, and whether trying again may help.
@@ -50,9 +62,12 @@ impl HttpSource {
             name: name.to_string(),
             urls: urls.to_vec(),
             label_field: label_field.to_string(),
-            max_retries,
-            backoff: Duration::from_millis(250),
-            agent: ureq::AgentBuilder::new().timeout(timeout).build(),
+            client: Client {
+                name: name.to_string(),
+                max_retries,
+                backoff: Duration::from_millis(250),
+                agent: ureq::AgentBuilder::new().timeout(timeout).build(),
+            },
             metrics: Mutex::new(Vec::new()),
         })
     }
@@ -65,7 +80,9 @@ impl HttpSource {
             share.iter().map(|b| b.columns.get(&self.label_field).cloned().unwrap_or(Value::Null)).collect();
         serde_json::json!({ "query": query, "prompts": prompts, "labels": labels }).to_string()
     }
+}
 
+impl Client {
     fn attempt(&self, url: &str, body: &str, n: usize) -> Result<Answer, Attempt> {
         let transient = |error: anyhow::Error| Attempt { error, retry: true };
         let response = match self.agent.post(url).set("Content-Type", "application/json").send_string(body) {
@@ -81,12 +98,11 @@ impl HttpSource {
         parse_answer(&text, n, "extra_logs").map_err(transient)
     }
 
-    /// One share: attempts with back-off until success, a permanent error, or `max_retries` retries.
-    fn post(&self, url: &str, share: &[RewardInput]) -> Result<Answer> {
-        let body = self.body(share);
+    /// One share: attempts with back-off until success, a permanent error, `max_retries` retries, or a stop request.
+    fn post(&self, url: &str, body: &str, n: usize) -> Result<Answer> {
         let mut tries = 0;
         loop {
-            match self.attempt(url, &body, share.len()) {
+            match self.attempt(url, body, n) {
                 Ok(v) => return Ok(v),
                 Err(a) if a.retry && tries < self.max_retries => {
                     eprintln!(
@@ -96,7 +112,7 @@ impl HttpSource {
                         tries + 1,
                         self.max_retries
                     );
-                    std::thread::sleep(self.backoff * 2u32.saturating_pow(tries as u32));
+                    signal::sleep(self.backoff * 2u32.saturating_pow(tries as u32))?;
                     tries += 1;
                 }
                 Err(a) => {
@@ -119,11 +135,27 @@ impl RewardSource for HttpSource {
         // Contiguous shares, one per URL (fewer when the batch is smaller than the URL list).
         let k = self.urls.len().min(batch.len());
         let size = batch.len().div_ceil(k);
-        let shares: Vec<(&String, &[RewardInput])> = self.urls.iter().zip(batch.chunks(size)).collect();
-        let answers: Vec<Result<Answer>> = std::thread::scope(|s| {
-            let handles: Vec<_> = shares.iter().map(|(url, share)| s.spawn(move || self.post(url, share))).collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("panicked")))).collect()
-        });
+        let (tx, rx) = mpsc::channel();
+        let mut pending = 0;
+        for (i, (url, share)) in self.urls.iter().zip(batch.chunks(size)).enumerate() {
+            let (client, url, body, n, tx) =
+                (self.client.clone(), url.clone(), self.body(share), share.len(), tx.clone());
+            std::thread::spawn(move || {
+                let _ = tx.send((i, client.post(&url, &body, n)));
+            });
+            pending += 1;
+        }
+        drop(tx);
+        let mut answers: Vec<Option<Result<Answer>>> = (0..pending).map(|_| None).collect();
+        while answers.iter().any(Option::is_none) {
+            signal::check()?;
+            match rx.recv_timeout(signal::POLL) {
+                Ok((i, answer)) => answers[i] = Some(answer),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("reward `{}`: a request thread panicked", self.name),
+            }
+        }
+        let answers = answers.into_iter().map(|a| a.expect("every share answered"));
         let mut rewards = Vec::with_capacity(batch.len());
         let mut logs: Vec<(String, f64, usize)> = Vec::new();
         for answer in answers {

@@ -98,6 +98,7 @@ impl RewardModel {
         let device = self.backbone.device();
         let mut out = Vec::with_capacity(seqs.len());
         for chunk in seqs.chunks(self.batch_size) {
+            crate::signal::check()?;
             if let Some(i) = chunk.iter().position(Vec::is_empty) {
                 bail!("reward `{}`: sample {i} has no tokens to score", self.name);
             }

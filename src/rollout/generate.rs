@@ -85,6 +85,7 @@ pub fn generate(
     }
     let mut out: Vec<Option<Completion>> = vec![None; requests.len()];
     for (chunk_no, chunk) in requests.chunks(cfg.batch_size).enumerate() {
+        crate::signal::check()?;
         let base = chunk_no * cfg.batch_size;
         for (i, c) in generate_batch(model, tokenizer, chunk, cfg)?.into_iter().enumerate() {
             out[base + i] = Some(c);
@@ -158,6 +159,8 @@ fn generate_batch(
     }
 
     while !rows.is_empty() {
+        // A stop request abandons the rollout (the step is not finished, so nothing of it is kept).
+        crate::signal::check()?;
         let table: Vec<Vec<f32>> = logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?;
         let mut keep = Vec::with_capacity(rows.len());
         for (slot, (row, row_logits)) in rows.iter_mut().zip(&table).enumerate() {

@@ -13,7 +13,6 @@ pub mod memory;
 pub mod references;
 pub mod run_dir;
 mod setup;
-pub mod signal;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -34,6 +33,7 @@ use crate::recipe::Recipe;
 use crate::reward::shaping::{shape, RunningStats, ShapingKind};
 use crate::reward::{RewardInput, RewardPipeline, ScoredBatch};
 use crate::rollout::{generate, GenerationConfig, Replay, Request, Rollouts, RowKey, Sample};
+use crate::signal;
 use references::{ReferenceRewards, ReferenceSource};
 
 /// Everything the loop carries from one step to the next besides weights and optimizer; saved verbatim in each
@@ -137,7 +137,8 @@ impl Trainer {
     }
 
     /// Train to `run.max_steps`, logging and checkpointing. Ends with exit 1 after too many non-finite steps in a
-    /// row (the last good checkpoint kept) and with 130 on SIGINT/SIGTERM (after saving the last finished step).
+    /// row (the last good checkpoint kept) and with 130 on SIGINT/SIGTERM/SIGHUP (after saving the last finished
+    /// step; a step the signal caught in its rollout or rewards is abandoned, not finished).
     pub fn run(&mut self) -> Result<(), Failure> {
         let max_steps = self.recipe.run.max_steps;
         let bar = ProgressBar::new(max_steps);
@@ -175,7 +176,16 @@ impl Trainer {
             if signal::requested() {
                 break;
             }
-            let report = self.step().or_exit(exit::TRAINING_FAILED)?;
+            // An abandoned step must leave no trace in what the checkpoint saves (shaping statistics, references).
+            let before = self.state.clone();
+            let report = match self.step() {
+                Ok(report) => report,
+                Err(e) if signal::is(&e) => {
+                    self.state = before;
+                    break;
+                }
+                Err(e) => return Err(Failure::training(e)),
+            };
             for note in &report.notes {
                 warn(note);
             }
@@ -213,6 +223,11 @@ impl Trainer {
         }
         bar.finish_and_clear();
         if signal::requested() {
+            if self.state.step == 0 {
+                return Err(Failure::interrupted(anyhow!(
+                    "interrupted before the first step finished: nothing to save; start again with --resume auto"
+                )));
+            }
             if saved_at != self.state.step {
                 self.save().or_exit(exit::INTERRUPTED)?;
             }
@@ -258,6 +273,12 @@ impl Trainer {
             Some(rounds) => self.dynamic_sample(step, rounds, &mut record, &mut notes)?,
         };
 
+        // A reward wait abandoned for a stop request is no failed step: the whole step is abandoned.
+        if let Err(e) = &scored {
+            if signal::is(e) {
+                return Err(signal::Interrupted.into());
+            }
+        }
         let mut update_s = 0.0;
         let outcome = match scored {
             Err(e) => StepOutcome::Skipped { stage: "reward", reason: format!("{e:#}") },

@@ -1,0 +1,211 @@
+//! Signals win (issue 13, finding 4): an interrupt during a hung reward command is honoured within about a second
+//! (no waiting out timeouts and retries), saves the last finished step and exits 130; SIGHUP is handled like
+//! SIGTERM; and a reward command never outlives `safe`, not even `kill -9` of it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::train::*;
+
+/// A command reward that records its PID in `<pids>/`, answers deterministically (the completion's length mod 3)
+/// and, with `hang_after N`, stops answering after N requests (and touches `<pids>/hung`).
+const REWARD: &str = r#"
+import json, os, sys, time
+pids, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+open(os.path.join(pids, str(os.getpid())), "w").close()
+seen = 0
+for line in sys.stdin:
+    req = json.loads(line)
+    if mode == "hang_after" and seen >= n:
+        open(os.path.join(pids, "hung"), "w").close()
+        time.sleep(3600)
+    seen += 1
+    print(json.dumps({"rewards": [float(len(c) % 3) for c in req["completions"]]}), flush=True)
+"#;
+
+/// TINY with its exact-answer reward replaced by [`REWARD`] (timeout 30 s, 3 retries: 2 minutes of waiting before
+/// the fix). Returns the recipe and the PID directory.
+fn recipe(dir: &Path, body: &str, mode: &str, n: usize) -> (PathBuf, PathBuf) {
+    let script = dir.join("reward.py");
+    std::fs::write(&script, REWARD).unwrap();
+    let pids = dir.join("pids");
+    std::fs::create_dir_all(&pids).unwrap();
+    let argv =
+        format!("[\"python3\", {:?}, {:?}, {mode:?}, \"{n}\"]", script.to_str().unwrap(), pids.to_str().unwrap());
+    let body = body.replace(
+        "[[reward]]\nname = \"correct\"\nrule = \"exact_answer\"\n",
+        &format!(
+            "[[reward]]\nname = \"correct\"\nkind = \"command\"\ncommand = {argv}\ntimeout = 30.0\nmax_retries = 3\n"
+        ),
+    );
+    (setup(dir, &body, 5), pids)
+}
+
+fn spawn_train(recipe: &Path, sets: &[&str], resume: &str) -> Child {
+    let mut c = safe_cmd();
+    c.args(["train", "--config", recipe.to_str().unwrap(), "--resume", resume]);
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// The reward processes whose PIDs were recorded and that still run (a zombie has ended).
+fn alive(pids: &Path) -> Vec<i32> {
+    std::fs::read_dir(pids)
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            // `pid (comm) S ...`: the state follows the closing parenthesis.
+            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next()).flatten();
+            cmdline.contains("reward.py") && !matches!(state, None | Some('Z') | Some('X'))
+        })
+        .collect()
+}
+
+/// Wait (up to 2 s) for every recorded reward process to be gone; the kernel's death signal is immediate.
+fn assert_no_orphans(pids: &Path) {
+    let t = Instant::now();
+    while !alive(pids).is_empty() && t.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(alive(pids), Vec::<i32>::new(), "reward processes outlived safe");
+}
+
+fn wait_for(path: &Path, child: &mut Child) {
+    let t = Instant::now();
+    while !path.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("safe exited early ({status}): {err}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Send `signal` while the reward hangs in step 3: exit 130 well before any timeout, step 2 saved, no orphan.
+fn interrupt_during_a_hung_reward(signal: i32) {
+    let dir = tempfile::tempdir().unwrap();
+    let (recipe, pids) = recipe(dir.path(), TINY, "hang_after", 2);
+    let mut child = spawn_train(&recipe, &["run.save_every=0", "run.max_steps=6"], "never");
+    wait_for(&pids.join("hung"), &mut child);
+    let t = Instant::now();
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let out = child.wait_with_output().unwrap();
+    let took = t.elapsed();
+    eprintln!("signal {signal}: exited {took:?} after it");
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    // Before the fix: 4 attempts × 30 s timeout. A second is the promise; 10 s leaves room for a loaded machine.
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let err = stderr(&out);
+    assert!(err.contains("interrupted after step 2") && !err.contains("retry"), "{err}");
+    let run = dir.path().join("runs/t");
+    assert_eq!(safe::checkpoint::latest_complete(&run), Some(step_dir(&run, 2)));
+    assert_eq!(metrics(&run).len(), 2, "the abandoned step logs nothing");
+    assert_no_orphans(&pids);
+}
+
+#[test]
+fn sigterm_during_a_hung_reward_command_exits_130_at_once_saving_the_last_step() {
+    interrupt_during_a_hung_reward(libc::SIGTERM);
+}
+
+#[test]
+fn sighup_is_handled_like_sigterm() {
+    interrupt_during_a_hung_reward(libc::SIGHUP);
+}
+
+#[test]
+fn kill_9_of_safe_leaves_no_orphaned_reward_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (recipe, pids) = recipe(dir.path(), TINY, "hang_after", 1);
+    let mut child = spawn_train(&recipe, &[], "never");
+    wait_for(&pids.join("hung"), &mut child);
+    assert_eq!(alive(&pids).len(), 1);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_no_orphans(&pids);
+}
+
+#[test]
+fn twenty_kill_9s_with_a_command_reward_then_resume_equal_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = TINY
+        .replace("max_steps = 6", "max_steps = 40")
+        .replace("save_every = 3", "save_every = 1")
+        .replace("max_new_tokens = 6", "max_new_tokens = 24");
+    let (recipe, pids) = recipe(dir.path(), &body, "answer", 0);
+    ok(&train(&recipe, &["run.name=straight"], "never"));
+    let run = dir.path().join("runs/killed");
+    // Moments from the clock (printed, so a failure can be replayed by hand).
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    eprintln!("kill seed {seed}");
+    let mut landed = 0;
+    for round in 0..20 {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let delay_ms = (seed >> 33) % 300;
+        let started = std::fs::read_dir(&pids).unwrap().count();
+        let mut child = spawn_train(&recipe, &["run.name=killed"], if round == 0 { "never" } else { "auto" });
+        // From the moment its reward command is up (set-up done), so the kills fall across the steps.
+        let t = Instant::now();
+        while std::fs::read_dir(&pids).unwrap().count() == started && t.elapsed() < Duration::from_secs(60) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL, wherever it lands: loading, rollout, reward, update, save
+            landed += 1;
+        }
+        child.wait().unwrap();
+        assert_no_orphans(&pids);
+        eprintln!(
+            "round {round}: killed after {delay_ms} ms; newest checkpoint {:?}",
+            safe::checkpoint::latest_complete(&run)
+        );
+    }
+    assert!(landed >= 15, "only {landed} of 20 kills landed while safe ran");
+    let out = train(&recipe, &["run.name=killed"], "auto");
+    ok(&out);
+    assert_no_orphans(&pids);
+    let straight = dir.path().join("runs/straight");
+    assert_eq!(checkpoint_bytes(&step_dir(&run, 40)), checkpoint_bytes(&step_dir(&straight, 40)));
+    assert_eq!(metrics(&run), metrics(&straight));
+}
+
+#[test]
+fn sigterm_during_a_long_rollout_abandons_it_at_once() {
+    // 1024 completions one at a time: minutes of rollout before the first reward request.
+    let dir = tempfile::tempdir().unwrap();
+    let (recipe, pids) = recipe(dir.path(), TINY, "answer", 0);
+    let sets = [
+        "rollout.prompts_per_step=64",
+        "rollout.num_generations=16",
+        "rollout.batch_size=1",
+        "rollout.max_new_tokens=48",
+    ];
+    let mut child = spawn_train(&recipe, &sets, "never");
+    let t = Instant::now();
+    while std::fs::read_dir(&pids).unwrap().count() == 0 {
+        assert!(child.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(60), "safe did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+    assert!(stderr(&out).contains("interrupted before the first step finished"), "{}", stderr(&out));
+    assert_eq!(safe::checkpoint::latest_complete(&dir.path().join("runs/t")), None);
+    assert_no_orphans(&pids);
+}
