@@ -62,7 +62,7 @@ fn alive(pids: &Path) -> Vec<i32> {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             // `pid (comm) S ...`: the state follows the closing parenthesis.
-            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next()).flatten();
+            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
             cmdline.contains("reward.py") && !matches!(state, None | Some('Z') | Some('X'))
         })
         .collect()
