@@ -199,3 +199,58 @@ fn gates_zero_gated_off_rewards_after_validation_and_log_gate_open() {
     assert!(p.set_gates(&[None, Some(("nope", 1.0))]).is_err());
     assert!(p.set_gates(&[Some(("format", 1.0)), Some(("correct", 1.0))]).unwrap_err().to_string().contains("cycle"));
 }
+
+#[test]
+fn one_bad_row_drops_its_sample_not_the_step() {
+    // Regression (issue 13, finding 5): a row without its `answer` failed the whole step. Now sample 1 is dropped:
+    // every reward None for it (so its total is NaN: no advantage), counted and noted; the others score as usual.
+    let rule = safe::reward::RuleSource::new("correct", &Rule::ExactAnswer { field: "answer".into() }).unwrap();
+    let p = RewardPipeline::new(vec![(Box::new(rule), 1.0), fixed("len", &[Some(0.5); 3], 1.0)]).unwrap();
+    let good = json!({"answer": 2}).as_object().unwrap().clone();
+    let bad = json!({"label": 2}).as_object().unwrap().clone();
+    let mut inputs = batch(&["2", "2", "3"], &good);
+    inputs[1].columns = &bad;
+    let out = p.score(&inputs).unwrap();
+    assert_eq!(out.per_reward[0].1, vec![Some(1.0), None, Some(0.0)]);
+    assert_eq!(out.per_reward[1].1, vec![Some(0.5), None, Some(0.5)]);
+    assert_eq!(out.total[0], 1.5);
+    assert!(out.total[1].is_nan());
+    assert_eq!(out.total[2], 0.5);
+    assert_eq!(metric(&out.metrics, "rewards/dropped_samples"), 1.0);
+    assert_eq!(out.notes.len(), 1);
+    assert!(
+        out.notes[0].contains("1 of 3 samples dropped") && out.notes[0].contains("no column `answer`"),
+        "{:?}",
+        out.notes
+    );
+}
+
+#[test]
+fn a_batch_with_no_reward_at_all_fails_instead_of_training_on_nan() {
+    // Regression (issue 13, finding 7): a reward answering null for every sample trained silently with reward NaN.
+    let p = RewardPipeline::new(vec![fixed("a", &[None, None], 1.0)]).unwrap();
+    let cols = Map::new();
+    let e = format!("{:#}", p.score(&batch(&["", ""], &cols)).unwrap_err());
+    assert!(e.contains("no sample of the step has a reward") && e.contains("answered null"), "{e}");
+    // One reward null throughout, another scoring: trained, with a note naming the silent one.
+    let p =
+        RewardPipeline::new(vec![fixed("a", &[None, None], 1.0), fixed("b", &[Some(1.0), Some(0.0)], 1.0)]).unwrap();
+    let out = p.score(&batch(&["", ""], &cols)).unwrap();
+    assert_eq!(out.notes, ["reward `a` answered null (not applicable) for every sample of the step"]);
+}
+
+#[test]
+fn check_rows_names_where_each_bad_row_is_and_counts_them() {
+    let rule = safe::reward::RuleSource::new("correct", &Rule::ExactAnswer { field: "answer".into() }).unwrap();
+    let p = RewardPipeline::new(vec![(Box::new(rule), 1.0)]).unwrap();
+    let good = json!({"answer": "7"}).as_object().unwrap().clone();
+    let null = json!({"answer": null}).as_object().unwrap().clone();
+    let bad = json!({"answer": "seven"}).as_object().unwrap().clone();
+    p.check_rows([("d.jsonl:1".to_string(), &good), ("d.jsonl:2".to_string(), &null)]).unwrap();
+    let rows: Vec<(String, &Map<String, Value>)> =
+        (1..=8).map(|l| (format!("d.jsonl:{l}"), if l % 4 == 0 { &good } else { &bad })).collect();
+    let e = format!("{:#}", p.check_rows(rows).unwrap_err());
+    assert!(e.starts_with("6 data row(s) cannot feed the rewards"), "{e}");
+    assert!(e.contains("d.jsonl:1: reward `correct`: column `answer` has no number in \"seven\""), "{e}");
+    assert!(e.contains("... 1 more") && !e.contains("d.jsonl:4"), "{e}");
+}

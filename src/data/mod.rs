@@ -34,6 +34,8 @@ pub struct Example {
 #[derive(Debug, Clone)]
 pub struct Dataset {
     examples: Vec<Example>,
+    /// The JSONL file and each example's 1-based line in it, for messages about a row; `None` for built-in data.
+    origin: Option<(std::path::PathBuf, Vec<usize>)>,
 }
 
 impl Dataset {
@@ -49,6 +51,7 @@ impl Dataset {
     pub fn from_jsonl(path: &Path, prompt_field: &str) -> Result<Self> {
         let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let mut examples = Vec::new();
+        let mut lines = Vec::new();
         for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
             let at = || format!("{}:{}", path.display(), i + 1);
             let line = line.with_context(|| format!("{}: cannot read the line", at()))?;
@@ -57,11 +60,12 @@ impl Dataset {
             }
             let row = parse_row(&line, prompt_field).with_context(at)?;
             examples.push(Example { index: examples.len(), prompt: row.0, columns: row.1 });
+            lines.push(i + 1);
         }
         if examples.is_empty() {
             bail!("{} has no examples (it is empty or only blank lines)", path.display());
         }
-        Ok(Self { examples })
+        Ok(Self { examples, origin: Some((path.to_path_buf(), lines)) })
     }
 
     /// Examples built in code (tests, built-in datasets). Indices are renumbered to positions so `get(i).index == i`.
@@ -72,7 +76,15 @@ impl Dataset {
         for (i, e) in examples.iter_mut().enumerate() {
             e.index = i;
         }
-        Ok(Self { examples })
+        Ok(Self { examples, origin: None })
+    }
+
+    /// Where example `i` comes from, for messages: `data.jsonl:7`, or `example 7` for built-in data.
+    pub fn location(&self, i: usize) -> String {
+        match &self.origin {
+            Some((path, lines)) => format!("{}:{}", path.display(), lines[i]),
+            None => format!("example {i}"),
+        }
     }
 
     pub fn len(&self) -> usize {

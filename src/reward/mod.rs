@@ -54,4 +54,16 @@ pub trait RewardSource: Send + Sync {
     fn metrics(&self) -> Vec<(String, f64)> {
         Vec::new()
     }
+
+    /// Check one data row before training: `Err` says what is wrong with a column this reward reads (the caller
+    /// names the file and line), so data that cannot feed the reward is refused up front, not found at step 40.
+    fn check_row(&self, _columns: &Map<String, Value>) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The samples of the last batch this reward could not score for a fault of their own row (index, why). The
+    /// pipeline drops them from the step (no reward, so no advantage) instead of failing the whole step.
+    fn dropped(&self) -> Vec<(usize, String)> {
+        Vec::new()
+    }
 }

@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 
 use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{Map, Value};
 
 use candle_core::{DType, Device};
 
@@ -119,17 +120,76 @@ impl RewardPipeline {
         self.entries.iter().map(|e| e.source.name())
     }
 
+    /// Check every data row against every reward before training (`rows`: where each row is, e.g.
+    /// `data.jsonl:7`, and its columns). The error lists the first bad rows with what is wrong and counts them all.
+    pub fn check_rows<'a>(&self, rows: impl IntoIterator<Item = (String, &'a Map<String, Value>)>) -> Result<()> {
+        const SHOWN: usize = 5;
+        let mut bad = Vec::new();
+        let mut count = 0usize;
+        for (at, columns) in rows {
+            for e in &self.entries {
+                if let Err(why) = e.source.check_row(columns) {
+                    count += 1;
+                    if bad.len() < SHOWN {
+                        bad.push(format!("{at}: reward `{}`: {why}", e.source.name()));
+                    }
+                }
+            }
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        let more = if count > SHOWN { format!("\n  ... {} more", count - SHOWN) } else { String::new() };
+        bail!(
+            "{count} data row(s) cannot feed the rewards:\n  {}{more}\nFix or remove those rows (a null answer means \
+             \"no reference\" and is allowed)",
+            bad.join("\n  ")
+        )
+    }
+
     /// Score one step's batch. Fails (naming the reward, and the sample where there is one) if any source fails,
     /// returns the wrong number of values, or returns a non-finite value: no step trains on a partial or
-    /// garbage batch of rewards.
+    /// garbage batch of rewards. A sample a source could not score for a fault of its own data row is dropped
+    /// instead (every reward `None`, so no advantage), counted in `rewards/dropped_samples` and noted. A batch
+    /// with no reward at all (every sample `None`) fails: there is nothing to learn from.
     pub fn score(&self, batch: &[RewardInput]) -> Result<ScoredBatch> {
         let raw = self.score_sources(batch);
         let mut per_reward = Vec::with_capacity(self.entries.len());
+        let mut dropped: Vec<(usize, String)> = Vec::new();
+        let mut notes = Vec::new();
         for (entry, values) in self.entries.iter().zip(raw) {
             let name = entry.source.name();
             let values = values.with_context(|| format!("reward `{name}` failed"))?;
             validate(name, &values, batch.len())?;
+            dropped.extend(entry.source.dropped().into_iter().map(|(i, why)| (i, format!("reward `{name}`: {why}"))));
             per_reward.push((name.to_string(), values));
+        }
+        dropped.sort_by_key(|(i, _)| *i);
+        dropped.dedup_by_key(|(i, _)| *i);
+        if let Some((first, why)) = dropped.first() {
+            notes.push(format!(
+                "{} of {} samples dropped (no reward) for a bad data row; the first, sample {first}: {why}",
+                dropped.len(),
+                batch.len()
+            ));
+        }
+        for (_, values) in per_reward.iter_mut() {
+            for (i, _) in &dropped {
+                values[*i] = None;
+            }
+        }
+        for (name, values) in &per_reward {
+            if !batch.is_empty() && values.iter().all(Option::is_none) && dropped.len() < batch.len() {
+                notes.push(format!("reward `{name}` answered null (not applicable) for every sample of the step"));
+            }
+        }
+        if !batch.is_empty() && per_reward.iter().all(|(_, v)| v.iter().all(Option::is_none)) {
+            let why = if dropped.len() == batch.len() {
+                format!("every sample was dropped for a bad data row (the first: {})", dropped[0].1)
+            } else {
+                "every reward answered null (not applicable) for every sample".to_string()
+            };
+            bail!("no sample of the step has a reward: {why}; nothing to learn from");
         }
         // G-RA: gates read the validated raw values; gated-off values count as 0.
         let gates: Vec<Option<Gate>> = self.entries.iter().map(|e| e.gate).collect();
@@ -147,7 +207,10 @@ impl RewardPipeline {
                 metrics.insert(metrics.len() - 2, (format!("rewards/{name}/gate_open"), f));
             }
         }
-        Ok(ScoredBatch { per_reward, total, metrics })
+        if !dropped.is_empty() {
+            metrics.insert(metrics.len() - 2, ("rewards/dropped_samples".to_string(), dropped.len() as f64));
+        }
+        Ok(ScoredBatch { per_reward, total, metrics, notes })
     }
 
     /// Every source on its own thread, so slow ones (models, servers) overlap; the first runs on the caller's thread.

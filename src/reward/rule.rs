@@ -1,19 +1,21 @@
 //! Built-in rule rewards (`kind = "rule"`): cheap, deterministic functions of the completion text or length.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use regex::Regex;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::{RewardInput, RewardSource};
 use crate::recipe::Rule;
 
 /// A rule from the recipe, ready to score (its regex compiled once).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RuleSource {
     name: String,
     rule: Compiled,
+    /// The last batch's samples whose data row could not be scored, with why.
+    dropped: Mutex<Vec<(usize, String)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -36,13 +38,13 @@ impl RuleSource {
             Rule::Length { target } => Compiled::Length { target: *target },
             Rule::Contains { text } => Compiled::Contains(text.clone()),
         };
-        Ok(RuleSource { name: name.to_string(), rule })
+        Ok(RuleSource { name: name.to_string(), rule, dropped: Mutex::new(Vec::new()) })
     }
 
-    fn score_one(&self, input: &RewardInput) -> Result<Option<f64>> {
+    fn score_one(&self, input: &RewardInput) -> Result<Option<f64>, String> {
         let hit = |b: bool| Some(if b { 1.0 } else { 0.0 });
         Ok(match &self.rule {
-            Compiled::ExactAnswer { field } => exact_answer(&self.name, field, input)?,
+            Compiled::ExactAnswer { field } => exact_answer(field, input)?,
             Compiled::Regex(re) => hit(re.is_match(input.completion)),
             Compiled::Length { target } => Some(length_reward(input.completion_ids.len(), *target)),
             Compiled::Contains(text) => hit(input.completion.contains(text.as_str())),
@@ -55,8 +57,33 @@ impl RewardSource for RuleSource {
         &self.name
     }
 
+    /// A sample whose data row cannot be scored (a column missing or mistyped) is `None` and reported by
+    /// [`RewardSource::dropped`]: one bad row never fails the whole step.
     fn score(&self, batch: &[RewardInput]) -> Result<Vec<Option<f64>>> {
-        batch.iter().map(|input| self.score_one(input)).collect()
+        let mut dropped = Vec::new();
+        let values = batch
+            .iter()
+            .enumerate()
+            .map(|(i, input)| {
+                self.score_one(input).unwrap_or_else(|why| {
+                    dropped.push((i, why));
+                    None
+                })
+            })
+            .collect();
+        *self.dropped.lock().unwrap() = dropped;
+        Ok(values)
+    }
+
+    fn check_row(&self, columns: &Map<String, Value>) -> Result<(), String> {
+        match &self.rule {
+            Compiled::ExactAnswer { field } => answer_of(field, columns).map(|_| ()),
+            Compiled::Regex(_) | Compiled::Length { .. } | Compiled::Contains(_) => Ok(()),
+        }
+    }
+
+    fn dropped(&self) -> Vec<(usize, String)> {
+        std::mem::take(&mut *self.dropped.lock().unwrap())
     }
 }
 
@@ -65,25 +92,31 @@ impl RewardSource for RuleSource {
 ///
 /// The column may be a JSON number or a string; a string's answer is its last number too, so `"1,234"`, `" 42 "` and
 /// GSM8K's `"... #### 72"` all work. A `null` answer means the row has no reference: `None` (not applicable). A missing
-/// column, or one with no number in it, is a data error naming the column and the reward.
+/// column, or one with no number in it, is a data error naming the column ([`answer_of`]).
 ///
 /// Equality is numeric with a relative tolerance of 1e-9 (so `3.50` = `3.5`, and an answer stored as
 /// `0.30000000000000004` still matches "0.3").
-fn exact_answer(reward: &str, field: &str, input: &RewardInput) -> Result<Option<f64>> {
-    let answer = match input.columns.get(field) {
-        None => bail!("reward `{reward}`: the data has no column `{field}` (exact_answer compares with it)"),
-        Some(Value::Null) => return Ok(None),
-        Some(Value::Number(n)) => n.as_f64().with_context(|| format!("reward `{reward}`: column `{field}`: {n}"))?,
-        Some(Value::String(s)) => {
-            last_number(s).with_context(|| format!("reward `{reward}`: column `{field}` has no number in {s:?}"))?
-        }
-        Some(other) => bail!("reward `{reward}`: column `{field}` must be a number or a string, got {other}"),
-    };
+fn exact_answer(field: &str, input: &RewardInput) -> Result<Option<f64>, String> {
+    let Some(answer) = answer_of(field, input.columns)? else { return Ok(None) };
     let correct = last_number(input.completion).is_some_and(|x| {
         let scale = 1f64.max(x.abs()).max(answer.abs());
         (x - answer).abs() <= 1e-9 * scale
     });
     Ok(Some(if correct { 1.0 } else { 0.0 }))
+}
+
+/// The reference answer of a data row for `exact_answer`: `None` for a `null` column; an error saying what is wrong
+/// with the column otherwise (missing, not a number or string, no number in the string).
+fn answer_of(field: &str, columns: &Map<String, Value>) -> Result<Option<f64>, String> {
+    match columns.get(field) {
+        None => Err(format!("no column `{field}` (exact_answer compares with it)")),
+        Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_f64().map(Some).ok_or_else(|| format!("column `{field}`: {n} is not a number")),
+        Some(Value::String(s)) => {
+            last_number(s).map(Some).ok_or_else(|| format!("column `{field}` has no number in {s:?}"))
+        }
+        Some(other) => Err(format!("column `{field}` must be a number or a string, got {other}")),
+    }
 }
 
 /// `length`: max(0, 1 − |len − target| / target), with `len` the completion's token count (EOS included when it was
@@ -194,16 +227,26 @@ mod tests {
     }
 
     #[test]
-    fn exact_answer_data_errors_name_column_and_reward() {
+    fn exact_answer_data_errors_name_the_column_and_drop_only_their_sample() {
         let rule = RuleSource::new("correct", &Rule::ExactAnswer { field: "answer".into() }).unwrap();
+        let good = columns(json!({"answer": 1}));
         let missing = columns(json!({"label": 1}));
-        let err = rule.score(&[input("1", &[], &missing)]).unwrap_err().to_string();
-        assert!(err.contains("`answer`") && err.contains("`correct`"), "{err}");
         let wordy = columns(json!({"answer": "forty-two"}));
-        let err = rule.score(&[input("1", &[], &wordy)]).unwrap_err().to_string();
-        assert!(err.contains("`answer`") && err.contains("`correct`"), "{err}");
         let list = columns(json!({"answer": [1]}));
-        assert!(rule.score(&[input("1", &[], &list)]).is_err());
+        for (cols, why) in [
+            (&missing, "no column `answer`"),
+            (&wordy, "column `answer` has no number in \"forty-two\""),
+            (&list, "column `answer` must be a number or a string, got [1]"),
+        ] {
+            assert_eq!(rule.check_row(cols).unwrap_err(), why);
+            // At run time the bad row is dropped (None, reported), the good one scored.
+            let got = rule.score(&[input("1", &[], &good), input("1", &[], cols)]).unwrap();
+            assert_eq!(got, vec![Some(1.0), None]);
+            assert_eq!(rule.dropped(), vec![(1, why.to_string())]);
+            assert_eq!(rule.dropped(), vec![], "taken once");
+        }
+        assert_eq!(rule.check_row(&good), Ok(()));
+        assert_eq!(rule.check_row(&columns(json!({"answer": null}))), Ok(()));
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub struct ScoredBatch {
     pub total: Vec<f64>,
     /// `rewards/<name>/mean`, `rewards/<name>/std` per reward in recipe order, then `reward` and `reward_std`.
     pub metrics: Vec<(String, f64)>,
+    /// Warnings for the console (samples dropped for a bad data row, a reward that answered null for all).
+    pub notes: Vec<String>,
 }
 
 impl ScoredBatch {
@@ -19,7 +21,7 @@ impl ScoredBatch {
     /// gate fractions are the first batch's.
     pub fn select(batches: &[ScoredBatch], picks: &[(usize, usize)]) -> ScoredBatch {
         let Some(first) = batches.first() else {
-            return ScoredBatch { per_reward: Vec::new(), total: Vec::new(), metrics: Vec::new() };
+            return ScoredBatch { per_reward: Vec::new(), total: Vec::new(), metrics: Vec::new(), notes: Vec::new() };
         };
         let per_reward: Vec<(String, Vec<Option<f64>>)> = first
             .per_reward
@@ -33,7 +35,8 @@ impl ScoredBatch {
         for (name, v) in first.metrics.iter().filter(|(n, _)| !standard.contains(n)) {
             metrics.insert(metrics.len() - 2, (name.clone(), *v));
         }
-        ScoredBatch { per_reward, total, metrics }
+        let notes = batches.iter().flat_map(|b| b.notes.iter().cloned()).collect();
+        ScoredBatch { per_reward, total, metrics, notes }
     }
 }
 

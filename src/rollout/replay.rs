@@ -38,6 +38,9 @@ pub struct Replay {
     group_size: usize,
     /// One per sample when the file carries rewards.
     rewards: Option<Vec<Option<f64>>>,
+    /// The file, and each sample's 1-based line in it, for messages about a row.
+    path: std::path::PathBuf,
+    lines: Vec<usize>,
 }
 
 impl Replay {
@@ -115,7 +118,13 @@ impl Replay {
                 path.display()
             );
         }
-        Ok(Self { samples, group_size, rewards: (has > 0).then_some(rewards) })
+        let lines = with_reward.iter().map(|(l, _)| *l).collect();
+        Ok(Self { samples, group_size, rewards: (has > 0).then_some(rewards), path: path.to_path_buf(), lines })
+    }
+
+    /// Every sample's data columns with where it is (`rollouts.jsonl:7`), for the up-front check against rewards.
+    pub fn rows(&self) -> impl Iterator<Item = (String, &serde_json::Map<String, serde_json::Value>)> {
+        self.samples.iter().zip(&self.lines).map(|(s, l)| (format!("{}:{l}", self.path.display()), &s.columns))
     }
 
     /// Number of groups (prompts) in the file.

@@ -283,6 +283,7 @@ impl Trainer {
         let outcome = match scored {
             Err(e) => StepOutcome::Skipped { stage: "reward", reason: format!("{e:#}") },
             Ok(mut scored) => {
+                notes.append(&mut scored.notes);
                 for (name, value) in &scored.metrics {
                     record.set(name.clone(), *value);
                 }
@@ -460,7 +461,12 @@ impl Trainer {
             let valid: Vec<f64> = total.iter().copied().filter(|x| !x.is_nan()).collect();
             let mean = if valid.is_empty() { f64::NAN } else { valid.iter().sum::<f64>() / valid.len() as f64 };
             let metrics = vec![(names::REWARD.to_string(), mean)];
-            return Ok(ScoredBatch { per_reward: Vec::new(), total, metrics });
+            if valid.is_empty() {
+                anyhow::bail!(
+                    "no sample of the step has a reward: the replay file's `reward` is null on every line of it"
+                );
+            }
+            return Ok(ScoredBatch { per_reward: Vec::new(), total, metrics, notes: Vec::new() });
         }
         let inputs: Vec<RewardInput> = samples
             .iter()

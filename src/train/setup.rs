@@ -110,7 +110,7 @@ impl Trainer {
                         let (ids, cut) = crate::data::encode_prompt(&text, &tokenizer, recipe.data.max_prompt_tokens)?;
                         truncation.record(cut);
                         if ids.is_empty() {
-                            bail!("example {} has an empty prompt after tokenisation", e.index);
+                            bail!("{}: the prompt is empty after tokenisation", dataset.location(e.index));
                         }
                         Ok((text, ids))
                     })
@@ -136,6 +136,14 @@ impl Trainer {
         }
 
         let rewards = RewardPipeline::from_settings(&recipe.rewards, &device, dtype)?;
+        // Every row must be able to feed the rewards that will score it: found now, not at step 40.
+        match &prompts {
+            Prompts::Data { dataset, .. } => {
+                rewards.check_rows(dataset.examples().iter().map(|e| (dataset.location(e.index), &e.columns)))?
+            }
+            Prompts::Replay(r) if !r.has_rewards() => rewards.check_rows(r.rows())?,
+            Prompts::Replay(_) => {}
+        }
         let o = &recipe.optim;
         let mut optimizer = AdamW::new(
             policy.vars().to_vec(),
