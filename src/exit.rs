@@ -39,6 +39,30 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// The message for the user: every cause, outermost first, joined by `: ` (anyhow's `{:#}`), with the
+    /// backtraces Candle appends to its errors under `RUST_BACKTRACE=1` left out.
+    pub fn message(&self) -> String {
+        let parts: Vec<String> = self
+            .error
+            .chain()
+            .map(|cause| match cause.downcast_ref::<candle_core::Error>() {
+                Some(e @ candle_core::Error::WithBacktrace { .. }) => without_backtrace(e).to_string(),
+                _ => cause.to_string(),
+            })
+            .collect();
+        parts.join(": ")
+    }
+}
+
+/// A Candle error without the backtrace it carries when `RUST_BACKTRACE` is set (its `Display` prints it).
+pub fn without_backtrace(e: &candle_core::Error) -> &candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(inner),
+        other => other,
+    }
+}
+
 /// `result.or_exit(exit::BAD_INPUT)?` inside functions returning `Result<_, Failure>`.
 pub trait OrExit<T> {
     fn or_exit(self, code: i32) -> Result<T, Failure>;

@@ -6,7 +6,7 @@ fn main() -> std::process::ExitCode {
     match safe::cli::run(cli) {
         Ok(()) => std::process::ExitCode::from(safe::exit::SUCCESS as u8),
         Err(failure) => {
-            eprintln!("error: {:#}", failure.error);
+            eprintln!("error: {}", failure.message());
             std::process::ExitCode::from(failure.code as u8)
         }
     }

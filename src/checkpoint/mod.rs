@@ -104,8 +104,12 @@ pub fn save(run_dir: &Path, req: &SaveRequest, keep_last: usize) -> Result<PathB
     let pid = std::process::id();
     let tmp = root.join(format!("{TMP_PREFIX}{name}-{pid}"));
     std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    write_contents(&tmp, req).with_context(|| format!("writing checkpoint {}", tmp.display()))?;
-    fsio::sync_dir(&tmp)?;
+    if let Err(e) = write_contents(&tmp, req).and_then(|_| fsio::sync_dir(&tmp)) {
+        // A full disk must not stay full of our half-written checkpoint: remove it (best effort; the next save
+        // removes any leftover anyway).
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("writing checkpoint {} (removed)", tmp.display())));
+    }
 
     let dest = root.join(&name);
     fsio::replace_dir(&tmp, &dest, &root.join(format!("{TMP_PREFIX}old-{name}-{pid}")))

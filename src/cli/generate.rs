@@ -17,6 +17,9 @@ pub struct Prepared {
     tokenizer: crate::model::Tokenizer,
     texts: Vec<String>,
     prompt_ids: Vec<Vec<u32>>,
+    /// `--output`, created before anything is loaded: a path that cannot be written fails first, not after
+    /// all the sampling.
+    output: Option<std::fs::File>,
 }
 
 pub fn prepare(args: &GenerateArgs) -> Result<Prepared> {
@@ -25,6 +28,7 @@ pub fn prepare(args: &GenerateArgs) -> Result<Prepared> {
         (None, Some(f)) => Dataset::from_jsonl(f, "prompt")?.examples().iter().map(|e| e.prompt.clone()).collect(),
         _ => bail!("give exactly one of --prompt or --input"),
     };
+    let output = super::create_output(args.output.as_deref())?;
     let device = args.device.device()?;
     let dtype = args.dtype.resolve(&device);
     let source = ModelSource::parse(&args.model, args.revision.as_deref())?;
@@ -37,7 +41,7 @@ pub fn prepare(args: &GenerateArgs) -> Result<Prepared> {
     if let Some(i) = prompt_ids.iter().position(Vec::is_empty) {
         bail!("prompt {i} is empty after tokenisation");
     }
-    Ok(Prepared { model, tokenizer, texts, prompt_ids })
+    Ok(Prepared { model, tokenizer, texts, prompt_ids, output })
 }
 
 pub fn run(args: &GenerateArgs, p: Prepared) -> Result<()> {
@@ -72,12 +76,7 @@ pub fn run(args: &GenerateArgs, p: Prepared) -> Result<()> {
     let completions = generate(&p.model, Some(&p.tokenizer), &requests, &cfg, Some(&bar))?;
     bar.finish_and_clear();
 
-    let mut out: Box<dyn Write> = match &args.output {
-        Some(path) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-        )),
-        None => Box::new(std::io::stdout().lock()),
-    };
+    let mut out = super::writer(p.output);
     let jsonl = matches!(args.format, OutputFormat::Jsonl);
     for (r, c) in requests.iter().zip(&completions) {
         let text = p.tokenizer.decode(&c.ids, true)?;

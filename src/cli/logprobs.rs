@@ -1,6 +1,6 @@
 //! `safe logprobs`: per-token log-probs and entropies of given completions under a model, as JSON lines.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 
 use anyhow::{Context, Result};
 
@@ -16,9 +16,12 @@ pub struct Prepared {
     tokenizer: Tokenizer,
     /// Each input line's sample and its JSON object (echoed in the output).
     lines: Vec<(Sample, serde_json::Map<String, serde_json::Value>)>,
+    /// `--output`, created first: a path that cannot be written fails before the model loads.
+    output: Option<std::fs::File>,
 }
 
 pub fn prepare(args: &LogprobsArgs) -> Result<Prepared> {
+    let output = super::create_output(args.output.as_deref())?;
     let device = args.device.device()?;
     let dtype = args.dtype.resolve(&device);
     let source = ModelSource::parse(&args.model, args.revision.as_deref())?;
@@ -29,9 +32,9 @@ pub fn prepare(args: &LogprobsArgs) -> Result<Prepared> {
     let path = &args.input;
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut lines = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let at = format!("{}:{}", path.display(), i + 1);
-        let line = line.with_context(|| format!("{at}: cannot read the line"))?;
+    for line in crate::data::lines::bounded_lines(file, crate::data::lines::MAX_LINE_BYTES) {
+        let (n, line) = line.with_context(|| format!("{}: cannot read it", path.display()))?;
+        let at = format!("{}:{n}", path.display());
         if line.trim().is_empty() {
             continue;
         }
@@ -42,16 +45,11 @@ pub fn prepare(args: &LogprobsArgs) -> Result<Prepared> {
     if lines.is_empty() {
         anyhow::bail!("{} has no lines", path.display());
     }
-    Ok(Prepared { model, tokenizer, lines })
+    Ok(Prepared { model, tokenizer, lines, output })
 }
 
 pub fn run(args: &LogprobsArgs, p: Prepared) -> Result<()> {
-    let mut out: Box<dyn Write> = match &args.output {
-        Some(path) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-        )),
-        None => Box::new(std::io::stdout().lock()),
-    };
+    let mut out = super::writer(p.output);
     let pad = p.tokenizer.padding_id();
     for batch in p.lines.chunks(args.batch_size) {
         let prompts: Vec<Vec<u32>> = batch.iter().map(|(s, _)| s.prompt_ids.clone()).collect();

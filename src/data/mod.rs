@@ -4,10 +4,10 @@
 //! One JSONL reader serves both `safe train` and `safe generate --input`, so both report bad lines the same way.
 
 pub mod arithmetic;
+pub mod lines;
 pub mod prompt;
 pub mod sampler;
 
-use std::io::BufRead;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -51,21 +51,21 @@ impl Dataset {
     pub fn from_jsonl(path: &Path, prompt_field: &str) -> Result<Self> {
         let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let mut examples = Vec::new();
-        let mut lines = Vec::new();
-        for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-            let at = || format!("{}:{}", path.display(), i + 1);
-            let line = line.with_context(|| format!("{}: cannot read the line", at()))?;
+        let mut line_numbers = Vec::new();
+        for line in lines::bounded_lines(file, lines::MAX_LINE_BYTES) {
+            let (n, line) = line.with_context(|| format!("{}: cannot read it", path.display()))?;
+            let at = || format!("{}:{n}", path.display());
             if line.trim().is_empty() {
                 continue;
             }
             let row = parse_row(&line, prompt_field).with_context(at)?;
             examples.push(Example { index: examples.len(), prompt: row.0, columns: row.1 });
-            lines.push(i + 1);
+            line_numbers.push(n);
         }
         if examples.is_empty() {
             bail!("{} has no examples (it is empty or only blank lines)", path.display());
         }
-        Ok(Self { examples, origin: Some((path.to_path_buf(), lines)) })
+        Ok(Self { examples, origin: Some((path.to_path_buf(), line_numbers)) })
     }
 
     /// Examples built in code (tests, built-in datasets). Indices are renumbered to positions so `get(i).index == i`.

@@ -175,7 +175,7 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
     let mut file = File::open(path).with_context(|| format!("cannot open {origin}"))?;
     let file_len = file.metadata()?.len();
     let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| anyhow::anyhow!("{origin} is not a readable GGUF file: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{origin} is not a readable GGUF file: {}", crate::exit::without_backtrace(&e)))?;
     // A truncated file reads its header fine and fails later; check every tensor's extent up front.
     for (name, info) in &content.tensor_infos {
         let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();

@@ -34,10 +34,21 @@ impl fmt::Display for RecipeError {
 
 impl std::error::Error for RecipeError {}
 
+/// The largest recipe read: a recipe is a page of TOML; anything bigger (`--config /dev/zero`) is not one.
+const MAX_RECIPE_BYTES: u64 = 1 << 20;
+
 /// Read and validate a recipe file, then apply `--set table.key=value` overrides (before cross-key checks).
 pub fn load(path: &Path, sets: &[String]) -> Result<Recipe, RecipeError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| RecipeError { problems: vec![format!("{}: cannot read the recipe: {e}", path.display())] })?;
+    use std::io::Read;
+    let fail = |why: String| RecipeError { problems: vec![format!("{}: {why}", path.display())] };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_RECIPE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| fail(format!("cannot read the recipe: {e}")))?;
+    if bytes.len() as u64 > MAX_RECIPE_BYTES {
+        return Err(fail(format!("is larger than {} MiB: not a recipe", MAX_RECIPE_BYTES >> 20)));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| fail("is not UTF-8 text: not a recipe".to_string()))?;
     from_str(&text, &path.display().to_string(), sets)
 }
 

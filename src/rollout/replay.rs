@@ -20,7 +20,6 @@
 //! Step k (1-based) trains on the groups `(k − 1)·P .. k·P` (P = `rollout.prompts_per_step`), wrapping around the
 //! file, so the position in the file is a function of the step and resuming needs no extra state.
 
-use std::io::BufRead;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -59,9 +58,10 @@ impl Replay {
         let mut with_reward = Vec::new();
         let mut with_old = Vec::new();
         let mut first_line_of_group = 0;
-        for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-            let at = format!("{}:{}", path.display(), i + 1);
-            let line = line.with_context(|| format!("{at}: cannot read the line"))?;
+        for line in crate::data::lines::bounded_lines(file, crate::data::lines::MAX_LINE_BYTES) {
+            let (n, line) = line.with_context(|| format!("{}: cannot read it", path.display()))?;
+            let i = n - 1;
+            let at = format!("{}:{n}", path.display());
             if line.trim().is_empty() {
                 continue;
             }

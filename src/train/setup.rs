@@ -67,6 +67,14 @@ impl Trainer {
             can_checkpoint: needs.can_checkpoint,
         };
         let plan = memory::plan(&config, &shape, available).map_err(|e| anyhow!(e))?;
+        let longest = recipe.data.max_prompt_tokens.saturating_add(ro.max_new_tokens);
+        let context_note = (longest > config.max_position_embeddings).then(|| {
+            format!(
+                "data.max_prompt_tokens + rollout.max_new_tokens = {longest} exceeds the model's context of {} \
+                 tokens (max_position_embeddings of {origin}): positions past it were never trained; lower them",
+                config.max_position_embeddings
+            )
+        });
         let reference = if needs_reference {
             let source = match &recipe.model.reference {
                 Some(id) => ModelSource::parse(id, None).context("model.reference")?,
@@ -82,7 +90,7 @@ impl Trainer {
             None
         };
 
-        let mut notes = Vec::new();
+        let mut notes: Vec<String> = context_note.into_iter().collect();
         let mut truncation = TruncationCounter::default();
         let prompts = match &ro.source {
             RolloutSource::File(path) => Prompts::Replay(Replay::load(
