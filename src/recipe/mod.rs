@@ -286,14 +286,34 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Open the device. `auto` takes a GPU when this build has one and it is present, else the CPU.
+    /// Open the device. `auto` takes a GPU when this build has one and one can be opened, else the CPU (with a
+    /// note saying why, once): a CUDA build on a machine without a GPU or driver still runs.
     pub fn device(self) -> anyhow::Result<candle_core::Device> {
         use anyhow::Context;
         use candle_core::{utils, Device};
         Ok(match self {
-            Self::Auto if utils::cuda_is_available() => Device::new_cuda(0)?,
-            Self::Auto if utils::metal_is_available() => Device::new_metal(0)?,
-            Self::Auto | Self::Cpu => Device::Cpu,
+            Self::Auto => {
+                let gpu = if utils::cuda_is_available() {
+                    Some(("CUDA", Device::new_cuda(0)))
+                } else if utils::metal_is_available() {
+                    Some(("Metal", Device::new_metal(0)))
+                } else {
+                    None
+                };
+                match gpu {
+                    Some((_, Ok(device))) => device,
+                    Some((kind, Err(e))) => {
+                        static SAID: std::sync::Once = std::sync::Once::new();
+                        let why = crate::exit::without_backtrace(&e).to_string();
+                        SAID.call_once(|| {
+                            eprintln!("note: device \"auto\": no usable {kind} device ({why}); using the CPU")
+                        });
+                        Device::Cpu
+                    }
+                    None => Device::Cpu,
+                }
+            }
+            Self::Cpu => Device::Cpu,
             Self::Cuda(n) => Device::new_cuda(n).with_context(|| {
                 format!("opening cuda:{n} (a build with `--features cuda` and a visible GPU is needed)")
             })?,

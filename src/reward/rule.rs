@@ -234,7 +234,7 @@ mod tests {
         let wordy = columns(json!({"answer": "forty-two"}));
         let list = columns(json!({"answer": [1]}));
         for (cols, why) in [
-            (&missing, "no column `answer`"),
+            (&missing, "no column `answer` (exact_answer compares with it)"),
             (&wordy, "column `answer` has no number in \"forty-two\""),
             (&list, "column `answer` must be a number or a string, got [1]"),
         ] {
