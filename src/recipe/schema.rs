@@ -491,7 +491,7 @@ pub static KEYS: &[KeySpec] = &[
         "model.device",
         Kind::Str { check: Some(device) },
         "\"auto\"",
-        "\"auto\", \"cpu\", \"cuda\", \"cuda:N\" or \"metal\"; auto = the first GPU if built with one, else CPU.",
+        "\"auto\", \"cpu\", \"cuda\", \"cuda:N\" or \"metal\"; auto = the first GPU when this build has a GPU backend and a device opens, else the CPU (with a note).",
     ),
     // [data]
     KeySpec {
