@@ -1,7 +1,8 @@
 //! Child processes (reward commands, later environments) that never outlive the run.
 //!
 //! A child stays in our process group (Ctrl-C at a terminal reaches it too), and on Linux asks the kernel for
-//! SIGKILL when its parent dies (`PR_SET_PDEATHSIG`), so even `kill -9` of `safe` leaves no orphan behind. The
+//! SIGKILL when its parent dies (`PR_SET_PDEATHSIG`), so even `kill -9` of `safe` leaves no orphaned child. That
+//! reaches the child alone: processes it forks itself are its to stop (a shell wrapper should `exec`). The
 //! kernel ties that signal to the *thread* that forked, not the process: a child forked from a short-lived thread
 //! (a reward scored on a scoped thread) would be killed when that thread ends. So every child is forked by one
 //! spawner thread that lives as long as the process.

@@ -6,7 +6,10 @@ fn main() -> std::process::ExitCode {
     match safe::cli::run(cli) {
         Ok(()) => std::process::ExitCode::from(safe::exit::SUCCESS as u8),
         Err(failure) => {
-            eprintln!("error: {}", failure.message());
+            // Not eprintln!: after SIGHUP the terminal may be gone, and a failed write must not turn exit 130
+            // into a panic's 101.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "error: {}", failure.message());
             std::process::ExitCode::from(failure.code as u8)
         }
     }

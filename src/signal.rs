@@ -19,7 +19,8 @@ extern "C" fn on_signal(_: libc::c_int) {
     }
 }
 
-/// Install the handlers (idempotent). A closed terminal (SIGHUP) stops the run like SIGTERM.
+/// Install the handlers (idempotent). A closed terminal (SIGHUP) stops the run like SIGTERM, unless SIGHUP was
+/// ignored when we started (`nohup safe train ...`): that choice is kept, and the run survives the logout.
 pub fn install() {
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
@@ -27,6 +28,11 @@ pub fn install() {
         action.sa_flags = libc::SA_RESTART;
         libc::sigemptyset(&mut action.sa_mask);
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut old);
+            if sig == libc::SIGHUP && old.sa_sigaction == libc::SIG_IGN {
+                continue;
+            }
             libc::sigaction(sig, &action, std::ptr::null_mut());
         }
     }

@@ -39,8 +39,9 @@ fn falls_back_from_a_damaged_newest(damage: impl Fn(&Path), why: &str) {
     assert!(err.contains(why), "expected {why:?} in:\n{err}");
     assert!(err.contains("resuming from the older") && err.contains("step-3"), "{err}");
     assert_eq!(checkpoint_bytes(&step_dir(&run, 6)), before, "re-trained steps equal the uninterrupted run");
-    // The damaged one is kept aside for inspection, not deleted.
-    assert!(run.join("checkpoints/superseded-step-6").is_dir(), "{:?}", names(&run));
+    // The damaged one is kept aside for inspection, never rotated out.
+    assert!(err.contains("damaged-step-6"), "{err}");
+    assert_eq!(names(&run), ["damaged-step-6", "latest", "step-3", "step-6"]);
 }
 
 #[test]
@@ -75,6 +76,34 @@ fn a_changed_byte_fails_the_recorded_sha256_and_falls_back() {
         },
         "optimizer.safetensors does not match the SHA-256 recorded in state.json",
     );
+}
+
+#[test]
+fn an_edited_state_json_fails_its_own_digest_and_falls_back() {
+    // The data position is in state.json, not in a tensor file: an edit must not be trained on.
+    falls_back_from_a_damaged_newest(
+        |d| {
+            let p = d.join("state.json");
+            let text = std::fs::read_to_string(&p).unwrap().replace("\"cursor\": ", "\"cursor\": 1");
+            std::fs::write(&p, text).unwrap();
+        },
+        "state.json does not match its own SHA-256",
+    );
+}
+
+#[test]
+fn damaged_checkpoints_passed_over_are_never_rotated_out() {
+    // Regression: the passed-over checkpoints were moved aside as superseded, and superseded ones are rotated out
+    // first, so a file missing mid-copy cost the newer checkpoints for good.
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), &TINY.replace("save_every = 3", "save_every = 1\nkeep_last = 3"), 5);
+    ok(&train(&recipe, &[], "never"));
+    let run = dir.path().join("runs/t");
+    for step in [5, 6] {
+        std::fs::remove_file(step_dir(&run, step).join("optimizer.safetensors")).unwrap();
+    }
+    ok(&train(&recipe, &["run.max_steps=6"], "auto"));
+    assert_eq!(names(&run), ["damaged-step-5", "damaged-step-6", "latest", "step-4", "step-5", "step-6"]);
 }
 
 #[test]

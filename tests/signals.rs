@@ -11,12 +11,19 @@ use std::time::{Duration, Instant};
 use common::train::*;
 
 /// A command reward that records its PID in `<pids>/`, answers deterministically (the completion's length mod 3)
-/// and, with `hang_after N`, stops answering after N requests (and touches `<pids>/hung`).
+/// and, with `hang_after N`, stops answering after N requests (and touches `<pids>/hung`); `close_output` closes
+/// its stdout after the first request and keeps running; `no_reading` never reads its input.
 const REWARD: &str = r#"
 import json, os, sys, time
 pids, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 open(os.path.join(pids, str(os.getpid())), "w").close()
 seen = 0
+if mode == "close_output":
+    sys.stdin.readline()
+    os.close(1)
+    time.sleep(3600)
+if mode == "no_reading":
+    time.sleep(3600)
 for line in sys.stdin:
     req = json.loads(line)
     if mode == "hang_after" and seen >= n:
@@ -102,8 +109,9 @@ fn interrupt_during_a_hung_reward(signal: i32) {
     let took = t.elapsed();
     eprintln!("signal {signal}: exited {took:?} after it");
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
-    // Before the fix: 4 attempts × 30 s timeout. A second is the promise; 10 s leaves room for a loaded machine.
-    assert!(took < Duration::from_secs(10), "took {took:?}");
+    // Before the fix: 4 attempts × 30 s timeout. About a second is the promise (0.2-0.5 s measured); 5 s leaves
+    // room for a loaded machine.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
     let err = stderr(&out);
     assert!(err.contains("interrupted after step 2") && !err.contains("retry"), "{err}");
     let run = dir.path().join("runs/t");
@@ -208,4 +216,80 @@ fn sigterm_during_a_long_rollout_abandons_it_at_once() {
     assert!(stderr(&out).contains("interrupted before the first step finished"), "{}", stderr(&out));
     assert_eq!(safe::checkpoint::latest_complete(&dir.path().join("runs/t")), None);
     assert_no_orphans(&pids);
+}
+
+/// A misbehaving command with a 2 s timeout and no retry: the step fails on the timeout (not later), and a
+/// SIGTERM meanwhile is honoured at once; before, safe blocked in a write to, or a wait on, the child.
+fn misbehaving_command_is_bounded_by_its_timeout(mode: &str, data: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (recipe, pids) = recipe(dir.path(), TINY, mode, 0);
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("timeout = 30.0\nmax_retries = 3", "timeout = 2.0\nmax_retries = 0");
+    std::fs::write(&recipe, text).unwrap();
+    if let Some(data) = data {
+        std::fs::write(dir.path().join("data.jsonl"), data).unwrap();
+    }
+    let t = Instant::now();
+    let out = train(&recipe, &["run.max_steps=1", "run.max_bad_steps=0"], "never");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(t.elapsed() < Duration::from_secs(20), "took {:?}", t.elapsed());
+    // Signalled mid-wait: exit 130 at once.
+    let child = spawn_train(&recipe, &["run.name=sig"], "never");
+    let t0 = Instant::now();
+    while std::fs::read_dir(&pids).unwrap().count() < 2 && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let t = Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert_no_orphans(&pids);
+}
+
+#[test]
+fn a_reward_command_that_closes_its_output_is_not_waited_on() {
+    misbehaving_command_is_bounded_by_its_timeout("close_output", None);
+}
+
+#[test]
+fn a_reward_command_that_does_not_read_its_input_is_not_written_to_forever() {
+    // Rows with a 200 KB column: the request is bigger than a pipe's buffer, so the write itself blocks.
+    let data = (0..5)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"What is {i} + 1?\", \"answer\": \"{}\", \"meta\": \"{}\"}}\n",
+                i + 1,
+                "m".repeat(200_000)
+            )
+        })
+        .collect();
+    misbehaving_command_is_bounded_by_its_timeout("no_reading", Some(data));
+}
+
+#[test]
+fn sighup_stays_ignored_under_nohup() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (recipe, pids) = recipe(dir.path(), TINY, "hang_after", 2);
+    let mut c = safe_cmd();
+    c.args(["train", "--config", recipe.to_str().unwrap(), "--resume", "never", "--set", "run.save_every=0"]);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    // What `nohup` does: SIGHUP ignored before exec.
+    unsafe {
+        c.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut child = c.spawn().unwrap();
+    wait_for(&pids.join("hung"), &mut child);
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped a run started under nohup");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
 }

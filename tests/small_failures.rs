@@ -125,3 +125,45 @@ fn a_failed_checkpoint_write_leaves_no_temporary_behind() {
         std::fs::read_dir(run.path().join("checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn a_failed_generate_leaves_an_existing_output_untouched() {
+    // Regression: --output was created (truncated) before the model was even opened.
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("gen.out");
+    std::fs::write(&out_file, "precious\n").unwrap();
+    let out = safe(&["generate", "--model", "/no/such/model", "--prompt", "x", "--output", out_file.to_str().unwrap()]);
+    assert_exit(&out, 2, &["/no/such/model"]);
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap(), "precious\n");
+    // A logprobs run whose --output is its own --input, refused for its input, keeps it too.
+    let input = dir.path().join("lp.jsonl");
+    std::fs::write(&input, "\n").unwrap();
+    let out = safe(&[
+        "logprobs",
+        "--model",
+        "builtin:tiny",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        input.to_str().unwrap(),
+    ]);
+    assert_exit(&out, 2, &["has no lines"]);
+    assert_eq!(std::fs::read_to_string(&input).unwrap(), "\n");
+    // A good run replaces the file, leaving no temporary behind.
+    let out = safe(&[
+        "generate",
+        "--model",
+        "builtin:tiny",
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "4",
+        "--output",
+        out_file.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_ne!(std::fs::read_to_string(&out_file).unwrap(), "precious\n");
+    let names: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert!(names.iter().all(|n| !n.contains(".tmp-")), "{names:?}");
+}

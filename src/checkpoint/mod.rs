@@ -41,6 +41,9 @@ const TMP_PREFIX: &str = ".tmp-";
 /// Checkpoints after the one a run was resumed from are moved aside under this prefix; they count toward
 /// `run.keep_last` and are the first rotated out.
 pub const SUPERSEDED_PREFIX: &str = "superseded-";
+/// Checkpoints `--resume auto` passed over as damaged are moved aside under this prefix and never deleted: a file
+/// missing mid-copy or an I/O error looks like damage, and what it hides may still be recovered by hand.
+pub const DAMAGED_PREFIX: &str = "damaged-";
 /// Bumped when `state.json` changes incompatibly.
 const STATE_FORMAT: u32 = 1;
 
@@ -88,8 +91,38 @@ struct StateFile {
     /// Hex SHA-256 of every other file of the checkpoint, by name (empty in checkpoints older than the digests).
     #[serde(default)]
     files: BTreeMap<String, String>,
+    /// Hex SHA-256 of the fields above as JSON ([`StateFile::digest_of_fields`]): an edit or a flipped bit in
+    /// `state.json` itself (the data position, a controller) is caught like one in a tensor file.
+    #[serde(default)]
+    digest: String,
     #[serde(default)]
     complete: bool,
+}
+
+impl StateFile {
+    /// The SHA-256 of every field but `digest` and `complete`, serialized compactly in field order. A parsed file
+    /// reserializes to the same bytes (`float_roundtrip` keeps every float exact), so the digest can be recomputed.
+    fn digest_of_fields(&self) -> Result<String> {
+        #[derive(Serialize)]
+        struct Covered<'a> {
+            format: u32,
+            safe_version: &'a str,
+            step: u64,
+            optimizer: &'a AdamWState,
+            training: &'a serde_json::Value,
+            files: &'a BTreeMap<String, String>,
+        }
+        let covered = Covered {
+            format: self.format,
+            safe_version: &self.safe_version,
+            step: self.step,
+            optimizer: &self.optimizer,
+            training: &self.training,
+            files: &self.files,
+        };
+        use sha2::Digest;
+        Ok(format!("{:x}", sha2::Sha256::digest(serde_json::to_vec(&covered)?)))
+    }
 }
 
 /// Save a checkpoint atomically, point `latest` at it, then rotate to `keep_last` (0 keeps every checkpoint).
@@ -149,15 +182,17 @@ fn write_contents(dir: &Path, req: &SaveRequest) -> Result<()> {
         }
         write_safetensors(&dir.join(file), tensors)?;
     }
-    let state = StateFile {
+    let mut state = StateFile {
         format: STATE_FORMAT,
         safe_version: env!("CARGO_PKG_VERSION").to_string(),
         step: req.step,
         optimizer: req.optimizer.state(),
         training: req.training_state.clone(),
         files: integrity::digests(dir, STATE_FILE)?,
+        digest: String::new(),
         complete: true,
     };
+    state.digest = state.digest_of_fields()?;
     // Serialized from the struct, not a `Value` (whose map sorts keys), so `complete` stays last.
     fsio::write_synced(&dir.join(STATE_FILE), &pretty(&state)?)
 }
@@ -229,7 +264,23 @@ pub fn latest_complete(run_dir: &Path) -> Option<PathBuf> {
 #[derive(Debug)]
 pub struct NewestIntact {
     pub checkpoint: Checkpoint,
-    pub passed_over: Vec<String>,
+    /// Each newer checkpoint passed over: its directory and what is wrong with it.
+    pub passed_over: Vec<(PathBuf, String)>,
+}
+
+/// Move a checkpoint `--resume auto` passed over aside as `damaged-step-<N>` (never rotated out); returns the new
+/// path.
+pub fn set_aside_damaged(dir: &Path) -> Result<PathBuf> {
+    let root = dir.parent().context("a checkpoint directory has a parent")?;
+    let name = dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let mut dest = root.join(format!("{DAMAGED_PREFIX}{name}"));
+    let mut n = 1;
+    while dest.exists() {
+        n += 1;
+        dest = root.join(format!("{DAMAGED_PREFIX}{name}-{n}"));
+    }
+    std::fs::rename(dir, &dest).with_context(|| format!("cannot move {} aside", dir.display()))?;
+    Ok(dest)
 }
 
 /// The checkpoint `--resume auto` continues: the highest `step-<N>` that opens and verifies. `Ok(None)` when the run
@@ -246,24 +297,20 @@ pub fn newest_intact(run_dir: &Path) -> Result<Option<NewestIntact>> {
     let mut passed_over = Vec::new();
     for (_, dir) in &steps {
         match Checkpoint::open(dir) {
-            Ok(checkpoint) => {
-                let passed_over = passed_over
-                    .into_iter()
-                    .map(|reason| format!("{reason}; resuming from the older {} instead", dir.display()))
-                    .collect();
-                return Ok(Some(NewestIntact { checkpoint, passed_over }));
-            }
-            Err(e) => passed_over.push(format!("checkpoint {} is not usable: {e:#}", dir.display())),
+            Ok(checkpoint) => return Ok(Some(NewestIntact { checkpoint, passed_over })),
+            Err(e) => passed_over.push((dir.clone(), format!("{e:#}"))),
         }
     }
     if passed_over.is_empty() {
         return Ok(None);
     }
+    let listed: Vec<String> =
+        passed_over.iter().map(|(dir, why)| format!("checkpoint {} is not usable: {why}", dir.display())).collect();
     bail!(
         "no intact checkpoint in {} to resume from:\n  {}\nResume from a copy with --resume DIR, or start over with \
          --resume never --overwrite (deletes the run)",
         root.display(),
-        passed_over.join("\n  ")
+        listed.join("\n  ")
     )
 }
 
@@ -347,6 +394,13 @@ impl Checkpoint {
             if !dir.join(f).is_file() {
                 bail!("checkpoint {} has no {f}", dir.display());
             }
+        }
+        // Checkpoints older than the digests have neither; one without the other is an edit.
+        if !(state.files.is_empty() && state.digest.is_empty()) && state.digest != state.digest_of_fields()? {
+            bail!(
+                "{} does not match its own SHA-256 (`digest`): edited or damaged since it was written",
+                path.display()
+            );
         }
         integrity::verify(dir, &state.files)?;
         Ok(Self { dir: dir.to_path_buf(), state })

@@ -19,7 +19,7 @@ pub struct Prepared {
     prompt_ids: Vec<Vec<u32>>,
     /// `--output`, created before anything is loaded: a path that cannot be written fails first, not after
     /// all the sampling.
-    output: Option<std::fs::File>,
+    output: Option<super::output::OutputFile>,
 }
 
 pub fn prepare(args: &GenerateArgs) -> Result<Prepared> {
@@ -28,7 +28,7 @@ pub fn prepare(args: &GenerateArgs) -> Result<Prepared> {
         (None, Some(f)) => Dataset::from_jsonl(f, "prompt")?.examples().iter().map(|e| e.prompt.clone()).collect(),
         _ => bail!("give exactly one of --prompt or --input"),
     };
-    let output = super::create_output(args.output.as_deref())?;
+    let output = args.output.as_deref().map(super::output::OutputFile::create).transpose()?;
     let device = args.device.device()?;
     let dtype = args.dtype.resolve(&device);
     let source = ModelSource::parse(&args.model, args.revision.as_deref())?;
@@ -76,7 +76,7 @@ pub fn run(args: &GenerateArgs, p: Prepared) -> Result<()> {
     let completions = generate(&p.model, Some(&p.tokenizer), &requests, &cfg, Some(&bar))?;
     bar.finish_and_clear();
 
-    let mut out = super::writer(p.output);
+    let mut out = super::output::Sink::new(p.output);
     let jsonl = matches!(args.format, OutputFormat::Jsonl);
     for (r, c) in requests.iter().zip(&completions) {
         let text = p.tokenizer.decode(&c.ids, true)?;
@@ -95,6 +95,5 @@ pub fn run(args: &GenerateArgs, p: Prepared) -> Result<()> {
             writeln!(out, "{text}")?;
         }
     }
-    out.flush()?;
-    Ok(())
+    out.finish()
 }

@@ -17,11 +17,11 @@ pub struct Prepared {
     /// Each input line's sample and its JSON object (echoed in the output).
     lines: Vec<(Sample, serde_json::Map<String, serde_json::Value>)>,
     /// `--output`, created first: a path that cannot be written fails before the model loads.
-    output: Option<std::fs::File>,
+    output: Option<super::output::OutputFile>,
 }
 
 pub fn prepare(args: &LogprobsArgs) -> Result<Prepared> {
-    let output = super::create_output(args.output.as_deref())?;
+    let output = args.output.as_deref().map(super::output::OutputFile::create).transpose()?;
     let device = args.device.device()?;
     let dtype = args.dtype.resolve(&device);
     let source = ModelSource::parse(&args.model, args.revision.as_deref())?;
@@ -49,7 +49,7 @@ pub fn prepare(args: &LogprobsArgs) -> Result<Prepared> {
 }
 
 pub fn run(args: &LogprobsArgs, p: Prepared) -> Result<()> {
-    let mut out = super::writer(p.output);
+    let mut out = super::output::Sink::new(p.output);
     let pad = p.tokenizer.padding_id();
     for batch in p.lines.chunks(args.batch_size) {
         let prompts: Vec<Vec<u32>> = batch.iter().map(|(s, _)| s.prompt_ids.clone()).collect();
@@ -71,6 +71,5 @@ pub fn run(args: &LogprobsArgs, p: Prepared) -> Result<()> {
             writeln!(out, "{}", serde_json::Value::Object(line))?;
         }
     }
-    out.flush()?;
-    Ok(())
+    out.finish()
 }

@@ -11,6 +11,7 @@ pub use crate::train::run_dir::Resume;
 
 mod generate;
 mod logprobs;
+mod output;
 
 const ABOUT: &str =
     "Fine-tune Hugging Face causal language models with reinforcement learning (GRPO, PPO, SAFE, RLOO, REINFORCE++), on Candle.";
@@ -385,19 +386,4 @@ pub fn summary(r: &Recipe, resume: &Resume) -> String {
         rewards.join(", "),
         r.hash(),
     )
-}
-
-/// Create `--output` before the work it will hold (a path that cannot be written is bad input, found first).
-fn create_output(path: Option<&std::path::Path>) -> anyhow::Result<Option<std::fs::File>> {
-    use anyhow::Context;
-    path.map(|p| std::fs::File::create(p).with_context(|| format!("--output: cannot create {}", p.display())))
-        .transpose()
-}
-
-/// Where results go: the `--output` file (buffered) or stdout.
-fn writer(output: Option<std::fs::File>) -> Box<dyn std::io::Write> {
-    match output {
-        Some(file) => Box::new(std::io::BufWriter::new(file)),
-        None => Box::new(std::io::stdout().lock()),
-    }
 }

@@ -7,8 +7,9 @@ use std::io::{BufRead, BufReader, Read};
 /// The longest line accepted, in bytes: far beyond any context window (about 2M tokens of text).
 pub const MAX_LINE_BYTES: usize = 8 << 20;
 
-/// The lines of `reader` (without their `\n` or `\r\n`) with their 1-based numbers. A line longer than `max` bytes,
-/// or not UTF-8, is an error naming the line.
+/// The lines of `reader` (without their `\n` or `\r\n`, and without a UTF-8 byte-order mark before the first) with
+/// their 1-based numbers. A line longer than `max` bytes (its line ending not counted), or not UTF-8, is an error
+/// naming the line.
 pub fn bounded_lines<R: Read>(reader: R, max: usize) -> impl Iterator<Item = std::io::Result<(usize, String)>> {
     let mut reader = BufReader::new(reader);
     let mut number = 0usize;
@@ -19,24 +20,26 @@ pub fn bounded_lines<R: Read>(reader: R, max: usize) -> impl Iterator<Item = std
         }
         number += 1;
         let mut buf = Vec::new();
-        let read = (&mut reader).take(max as u64 + 1).read_until(b'\n', &mut buf);
+        // Room for the longest line and its `\r\n`: anything longer stops short of its newline.
+        let read = (&mut reader).take(max as u64 + 2).read_until(b'\n', &mut buf);
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+        }
+        if number == 1 && buf.starts_with(&[0xef, 0xbb, 0xbf]) {
+            buf.drain(..3);
+        }
         let result = match read {
             Ok(0) => return None,
             Err(e) => Err(e),
-            Ok(_) if buf.len() > max && buf.last() != Some(&b'\n') || buf.len() > max + 1 => {
+            Ok(_) if buf.len() > max => {
                 Err(std::io::Error::other(format!("line {number} is longer than {} MiB", max >> 20)))
             }
-            Ok(_) => {
-                if buf.last() == Some(&b'\n') {
-                    buf.pop();
-                    if buf.last() == Some(&b'\r') {
-                        buf.pop();
-                    }
-                }
-                String::from_utf8(buf)
-                    .map(|line| (number, line))
-                    .map_err(|_| std::io::Error::other(format!("line {number} is not UTF-8 text")))
-            }
+            Ok(_) => String::from_utf8(buf)
+                .map(|line| (number, line))
+                .map_err(|_| std::io::Error::other(format!("line {number} is not UTF-8 text"))),
         };
         failed = result.is_err();
         Some(result)
@@ -58,6 +61,11 @@ mod tests {
         assert_eq!(it.next().unwrap().unwrap(), (1, "abc".into()));
         assert!(it.next().unwrap().unwrap_err().to_string().contains("line 2 is longer than"));
         assert!(it.next().is_none());
+        // A line of exactly `max` bytes passes with either line ending; a BOM before line 1 is dropped.
+        let got: Vec<_> = bounded_lines("abc\r\nabc\n".as_bytes(), 3).map(Result::unwrap).collect();
+        assert_eq!(got, [(1, "abc".into()), (2, "abc".into())]);
+        let got: Vec<_> = bounded_lines("\u{feff}{}\n".as_bytes(), 10).map(Result::unwrap).collect();
+        assert_eq!(got, [(1, "{}".into())]);
         let bad = [b'o', b'k', b'\n', 0xff, b'\n'];
         let errs: Vec<_> = bounded_lines(&bad[..], 10).collect();
         assert!(errs[1].as_ref().unwrap_err().to_string().contains("line 2 is not UTF-8"));

@@ -286,8 +286,9 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Open the device. `auto` takes a GPU when this build has one and one can be opened, else the CPU (with a
-    /// note saying why, once): a CUDA build on a machine without a GPU or driver still runs.
+    /// Open the device. `auto` takes a GPU when this build has one and the machine has one, else the CPU (with a
+    /// note saying why, once): a CUDA build on a machine without a GPU or driver still runs. A GPU that is there
+    /// but fails to open (out of memory, exclusive mode) is an error, never a silent run on the CPU.
     pub fn device(self) -> anyhow::Result<candle_core::Device> {
         use anyhow::Context;
         use candle_core::{utils, Device};
@@ -303,8 +304,14 @@ impl DeviceSpec {
                 match gpu {
                     Some((_, Ok(device))) => device,
                     Some((kind, Err(e))) => {
-                        static SAID: std::sync::Once = std::sync::Once::new();
                         let why = crate::exit::without_backtrace(&e).to_string();
+                        if !no_gpu_here(&why) {
+                            anyhow::bail!(
+                                "device \"auto\": a {kind} device is there but cannot be opened ({why}); free it, or \
+                                 set model.device = \"cpu\" to train on the CPU"
+                            );
+                        }
+                        static SAID: std::sync::Once = std::sync::Once::new();
                         SAID.call_once(|| {
                             eprintln!("note: device \"auto\": no usable {kind} device ({why}); using the CPU")
                         });
@@ -322,6 +329,21 @@ impl DeviceSpec {
             }
         })
     }
+}
+
+/// Whether a GPU backend's error says the machine has no GPU or no driver for it (CUDA's driver API codes; Metal
+/// reports no device), as opposed to a GPU that is there and failed.
+fn no_gpu_here(error: &str) -> bool {
+    const NONE: [&str; 6] = [
+        "CUDA_ERROR_NO_DEVICE",
+        "CUDA_ERROR_STUB_LIBRARY",
+        "CUDA_ERROR_INSUFFICIENT_DRIVER",
+        "CUDA_ERROR_NOT_INITIALIZED",
+        "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH",
+        "no metal device",
+    ];
+    let lower = error.to_ascii_lowercase();
+    NONE.iter().any(|code| lower.contains(&code.to_ascii_lowercase()))
 }
 
 impl DTypeSpec {

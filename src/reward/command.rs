@@ -39,7 +39,11 @@ pub struct CommandSource {
 
 struct Process {
     child: Child,
-    stdin: ChildStdin,
+    /// Requests go through a writer thread: a child that does not read its input blocks that thread (until the
+    /// child is killed), never the wait for its answer.
+    requests: mpsc::Sender<String>,
+    /// A write the writer thread could not make.
+    write_errors: Receiver<std::io::Error>,
     lines: Receiver<std::io::Result<String>>,
 }
 
@@ -79,6 +83,17 @@ impl CommandSource {
             .with_context(|| format!("reward `{}`: cannot start `{}`", self.name, self.describe()))?;
         let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
+        let (requests, inbox) = mpsc::channel::<String>();
+        let (failed, write_errors) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut stdin: ChildStdin = stdin;
+            for request in inbox {
+                if let Err(e) = writeln!(stdin, "{request}").and_then(|_| stdin.flush()) {
+                    let _ = failed.send(e);
+                    break;
+                }
+            }
+        });
         let stderr = child.stderr.take().expect("piped");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -94,15 +109,18 @@ impl CommandSource {
                 eprintln!("{tag}{line}");
             }
         });
-        Ok(Process { child, stdin, lines })
+        Ok(Process { child, requests, write_errors, lines })
     }
 
     /// One request on a running process.
     fn exchange(&self, p: &mut Process, request: &str, n: usize) -> Result<Answer> {
-        writeln!(p.stdin, "{request}").and_then(|_| p.stdin.flush()).context("it does not read its input")?;
+        p.requests.send(request.to_string()).map_err(|_| anyhow::anyhow!("it does not read its input"))?;
         let deadline = Instant::now() + self.timeout;
         let line = loop {
             signal::check()?;
+            if let Ok(e) = p.write_errors.try_recv() {
+                bail!("it does not read its input ({e})");
+            }
             let wait = deadline.saturating_duration_since(Instant::now()).min(signal::POLL);
             match p.lines.recv_timeout(wait) {
                 Ok(Ok(line)) => break line,
@@ -110,13 +128,46 @@ impl CommandSource {
                 Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
                 Err(RecvTimeoutError::Timeout) => bail!("no answer within {:.1} s", self.timeout.as_secs_f64()),
                 Err(RecvTimeoutError::Disconnected) => {
-                    let status = p.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                    bail!("it exited ({status}) without answering")
+                    // Its output is closed; it may still run. Never wait on it unbounded (it is killed on retry).
+                    let status = exit_status_soon(&mut p.child);
+                    if status.as_ref().is_some_and(killed_by_a_stop_signal) {
+                        // Ctrl-C reaches the whole process group: the child may die of it a moment before our
+                        // handler has run. Give the handler that moment, so the step is abandoned, not failed.
+                        let t = Instant::now();
+                        while !signal::requested() && t.elapsed() < Duration::from_millis(500) {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        signal::check()?;
+                    }
+                    match status {
+                        Some(s) => bail!("it exited ({s}) without answering"),
+                        None => bail!("it closed its output without answering"),
+                    }
                 }
             }
         };
         parse_answer(&line, n, "metrics")
     }
+}
+
+/// The child's exit status if it ends within a moment (a closed output usually means it is exiting).
+fn exit_status_soon(child: &mut Child) -> Option<std::process::ExitStatus> {
+    let t = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if t.elapsed() > Duration::from_millis(200) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Whether a status is death by SIGINT, SIGTERM or SIGHUP: the signals that also stop `safe`.
+fn killed_by_a_stop_signal(status: &std::process::ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    matches!(status.signal(), Some(libc::SIGINT | libc::SIGTERM | libc::SIGHUP))
 }
 
 /// The request line for a batch: prompts, completions, ids, finish reasons, and every data column as a list.

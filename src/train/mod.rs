@@ -275,7 +275,7 @@ impl Trainer {
 
         // A reward wait abandoned for a stop request is no failed step: the whole step is abandoned.
         if let Err(e) = &scored {
-            if signal::is(e) {
+            if signal::is(e) || signal::requested() {
                 return Err(signal::Interrupted.into());
             }
         }

@@ -127,7 +127,16 @@ pub fn resolve_start(recipe: &Recipe, resume: &Resume, overwrite: bool) -> Resul
         }
         Resume::Auto => match checkpoint::newest_intact(&run_dir)? {
             Some(found) => {
-                warnings = found.passed_over;
+                for (dir, why) in found.passed_over {
+                    let aside = checkpoint::set_aside_damaged(&dir)?;
+                    warnings.push(format!(
+                        "checkpoint {} is not usable: {why}; resuming from the older {} instead. It is kept as {} \
+                         (never rotated out: delete it when you no longer need it)",
+                        dir.display(),
+                        found.checkpoint.dir().display(),
+                        aside.display()
+                    ));
+                }
                 Start::From(found.checkpoint)
             }
             None => Start::Fresh,

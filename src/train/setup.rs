@@ -187,7 +187,8 @@ impl Trainer {
         let run_dir = recipe.run.dir();
         for name in run_dir::prepare(&recipe, state.step)? {
             notes.push(format!(
-                "checkpoint {name} was written after step {} (the one this run continues from) and is kept aside",
+                "checkpoint {name} was written after step {} (the one this run continues from): moved aside, it counts \
+                 toward run.keep_last and is the first rotated out",
                 state.step
             ));
         }
