@@ -182,6 +182,10 @@ fn edited_or_old_checkpoint_state_exits_2_naming_the_field() {
     ];
     for (edit, expected) in cases {
         let mut v = original.clone();
+        // As written before the digests (an edit with them in place is caught by the digest: checkpoint_integrity).
+        for key in ["digest", "files"] {
+            v.as_object_mut().unwrap().remove(key);
+        }
         edit(&mut v);
         std::fs::write(&state_path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
         let out = train(&recipe, &["run.max_steps=2"], "auto");
