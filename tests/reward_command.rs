@@ -115,14 +115,14 @@ fn a_command_that_stops_answering_ends_the_run_with_exit_1_keeping_the_last_chec
     let body = TINY.replace(
         "[[reward]]\nname = \"correct\"\nrule = \"exact_answer\"\n",
         &format!(
-            "[[reward]]\nname = \"correct\"\nkind = \"command\"\ncommand = [{list}]\ntimeout = 0.5\nmax_retries = 1\n"
+            "[[reward]]\nname = \"correct\"\nkind = \"command\"\ncommand = [{list}]\ntimeout = 3.0\nmax_retries = 1\n"
         ),
     );
     let recipe = setup(dir.path(), &body, 5);
     let out = train(&recipe, &["run.max_steps=6", "run.save_every=1", "run.max_bad_steps=0"], "never");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("failed 2 times") && err.contains("no answer within 0.5 s"), "{err}");
+    assert!(err.contains("failed 2 times") && err.contains("no answer within 3.0 s"), "{err}");
     assert!(err.contains("[reward correct] reward server up"), "stderr is forwarded: {err}");
     let run = dir.path().join("runs/t");
     assert_eq!(safe::checkpoint::latest_complete(&run), Some(step_dir(&run, 2)));
