@@ -86,6 +86,23 @@ impl LoadedModel {
         }
     }
 
+    /// The model's config alone, without its weights: what the memory plan needs before anything loads. The same
+    /// config [`Self::load`] would return (`eos_token_ids` aside, which only generation reads).
+    pub fn config_only(source: &ModelSource) -> Result<ModelConfig> {
+        match source {
+            ModelSource::Dir(dir) => dir_config(dir),
+            ModelSource::Gguf(path) => {
+                let origin = path.display().to_string();
+                let mut file = File::open(path).with_context(|| format!("cannot open {origin}"))?;
+                let content = gguf_file::Content::read(&mut file)
+                    .map_err(|e| anyhow::anyhow!("{origin} is not a readable GGUF file: {e}"))?;
+                gguf_config(&content, &origin)
+            }
+            ModelSource::Hub { repo, revision } => dir_config(&hub::resolve(repo, revision)?),
+            ModelSource::Builtin(name) => super::builtin::config(name),
+        }
+    }
+
     /// Build the model (trainable or frozen). Consumes the tensors.
     pub fn into_model(self, trainable: bool, device: &Device, dtype: DType) -> Result<(CausalLm, Option<Tokenizer>)> {
         if self.config.head == super::config::Head::SequenceClassification {
@@ -106,12 +123,16 @@ impl LoadedModel {
     }
 }
 
-fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+fn dir_config(dir: &Path) -> Result<ModelConfig> {
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
         bail!("{} has no config.json (expected a model directory in Hugging Face layout)", dir.display());
     }
-    let mut config = HfConfig::from_file(&config_path)?.validate(&config_path.display().to_string())?;
+    HfConfig::from_file(&config_path)?.validate(&config_path.display().to_string())
+}
+
+fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    let mut config = dir_config(dir)?;
     // generation_config.json may list more EOS ids than config.json (Llama 3 instruct models do).
     let gen_path = dir.join("generation_config.json");
     if gen_path.is_file() {

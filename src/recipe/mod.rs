@@ -147,7 +147,7 @@ pub struct RolloutSettings {
     pub repetition_penalty: f64,
     pub stop: Vec<String>,
     pub source: RolloutSource,
-    /// 0 = all completions of a step at once; see [`RolloutSettings::generation_batch_size`].
+    /// 0 = the largest batch the memory plan finds room for (the whole step where memory is unknown).
     pub batch_size: usize,
     /// `rollout.dynamic_sampling = true`: at most this many rounds of `prompts_per_step` prompts per step (`None`:
     /// off).
@@ -160,15 +160,7 @@ pub struct RolloutSettings {
 impl RolloutSettings {
     /// `prompts_per_step × num_generations`.
     pub fn completions_per_step(&self) -> usize {
-        self.prompts_per_step * self.num_generations
-    }
-    /// Sequences per generation batch, with 0 resolved to the whole step.
-    pub fn generation_batch_size(&self) -> usize {
-        if self.batch_size == 0 {
-            self.completions_per_step()
-        } else {
-            self.batch_size
-        }
+        self.prompts_per_step.saturating_mul(self.num_generations)
     }
 }
 

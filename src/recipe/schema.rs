@@ -538,7 +538,12 @@ pub static KEYS: &[KeySpec] = &[
         when: Some(When { key: "rollout.source", is: &["file"] }),
         doc: "JSONL of recorded rollouts (prompt, completion, rewards) to train on.",
     },
-    key("rollout.batch_size", int(0), "0", "Sequences generated at once; 0 = all completions of a step together."),
+    key(
+        "rollout.batch_size",
+        int(0),
+        "0",
+        "Sequences generated at once; 0 = the largest batch that fits in memory (the memory plan's choice, printed at startup; all completions of a step where memory is unknown, e.g. on a GPU).",
+    ),
     key(
         "rollout.weights",
         Kind::Choice(RolloutWeights::NAMES),

@@ -1,34 +1,69 @@
-//! Memory planning: before training starts, estimate what one step needs, pick the micro-batch when the recipe
-//! says `auto`, and refuse a recipe that cannot fit, naming the keys to change.
+//! Memory planning: before any weights load, estimate the peak of a step's two phases, pick the rollout batch and
+//! the update's micro-batch when the recipe says `auto` (0), and refuse a recipe that cannot fit, naming the keys to
+//! change. Estimates are upper bounds of the measured peak RSS (docs/memory-plan.md has the table), within +30%.
 //!
-//! The estimate is deliberately simple and on the safe side: model state (weights, summed and per-micro-batch
-//! gradients, AdamW's two f32 moments, the frozen reference) plus what the autograd graph of one micro-batch keeps
-//! alive. Per row of T = prompt + completion tokens, each layer keeps about `T·(8·hidden + 4·intermediate)` values
-//! (norm outputs, q/k/v and their rotated copies, attention output, residuals, the MLP's gate/up/activation/product)
-//! and `3·heads·T²` attention values (scores, masked scores, probabilities); with gradient checkpointing only each
-//! layer's input (`T·hidden`) is kept, plus one layer's activations during backward. The composite LM head keeps
-//! `4·C·vocab` f32 values for the C completion positions (logits, scaled logits, shifted logits, exp) because the
-//! whole micro-batch's log-probs stay in the graph until backward; the fused CPU head keeps none, only its
-//! per-chunk buffers.
+//! What counts (T = prompt + completion tokens, H heads, L layers, b bytes per value):
+//! - The process itself ([`BASELINE`], plus the tokenizer's tables per vocabulary entry) and every completion's
+//!   bookkeeping (ids, texts, log-probs; [`per_completion`]): a step of 10⁹ completions is refused here.
+//! - Model state: weights, AdamW's two f32 moments, the reference; in the update also the summed and per-micro-batch
+//!   gradients and the sum being formed.
+//! - Rollout, per batch of B sequences over D distinct prompts: the prefill's attention of one layer (4 `[D, H, P, P]`
+//!   tensors alive at once: scores, masked scores, exp, probabilities) and its mask, then the KV cache of B rows
+//!   grown to T positions, the logits and the sampler's per-row buffers.
+//! - Update, per micro-batch row: every layer keeps its linear activations and 6 `H·T²` attention tensors for
+//!   backward (scores, scaled, masked, shifted, exp, probabilities; the autograd graph holds each op's inputs), and
+//!   backward materialises [`ATTN_BACKWARD`] more of them for the layer it is in (gradients plus the zeros each
+//!   first gradient starts from). With gradient checkpointing only each layer's input is kept, plus one layer.
 
 use crate::model::ModelConfig;
 
 /// The step's memory plan.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
+    /// Sequences generated together (`rollout.batch_size`, resolved).
+    pub rollout_batch_size: usize,
     /// Completions per forward/backward.
     pub micro_batch_size: usize,
     /// Completion positions per LM-head call in graph-free forwards (reference and old log-probs).
     pub logprob_chunk: usize,
-    /// Estimated peak bytes of a step with this plan.
+    /// Estimated peak bytes while generating (0 when the step replays its completions).
+    pub rollout_bytes: u64,
+    /// Estimated peak bytes of the update.
+    pub update_bytes: u64,
+    /// The step's estimated peak: the larger of the two.
     pub bytes: u64,
+}
+
+impl Plan {
+    /// The startup line's text: both phases and the step's peak.
+    pub fn summary(&self) -> String {
+        let rollout = if self.rollout_bytes > 0 {
+            format!("rollout batches of {} sequences (about {}), ", self.rollout_batch_size, gb(self.rollout_bytes))
+        } else {
+            "replayed rollouts, ".to_string()
+        };
+        format!(
+            "{rollout}update micro-batches of {} completions (about {}): peak about {} per step",
+            self.micro_batch_size,
+            gb(self.update_bytes),
+            gb(self.bytes)
+        )
+    }
 }
 
 /// The shape of one step, as the recipe gives it.
 #[derive(Debug, Clone, Copy)]
 pub struct StepShape {
-    /// Completions per step (prompts × generations).
-    pub completions: usize,
+    /// `rollout.prompts_per_step`.
+    pub prompts: usize,
+    /// `rollout.num_generations` (G).
+    pub group_size: usize,
+    /// `rollout.batch_size` (0 = the largest that fits).
+    pub rollout_batch_size: usize,
+    /// Whether the step generates (false: a replay file gives the completions).
+    pub generates: bool,
+    /// `rollout.weights = "bf16"`: a bf16 copy of the weights for decoding.
+    pub bf16_decode: bool,
     /// `algorithm.micro_batch_size` (0 = auto).
     pub micro_batch_size: usize,
     pub max_prompt_tokens: usize,
@@ -49,76 +84,302 @@ pub struct StepShape {
     pub can_checkpoint: bool,
 }
 
+impl StepShape {
+    /// Completions per step (prompts × generations), saturating.
+    pub fn completions(&self) -> usize {
+        self.prompts.saturating_mul(self.group_size)
+    }
+}
+
 /// Bytes of the graph-free logits chunk we aim for (reference/old log-probs).
 const CHUNK_BYTES: usize = 64 << 20;
 /// Plans use at most this fraction of the available memory.
 const HEADROOM: f64 = 0.85;
+/// The process before any model: binary, allocator arenas, thread stacks, the dataset (measured: 31 MB with the
+/// tiny model).
+pub const BASELINE: u64 = 48 << 20;
+/// Tokenizer tables per vocabulary entry (token strings, merges, both directions).
+const TOKENIZER_PER_TOKEN: u64 = 1024;
+/// `H·T²` attention tensors per layer and row that outlive the layer's backward: the 6 the autograd graph keeps
+/// (scores, scaled, masked, shifted, exp, probabilities; llama.rs `Attention::forward`) and 2 gradients candle's
+/// backward makes for the untracked right-hand sides of the mask's add and the max's subtraction (`or_insert` on a
+/// node nothing consumes, so they stay in the gradient store until backward returns).
+const ATTN_KEPT: u64 = 8;
+/// `H·T²` tensors alive at once during one layer's attention backward: the incoming gradient, the division's two
+/// gradients and their temporaries (`grad·lhs`, `rhs²`), the zeros each first gradient starts from and the sums.
+const ATTN_BACKWARD: u64 = 8;
+/// `H·P²` tensors alive at once in a graph-free attention (prefill, reference log-probs): the shadowed scores, the
+/// masked scores, the shift and its exp, then the probabilities.
+const ATTN_GRAPH_FREE: u64 = 4;
+
+/// Allocator slack on the update's linear activations, as a fraction (measured: SmolLM2 with 64-token prompts peaks
+/// at 1.2× their count).
+const LINEAR_SLACK: (u64, u64) = (5, 4);
+
+/// Saturating byte arithmetic: an absurd recipe gives `u64::MAX` (refused), never a wrapped small number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Sat(u64);
+
+fn sat(x: impl TryInto<u64>) -> Sat {
+    Sat(x.try_into().unwrap_or(u64::MAX))
+}
+
+impl std::ops::Add for Sat {
+    type Output = Sat;
+    fn add(self, o: Sat) -> Sat {
+        Sat(self.0.saturating_add(o.0))
+    }
+}
+
+impl std::ops::Mul for Sat {
+    type Output = Sat;
+    fn mul(self, o: Sat) -> Sat {
+        Sat(self.0.saturating_mul(o.0))
+    }
+}
+
+impl std::ops::Div<u64> for Sat {
+    type Output = Sat;
+    fn div(self, d: u64) -> Sat {
+        Sat(self.0 / d)
+    }
+}
+
+fn max(a: Sat, b: Sat) -> Sat {
+    a.max(b)
+}
 
 /// Number of weights of a model with this config.
 pub fn parameter_count(cfg: &ModelConfig) -> u64 {
-    let (h, i, v) = (cfg.hidden_size as u64, cfg.intermediate_size as u64, cfg.vocab_size as u64);
-    let (q, kv) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
-    let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
-    let head = if cfg.tie_word_embeddings { 0 } else { v * h };
-    v * h + cfg.num_layers as u64 * layer + h + head
+    let (h, i, v) = (sat(cfg.hidden_size), sat(cfg.intermediate_size), sat(cfg.vocab_size));
+    let (q, kv) = (sat(cfg.num_heads) * sat(cfg.head_dim), sat(cfg.num_kv_heads) * sat(cfg.head_dim));
+    let layer = h * q + sat(2) * h * kv + q * h + sat(3) * h * i + sat(2) * h;
+    let head = if cfg.tie_word_embeddings { sat(0) } else { v * h };
+    (v * h + sat(cfg.num_layers) * layer + h + head).0
 }
 
-/// Estimated peak bytes of a step that runs micro-batches of `micro` completions.
-pub fn step_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
-    let p = parameter_count(cfg);
-    let b = shape.dtype_bytes as u64;
-    // Weights, accumulated gradients, one micro-batch's gradients, two f32 moments; the reference's weights.
-    let critic = shape.critic as u64;
-    let state = p * (3 * b + 8) * (1 + critic) + if shape.reference { p * b } else { 0 };
-    let t = (shape.max_prompt_tokens + shape.max_new_tokens) as u64;
-    let c = shape.max_new_tokens as u64;
-    let (h, i, heads) = (cfg.hidden_size as u64, cfg.intermediate_size as u64, cfg.num_heads as u64);
-    let (layers, vocab) = (cfg.num_layers as u64, cfg.vocab_size as u64);
-    let layer_row = (t * (8 * h + 4 * i) + 3 * heads * t * t) * b;
-    let activations = if shape.gradient_checkpointing { layers * t * h * b + layer_row } else { layers * layer_row };
+/// The process and every completion's bookkeeping: what both phases hold whatever the batch sizes.
+fn fixed(cfg: &ModelConfig, shape: &StepShape) -> Sat {
+    sat(BASELINE) + sat(cfg.vocab_size) * sat(TOKENIZER_PER_TOKEN) + sat(shape.completions()) * per_completion(shape)
+}
+
+/// Bookkeeping bytes of one completion between rollout and update: its request, the decoding row, the sample
+/// (prompt text and ids, completion text, ids and log-probs) and the update batch's copies, with slack.
+fn per_completion(shape: &StepShape) -> Sat {
+    sat(1024) + sat(48) * (sat(shape.max_prompt_tokens) + sat(shape.max_new_tokens))
+}
+
+/// Weights, the moments AdamW allocates up front, the reference and the bf16 decode copy: what the rollout sees.
+fn resident_state(cfg: &ModelConfig, shape: &StepShape) -> Sat {
+    let p = sat(parameter_count(cfg));
+    let b = sat(shape.dtype_bytes);
+    let models = sat(1 + shape.critic as u64);
+    let reference = if shape.reference { p * b } else { sat(0) };
+    let bf16 = if shape.bf16_decode { p * sat(2) } else { sat(0) };
+    p * (b + sat(8)) * models + reference + bf16
+}
+
+/// Activations of one layer for T tokens that are not attention scores: norm outputs, q/k/v (projected, unpacked,
+/// rotated, and the dead gradients of RoPE's cos/sin), attention output, residuals, the MLP's
+/// gate/up/activation/product (10·hidden + 14·q + 15·kv + 4·intermediate values per token, counted op by op in
+/// llama.rs).
+fn layer_linear(cfg: &ModelConfig, t: Sat) -> Sat {
+    let (h, i) = (sat(cfg.hidden_size), sat(cfg.intermediate_size));
+    let (q, kv) = (sat(cfg.num_heads) * sat(cfg.head_dim), sat(cfg.num_kv_heads) * sat(cfg.head_dim));
+    t * (sat(10) * h + sat(14) * q + sat(15) * kv + sat(4) * i)
+}
+
+/// Estimated peak bytes of the update with micro-batches of `micro` completions.
+pub fn update_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
+    let p = sat(parameter_count(cfg));
+    let b = sat(shape.dtype_bytes);
+    let models = sat(1 + shape.critic as u64);
+    // The summed gradients and this micro-batch's (the sum is formed one variable at a time); the embedding's
+    // gradient is summed in backward from the LM head's and the lookup's, each started from zeros (three more
+    // vocab × hidden). The optimizer's step, after backward, holds one gradient and per-variable temporaries: less.
+    let grads = p * sat(2) * b * models + sat(3) * sat(cfg.vocab_size) * sat(cfg.hidden_size) * b;
+    let state = resident_state(cfg, shape) + grads;
+    let t = sat(shape.max_prompt_tokens) + sat(shape.max_new_tokens);
+    let c = sat(shape.max_new_tokens);
+    let (heads, layers, vocab) = (sat(cfg.num_heads), sat(cfg.num_layers), sat(cfg.vocab_size));
+    let scores = heads * t * t * b;
+    // Linear activations are many tensors of a few MB, below glibc's mmap threshold: they come from malloc's arenas,
+    // which keep what the reference's and the last step's forwards freed in their own sizes ([`LINEAR_SLACK`]).
+    let linear = layer_linear(cfg, t) * b * sat(LINEAR_SLACK.0) / LINEAR_SLACK.1;
+    let kept_layer = linear + sat(ATTN_KEPT) * scores;
+    // Backward of the layer it is in: its attention's gradients and half a layer's linear gradients (they are
+    // consumed as they are made).
+    let backward = sat(ATTN_BACKWARD) * scores + linear / 2;
+    let kept = if shape.gradient_checkpointing {
+        layers * t * sat(cfg.hidden_size) * b + kept_layer
+    } else {
+        layers * kept_layer
+    };
+    // The additive mask `[T, T]` (f32) per row.
+    let mask = t * t * sat(4);
     // The fused head keeps only its chunk buffers (logits, and in backward the input gradient); the composite head
     // keeps its logits in the graph for every row.
     let (head_fixed, head_row) = if shape.fused_head {
-        (2 * crate::model::fused_head::ROWS as u64 * vocab * 4, 0)
+        (sat(2) * sat(crate::model::fused_head::ROWS) * vocab * sat(4), sat(0))
     } else {
-        (0, 4 * c * vocab * 4)
+        (sat(0), sat(4) * c * vocab * sat(4))
     };
-    state + head_fixed + micro as u64 * (activations + head_row)
+    let row = (kept + backward + mask + head_row) * models;
+    (fixed(cfg, shape) + state + head_fixed + sat(micro) * row).0
 }
 
-/// Plan a step within `available` bytes (`None`: unknown, e.g. a GPU; the recipe's choice is taken, `auto` = the
-/// whole step at once). Errors say how much is needed and which keys to change.
-pub fn plan(cfg: &ModelConfig, shape: &StepShape, available: Option<u64>) -> Result<Plan, String> {
-    let n = shape.completions;
+/// Distinct prompts in a generation batch of `batch` sequences: groups are contiguous, so a batch that is a
+/// multiple of G holds batch/G prompts, any other at most two more (the groups cut at either end).
+fn distinct_prompts(shape: &StepShape, batch: usize) -> usize {
+    let g = shape.group_size.max(1);
+    let d = if batch.is_multiple_of(g) { batch / g } else { batch / g + 2 };
+    d.min(batch).min(shape.prompts.max(1))
+}
+
+/// Estimated peak bytes of generating in batches of `batch` sequences (graph-free: one layer's transients at a
+/// time; the prefill and the end of decoding are the two peaks).
+pub fn rollout_bytes(cfg: &ModelConfig, shape: &StepShape, batch: usize) -> u64 {
+    let b = sat(shape.dtype_bytes);
+    let (p, t) = (sat(shape.max_prompt_tokens), sat(shape.max_prompt_tokens) + sat(shape.max_new_tokens));
+    let (heads, layers, vocab) = (sat(cfg.num_heads), sat(cfg.num_layers), sat(cfg.vocab_size));
+    let kv = sat(cfg.num_kv_heads) * sat(cfg.head_dim);
+    let (rows, d) = (sat(batch), sat(distinct_prompts(shape, batch)));
+    // Keys and values of every layer per row and position.
+    let cache_per = layers * sat(2) * kv * b;
+    // Prefill of the distinct prompts: their cache, one layer's attention, its mask, linear activations and the
+    // last column's logits; then the cache copied to every row.
+    let prefill = d * (cache_per * p + sat(ATTN_GRAPH_FREE) * heads * p * p * b + p * p * sat(4))
+        + d * (layer_linear(cfg, p) * b + vocab * sat(4))
+        + rows * cache_per * p;
+    // The end of decoding: the cache at T positions plus one layer's copy while it grows, logits and their table,
+    // the step's attention, and one row's sampling buffers (f64 scores and probabilities, the candidates).
+    let decode = rows * (cache_per * t + sat(2) * kv * t * b + sat(8) * vocab + sat(ATTN_GRAPH_FREE) * heads * t * b)
+        + rows * layer_linear(cfg, sat(1)) * b
+        + vocab * sat(40);
+    (fixed(cfg, shape) + resident_state(cfg, shape) + max(prefill, decode)).0
+}
+
+/// Divisors of `n`, largest first (trial division to √n: a huge step plans in milliseconds).
+fn divisors_desc(n: usize) -> Vec<usize> {
+    let (mut small, mut large) = (Vec::new(), Vec::new());
+    let mut d = 1;
+    while d <= n / d {
+        if n.is_multiple_of(d) {
+            small.push(d);
+            if d != n / d {
+                large.push(n / d);
+            }
+        }
+        d += 1;
+    }
+    large.into_iter().chain(small.into_iter().rev()).collect()
+}
+
+/// The largest `x` in `1..=hi` with `fits(x)`, for `fits` true up to some point and false after.
+fn largest_fitting(hi: usize, fits: impl Fn(usize) -> bool) -> Option<usize> {
+    if hi == 0 || !fits(1) {
+        return None;
+    }
+    let (mut lo, mut hi) = (1, hi);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Some(lo)
+}
+
+/// Plan a step within `available` bytes of the model's device (`None`: unknown, e.g. a GPU; the recipe's choices are
+/// taken, `auto` = the whole step at once). The completions' bookkeeping lives in host memory, so `host` bytes
+/// (the CPU's; `None`: unknown) bound it on any device. Errors say how much is needed and which keys to change.
+pub fn plan(cfg: &ModelConfig, shape: &StepShape, available: Option<u64>, host: Option<u64>) -> Result<Plan, String> {
+    let n = shape.completions();
     let budget = available.map(|a| (a as f64 * HEADROOM) as u64);
+    if let Some(budget) = budget.or(host.map(|h| (h as f64 * HEADROOM) as u64)) {
+        let need = fixed(cfg, shape);
+        if need.0 > budget {
+            return Err(format!(
+                "a step of {n} completions (rollout.prompts_per_step = {} × rollout.num_generations = {}) needs \
+                 about {} for its completions' tokens and texts alone, but about {} is available: lower \
+                 rollout.num_generations or rollout.prompts_per_step",
+                shape.prompts,
+                shape.group_size,
+                gb(need.0),
+                gb(budget)
+            ));
+        }
+    }
+    // The model's state alone: the update's own message names the keys.
+    if let Some(budget) = budget.filter(|&b| update_bytes(cfg, shape, 0) > b) {
+        return Err(too_big(cfg, shape, 1, budget, true));
+    }
+    let rollout_batch = if shape.generates {
+        match (shape.rollout_batch_size, budget) {
+            (0, None) => n,
+            (0, Some(budget)) => largest_fitting(n, |b| rollout_bytes(cfg, shape, b) <= budget)
+                .ok_or_else(|| rollout_too_big(cfg, shape, 1, budget, true))?,
+            (m, Some(budget)) if rollout_bytes(cfg, shape, m.min(n)) > budget => {
+                return Err(rollout_too_big(cfg, shape, m.min(n), budget, false))
+            }
+            (m, _) => m.min(n),
+        }
+    } else {
+        n
+    };
     let micro = match (shape.micro_batch_size, budget) {
         (0, None) => n,
         (0, Some(budget)) => {
             // The largest divisor of n that fits.
-            match (1..=n).rev().filter(|d| n.is_multiple_of(*d)).find(|&d| step_bytes(cfg, shape, d) <= budget) {
+            match divisors_desc(n).into_iter().find(|&d| update_bytes(cfg, shape, d) <= budget) {
                 Some(d) => d,
                 None => return Err(too_big(cfg, shape, 1, budget, true)),
             }
         }
-        (m, Some(budget)) if step_bytes(cfg, shape, m) > budget => return Err(too_big(cfg, shape, m, budget, false)),
+        (m, Some(budget)) if update_bytes(cfg, shape, m) > budget => return Err(too_big(cfg, shape, m, budget, false)),
         (m, _) => m,
     };
     // Graph-free log-probs run one micro-batch at a time.
-    let chunk = (CHUNK_BYTES / (cfg.vocab_size * 4 * micro.max(1))).clamp(1, shape.max_new_tokens.max(1));
-    Ok(Plan { micro_batch_size: micro, logprob_chunk: chunk, bytes: step_bytes(cfg, shape, micro) })
+    let chunk = (CHUNK_BYTES / (cfg.vocab_size.max(1) * 4 * micro.max(1))).clamp(1, shape.max_new_tokens.max(1));
+    let rollout_bytes = if shape.generates { rollout_bytes(cfg, shape, rollout_batch) } else { 0 };
+    let update_bytes = update_bytes(cfg, shape, micro);
+    Ok(Plan {
+        rollout_batch_size: rollout_batch.max(1),
+        micro_batch_size: micro,
+        logprob_chunk: chunk,
+        rollout_bytes,
+        update_bytes,
+        bytes: rollout_bytes.max(update_bytes),
+    })
 }
 
 fn gb(bytes: u64) -> String {
     format!("{:.2} GB", bytes as f64 / 1e9)
 }
 
+fn rollout_too_big(cfg: &ModelConfig, shape: &StepShape, batch: usize, budget: u64, auto: bool) -> String {
+    let need = rollout_bytes(cfg, shape, batch);
+    let advice = match largest_fitting(shape.completions(), |b| rollout_bytes(cfg, shape, b) <= budget) {
+        Some(b) if !auto => format!("set rollout.batch_size = {b} (or 0 to pick the largest that fits)"),
+        _ => "lower data.max_prompt_tokens or rollout.max_new_tokens".to_string(),
+    };
+    let what = if auto { "even one sequence at a time".to_string() } else { format!("batches of {batch} sequences") };
+    format!(
+        "generating {what} needs about {} (KV cache and attention for up to {} prompt + {} completion tokens), but \
+         about {} is available: {advice}",
+        gb(need),
+        shape.max_prompt_tokens,
+        shape.max_new_tokens,
+        gb(budget)
+    )
+}
+
 fn too_big(cfg: &ModelConfig, shape: &StepShape, micro: usize, budget: u64, auto: bool) -> String {
-    let need = step_bytes(cfg, shape, micro);
-    let state = step_bytes(cfg, shape, 0);
-    let fits = (1..=shape.completions)
-        .rev()
-        .filter(|d| shape.completions.is_multiple_of(*d))
-        .find(|&d| step_bytes(cfg, shape, d) <= budget);
+    let need = update_bytes(cfg, shape, micro);
+    let state = update_bytes(cfg, shape, 0);
+    let fits = divisors_desc(shape.completions()).into_iter().find(|&d| update_bytes(cfg, shape, d) <= budget);
     let what = if auto {
         "even one completion per micro-batch".to_string()
     } else {
@@ -129,7 +390,7 @@ fn too_big(cfg: &ModelConfig, shape: &StepShape, micro: usize, budget: u64, auto
         _ if state > budget => {
             // β = 0 is advice only where the reference is there for β's KL alone (not SAFE's, not PAR's).
             let droppable = shape.reference && shape.reference_optional;
-            let without_reference = step_bytes(cfg, &StepShape { reference: false, ..*shape }, 0);
+            let without_reference = update_bytes(cfg, &StepShape { reference: false, ..*shape }, 0);
             if droppable && without_reference <= budget {
                 "the model's weights, gradients and optimizer state alone do not fit: set algorithm.beta = 0 to drop \
                  the reference model, or use a smaller model"
@@ -152,7 +413,7 @@ fn too_big(cfg: &ModelConfig, shape: &StepShape, micro: usize, budget: u64, auto
          prompt + {} completion tokens), but about {} is available: {advice}",
         gb(need),
         gb(state),
-        gb(need - state),
+        gb(need.saturating_sub(state)),
         shape.max_prompt_tokens,
         shape.max_new_tokens,
         gb(budget)
@@ -176,8 +437,12 @@ pub fn available_cpu_bytes() -> Option<u64> {
 mod tests {
     use super::*;
 
+    fn tiny() -> ModelConfig {
+        crate::model::builtin::config("tiny").unwrap()
+    }
+
     fn smollm2() -> ModelConfig {
-        let mut c = crate::model::builtin::config("tiny").unwrap();
+        let mut c = tiny();
         (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers) = (49152, 576, 1536, 30);
         (c.num_heads, c.num_kv_heads, c.head_dim) = (9, 3, 64);
         c
@@ -185,7 +450,11 @@ mod tests {
 
     fn shape(micro: usize) -> StepShape {
         StepShape {
-            completions: 16,
+            prompts: 4,
+            group_size: 4,
+            rollout_batch_size: 0,
+            generates: true,
+            bf16_decode: false,
             micro_batch_size: micro,
             max_prompt_tokens: 64,
             max_new_tokens: 64,
@@ -199,59 +468,184 @@ mod tests {
         }
     }
 
+    /// configs/quickstart.toml: 8 prompts × 8 generations, 8 new tokens, β = 0 (no reference), the fused head.
+    fn quickstart(max_prompt_tokens: usize) -> StepShape {
+        StepShape {
+            prompts: 8,
+            group_size: 8,
+            max_prompt_tokens,
+            max_new_tokens: 8,
+            reference: false,
+            fused_head: true,
+            ..shape(0)
+        }
+    }
+
     #[test]
-    fn parameter_count_matches_smollm2() {
+    fn parameter_count_matches_smollm2_and_tiny() {
         // SmolLM2-135M: 134,515,008 parameters (tied embeddings), as transformers counts them.
         assert_eq!(parameter_count(&smollm2()), 134_515_008);
+        // tiny: embedding 259·64 = 16,576; per layer q, k, v, o = 64·64 + 2·64·32 + 64·64 = 12,288, MLP 3·64·192 =
+        // 36,864, norms 128: 49,280; 2 layers + final norm 64 = 16,576 + 98,560 + 64.
+        assert_eq!(parameter_count(&tiny()), 115_200);
     }
 
     #[test]
     fn auto_picks_the_largest_divisor_that_fits_and_errors_name_keys() {
         let cfg = smollm2();
-        let state = step_bytes(&cfg, &shape(0), 0);
-        let per_row = step_bytes(&cfg, &shape(0), 1) - state;
+        let state = update_bytes(&cfg, &shape(0), 0);
+        let per_row = update_bytes(&cfg, &shape(0), 1) - state;
         // Room for exactly 5 rows: the largest divisor of 16 that fits is 4.
         let avail = ((state + 5 * per_row) as f64 / HEADROOM) as u64 + 1;
-        assert_eq!(plan(&cfg, &shape(0), Some(avail)).unwrap().micro_batch_size, 4);
+        assert_eq!(plan(&cfg, &shape(0), Some(avail), Some(avail)).unwrap().micro_batch_size, 4);
         // Unknown memory: the whole step, or what the recipe says.
-        assert_eq!(plan(&cfg, &shape(0), None).unwrap().micro_batch_size, 16);
-        assert_eq!(plan(&cfg, &shape(8), None).unwrap().micro_batch_size, 8);
+        assert_eq!(plan(&cfg, &shape(0), None, None).unwrap().micro_batch_size, 16);
+        assert_eq!(plan(&cfg, &shape(8), None, None).unwrap().micro_batch_size, 8);
         // An explicit micro-batch that does not fit names the one that does.
-        let e = plan(&cfg, &shape(8), Some(avail)).unwrap_err();
+        let e = plan(&cfg, &shape(8), Some(avail), None).unwrap_err();
         assert!(e.contains("algorithm.micro_batch_size = 4"), "{e}");
         // Nothing fits: the state alone is too big; dropping the reference helps only if the rest fits.
-        let without_reference = step_bytes(&cfg, &StepShape { reference: false, ..shape(0) }, 0);
-        let e = plan(&cfg, &shape(0), Some((without_reference as f64 / HEADROOM) as u64 + 1)).unwrap_err();
+        let without_reference = update_bytes(&cfg, &StepShape { reference: false, ..shape(0) }, 0);
+        let e = plan(&cfg, &shape(0), Some((without_reference as f64 / HEADROOM) as u64 + 1), None).unwrap_err();
         assert!(e.contains("algorithm.beta = 0"), "{e}");
-        let e = plan(&cfg, &shape(0), Some(state / 2)).unwrap_err();
+        let e = plan(&cfg, &shape(0), Some(state / 2), None).unwrap_err();
         assert!(!e.contains("algorithm.beta = 0") && e.contains("use a smaller model"), "{e}");
         // Regression: SAFE (its controller always reads the KL) and PAR need the reference whatever β is, so β = 0
         // is no advice for them.
         let needed = StepShape { reference_optional: false, ..shape(0) };
-        let e = plan(&cfg, &needed, Some((without_reference as f64 / HEADROOM) as u64 + 1)).unwrap_err();
+        let e = plan(&cfg, &needed, Some((without_reference as f64 / HEADROOM) as u64 + 1), None).unwrap_err();
         assert!(!e.contains("algorithm.beta") && e.contains("use a smaller model"), "{e}");
         // State fits, one row does not: shorten the sequences.
-        let e = plan(&cfg, &shape(0), Some(((state + per_row / 2) as f64 / HEADROOM) as u64)).unwrap_err();
+        let e = plan(&cfg, &shape(0), Some(((state + per_row / 2) as f64 / HEADROOM) as u64), None).unwrap_err();
         assert!(e.contains("rollout.max_new_tokens"), "{e}");
         assert!(e.contains("algorithm.gradient_checkpointing = true"), "{e}");
         // PPO and SAFE have no checkpointing to suggest.
         let no_ckpt = StepShape { can_checkpoint: false, ..shape(0) };
-        let e = plan(&cfg, &no_ckpt, Some(((state + per_row / 2) as f64 / HEADROOM) as u64)).unwrap_err();
+        let e = plan(&cfg, &no_ckpt, Some(((state + per_row / 2) as f64 / HEADROOM) as u64), None).unwrap_err();
         assert!(e.contains("rollout.max_new_tokens") && !e.contains("gradient_checkpointing"), "{e}");
     }
 
     #[test]
     fn checkpointing_and_the_fused_head_shrink_the_activations() {
         let cfg = smollm2();
-        let rows = |s: StepShape| step_bytes(&cfg, &s, 8) - step_bytes(&cfg, &s, 0);
+        let rows = |s: StepShape| update_bytes(&cfg, &s, 8) - update_bytes(&cfg, &s, 0);
         let plain = rows(shape(0));
         let fused = rows(StepShape { fused_head: true, ..shape(0) });
         let ckpt = rows(StepShape { fused_head: true, gradient_checkpointing: true, ..shape(0) });
-        // Per row of 128 tokens: 30 layers × (128·(8·576 + 4·1536) + 3·9·128²)·4 bytes
-        // = 30 × (1,376,256 + 442,368)·4 = 30 × 7,274,496 bytes, plus
-        // the composite head's 4·64·49152·4 bytes; checkpointing keeps 30 × 128·576·4 bytes and one layer.
-        assert_eq!(plain, 8 * (30 * 7_274_496 + 4 * 64 * 49152 * 4));
-        assert_eq!(fused, 8 * 30 * 7_274_496);
-        assert_eq!(ckpt, 8 * (30 * 128 * 576 * 4 + 7_274_496));
+        // Per row of T = 128 tokens: one H·T² tensor is 9·128²·4 = 589,824 bytes; a layer's linear activations
+        // 128·(10·576 + 14·576 + 15·192 + 4·1536)·4 = 128·22,848·4 = 11,698,176 bytes, 14,622,720 with 5/4 slack.
+        // A kept layer is 14,622,720 + 8·589,824 = 19,341,312 bytes; backward's layer 8·589,824 + 14,622,720/2 =
+        // 12,029,952; the mask 128²·4 = 65,536; the composite head keeps 4·64·49152·4 = 50,331,648.
+        // Checkpointing keeps 30 layer inputs of 128·576·4 bytes and one layer.
+        assert_eq!(plain, 8 * (30 * 19_341_312 + 12_029_952 + 65_536 + 50_331_648));
+        assert_eq!(fused, 8 * (30 * 19_341_312 + 12_029_952 + 65_536));
+        assert_eq!(ckpt, 8 * (30 * 128 * 576 * 4 + 19_341_312 + 12_029_952 + 65_536));
+    }
+
+    #[test]
+    fn long_prompts_count_attention_scores() {
+        // Issue 13, finding 1: quickstart with data.max_prompt_tokens = 500 peaked at 6.4-6.6 GB against a plan of
+        // 1.92 GB, which counted 3 H·T² tensors per layer and none of backward's.
+        let cfg = tiny();
+        let s = quickstart(500);
+        let row = update_bytes(&cfg, &s, 1) - update_bytes(&cfg, &s, 0);
+        // T = 508: one H·T² tensor is 4·508²·4 = 4,129,024 bytes; 2 layers keep 8 each and backward makes 8 more
+        // (24); the mask is 508²·4 = 1,032,256; linear activations 508·(10·64 + 14·64 + 15·32 + 4·192)·4 =
+        // 5,657,088 per layer, 7,071,360 with 5/4 slack, for 2 kept layers and half of backward's.
+        assert_eq!(row, 24 * 4_129_024 + 1_032_256 + 2 * 7_071_360 + 3_535_680);
+        // The old per-row estimate, 2·(508·(8·64 + 4·192) + 3·4·508²)·4 = 29,976,064, was 3.9× lower.
+        assert!(row > 3 * 29_976_064);
+        // The whole step at once (64 completions) now plans above the 6.59 GB measured (docs/memory-plan.md).
+        let whole = update_bytes(&cfg, &s, 64);
+        // fixed: 48 MiB + 259·1024 + 64·(1024 + 48·508); state: 115,200·(4 + 8); gradients 2·115,200·4 +
+        // 3·259·64·4; fused head buffers 2·256·259·4.
+        let fixed = 50_331_648 + 265_216 + 64 * (1024 + 48 * 508);
+        let state = 115_200 * 12 + 115_200 * 8 + 3 * 259 * 64 * 4 + 2 * 256 * 259 * 4;
+        assert_eq!(whole, fixed + state + 64 * row);
+        assert!(whole as f64 >= 6.59e9 && (whole as f64) <= 1.3 * 6.59e9, "{whole}");
+    }
+
+    #[test]
+    fn rollout_counts_the_prefill_the_cache_and_picks_the_largest_batch_that_fits() {
+        let cfg = tiny();
+        let s = quickstart(64);
+        // All 64 completions of 8 prompts at once (D = 8 distinct prompts). Keys and values: 2 layers · 2 · 32 · 4 =
+        // 512 bytes per row and position.
+        // Prefill: 8·(512·64 + 4·4·64²·4 + 64²·4) + 8·(64·2784·4 + 259·4) + 64·512·64 = 2,490,368 + 5,709,920 +
+        // 2,097,152 = 10,297,440. The end of decoding (T = 72): 64·(512·72 + 2·32·72·4 + 8·259 + 4·4·72·4) +
+        // 64·2784·4 + 259·40 = 4,689,528, the smaller.
+        // fixed: 48 MiB + 259·1024 + 64·(1024 + 48·72) = 50,883,584; weights and moments 115,200·12 = 1,382,400.
+        assert_eq!(rollout_bytes(&cfg, &s, 64), 50_883_584 + 1_382_400 + 10_297_440);
+        // A 4000-token prompt's prefill attention (4·4·4000²·4 = 1,024,000,000 bytes) dominates: one prompt at a time.
+        let long = quickstart(4000);
+        assert!(rollout_bytes(&cfg, &long, 8) > 1_024_000_000);
+        assert!(rollout_bytes(&cfg, &long, 8) < rollout_bytes(&cfg, &long, 9), "a second prompt in the batch");
+        // Auto: the largest batch whose estimate fits, whether or not it divides the step. 64 distinct 2000-token
+        // prompts: each row's prefill (4·4·2000²·4 bytes) is below one update row's (24·4·2008²·4), so 20 rows of
+        // rollout leave room for an update micro-batch.
+        let wide = StepShape { prompts: 64, group_size: 1, ..quickstart(2000) };
+        let budget = rollout_bytes(&cfg, &wide, 20);
+        let avail = (budget as f64 / HEADROOM) as u64 + 1;
+        let p = plan(&cfg, &wide, Some(avail), Some(avail)).unwrap();
+        assert_eq!((p.rollout_batch_size, p.rollout_bytes), (20, budget));
+        assert!(p.bytes >= p.rollout_bytes.max(p.update_bytes));
+        // An explicit batch that does not fit names the one that does.
+        let e = plan(&cfg, &StepShape { rollout_batch_size: 64, ..wide }, Some(avail), None).unwrap_err();
+        assert!(e.contains("rollout.batch_size = 20"), "{e}");
+        // Unknown memory: the recipe's batch, 0 = the whole step; a replayed step generates nothing.
+        assert_eq!(plan(&cfg, &s, None, None).unwrap().rollout_batch_size, 64);
+        let replay = plan(&cfg, &StepShape { generates: false, ..s }, None, None).unwrap();
+        assert_eq!(replay.rollout_bytes, 0);
+        assert!(replay.summary().contains("replayed rollouts"), "{}", replay.summary());
+        assert!(p.summary().starts_with("rollout batches of 20 sequences"), "{}", p.summary());
+    }
+
+    #[test]
+    fn huge_num_generations_is_refused_not_allocated() {
+        // Issue 13, finding 2: num_generations = 10⁹ printed a 12 GB plan, then aborted allocating 448 GB (8·10⁹
+        // requests of 56 bytes). Each completion's bookkeeping, 1024 + 48·(256 + 8) = 13,696 bytes, puts the step
+        // at 8·10⁹ · 13,696 ≈ 110 TB: refused by the plan, naming the keys.
+        let cfg = tiny();
+        let s = StepShape { group_size: 1_000_000_000, ..quickstart(256) };
+        assert_eq!(fixed(&cfg, &s).0, 50_331_648 + 265_216 + 8_000_000_000 * 13_696);
+        let e = plan(&cfg, &s, Some(24 << 30), Some(24 << 30)).unwrap_err();
+        assert!(e.contains("rollout.num_generations") && e.contains("rollout.prompts_per_step"), "{e}");
+        // On a GPU the device's memory is unknown, but the bookkeeping lives in host memory: refused all the same.
+        let e = plan(&cfg, &s, None, Some(24 << 30)).unwrap_err();
+        assert!(e.contains("rollout.num_generations"), "{e}");
+        // And quickly: no search over 8·10⁹ candidate batch sizes.
+        let many = StepShape { group_size: 1 << 20, ..quickstart(8) };
+        let t = std::time::Instant::now();
+        let _ = plan(&cfg, &many, Some(1 << 40), Some(1 << 40));
+        assert!(t.elapsed().as_secs_f64() < 2.0, "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn plan_saturates_instead_of_wrapping() {
+        let cfg = tiny();
+        // 2³³ prompts × 2³¹ generations = 2⁶⁴ completions, which wraps to 0 in u64 arithmetic.
+        let s = StepShape { prompts: 1 << 33, group_size: 1 << 31, ..quickstart(8) };
+        assert_eq!(s.completions(), usize::MAX);
+        assert_eq!(update_bytes(&cfg, &s, 1), u64::MAX);
+        // T² for T near 2⁶⁴ wraps to a small number without saturation.
+        let long = StepShape { max_prompt_tokens: usize::MAX - 8, ..quickstart(8) };
+        assert_eq!(update_bytes(&cfg, &long, 1), u64::MAX);
+        assert_eq!(rollout_bytes(&cfg, &long, 1), u64::MAX);
+        assert!(plan(&cfg, &long, Some(24 << 30), None).is_err());
+        let mut huge = tiny();
+        huge.hidden_size = usize::MAX;
+        assert_eq!(parameter_count(&huge), u64::MAX);
+        assert_eq!(Sat(u64::MAX) + sat(1u64), Sat(u64::MAX));
+        assert_eq!(Sat(1 << 40) * Sat(1 << 40), Sat(u64::MAX));
+    }
+
+    #[test]
+    fn divisors_and_the_search_are_exact() {
+        assert_eq!(divisors_desc(12), vec![12, 6, 4, 3, 2, 1]);
+        assert_eq!(divisors_desc(1), vec![1]);
+        assert_eq!(divisors_desc(49), vec![49, 7, 1]);
+        assert_eq!(largest_fitting(100, |x| x <= 37), Some(37));
+        assert_eq!(largest_fitting(100, |_| true), Some(100));
+        assert_eq!(largest_fitting(100, |_| false), None);
     }
 }

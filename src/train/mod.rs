@@ -166,11 +166,7 @@ impl Trainer {
         for note in std::mem::take(&mut self.notes) {
             warn(&note);
         }
-        say(&format!(
-            "memory:     micro-batches of {} completions, about {:.2} GB per step",
-            self.plan.micro_batch_size,
-            self.plan.bytes as f64 / 1e9
-        ));
+        say(&format!("memory:     {}", self.plan.summary()));
         let mut saved_at = self.state.step;
         while self.state.step < max_steps {
             if signal::requested() {

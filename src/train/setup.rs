@@ -28,7 +28,8 @@ impl Trainer {
     fn build(recipe: Recipe, start: Start) -> Result<Self> {
         // Read before anything is loaded: the plan counts the model's own memory.
         let device = recipe.model.device.device()?;
-        let available = if device.is_cpu() { memory::available_cpu_bytes() } else { None };
+        let host = memory::available_cpu_bytes();
+        let available = if device.is_cpu() { host } else { None };
         let dtype = recipe.model.dtype.resolve(&device);
         let checkpoint = match &start {
             Start::From(c) => Some(c),
@@ -39,21 +40,19 @@ impl Trainer {
             Some(c) => ModelSource::Dir(c.model_dir().to_path_buf()),
             None => base.clone(),
         };
-        let loaded = LoadedModel::load(&policy_source, &device, dtype)?;
-        let origin = loaded.origin.clone();
-        let config = loaded.config.clone();
-        let (policy, tokenizer) = loaded.into_model(true, &device, dtype)?;
-        let tokenizer = tokenizer.with_context(|| format!("{origin} has no tokenizer (tokenizer.json)"))?;
         let a = &recipe.algorithm;
         let needs = a.settings.needs();
         // The frozen starting policy: the algorithm's KL reference and the source of PAR's reference completions.
         let sh = &recipe.shaping;
         let needs_reference = needs.reference || sh.kind.needs_references(sh.relative);
-        // Plan before the reference loads: a step that cannot fit is refused without loading a second copy.
+        // Plan from the config alone: a step that cannot fit is refused before any weights load.
         let ro = &recipe.rollout;
-        let n = ro.completions_per_step();
         let shape = memory::StepShape {
-            completions: n,
+            prompts: ro.prompts_per_step,
+            group_size: ro.num_generations,
+            rollout_batch_size: ro.batch_size,
+            generates: matches!(ro.source, RolloutSource::Sample) || sh.kind.needs_references(sh.relative),
+            bf16_decode: ro.bf16_importance_cap.is_some(),
             micro_batch_size: a.micro_batch_size,
             max_prompt_tokens: recipe.data.max_prompt_tokens,
             max_new_tokens: ro.max_new_tokens,
@@ -66,7 +65,13 @@ impl Trainer {
             gradient_checkpointing: needs.gradient_checkpointing,
             can_checkpoint: needs.can_checkpoint,
         };
-        let plan = memory::plan(&config, &shape, available).map_err(|e| anyhow!(e))?;
+        let planned = LoadedModel::config_only(&policy_source)?;
+        let plan = memory::plan(&planned, &shape, available, host).map_err(|e| anyhow!(e))?;
+        let loaded = LoadedModel::load(&policy_source, &device, dtype)?;
+        let origin = loaded.origin.clone();
+        let config = loaded.config.clone();
+        let (policy, tokenizer) = loaded.into_model(true, &device, dtype)?;
+        let tokenizer = tokenizer.with_context(|| format!("{origin} has no tokenizer (tokenizer.json)"))?;
         let longest = recipe.data.max_prompt_tokens.saturating_add(ro.max_new_tokens);
         let context_note = (longest > config.max_position_embeddings).then(|| {
             format!(
@@ -206,7 +211,7 @@ impl Trainer {
             max_new_tokens: ro.max_new_tokens,
             eos_ids,
             stop_strings: ro.stop.clone(),
-            batch_size: ro.generation_batch_size(),
+            batch_size: plan.rollout_batch_size,
             pad_id,
         };
         let runtime = Runtime {
