@@ -234,16 +234,20 @@ pub fn is_complete(dir: &Path) -> bool {
     read_state(dir).is_ok_and(|s| s.complete) && REQUIRED_FILES.iter().all(|f| dir.join(f).is_file())
 }
 
-/// Complete `step-*` checkpoints under `root`, oldest first.
-fn complete_steps(root: &Path) -> Vec<(u64, PathBuf)> {
+/// Every `step-*` directory under `root`, complete or not, oldest first (none if `root` cannot be listed).
+fn step_dirs(root: &Path) -> Vec<(u64, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(root) else { return Vec::new() };
     let mut out: Vec<(u64, PathBuf)> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| Some((parse_step_dir_name(e.file_name().to_str()?)?, e.path())))
-        .filter(|(_, p)| is_complete(p))
         .collect();
     out.sort_by_key(|(step, _)| *step);
     out
+}
+
+/// Complete `step-*` checkpoints under `root`, oldest first.
+fn complete_steps(root: &Path) -> Vec<(u64, PathBuf)> {
+    step_dirs(root).into_iter().filter(|(_, p)| is_complete(p)).collect()
 }
 
 /// The directory `latest` names, if it is a plain `step-<N>` name.
@@ -288,14 +292,8 @@ pub fn set_aside_damaged(dir: &Path) -> Result<PathBuf> {
 /// when none is intact, so a damaged run is never silently started over.
 pub fn newest_intact(run_dir: &Path) -> Result<Option<NewestIntact>> {
     let root = checkpoints_dir(run_dir);
-    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(None) };
-    let mut steps: Vec<(u64, PathBuf)> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| Some((parse_step_dir_name(e.file_name().to_str()?)?, e.path())))
-        .collect();
-    steps.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
     let mut passed_over = Vec::new();
-    for (_, dir) in &steps {
+    for (_, dir) in step_dirs(&root).iter().rev() {
         match Checkpoint::open(dir) {
             Ok(checkpoint) => return Ok(Some(NewestIntact { checkpoint, passed_over })),
             Err(e) => passed_over.push((dir.clone(), format!("{e:#}"))),
