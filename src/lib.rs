@@ -9,6 +9,7 @@ pub mod child;
 pub mod cli;
 pub mod cpu;
 pub mod data;
+pub mod eval;
 pub mod exit;
 pub mod metrics;
 pub mod model;

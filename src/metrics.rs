@@ -99,6 +99,21 @@ pub mod names {
     pub const GRPO_LAMBDA_RATIO_EFFICIENCY: &str = "grpo_lambda/ratio_efficiency";
     pub const GRPO_LAMBDA_RATIO_ACCURACY: &str = "grpo_lambda/ratio_accuracy";
 
+    /// Held-out evaluation ([`crate::eval`]): the mean score (`eval.reward`'s raw value, or the weighted sum),
+    /// mean completion tokens, the fraction cut at max_new_tokens, and the seconds it took.
+    pub const EVAL_REWARD: &str = "eval/reward";
+    pub const EVAL_MEAN_LENGTH: &str = "eval/mean_length";
+    pub const EVAL_CLIPPED_RATIO: &str = "eval/clipped_ratio";
+    pub const TIMING_EVAL: &str = "timing/eval";
+    /// `eval/<name>/mean`: a reward's raw mean over the evaluation's completions.
+    pub fn eval_reward_mean(name: &str) -> String {
+        format!("eval/{name}/mean")
+    }
+    /// `eval/pass@<k>` (the unbiased estimator, averaged over prompts).
+    pub fn eval_pass_at(k: usize) -> String {
+        format!("eval/pass@{k}")
+    }
+
     /// `rewards/<name>/mean` and `rewards/<name>/std`.
     pub fn reward_mean(name: &str) -> String {
         format!("rewards/{name}/mean")

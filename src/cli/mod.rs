@@ -9,6 +9,7 @@ use crate::exit::{self, Failure, OrExit};
 use crate::recipe::{self, DTypeSpec, DeviceSpec, Recipe, RewardSource, RolloutSource, Rule};
 pub use crate::train::run_dir::Resume;
 
+mod eval;
 mod generate;
 mod logprobs;
 mod output;
@@ -38,6 +39,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     Train(TrainArgs),
+    Eval(EvalArgs),
     Check(CheckArgs),
     Generate(GenerateArgs),
     Logprobs(LogprobsArgs),
@@ -72,6 +74,43 @@ pub struct TrainArgs {
     /// With `--resume never`: delete an existing run directory (checkpoints included) and start over.
     #[arg(long)]
     pub overwrite: bool,
+}
+
+/// Evaluate a model or checkpoint on a recipe's held-out prompts.
+#[derive(Args, Debug)]
+#[command(
+    about = "Evaluate a model or checkpoint on a recipe's held-out prompts, as training does",
+    long_about = "\
+Evaluate a model or a checkpoint on the held-out prompts of a recipe's [eval] table (eval.source, or the rows
+eval.split holds out of data.source; data.source whole when the recipe names neither), with the recipe's
+rewards, eval.num_samples completions per prompt at eval.temperature: the same prompts, random streams and
+metrics (eval/reward, eval/<name>/mean, eval/pass@k, eval/mean_length) as the evaluation during training.
+
+Examples:
+  safe eval --config configs/quickstart.toml --model runs/quickstart/checkpoints/step-300
+  safe eval --config recipe.toml --model Qwen/Qwen2.5-0.5B-Instruct --set eval.num_samples=8 \\
+      --set eval.temperature=1.0 --json --output eval.jsonl",
+    after_help = exit::HELP
+)]
+pub struct EvalArgs {
+    /// The recipe (TOML): its [eval], [data], [[reward]], rollout sampling keys and model device/dtype.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// Override a recipe key, e.g. `--set eval.num_samples=8`. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// The model: a local HF directory, a checkpoint directory, a .gguf file or a hub id; default: model.id.
+    #[arg(long, value_name = "M")]
+    pub model: Option<String>,
+    /// Sequences generated at once.
+    #[arg(long, value_name = "B", default_value_t = 16, value_parser = at_least_one)]
+    pub batch_size: usize,
+    /// Write every evaluated completion (prompt, completion, rewards, score, passed) here as JSONL.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Print the metrics as one JSON object instead of a line for people.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Validate a recipe and print it fully resolved.
@@ -258,6 +297,15 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Check(args) => check(&args),
         Command::Train(args) => train(&args),
+        Command::Eval(args) => {
+            let recipe = load(&args.config, &args.sets)?;
+            let prepared = eval::prepare(&args, &recipe).or_exit(exit::BAD_INPUT)?;
+            crate::signal::install();
+            eval::run(&args, prepared).map_err(|e| match crate::signal::is(&e) {
+                true => Failure::interrupted(e.context("interrupted: nothing was written")),
+                false => Failure::training(e),
+            })
+        }
         Command::Logprobs(args) => {
             let prepared = logprobs::prepare(&args).or_exit(exit::BAD_INPUT)?;
             logprobs::run(&args, prepared).or_exit(exit::TRAINING_FAILED)

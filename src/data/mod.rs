@@ -79,6 +79,19 @@ impl Dataset {
         Ok(Self { examples, origin: None })
     }
 
+    /// The examples whose position `keep` accepts, renumbered; each keeps its file line for messages.
+    pub fn subset(&self, keep: impl Fn(usize) -> bool) -> Result<Self> {
+        let picked: Vec<usize> = (0..self.examples.len()).filter(|&i| keep(i)).collect();
+        if picked.is_empty() {
+            bail!("a dataset needs at least one example");
+        }
+        let examples =
+            picked.iter().enumerate().map(|(n, &i)| Example { index: n, ..self.examples[i].clone() }).collect();
+        let origin =
+            self.origin.as_ref().map(|(path, lines)| (path.clone(), picked.iter().map(|&i| lines[i]).collect()));
+        Ok(Self { examples, origin })
+    }
+
     /// Where example `i` comes from, for messages: `data.jsonl:7`, or `example 7` for built-in data.
     pub fn location(&self, i: usize) -> String {
         match &self.origin {

@@ -67,6 +67,7 @@ pub struct Recipe {
     pub algorithm: AlgorithmSettings,
     pub optim: OptimSettings,
     pub shaping: crate::reward::shaping::ShapingConfig,
+    pub eval: EvalSettings,
     pub rewards: Vec<RewardSettings>,
     resolved: Resolved,
 }
@@ -124,6 +125,57 @@ pub struct DataSettings {
     pub shuffle: bool,
     pub max_prompt_tokens: usize,
     pub chat: bool,
+}
+
+/// Where `[eval]` takes its prompts from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EvalData {
+    /// No evaluation during training (`safe eval` then evaluates on `data.source`).
+    Off,
+    /// `eval.source`.
+    Source(DataSource),
+    /// `eval.split`: this fraction of `data.source`'s rows, held out of training.
+    Split(f64),
+}
+
+/// `[eval]`, with `eval.max_new_tokens = 0` resolved to `rollout.max_new_tokens`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalSettings {
+    pub data: EvalData,
+    /// 0 = only before the first step and at the end.
+    pub every: u64,
+    pub num_samples: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub max_new_tokens: usize,
+    /// 0 = all.
+    pub max_prompts: usize,
+    /// `None`: the weighted sum of the recipe's rewards.
+    pub reward: Option<String>,
+    pub pass_threshold: f64,
+}
+
+impl EvalSettings {
+    /// Whether training evaluates (a held-out set is named).
+    pub fn enabled(&self) -> bool {
+        self.data != EvalData::Off
+    }
+
+    /// Whether any key besides the data differs from its default (a recipe that sets them without held-out data
+    /// gets a note: it probably meant to evaluate).
+    pub fn is_customised(&self) -> bool {
+        self.every != 0
+            || self.num_samples != 1
+            || self.temperature != 0.0
+            || self.max_prompts != 0
+            || self.reward.is_some()
+            || self.pass_threshold != 1.0
+    }
+
+    /// Whether training evaluates after `step` of a run of `max_steps` (step 0: before the first).
+    pub fn due(&self, step: u64, max_steps: u64) -> bool {
+        self.enabled() && (step == 0 || step == max_steps || (self.every > 0 && step.is_multiple_of(self.every)))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -442,6 +442,11 @@ pub static TABLES: &[TableSpec] = &[
         doc: "Shaping of the summed reward before advantages (PAR and the baselines of arXiv 2502.18770).",
     },
     TableSpec {
+        name: "eval",
+        array: false,
+        doc: "Held-out evaluation: before the first step, every eval.every steps and at the end (on when eval.source or eval.split is set). It draws on its own random streams, so it never changes training.",
+    },
+    TableSpec {
         name: "reward",
         array: true,
         doc: "One `[[reward]]` table per reward function; the rewards are weighted and summed. At least one.",
@@ -1049,6 +1054,33 @@ pub static KEYS: &[KeySpec] = &[
         doc: "Subtract length_penalty.per_token per completion token beyond this many (references too).",
     },
     key("shaping.length_penalty.per_token", Kind::Float(FloatRange::non_negative()), "0.01", "Penalty per token beyond length_penalty.threshold."),
+    // [eval]
+    KeySpec {
+        path: "eval.source",
+        kind: Kind::Str { check: Some(data_source) },
+        default: Default::Optional,
+        when: None,
+        doc: "Held-out prompts: a .jsonl file (read with data.prompt_field) or a built-in dataset, as data.source.",
+    },
+    key(
+        "eval.split",
+        Kind::Float(FloatRange { min: 0.0, max: 1.0, min_open: false, max_open: true }),
+        "0.0",
+        "Instead of eval.source: hold out this fraction of data.source's rows (a fixed selection, the same for every run.seed); training never sees them.",
+    ),
+    key("eval.every", int(0), "0", "Evaluate every this many steps, besides before the first step and at the end; 0 = only those two."),
+    key("eval.num_samples", int(1), "1", "Completions per prompt (k of pass@k); more than 1 needs eval.temperature > 0."),
+    key("eval.temperature", Kind::Float(FloatRange::non_negative()), "0.0", "Sampling temperature of evaluation; 0 = greedy. top_p, top_k, min_p, repetition_penalty and stop are rollout's."),
+    key("eval.max_new_tokens", int(0), "0", "Most tokens per evaluation completion; 0 = rollout.max_new_tokens."),
+    key("eval.max_prompts", int(0), "0", "Evaluate only the first this many held-out prompts; 0 = all."),
+    KeySpec {
+        path: "eval.reward",
+        kind: NON_EMPTY,
+        default: Default::Optional,
+        when: None,
+        doc: "Score evaluation by this reward's raw value alone; unset = the recipe's weighted sum of rewards (unshaped).",
+    },
+    key("eval.pass_threshold", Kind::Float(FloatRange::new(f64::NEG_INFINITY, f64::INFINITY)), "1.0", "A completion passes (for pass@k) when its evaluation score is at least this."),
     // [[reward]]
     KeySpec {
         path: "reward.name",
@@ -1174,6 +1206,15 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     "run.keep_last",
     "run.completions_every",
     "run.max_bad_steps",
+    // Evaluation never changes training (eval.split does: it picks the training rows).
+    "eval.source",
+    "eval.every",
+    "eval.num_samples",
+    "eval.temperature",
+    "eval.max_new_tokens",
+    "eval.max_prompts",
+    "eval.reward",
+    "eval.pass_threshold",
 ];
 
 pub fn spec(path: &str) -> Option<&'static KeySpec> {

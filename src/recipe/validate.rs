@@ -12,8 +12,9 @@ use super::{
     AlgorithmKind, BuiltinData, DTypeSpec, RewardKind, RolloutSourceKind, RolloutWeights, RuleKind, ShapingKind,
 };
 use super::{
-    AlgorithmSettings, DataSettings, DataSource, DeviceSpec, GateSettings, ModelSettings, OptimSettings, Recipe,
-    RecipeError, Resolved, RewardSettings, RewardSource, RolloutSettings, RolloutSource, Rule, RunSettings,
+    AlgorithmSettings, DataSettings, DataSource, DeviceSpec, EvalData, EvalSettings, GateSettings, ModelSettings,
+    OptimSettings, Recipe, RecipeError, Resolved, RewardSettings, RewardSource, RolloutSettings, RolloutSource, Rule,
+    RunSettings,
 };
 
 /// Where a value came from, for messages.
@@ -458,13 +459,14 @@ fn strings(t: &Filled, path: &str) -> Vec<String> {
 fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut Ctx) -> Option<Recipe> {
     let (run, model, data) = (&tables["run"], &tables["model"], &tables["data"]);
     let (rollout, algo, optim) = (&tables["rollout"], &tables["algorithm"], &tables["optim"]);
-    let shaping = &tables["shaping"];
+    let (shaping, eval) = (&tables["shaping"], &tables["eval"]);
     let kind = choice(algo, "algorithm.kind", AlgorithmKind::from_name);
 
-    let source = string(data, "data.source");
-    let data_source = match source.strip_prefix("builtin:") {
-        Some(name) => DataSource::Builtin(BuiltinData::from_name(name).expect("checked by the schema")),
-        None => DataSource::Jsonl(PathBuf::from(source)),
+    let data_source = parse_data_source(&string(data, "data.source"));
+    let eval_data = match (eval.get("eval.source"), float(eval, "eval.split")) {
+        (Some(_), _) => EvalData::Source(parse_data_source(&string(eval, "eval.source"))),
+        (None, split) if split > 0.0 => EvalData::Split(split),
+        (None, _) => EvalData::Off,
     };
     let rollout_source = match choice(rollout, "rollout.source", RolloutSourceKind::from_name) {
         RolloutSourceKind::Sample => RolloutSource::Sample,
@@ -587,6 +589,19 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
                 (usz(shaping, "shaping.length_penalty.threshold"), float(shaping, "shaping.length_penalty.per_token"))
             }),
         },
+        eval: EvalSettings {
+            data: eval_data,
+            every: uint(eval, "eval.every"),
+            num_samples: usz(eval, "eval.num_samples"),
+            temperature: float(eval, "eval.temperature"),
+            max_new_tokens: match usz(eval, "eval.max_new_tokens") {
+                0 => usz(rollout, "rollout.max_new_tokens"),
+                n => n,
+            },
+            max_prompts: usz(eval, "eval.max_prompts"),
+            reward: eval.get("eval.reward").map(|_| string(eval, "eval.reward")),
+            pass_threshold: float(eval, "eval.pass_threshold"),
+        },
         rewards: reward_settings,
         resolved: Resolved {
             tables: schema::TABLES
@@ -599,6 +614,14 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
     };
     cross_checks(&recipe, tables, rewards, ctx);
     Some(recipe)
+}
+
+/// `data.source` / `eval.source`: a built-in dataset or a JSONL path (the schema checked which).
+fn parse_data_source(source: &str) -> DataSource {
+    match source.strip_prefix("builtin:") {
+        Some(name) => DataSource::Builtin(BuiltinData::from_name(name).expect("checked by the schema")),
+        None => DataSource::Jsonl(PathBuf::from(source)),
+    }
 }
 
 /// Checks that involve more than one key. Messages name every key involved so the user knows what to change.
@@ -709,6 +732,7 @@ fn cross_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, rewards: &[
             "no [[reward]] table: add at least one, e.g.\n\n[[reward]]\nname = \"correct\"\nrule = \"exact_answer\"\n",
         );
     }
+    eval_checks(r, tables, ctx);
     gate_checks(r, rewards, ctx);
     for (i, reward) in r.rewards.iter().enumerate() {
         if let Some(j) = r.rewards[..i].iter().position(|o| o.name == reward.name) {
@@ -718,6 +742,48 @@ fn cross_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, rewards: &[
                 format!(
                     "`reward.name` = \"{}\" is already used (at {first}); reward names must be unique",
                     reward.name
+                ),
+            );
+        }
+    }
+}
+
+/// `[eval]`: one source of held-out prompts, settings that only make sense with one, k samples that can differ,
+/// and a reward that exists.
+fn eval_checks(r: &Recipe, tables: &BTreeMap<&'static str, Filled>, ctx: &mut Ctx) {
+    let t = &tables["eval"];
+    let given = |path: &str| t.get(path).filter(|e| e.origin != Origin::Default).map(|e| e.origin.clone());
+    let e = &r.eval;
+    // The resolved recipe writes split = 0.0 beside a source: only a fraction above 0 holds rows out.
+    if let (Some(_), Some(at)) = (t.get("eval.source"), given("eval.split").filter(|_| float(t, "eval.split") > 0.0)) {
+        ctx.err(&at, "`eval.split` and `eval.source` both name held-out prompts: keep one of them");
+    }
+    if matches!(e.data, EvalData::Split(_)) && r.rollout.source != RolloutSource::Sample {
+        ctx.err(
+            &given("eval.split").unwrap_or(t.header.clone()),
+            "`eval.split` holds out rows of data.source, which a replayed run (rollout.source = \"file\") does not \
+             read: name the held-out prompts with eval.source instead",
+        );
+    }
+    if e.num_samples > 1 && e.temperature == 0.0 {
+        ctx.err(
+            &given("eval.num_samples").unwrap_or(t.header.clone()),
+            format!(
+                "`eval.num_samples` = {} with `eval.temperature` = 0 (greedy) gives {} identical completions: set \
+                 eval.temperature > 0 (e.g. 1.0) or eval.num_samples = 1",
+                e.num_samples, e.num_samples
+            ),
+        );
+    }
+    if let Some(name) = &e.reward {
+        let names: Vec<&str> = r.rewards.iter().map(|w| w.name.as_str()).collect();
+        if !names.contains(&name.as_str()) {
+            let hint = nearest(name, &names).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
+            ctx.err(
+                &given("eval.reward").unwrap_or(t.header.clone()),
+                format!(
+                    "`eval.reward` = \"{name}\" is not a reward of this recipe (rewards: {}){hint}",
+                    names.join(", ")
                 ),
             );
         }

@@ -110,6 +110,11 @@ pub struct Trainer {
     plan: memory::Plan,
     state: TrainState,
     metrics: MetricsWriter,
+    /// Held-out evaluation (`[eval]`), when the recipe names held-out prompts.
+    evaluator: Option<crate::eval::Evaluator>,
+    /// The newest evaluation's console line (repeated when the run ends) and mean score (on the progress bar).
+    last_eval: Option<String>,
+    last_eval_reward: Option<f64>,
     /// Warnings for the console (truncated prompts, superseded checkpoints), printed once by [`Trainer::run`].
     notes: Vec<String>,
 }
@@ -167,7 +172,24 @@ impl Trainer {
             warn(&note);
         }
         say(&format!("memory:     {}", self.plan.summary()));
+        if let Some(ev) = &self.evaluator {
+            let (prompts, k) = ev.size();
+            say(&format!("eval:       {prompts} held-out prompts × {k}, before step 1 and after every due step"));
+        }
         let mut saved_at = self.state.step;
+        // Before the first step: where the run starts from (a resumed run evaluated that step before saving it).
+        if self.state.step == 0 && self.recipe.eval.due(0, max_steps) {
+            let mut record = Record::new(0);
+            match self.evaluate(0, &mut record) {
+                Err(e) if signal::is(&e) => {}
+                Err(e) => return Err(Failure::training(e)),
+                Ok(notes) => {
+                    notes.iter().for_each(|n| warn(n));
+                    self.metrics.write(&record).or_exit(exit::TRAINING_FAILED)?;
+                    self.last_eval.iter().for_each(|l| say(l));
+                }
+            }
+        }
         while self.state.step < max_steps {
             if signal::requested() {
                 break;
@@ -185,14 +207,29 @@ impl Trainer {
             for note in &report.notes {
                 warn(note);
             }
-            let r = &self.recipe.run;
             let step = report.step;
-            if step % r.log_every == 0 || step == max_steps {
+            let mut report = report;
+            // The step is finished (its update applied): an evaluation a stop request cuts short is left out, and
+            // the step is still saved below.
+            let evaluated = self.recipe.eval.due(step, max_steps);
+            if evaluated {
+                match self.evaluate(step, &mut report.record) {
+                    Err(e) if signal::is(&e) => {}
+                    Err(e) => return Err(Failure::training(e)),
+                    Ok(notes) => notes.iter().for_each(|n| warn(n)),
+                }
+            }
+            let r = &self.recipe.run;
+            if step % r.log_every == 0 || step == max_steps || evaluated {
                 self.metrics.write(&report.record).or_exit(exit::TRAINING_FAILED)?;
                 say(&report.record.console_line());
+                if evaluated {
+                    self.last_eval.iter().for_each(|l| say(l));
+                }
             }
             let f = |n: &str| report.record.get(n).filter(|v| v.is_finite()).map_or("-".into(), |v| format!("{v:.3}"));
-            bar.set_message(format!("reward {} kl {}", f(names::REWARD), f(names::KL)));
+            let eval = self.last_eval_reward.map_or(String::new(), |v| format!(" eval {v:.3}"));
+            bar.set_message(format!("reward {} kl {}{eval}", f(names::REWARD), f(names::KL)));
             bar.set_position(step);
             if let StepOutcome::Skipped { stage, reason } = &report.outcome {
                 warn(&format!("step {step} skipped ({stage}): {reason}"));
@@ -237,7 +274,37 @@ impl Trainer {
             self.state.step,
             checkpoint::checkpoints_dir(&self.run_dir).display()
         );
+        if let Some(line) = &self.last_eval {
+            println!("{line}");
+        }
+        println!("report: safe report {}", self.run_dir.display());
         Ok(())
+    }
+
+    /// Evaluate the current policy on the held-out prompts after `step` (0: before the first), adding the
+    /// `eval/*` metrics to `record` and writing `completions/eval-step-<N>.jsonl`. Returns notes for the console;
+    /// a reward that fails here is a note (evaluation never stops training), a stop request is `Err`.
+    fn evaluate(&mut self, step: u64, record: &mut Record) -> Result<Vec<String>> {
+        let Some(ev) = &self.evaluator else { return Ok(Vec::new()) };
+        let t = Instant::now();
+        if self.recipe.rollout.bf16_importance_cap.is_some() {
+            // Evaluate the weights as they are now, not the bf16 copy of the last rollout.
+            self.sampler_model.refresh_bf16_decode()?;
+        }
+        let report = match ev.run(&self.sampler_model, &self.tokenizer, &self.rewards, None) {
+            Ok(report) => report,
+            Err(e) if signal::is(&e) || signal::requested() => return Err(signal::Interrupted.into()),
+            Err(e) => return Ok(vec![format!("evaluation after step {step} failed, left out of the metrics: {e:#}")]),
+        };
+        for (name, value) in &report.metrics {
+            record.set(name.clone(), *value);
+        }
+        record.set(names::TIMING_EVAL, t.elapsed().as_secs_f64());
+        let path = run_dir::eval_completions_file(&self.run_dir, step);
+        std::fs::write(&path, report.jsonl(step)).with_context(|| format!("cannot write {}", path.display()))?;
+        self.last_eval = Some(report.console_line(step));
+        self.last_eval_reward = report.get(names::EVAL_REWARD).filter(|v| v.is_finite());
+        Ok(report.notes)
     }
 
     /// Write a checkpoint of the current state.

@@ -94,6 +94,11 @@ pub fn completions_file(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join(COMPLETIONS_DIR).join(format!("step-{step}.jsonl"))
 }
 
+/// `completions/eval-step-<N>.jsonl`: the held-out evaluation after step N (0: before the first step).
+pub fn eval_completions_file(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join(COMPLETIONS_DIR).join(format!("eval-step-{step}.jsonl"))
+}
+
 /// Decide where the run starts. Errors are bad input (exit 2): nothing has been written yet.
 ///
 /// - `auto`: the newest intact checkpoint of this run (a warning for each newer one passed over, naming what is
@@ -188,7 +193,15 @@ pub fn prepare(recipe: &Recipe, step: u64) -> Result<Vec<String>> {
     let resolved = run_dir.join(RESOLVED_RECIPE_FILE);
     std::fs::write(&resolved, recipe.to_toml_string())
         .with_context(|| format!("cannot write {}", resolved.display()))?;
-    crate::metrics::truncate_after(&run_dir.join(METRICS_FILE), step)?;
+    let metrics = run_dir.join(METRICS_FILE);
+    if step == 0 {
+        // A fresh start logs its own step 0 (the evaluation before the first step): keep no line of an earlier try.
+        if metrics.exists() {
+            std::fs::write(&metrics, "").with_context(|| format!("cannot empty {}", metrics.display()))?;
+        }
+    } else {
+        crate::metrics::truncate_after(&metrics, step)?;
+    }
     let root = checkpoint::checkpoints_dir(&run_dir);
     let mut moved = Vec::new();
     let Ok(entries) = std::fs::read_dir(&root) else { return Ok(moved) };

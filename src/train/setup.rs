@@ -8,7 +8,8 @@ use super::run_dir::{self, Start};
 use super::{memory, Prompts, TrainState, Trainer};
 use crate::algo::{OptimSchedule, Runtime};
 use crate::checkpoint::Checkpoint;
-use crate::data::{Dataset, Sampler, TruncationCounter};
+use crate::data::{Sampler, TruncationCounter};
+use crate::eval::Evaluator;
 use crate::exit::{self, Failure, OrExit};
 use crate::metrics::MetricsWriter;
 use crate::model::{LoadedModel, ModelSource};
@@ -55,7 +56,12 @@ impl Trainer {
             bf16_decode: ro.bf16_importance_cap.is_some(),
             micro_batch_size: a.micro_batch_size,
             max_prompt_tokens: recipe.data.max_prompt_tokens,
-            max_new_tokens: ro.max_new_tokens,
+            // Evaluation generates in the same batches, possibly longer.
+            max_new_tokens: if recipe.eval.enabled() {
+                ro.max_new_tokens.max(recipe.eval.max_new_tokens)
+            } else {
+                ro.max_new_tokens
+            },
             reference: needs_reference,
             reference_optional: needs.reference_for_beta_only && !sh.kind.needs_references(sh.relative),
             critic: needs.value_model,
@@ -96,6 +102,8 @@ impl Trainer {
         };
 
         let mut notes: Vec<String> = context_note.into_iter().collect();
+        // Replayed runs read no data.source: only eval.source can name held-out prompts (validated).
+        let mut eval_data = crate::eval::source_dataset(&recipe.data, &recipe.eval)?;
         let mut truncation = TruncationCounter::default();
         let prompts = match &ro.source {
             RolloutSource::File(path) => Prompts::Replay(Replay::load(
@@ -107,7 +115,8 @@ impl Trainer {
                 &mut truncation,
             )?),
             RolloutSource::Sample => {
-                let dataset = Dataset::load(&recipe.data)?;
+                let (dataset, held_out) = crate::eval::datasets(&recipe.data, &recipe.eval)?;
+                eval_data = held_out;
                 let chat = recipe.data.chat;
                 if chat && !tokenizer.has_chat_template() {
                     bail!(
@@ -156,6 +165,9 @@ impl Trainer {
             }
             Prompts::Replay(r) if !r.has_rewards() => rewards.check_rows(r.rows())?,
             Prompts::Replay(_) => {}
+        }
+        if let Some(held) = &eval_data {
+            rewards.check_rows(held.examples().iter().map(|e| (held.location(e.index), &e.columns)))?;
         }
         let o = &recipe.optim;
         let mut optimizer = AdamW::new(
@@ -213,6 +225,24 @@ impl Trainer {
             stop_strings: ro.stop.clone(),
             batch_size: plan.rollout_batch_size,
             pad_id,
+        };
+        let evaluator = match eval_data {
+            Some(held) => {
+                let (ev, note) =
+                    Evaluator::new(&recipe.eval, held, &tokenizer, &recipe.data, &generation, recipe.run.seed)?;
+                notes.extend(note);
+                Some(ev)
+            }
+            None => {
+                if recipe.eval.is_customised() {
+                    notes.push(
+                        "[eval] keys are set but no eval.source or eval.split names held-out prompts: training does \
+                         not evaluate"
+                            .into(),
+                    );
+                }
+                None
+            }
         };
         let runtime = Runtime {
             step: state.step,
@@ -275,6 +305,9 @@ impl Trainer {
             plan,
             state,
             metrics,
+            evaluator,
+            last_eval: None,
+            last_eval_reward: None,
             notes,
         })
     }
