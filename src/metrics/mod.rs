@@ -1,5 +1,8 @@
 //! Metrics: one JSON object per logged step in `metrics.jsonl` (TRL's names, so dashboards and scripts written for
-//! TRL read ours), and a short line for people. Metric names are constants here and nowhere else.
+//! TRL read ours), optionally TensorBoard event files beside it ([`tensorboard`]), and a short line for people.
+//! Metric names are constants here and nowhere else.
+
+pub mod tensorboard;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -182,25 +185,39 @@ impl Record {
     }
 }
 
-/// Appends records to `metrics.jsonl`, one flushed line per step (a crash loses at most the line being written).
+/// Appends records to `metrics.jsonl`, one flushed line per step (a crash loses at most the line being written),
+/// and, when asked, the same records to a TensorBoard event file.
 pub struct MetricsWriter {
     file: File,
     path: PathBuf,
+    tensorboard: Option<tensorboard::EventWriter>,
 }
 
 impl MetricsWriter {
+    /// `metrics.jsonl` only.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with_tensorboard(path, None)
+    }
+
+    /// `metrics.jsonl` at `path` and, with `Some(dir)`, TensorBoard event files in `dir`: rebuilt first from the
+    /// lines `path` already holds (see [`tensorboard::EventWriter::rebuild`]), so both show the same data.
+    pub fn open_with_tensorboard(path: &Path, tensorboard: Option<&Path>) -> Result<Self> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open {} for writing", path.display()))?;
-        Ok(Self { file, path: path.to_path_buf() })
+        let tensorboard = tensorboard.map(|dir| tensorboard::EventWriter::rebuild(dir, path)).transpose()?;
+        Ok(Self { file, path: path.to_path_buf(), tensorboard })
     }
 
+    /// The record as a JSON line, then as an event when TensorBoard output is on.
     pub fn write(&mut self, record: &Record) -> Result<()> {
         writeln!(self.file, "{}", record.to_json_line()).with_context(|| format!("writing {}", self.path.display()))?;
         self.file.flush()?;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.write(record)?;
+        }
         Ok(())
     }
 }
