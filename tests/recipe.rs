@@ -425,3 +425,35 @@ fn an_algorithms_reward_problem_names_the_rewards_line() {
     let e = err(text, &[]);
     assert!(e.contains(&format!("recipe.toml:{line}: reward `short`: algorithm.kind = \"grpo_lambda\"")), "{e}");
 }
+
+#[test]
+fn report_to_lists_outputs_and_names_a_bad_one_with_its_line() {
+    use safe::recipe::ReportTo;
+    let r = load(MINIMAL, &[]).unwrap();
+    assert_eq!(r.run.report_to, vec![ReportTo::Jsonl]);
+    assert!(!r.run.tensorboard());
+    let r = load(&format!("[run]\nreport_to = [\"tensorboard\"]\n{MINIMAL}"), &[]).unwrap();
+    assert_eq!(r.run.report_to, vec![ReportTo::Tensorboard]);
+    assert!(r.run.tensorboard());
+    assert!(r.to_toml_string().contains("report_to = [\"tensorboard\"]"));
+    let r = load(MINIMAL, &["run.report_to=[\"jsonl\", \"tensorboard\"]"]).unwrap();
+    assert!(r.run.tensorboard());
+    // It may change on resume.
+    assert!(load(MINIMAL, &[]).unwrap().resume_conflicts(&r).is_empty());
+
+    let e = err(&format!("[run]\nname = \"x\"\nreport_to = [\"jsonl\", \"wandb\"]\n{MINIMAL}"), &[]);
+    assert!(
+        e.contains(
+            "recipe.toml:3: `run.report_to` = [\"jsonl\", \"wandb\"] is not valid: must be a list of \"jsonl\" | \
+             \"tensorboard\" (\"wandb\" is not one)"
+        ),
+        "{e}"
+    );
+    let e = err(MINIMAL, &["run.report_to=[\"tb\"]"]);
+    assert!(e.contains("--set `run.report_to=[\"tb\"]`: `run.report_to`") && e.contains("\"tb\" is not one"), "{e}");
+    let e = err(&format!("[run]\nreport_to = \"tensorboard\"\n{MINIMAL}"), &[]);
+    assert!(
+        e.contains("recipe.toml:2: `run.report_to` must be a list of strings, each one of \"jsonl\" | \"tensorboard\""),
+        "{e}"
+    );
+}

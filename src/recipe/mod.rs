@@ -16,7 +16,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use schema::{
-    AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LossType, LrSchedule, RewardKind, RolloutSourceKind,
+    AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LossType, LrSchedule, ReportTo, RewardKind, RolloutSourceKind,
     RolloutWeights, RuleKind, ScaleRewards, ShapingKind, Value, RESUMABLE_KEYS,
 };
 
@@ -92,12 +92,19 @@ pub struct RunSettings {
     /// 0 = never.
     pub completions_every: u64,
     pub max_bad_steps: u64,
+    /// `run.report_to`, as given (metrics.jsonl is written whatever it holds).
+    pub report_to: Vec<ReportTo>,
 }
 
 impl RunSettings {
     /// `<output_dir>/<name>`.
     pub fn dir(&self) -> PathBuf {
         self.output_dir.join(&self.name)
+    }
+
+    /// Whether `run.report_to` asks for TensorBoard event files.
+    pub fn tensorboard(&self) -> bool {
+        self.report_to.contains(&ReportTo::Tensorboard)
     }
 }
 

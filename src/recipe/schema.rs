@@ -108,6 +108,8 @@ pub enum Kind {
     /// One of a fixed set of strings (the `NAMES` of a [`choice_enum!`] type).
     Choice(&'static [&'static str]),
     StrList,
+    /// A list of strings, each one of a fixed set (the `NAMES` of a [`choice_enum!`] type).
+    ChoiceList(&'static [&'static str]),
     /// Exactly two floats, each in the range (Adam's betas).
     FloatPair(FloatRange),
 }
@@ -132,6 +134,7 @@ impl Kind {
             Kind::Str { .. } => "string".into(),
             Kind::Choice(names) => names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(" | "),
             Kind::StrList => "list of strings".into(),
+            Kind::ChoiceList(names) => format!("list of {}", Kind::Choice(names).describe()),
             Kind::FloatPair(r) => format!("[number, number], each {r}"),
         }
     }
@@ -145,6 +148,7 @@ impl Kind {
             Kind::Str { .. } => "a string".into(),
             Kind::Choice(_) => format!("a string, one of {}", self.describe()),
             Kind::StrList => "a list of strings, e.g. [\"\\n\\n\"]".into(),
+            Kind::ChoiceList(names) => format!("a list of strings, each one of {}", Kind::Choice(names).describe()),
             Kind::FloatPair(_) => "a list of two numbers, e.g. [0.9, 0.999]".into(),
         }
     }
@@ -195,6 +199,15 @@ impl Kind {
             (Kind::Choice(_), _) => Err(ty()),
             (Kind::StrList, Value::List(items)) if items.iter().all(|i| matches!(i, Value::Str(_))) => Ok(v.clone()),
             (Kind::StrList, _) => Err(ty()),
+            (Kind::ChoiceList(names), Value::List(items)) if items.iter().all(|i| matches!(i, Value::Str(_))) => {
+                match items.iter().find(|i| !matches!(i, Value::Str(s) if names.contains(&s.as_str()))) {
+                    Some(bad) => Err(Mismatch::Range {
+                        allowed: format!("a list of {} ({} is not one)", Kind::Choice(names).describe(), bad.to_toml()),
+                    }),
+                    None => Ok(v.clone()),
+                }
+            }
+            (Kind::ChoiceList(_), _) => Err(ty()),
             (Kind::FloatPair(r), Value::List(items)) if items.len() == 2 => {
                 let mut out = Vec::new();
                 for item in items {
@@ -338,6 +351,10 @@ choice_enum!(
     RuleKind { ExactAnswer = "exact_answer", Regex = "regex", Length = "length", Contains = "contains" }
 );
 choice_enum!(
+    /// Where metrics go besides the console (`run.report_to`); metrics.jsonl is always written.
+    ReportTo { Jsonl = "jsonl", Tensorboard = "tensorboard" }
+);
+choice_enum!(
     /// Built-in datasets (`data.source = "builtin:<name>"`).
     BuiltinData { Arithmetic = "arithmetic" }
 );
@@ -474,6 +491,12 @@ pub static KEYS: &[KeySpec] = &[
         int(0),
         "3",
         "Skip at most this many bad steps in a row (a non-finite reward, loss or grad norm, or a reward source that failed); one more stops the run (exit 1). 0 = stop at the first.",
+    ),
+    key(
+        "run.report_to",
+        Kind::ChoiceList(ReportTo::NAMES),
+        "[\"jsonl\"]",
+        "Where metrics go: metrics.jsonl always (\"jsonl\" may be listed or not); \"tensorboard\" adds TensorBoard event files under <run dir>/tb/, rebuilt from metrics.jsonl at start; may change on resume.",
     ),
     // [model]
     KeySpec {
@@ -1206,6 +1229,7 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     "run.keep_last",
     "run.completions_every",
     "run.max_bad_steps",
+    "run.report_to",
     // Evaluation never changes training (eval.split does: it picks the training rows).
     "eval.source",
     "eval.every",

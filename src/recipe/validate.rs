@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use super::schema::{self, Default, KeySpec, Kind, Mismatch, Value};
 use super::LrSchedule;
 use super::{
-    AlgorithmKind, BuiltinData, DTypeSpec, RewardKind, RolloutSourceKind, RolloutWeights, RuleKind, ShapingKind,
+    AlgorithmKind, BuiltinData, DTypeSpec, ReportTo, RewardKind, RolloutSourceKind, RolloutWeights, RuleKind,
+    ShapingKind,
 };
 use super::{
     AlgorithmSettings, DataSettings, DataSource, DeviceSpec, EvalData, EvalSettings, GateSettings, ModelSettings,
@@ -212,7 +213,11 @@ fn typed(ctx: &mut Ctx, spec: &KeySpec, v: &Value, origin: &Origin) -> Option<Va
         }
         Err(Mismatch::Range { allowed }) => {
             // Numbers have ranges; strings have rules (a choice, a device, a regex that compiles...).
-            let what = if matches!(v, Value::Str(_)) { "is not valid" } else { "is out of range" };
+            let what = if matches!(v, Value::Str(_)) || matches!(spec.kind, Kind::ChoiceList(_)) {
+                "is not valid"
+            } else {
+                "is out of range"
+            };
             ctx.err(origin, format!("`{}` = {} {what}: must be {allowed}", spec.path, v.to_toml()));
             None
         }
@@ -531,6 +536,10 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
             keep_last: usz(run, "run.keep_last"),
             completions_every: uint(run, "run.completions_every"),
             max_bad_steps: uint(run, "run.max_bad_steps"),
+            report_to: strings(run, "run.report_to")
+                .iter()
+                .map(|s| ReportTo::from_name(s).expect("checked by the schema"))
+                .collect(),
         },
         model: ModelSettings {
             id: string(model, "model.id"),
