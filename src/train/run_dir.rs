@@ -1,6 +1,7 @@
 //! The run directory `<output_dir>/<name>/` and where a run starts: fresh, or from a checkpoint (`--resume`).
 //!
-//! Layout: `recipe.resolved.toml`, `metrics.jsonl`, `completions/step-<N>.jsonl`, `checkpoints/step-<N>/`.
+//! Layout: `recipe.resolved.toml`, `metrics.jsonl`, `tb/` (TensorBoard, with `run.report_to`),
+//! `completions/step-<N>.jsonl`, `checkpoints/step-<N>/`.
 //! Every decision about an existing run directory is made here, before anything is loaded, so a wrong `--resume`
 //! costs nothing and never deletes a checkpoint by accident.
 
@@ -14,6 +15,8 @@ use crate::recipe::{self, Recipe, RESUMABLE_KEYS};
 pub const RESOLVED_RECIPE_FILE: &str = "recipe.resolved.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const COMPLETIONS_DIR: &str = "completions";
+/// TensorBoard event files, a copy of `metrics.jsonl` (rebuilt from it when the metrics writer opens).
+pub const TENSORBOARD_DIR: &str = "tb";
 
 /// `--resume auto|DIR|never`.
 #[derive(Debug, Clone, PartialEq)]
@@ -184,8 +187,9 @@ fn is_non_empty_dir(p: &Path) -> bool {
 }
 
 /// Make the run directory ready for a run starting after `step` (0 = fresh): create it, write the resolved recipe,
-/// drop metrics lines after `step`, and move this run's checkpoints after `step` aside (`superseded-step-<N>`), so
-/// discovery and rotation only see the line of history being continued. Returns the names moved aside.
+/// drop metrics lines after `step` (and, without TensorBoard output, the event files that would still show them), and
+/// move this run's checkpoints after `step` aside (`superseded-step-<N>`), so discovery and rotation only see the line
+/// of history being continued. Returns the names moved aside.
 pub fn prepare(recipe: &Recipe, step: u64) -> Result<Vec<String>> {
     let run_dir = recipe.run.dir();
     std::fs::create_dir_all(run_dir.join(COMPLETIONS_DIR))
@@ -201,6 +205,9 @@ pub fn prepare(recipe: &Recipe, step: u64) -> Result<Vec<String>> {
         }
     } else {
         crate::metrics::truncate_after(&metrics, step)?;
+    }
+    if !recipe.run.tensorboard() {
+        crate::metrics::tensorboard::remove_event_files(&run_dir.join(TENSORBOARD_DIR))?;
     }
     let root = checkpoint::checkpoints_dir(&run_dir);
     let mut moved = Vec::new();

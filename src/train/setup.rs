@@ -209,7 +209,9 @@ impl Trainer {
                 state.step
             ));
         }
-        let metrics = MetricsWriter::open(&run_dir.join(run_dir::METRICS_FILE))?;
+        let tensorboard = recipe.run.tensorboard().then(|| run_dir.join(run_dir::TENSORBOARD_DIR));
+        let metrics =
+            MetricsWriter::open_with_tensorboard(&run_dir.join(run_dir::METRICS_FILE), tensorboard.as_deref())?;
         let eos_ids = tokenizer.eos_ids().to_vec();
         let pad_id = tokenizer.padding_id();
         let generation = GenerationConfig {
