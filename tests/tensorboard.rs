@@ -146,9 +146,13 @@ fn quickstart(dir: &Path, sets: &[&str], resume: &str) {
 fn tensorboard_reads_what_metrics_jsonl_holds() {
     let Some(reader) = reader() else { return };
     let dir = tempfile::tempdir().unwrap();
-    quickstart(dir.path(), &[TB, "run.max_steps=4", "run.save_every=2"], "never");
+    // With evaluation too: its `eval/*` metrics (step 0 included, before the first step) are scalars like the rest.
+    let eval = ["eval.source=builtin:arithmetic", "eval.max_prompts=4", "eval.every=2"];
+    quickstart(dir.path(), &[&[TB, "run.max_steps=4", "run.save_every=2"][..], &eval].concat(), "never");
     let run = run_dir(dir.path());
     assert_same(&reader, &run, 4);
+    let evals: Vec<u64> = expected(&run)["eval/reward"].iter().map(|(s, _)| *s).collect();
+    assert_eq!(evals, [0, 2, 4]);
 }
 
 #[test]
