@@ -4,7 +4,7 @@
 #
 #   bash scripts/same-behaviour.sh OLD_BIN NEW_BIN [WORK_DIR]
 #
-# Recipes: configs/quickstart.toml (300 steps), configs/par-reward-model.toml (4 steps), and 6-step builtin:tiny
+# Recipes: configs/quickstart.toml (400 steps), configs/par-reward-model.toml (4 steps), and 6-step builtin:tiny
 # runs of grpo (β > 0, μ = 2), grpo (bnpo, masked truncation), grpo_lambda, ppo (adaptive KL) and safe.
 # Exit 0 when every metrics file and checkpoint is identical (metric key order aside), 1 otherwise.
 set -euo pipefail

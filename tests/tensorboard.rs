@@ -137,7 +137,14 @@ fn run_dir(dir: &Path) -> PathBuf {
 fn quickstart(dir: &Path, sets: &[&str], resume: &str) {
     let config = repo().join("configs/quickstart.toml");
     let output_dir = format!("run.output_dir={}", dir.join("runs").display());
-    let mut all = vec![output_dir.as_str(), "rollout.prompts_per_step=2", "rollout.num_generations=4"];
+    // Every step logged, and no held-out split unless a test names its own evaluation.
+    let mut all = vec![
+        output_dir.as_str(),
+        "rollout.prompts_per_step=2",
+        "rollout.num_generations=4",
+        "run.log_every=1",
+        "eval.split=0.0",
+    ];
     all.extend_from_slice(sets);
     ok(&train(&config, &all, resume));
 }

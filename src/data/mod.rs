@@ -4,6 +4,7 @@
 //! One JSONL reader serves both `safe train` and `safe generate --input`, so both report bad lines the same way.
 
 pub mod arithmetic;
+pub mod copy;
 pub mod lines;
 pub mod prompt;
 pub mod sampler;
@@ -44,6 +45,7 @@ impl Dataset {
         match &settings.source {
             DataSource::Jsonl(path) => Self::from_jsonl(path, &settings.prompt_field),
             DataSource::Builtin(BuiltinData::Arithmetic) => Ok(arithmetic::dataset()),
+            DataSource::Builtin(BuiltinData::Copy) => Ok(copy::dataset()),
         }
     }
 

@@ -356,7 +356,7 @@ choice_enum!(
 );
 choice_enum!(
     /// Built-in datasets (`data.source = "builtin:<name>"`).
-    BuiltinData { Arithmetic = "arithmetic" }
+    BuiltinData { Arithmetic = "arithmetic", Copy = "copy" }
 );
 
 fn non_empty(s: &str) -> Result<(), String> {
@@ -527,7 +527,7 @@ pub static KEYS: &[KeySpec] = &[
         kind: Kind::Str { check: Some(data_source) },
         default: Default::Required,
         when: None,
-        doc: "A .jsonl file (one JSON object per line) or a built-in dataset \"builtin:arithmetic\".",
+        doc: "A .jsonl file (one JSON object per line) or a built-in dataset: \"builtin:arithmetic\" (short arithmetic questions), \"builtin:copy\" (the quickstart's: copy the digit of \"qx7=\").",
     },
     key(
         "data.prompt_field",
