@@ -449,6 +449,14 @@ fn report_to_lists_outputs_and_names_a_bad_one_with_its_line() {
         ),
         "{e}"
     );
+    // On a command line, bare names separated by commas do (a regression: `--set run.report_to=tensorboard` was
+    // refused as "not a TOML value").
+    let r = load(MINIMAL, &["run.report_to=tensorboard"]).unwrap();
+    assert_eq!(r.run.report_to, vec![ReportTo::Tensorboard]);
+    let r = load(MINIMAL, &["run.report_to=jsonl,tensorboard"]).unwrap();
+    assert_eq!(r.run.report_to, vec![ReportTo::Jsonl, ReportTo::Tensorboard]);
+    let e = err(MINIMAL, &["run.report_to=tb"]);
+    assert!(e.contains("\"tb\" is not one"), "{e}");
     let e = err(MINIMAL, &["run.report_to=[\"tb\"]"]);
     assert!(e.contains("--set `run.report_to=[\"tb\"]`: `run.report_to`") && e.contains("\"tb\" is not one"), "{e}");
     let e = err(&format!("[run]\nreport_to = \"tensorboard\"\n{MINIMAL}"), &[]);

@@ -299,8 +299,12 @@ fn apply_set(arg: &str, raw: &mut Raw, ctx: &mut Ctx) {
     };
     // Strings need no quotes on a command line; everything else is a TOML value.
     let quoted = text.starts_with('"') || text.starts_with('\'');
+    let list_of_names = matches!(spec.kind, Kind::ChoiceList(_)) && !text.starts_with('[');
     let value = if spec.kind.is_stringy() && !quoted {
         Value::Str(text.to_string())
+    } else if list_of_names {
+        // `--set run.report_to=jsonl,tensorboard`: names separated by commas, no brackets or quotes needed.
+        Value::List(text.split(',').map(|n| Value::Str(n.trim().trim_matches(['"', '\'']).to_string())).collect())
     } else {
         match text.parse::<toml_edit::Value>().map_err(|_| "not a TOML value").and_then(|v| to_value(&v)) {
             Ok(v) => v,
