@@ -8,7 +8,7 @@ use super::EvalArgs;
 use crate::eval::Evaluator;
 use crate::model::{CausalLm, LoadedModel, ModelSource, Tokenizer};
 use crate::reward::RewardPipeline;
-use crate::rollout::{GenerationConfig, SamplingParams};
+use crate::rollout::GenerationConfig;
 
 /// Everything before sampling: all errors here are bad input (exit 2).
 pub struct Prepared {
@@ -40,21 +40,7 @@ pub fn prepare(args: &EvalArgs, recipe: &crate::recipe::Recipe) -> Result<Prepar
     }
     let rewards = RewardPipeline::from_settings(&recipe.rewards, &device, dtype)?;
     rewards.check_rows(dataset.examples().iter().map(|e| (dataset.location(e.index), &e.columns)))?;
-    let ro = &recipe.rollout;
-    let generation = GenerationConfig {
-        sampling: SamplingParams {
-            temperature: ro.temperature,
-            top_p: ro.top_p,
-            top_k: ro.top_k,
-            min_p: ro.min_p,
-            repetition_penalty: ro.repetition_penalty,
-        },
-        max_new_tokens: ro.max_new_tokens,
-        eos_ids: tokenizer.eos_ids().to_vec(),
-        stop_strings: ro.stop.clone(),
-        batch_size: args.batch_size,
-        pad_id: tokenizer.padding_id(),
-    };
+    let generation = GenerationConfig::from_rollout(&recipe.rollout, &tokenizer, args.batch_size);
     let (evaluator, note) =
         Evaluator::new(&recipe.eval, dataset, &tokenizer, &recipe.data, &generation, recipe.run.seed)?;
     if let Some(note) = note {

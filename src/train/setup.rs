@@ -17,7 +17,7 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::recipe::{Recipe, RolloutSource};
 use crate::reward::shaping::RunningStats;
 use crate::reward::RewardPipeline;
-use crate::rollout::{GenerationConfig, Replay, SamplingParams};
+use crate::rollout::{GenerationConfig, Replay};
 
 impl Trainer {
     /// Load everything and check that the run can go ahead. Every error here is bad input (exit 2): nothing has
@@ -212,22 +212,8 @@ impl Trainer {
         let tensorboard = recipe.run.tensorboard().then(|| run_dir.join(run_dir::TENSORBOARD_DIR));
         let metrics =
             MetricsWriter::open_with_tensorboard(&run_dir.join(run_dir::METRICS_FILE), tensorboard.as_deref())?;
-        let eos_ids = tokenizer.eos_ids().to_vec();
         let pad_id = tokenizer.padding_id();
-        let generation = GenerationConfig {
-            sampling: SamplingParams {
-                temperature: ro.temperature,
-                top_p: ro.top_p,
-                top_k: ro.top_k,
-                min_p: ro.min_p,
-                repetition_penalty: ro.repetition_penalty,
-            },
-            max_new_tokens: ro.max_new_tokens,
-            eos_ids,
-            stop_strings: ro.stop.clone(),
-            batch_size: plan.rollout_batch_size,
-            pad_id,
-        };
+        let generation = GenerationConfig::from_rollout(ro, &tokenizer, plan.rollout_batch_size);
         let evaluator = match eval_data {
             Some(held) => {
                 let (ev, note) =
