@@ -127,6 +127,10 @@ fn a_command_that_stops_answering_ends_the_run_with_exit_1_keeping_the_last_chec
     let run = dir.path().join("runs/t");
     assert_eq!(safe::checkpoint::latest_complete(&run), Some(step_dir(&run, 2)));
     assert!(!step_dir(&run, 3).exists());
+    let status = common::read_json(&run.join("status.json"));
+    // The trainer's step counter: step 3 was taken (and skipped as bad), so it says 3.
+    assert_eq!((status["status"].as_str(), status["step"].as_u64()), (Some("failed"), Some(3)), "{status}");
+    assert!(status["message"].as_str().unwrap().contains("no answer within 3.0 s"), "{status}");
     // A command that cannot start is bad input: exit 2, nothing trained.
     let bad = body.replace("command = [", "command = [\"/no/such/program\", ");
     std::fs::write(&recipe, bad.replace("{dir}", dir.path().to_str().unwrap())).unwrap();

@@ -117,6 +117,9 @@ fn interrupt_during_a_hung_reward(signal: i32) {
     let run = dir.path().join("runs/t");
     assert_eq!(safe::checkpoint::latest_complete(&run), Some(step_dir(&run, 2)));
     assert_eq!(metrics(&run).len(), 2, "the abandoned step logs nothing");
+    let status = common::read_json(&run.join("status.json"));
+    assert_eq!((status["status"].as_str(), status["step"].as_u64()), (Some("interrupted"), Some(2)), "{status}");
+    assert!(status["message"].as_str().unwrap().contains("interrupted after step 2"), "{status}");
     assert_no_orphans(&pids);
 }
 
@@ -137,9 +140,15 @@ fn kill_9_of_safe_leaves_no_orphaned_reward_command() {
     let mut child = spawn_train(&recipe, &[], "never");
     wait_for(&pids.join("hung"), &mut child);
     assert_eq!(alive(&pids).len(), 1);
+    use safe::train::status::{observe, RunState};
+    let run = dir.path().join("runs/t");
+    assert_eq!(observe(&run).state, RunState::Running);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert_no_orphans(&pids);
+    // status.json still says running, but nobody holds the run's lock any more.
+    assert_eq!(common::read_json(&run.join("status.json"))["status"], "running");
+    assert_eq!(observe(&run).state, RunState::Killed);
 }
 
 #[test]

@@ -8,6 +8,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use crate::exit::{self, Failure, OrExit};
 use crate::recipe::{self, DTypeSpec, DeviceSpec, Recipe, RewardSource, RolloutSource, Rule};
 pub use crate::train::run_dir::Resume;
+use crate::train::status::Status;
 
 mod eval;
 mod generate;
@@ -358,8 +359,21 @@ fn train(args: &TrainArgs) -> Result<(), Failure> {
         }
     }
     crate::signal::install();
+    let max_steps = recipe.run.max_steps;
     let mut trainer = crate::train::Trainer::new(recipe, start)?;
-    trainer.run()
+    // status.json: `running` now, then how the run ended. A status that cannot be written is a warning, never
+    // the reason a run stops.
+    let run_dir = trainer.run_dir().to_path_buf();
+    let write_status = |s: &Status| {
+        if let Err(e) = s.write(&run_dir) {
+            eprintln!("warning: {e:#}");
+        }
+    };
+    let running = Status::running(trainer.state().step, max_steps);
+    write_status(&running);
+    let result = trainer.run();
+    write_status(&running.finished(&result, trainer.state().step));
+    result
 }
 
 /// What a run will do, in a few lines: the batch arithmetic users most often get wrong comes first.

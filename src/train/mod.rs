@@ -13,6 +13,7 @@ pub mod memory;
 pub mod references;
 pub mod run_dir;
 mod setup;
+pub mod status;
 
 use std::path::PathBuf;
 use std::time::Instant;

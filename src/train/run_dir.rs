@@ -55,7 +55,7 @@ pub struct RunLock {
 impl RunLock {
     /// The lock file of a run.
     pub fn path(run: &recipe::RunSettings) -> PathBuf {
-        run.output_dir.join(format!("{}.lock", run.name))
+        lock_path(&run.output_dir, &run.name)
     }
 
     /// Take the run's lock, or fail (exit 2) naming the process that holds it.
@@ -90,6 +90,11 @@ impl RunLock {
         file.flush()?;
         Ok(Self { _file: file })
     }
+}
+
+/// The lock file of run `name` in `output_dir`: `<output_dir>/<name>.lock`.
+pub fn lock_path(output_dir: &Path, name: &str) -> PathBuf {
+    output_dir.join(format!("{name}.lock"))
 }
 
 /// `completions/step-<N>.jsonl`.
