@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod recipe;
+pub mod report;
 pub mod reward;
 pub mod rollout;
 pub mod signal;

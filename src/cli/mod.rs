@@ -7,6 +7,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use crate::exit::{self, Failure, OrExit};
 use crate::recipe::{self, DTypeSpec, DeviceSpec, Recipe, RewardSource, RolloutSource, Rule};
+use crate::report;
 pub use crate::train::run_dir::Resume;
 use crate::train::status::Status;
 
@@ -44,6 +45,8 @@ pub enum Command {
     Check(CheckArgs),
     Generate(GenerateArgs),
     Logprobs(LogprobsArgs),
+    Runs(RunsArgs),
+    Report(ReportArgs),
 }
 
 /// Train a model as a recipe describes.
@@ -261,6 +264,64 @@ pub struct LogprobsArgs {
     pub output: Option<PathBuf>,
 }
 
+/// List the runs of an output directory.
+#[derive(Args, Debug)]
+#[command(
+    about = "List the runs of an output directory: status, steps, differing recipe keys, eval reward",
+    long_about = "\
+List the runs of an output directory (each directory holding a recipe.resolved.toml or metrics.jsonl), sorted
+by name: status (running, done, failed, interrupted, killed: died without finishing, unknown: no status.json),
+the last step, the last training reward, the final and best `eval/reward`, and the recipe keys whose values
+differ between the runs (`optim.lr=0.001`, `reward.0.weight=2`).
+
+Examples:
+  safe runs runs/
+  safe runs runs/ --format jsonl",
+    after_help = exit::HELP
+)]
+pub struct RunsArgs {
+    /// The directory holding run directories (a recipe's run.output_dir).
+    #[arg(value_name = "OUTPUT_DIR", default_value = "runs")]
+    pub output_dir: PathBuf,
+    /// table: aligned columns for people; jsonl: one JSON object per run, for scripts.
+    #[arg(long, value_enum, default_value_t = RunsFormat::Table)]
+    pub format: RunsFormat,
+}
+
+/// Write an HTML report of one or more runs.
+#[derive(Args, Debug)]
+#[command(
+    about = "Write a self-contained HTML report of one or more runs: charts over steps and sample completions",
+    long_about = "\
+Write one self-contained HTML file (inline SVG charts, no script, nothing fetched when viewed): the runs with
+their status and differing recipe keys; reward, per-reward means, evaluation, KL, entropy, completion length,
+loss, gradient norm, learning rate, the timing split and the algorithm's controllers over steps, the runs
+overlaid in one colour each; and sample completions of the first run. Prints the file's path.
+
+Examples:
+  safe report runs/quickstart
+  safe report runs/lr-1e-3 runs/lr-3e-3 -o compare.html --completions-steps 1,150,300",
+    after_help = exit::HELP
+)]
+pub struct ReportArgs {
+    /// Run directories (`<run.output_dir>/<run.name>`), each with a metrics.jsonl.
+    #[arg(value_name = "RUN_DIR", required = true)]
+    pub run_dirs: Vec<PathBuf>,
+    /// The HTML file to write; default `<first RUN_DIR>/report.html`.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Steps of the first run whose completions to show (comma-separated); default: its first, middle and last
+    /// completions/step-<N>.jsonl.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
+    pub completions_steps: Vec<u64>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunsFormat {
+    Table,
+    Jsonl,
+}
+
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputFormat {
     Text,
@@ -306,6 +367,23 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 true => Failure::interrupted(e.context("interrupted: nothing was written")),
                 false => Failure::training(e),
             })
+        }
+        Command::Runs(args) => {
+            let format = match args.format {
+                RunsFormat::Table => report::RunsFormat::Table,
+                RunsFormat::Jsonl => report::RunsFormat::Jsonl,
+            };
+            print!("{}", report::list_runs(&args.output_dir, format)?);
+            Ok(())
+        }
+        Command::Report(args) => {
+            let opts = report::ReportOptions {
+                run_dirs: args.run_dirs,
+                output: args.output,
+                completions_steps: args.completions_steps,
+            };
+            println!("{}", report::write_report(&opts)?.display());
+            Ok(())
         }
         Command::Logprobs(args) => {
             let prepared = logprobs::prepare(&args).or_exit(exit::BAD_INPUT)?;
