@@ -29,7 +29,9 @@ the optimizer and the rewards. Start from configs/example.toml; `safe check --ex
 Examples:
   safe check --config configs/example.toml
   safe train --config configs/example.toml --set rollout.max_new_tokens=128
-  safe generate --model ../shared/fixtures/tiny/tiny-llama --prompt 'Hello' --max-new-tokens 16";
+  safe generate --model ../shared/fixtures/tiny/tiny-llama --prompt 'Hello' --max-new-tokens 16
+  safe runs runs/
+  safe report runs/quickstart";
 
 #[derive(Parser, Debug)]
 #[command(name = "safe", version, about = ABOUT, long_about = LONG_ABOUT, after_help = exit::HELP)]
