@@ -9,8 +9,8 @@ use std::sync::OnceLock;
 
 use common::train::*;
 
-/// Two 3-step quickstart runs, `a` (lr 3e-3) and `b` (lr 1e-3), in one output directory, trained once per test
-/// binary.
+/// Two 3-step quickstart runs with evaluations, `a` (lr 3e-3) and `b` (lr 1e-3), in one output directory,
+/// trained once per test binary.
 struct TwoRuns {
     _dir: tempfile::TempDir,
     out: PathBuf,
@@ -29,6 +29,12 @@ fn two_runs() -> &'static TwoRuns {
                 format!("run.output_dir={}", out.display()),
                 format!("run.name={name}"),
                 format!("optim.lr={lr}"),
+                // Evaluations before step 1 (a line of its own), at step 2 and at the end.
+                "eval.source=builtin:arithmetic".to_string(),
+                "eval.every=2".to_string(),
+                "eval.max_prompts=8".to_string(),
+                "eval.num_samples=2".to_string(),
+                "eval.temperature=1.0".to_string(),
             ];
             ok(&train(&config, &sets.iter().map(String::as_str).collect::<Vec<_>>(), "never"));
         }
@@ -81,8 +87,15 @@ fn runs_lists_both_runs_and_the_key_they_differ_in() {
         (rows[0]["status"].as_str(), rows[0]["step"].as_u64(), rows[0]["max_steps"].as_u64()),
         (Some("done"), Some(3), Some(3))
     );
-    assert!(rows[0]["reward"].is_number());
-    assert!(rows[0]["eval_reward_final"].is_null() && rows[0]["eval_reward_best"].is_null());
+    for (row, name) in rows.iter().zip(["a", "b"]) {
+        let text = std::fs::read_to_string(runs.out.join(name).join("metrics.jsonl")).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let evals: Vec<f64> = lines.iter().filter_map(|l| l["eval/reward"].as_f64()).collect();
+        assert_eq!(evals.len(), 3, "steps 0, 2 and 3: {text}");
+        assert_eq!(row["eval_reward_final"].as_f64(), evals.last().copied());
+        assert_eq!(row["eval_reward_best"].as_f64(), evals.iter().copied().reduce(f64::max));
+        assert_eq!(row["reward"].as_f64(), lines.last().unwrap()["reward"].as_f64());
+    }
 }
 
 #[test]
@@ -312,6 +325,8 @@ fn report_draws_in_headless_chromium() {
         "reward",
         "rewards/correct/mean",
         "eval/reward",
+        "eval/correct/mean",
+        "eval/pass@2",
         "eval/pass@4",
         "loss",
         "learning_rate",

@@ -574,6 +574,8 @@ mod tests {
             std::fs::write(run_dir.join(format!("completions/step-{step}.jsonl")), format!("{line}\n{line}\n"))
                 .unwrap();
         }
+        // Evaluation completions are not training completions.
+        std::fs::write(run_dir.join("completions/eval-step-5.jsonl"), "{}\n").unwrap();
         assert_eq!(completion_steps(&run_dir), [1, 2, 3, 10]);
         let r = Run::load(&run_dir).unwrap();
         let one = std::slice::from_ref(&r);
