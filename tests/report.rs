@@ -30,7 +30,7 @@ fn two_runs() -> &'static TwoRuns {
                 format!("run.name={name}"),
                 format!("optim.lr={lr}"),
                 // Evaluations before step 1 (a line of its own), at step 2 and at the end.
-                "eval.source=builtin:arithmetic".to_string(),
+                "run.log_every=1".to_string(),
                 "eval.every=2".to_string(),
                 "eval.max_prompts=8".to_string(),
                 "eval.num_samples=2".to_string(),
