@@ -8,6 +8,7 @@ pub mod gemv;
 pub mod llama;
 pub mod load;
 pub mod logprobs;
+pub mod lora;
 pub mod tokenizer;
 pub mod value;
 

@@ -16,8 +16,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use schema::{
-    AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LossType, LrSchedule, ReportTo, RewardKind, RolloutSourceKind,
-    RolloutWeights, RuleKind, ScaleRewards, ShapingKind, Value, RESUMABLE_KEYS,
+    AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LoraInit, LossType, LrSchedule, ReportTo, RewardKind,
+    RolloutSourceKind, RolloutWeights, RuleKind, ScaleRewards, ShapingKind, Value, RESUMABLE_KEYS,
 };
 
 /// Everything wrong with a recipe, one problem per line, each starting with `file:line:` or `--set `k=v`:`.
@@ -67,6 +67,8 @@ pub struct Recipe {
     pub algorithm: AlgorithmSettings,
     pub optim: OptimSettings,
     pub shaping: crate::reward::shaping::ShapingConfig,
+    /// `[lora]`; `None` (full fine-tuning) when the table is absent.
+    pub lora: Option<LoraSettings>,
     pub eval: EvalSettings,
     pub rewards: Vec<RewardSettings>,
     resolved: Resolved,
@@ -132,6 +134,35 @@ pub struct DataSettings {
     pub shuffle: bool,
     pub max_prompt_tokens: usize,
     pub chat: bool,
+}
+
+/// `[lora]`: adapters on the targeted linear layers; `targets` expanded (`all-linear`) to module names in layer order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSettings {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Always 0.0 for now (validated).
+    pub dropout: f64,
+    /// Module names (`q_proj`, ...), in [`crate::model::lora::LINEAR_MODULES`] order.
+    pub targets: Vec<String>,
+    pub rslora: bool,
+    pub init: schema::LoraInit,
+}
+
+impl LoraSettings {
+    /// What the model needs to build the adapters: these settings, the seed of their initialisation and the base
+    /// model's id (recorded in `adapter_config.json`).
+    pub fn spec(&self, seed: u64, base_model: &str) -> crate::model::lora::LoraSpec {
+        crate::model::lora::LoraSpec {
+            rank: self.rank,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            targets: self.targets.clone(),
+            rslora: self.rslora,
+            seed,
+            base_model: base_model.to_string(),
+        }
+    }
 }
 
 /// Where `[eval]` takes its prompts from.
@@ -422,6 +453,10 @@ impl Recipe {
                     out.push('\n');
                 }
             } else {
+                let mut keys = self.resolved.tables.iter().filter(|(p, _)| schema::spec(p).unwrap().table() == t.name);
+                if t.optional && keys.next().is_none() {
+                    continue; // absent: no header either
+                }
                 out.push_str(&format!("[{}]\n", t.name));
                 let keys = self.resolved.tables.iter().filter(|(p, _)| schema::spec(p).unwrap().table() == t.name);
                 write_keys(&mut out, keys.map(|(p, v)| (*p, v)));

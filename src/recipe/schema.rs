@@ -326,6 +326,9 @@ pub struct TableSpec {
     pub name: &'static str,
     /// `[[name]]`: an array of tables.
     pub array: bool,
+    /// Off unless present: an absent table resolves to no keys at all (not to its defaults), so it changes neither
+    /// the resolved recipe nor its hash. `--set <table>.<key>=...` makes it present.
+    pub optional: bool,
     pub doc: &'static str,
 }
 
@@ -354,6 +357,16 @@ choice_enum!(
     /// Where metrics go besides the console (`run.report_to`); metrics.jsonl is always written.
     ReportTo { Jsonl = "jsonl", Tensorboard = "tensorboard" }
 );
+choice_enum!(
+    /// How LoRA adapters start (`lora.init`).
+    LoraInit { /// A Kaiming-uniform, B zeros (PEFT's init_lora_weights = true).
+    Peft = "peft" }
+);
+
+/// `lora.targets` names: the decoder's linear layers, or PEFT's shorthand for all of them.
+pub const LORA_TARGETS: &[&str] =
+    &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "all-linear"];
+
 choice_enum!(
     /// Built-in datasets (`data.source = "builtin:<name>"`).
     BuiltinData { Arithmetic = "arithmetic", Copy = "copy" }
@@ -434,38 +447,50 @@ const CRITIC: When = algorithms(&["ppo", "safe"]);
 const PPO: When = algorithms(&["ppo"]);
 
 pub static TABLES: &[TableSpec] = &[
-    TableSpec { name: "run", array: false, doc: "Naming, length and bookkeeping of the run." },
-    TableSpec { name: "model", array: false, doc: "The policy model to fine-tune." },
+    TableSpec { name: "run", array: false, optional: false, doc: "Naming, length and bookkeeping of the run." },
+    TableSpec { name: "model", array: false, optional: false, doc: "The policy model to fine-tune." },
     TableSpec {
         name: "data",
         array: false,
+        optional: false,
         doc: "The prompts. Relative paths are resolved from the current directory.",
     },
-    TableSpec { name: "rollout", array: false, doc: "How completions are produced each step." },
+    TableSpec {
+        name: "lora",
+        array: false,
+        optional: true,
+        doc: "LoRA adapters (PEFT's LoraConfig): off unless the table is present. The base weights are frozen (no gradient, no optimizer state); only the adapters train. The KL reference is the base with the adapters off (no second copy of the model) unless model.reference names one. Checkpoints also hold adapter_model.safetensors + adapter_config.json in PEFT's format.",
+    },
+    TableSpec { name: "rollout", array: false, optional: false, doc: "How completions are produced each step." },
     TableSpec {
         name: "algorithm",
         array: false,
+        optional: false,
         doc: "The RL objective. Keys follow the reference implementation's names and defaults (TRL's GRPOConfig, PPOConfig and RLOOConfig, OpenRLHF for REINFORCE++); a key only the algorithms it names read is an error under another kind.",
     },
     TableSpec {
         name: "critic",
         array: false,
+        optional: false,
         doc: "The critic of algorithm.kind = \"ppo\" (its value model) and \"safe\" (its heads' learning rate).",
     },
-    TableSpec { name: "optim", array: false, doc: "AdamW and the learning-rate schedule." },
+    TableSpec { name: "optim", array: false, optional: false, doc: "AdamW and the learning-rate schedule." },
     TableSpec {
         name: "shaping",
         array: false,
+        optional: false,
         doc: "Shaping of the summed reward before advantages (PAR and the baselines of arXiv 2502.18770).",
     },
     TableSpec {
         name: "eval",
         array: false,
+        optional: false,
         doc: "Held-out evaluation: before the first step, every eval.every steps and at the end (on when eval.source or eval.split is set). It draws on its own random streams, so it never changes training.",
     },
     TableSpec {
         name: "reward",
         array: true,
+        optional: false,
         doc: "One `[[reward]]` table per reward function; the rewards are weighted and summed. At least one.",
     },
 ];
@@ -520,6 +545,28 @@ pub static KEYS: &[KeySpec] = &[
         Kind::Str { check: Some(device) },
         "\"auto\"",
         "\"auto\", \"cpu\", \"cuda\", \"cuda:N\" or \"metal\"; auto = the first GPU when this build has a GPU backend and a device opens, else the CPU (with a note).",
+    ),
+    // [lora]
+    key("lora.rank", int(1), "8", "Rank r of every adapter (PEFT r); at most the smaller dimension of each targeted layer."),
+    key("lora.alpha", Kind::Float(FloatRange::positive()), "8.0", "Scaling numerator α (PEFT lora_alpha): the adapter's output is multiplied by α/r (α/√r with lora.rslora)."),
+    key(
+        "lora.dropout",
+        Kind::Float(FloatRange { min: 0.0, max: 1.0, min_open: false, max_open: true }),
+        "0.0",
+        "Dropout on the adapters' input (PEFT lora_dropout); only 0.0 for now (a seeded dropout that resumes exactly is not implemented yet).",
+    ),
+    key(
+        "lora.targets",
+        Kind::ChoiceList(LORA_TARGETS),
+        "[\"q_proj\", \"v_proj\"]",
+        "Linear layers that get adapters, by module name (PEFT target_modules), in every decoder layer; [\"all-linear\"] = all seven (the LM head excluded, as PEFT).",
+    ),
+    key("lora.rslora", Kind::Bool, "false", "Rank-stabilised scaling α/√r instead of α/r (PEFT use_rslora)."),
+    key(
+        "lora.init",
+        Kind::Choice(LoraInit::NAMES),
+        "\"peft\"",
+        "Initialisation: \"peft\" = PEFT's default, A Kaiming-uniform (bound 1/√in, drawn from run.seed's stream for each layer) and B zeros, so training starts at the base model.",
     ),
     // [data]
     KeySpec {

@@ -9,13 +9,13 @@ use std::path::PathBuf;
 use super::schema::{self, Default, KeySpec, Kind, Mismatch, Value};
 use super::LrSchedule;
 use super::{
-    AlgorithmKind, BuiltinData, DTypeSpec, ReportTo, RewardKind, RolloutSourceKind, RolloutWeights, RuleKind,
+    AlgorithmKind, BuiltinData, DTypeSpec, LoraInit, ReportTo, RewardKind, RolloutSourceKind, RolloutWeights, RuleKind,
     ShapingKind,
 };
 use super::{
-    AlgorithmSettings, DataSettings, DataSource, DeviceSpec, EvalData, EvalSettings, GateSettings, ModelSettings,
-    OptimSettings, Recipe, RecipeError, Resolved, RewardSettings, RewardSource, RolloutSettings, RolloutSource, Rule,
-    RunSettings,
+    AlgorithmSettings, DataSettings, DataSource, DeviceSpec, EvalData, EvalSettings, GateSettings, LoraSettings,
+    ModelSettings, OptimSettings, Recipe, RecipeError, Resolved, RewardSettings, RewardSource, RolloutSettings,
+    RolloutSource, Rule, RunSettings,
 };
 
 /// Where a value came from, for messages.
@@ -339,7 +339,11 @@ fn apply_set(arg: &str, raw: &mut Raw, ctx: &mut Ctx) {
 fn fill(raw: &mut Raw, ctx: &mut Ctx) -> (BTreeMap<&'static str, Filled>, Vec<Filled>) {
     let mut tables = BTreeMap::new();
     for t in schema::TABLES.iter().filter(|t| !t.array) {
-        let given = raw.tables.remove(t.name).unwrap_or_default();
+        let Some(given) = raw.tables.remove(t.name).or_else(|| (!t.optional).then(Given::default)) else {
+            // An optional table that is absent resolves to nothing.
+            tables.insert(t.name, Filled { header: Origin::Default, keys: Vec::new() });
+            continue;
+        };
         let filled = fill_one(t.name, given, "", &tables, ctx);
         tables.insert(t.name, filled);
     }
@@ -602,6 +606,7 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
                 (usz(shaping, "shaping.length_penalty.threshold"), float(shaping, "shaping.length_penalty.per_token"))
             }),
         },
+        lora: lora_settings(&tables["lora"]),
         eval: EvalSettings {
             data: eval_data,
             every: uint(eval, "eval.every"),
@@ -626,7 +631,62 @@ fn build(tables: &BTreeMap<&'static str, Filled>, rewards: &[Filled], ctx: &mut 
         },
     };
     cross_checks(&recipe, tables, rewards, ctx);
+    lora_checks(tables, ctx);
     Some(recipe)
+}
+
+/// `[lora]`: `None` when the table is absent (an absent optional table resolves to no keys).
+fn lora_settings(t: &Filled) -> Option<LoraSettings> {
+    t.get("lora.rank")?;
+    let names = strings(t, "lora.targets");
+    let targets = if names.iter().any(|n| n == "all-linear") {
+        crate::model::lora::LINEAR_MODULES.iter().map(|m| m.to_string()).collect()
+    } else {
+        // Module order, whatever the recipe's order, so equal sets train equal adapters.
+        crate::model::lora::LINEAR_MODULES
+            .iter()
+            .filter(|m| names.iter().any(|n| n == *m))
+            .map(|m| m.to_string())
+            .collect()
+    };
+    Some(LoraSettings {
+        rank: usz(t, "lora.rank"),
+        alpha: float(t, "lora.alpha"),
+        dropout: float(t, "lora.dropout"),
+        targets,
+        rslora: boolean(t, "lora.rslora"),
+        init: choice(t, "lora.init", LoraInit::from_name),
+    })
+}
+
+/// `[lora]`: a dropout this slice can resume exactly (none), targets that name layers, `all-linear` alone.
+fn lora_checks(tables: &BTreeMap<&'static str, Filled>, ctx: &mut Ctx) {
+    let t = &tables["lora"];
+    let at = |key: &str| t.get(key).map(|e| e.origin.clone()).unwrap_or(t.header.clone());
+    if t.get("lora.dropout").is_some() && float(t, "lora.dropout") != 0.0 {
+        ctx.err(
+            &at("lora.dropout"),
+            format!(
+                "`lora.dropout` = {} is not supported yet: LoRA dropout is not implemented (a seeded dropout that \
+                 resumes exactly is planned); set lora.dropout = 0.0",
+                float(t, "lora.dropout")
+            ),
+        );
+    }
+    if t.get("lora.targets").is_some() {
+        let names = strings(t, "lora.targets");
+        if names.is_empty() {
+            ctx.err(
+                &at("lora.targets"),
+                "`lora.targets` is empty: name at least one layer (e.g. [\"q_proj\", \"v_proj\"]) or [\"all-linear\"]",
+            );
+        } else if names.len() > 1 && names.iter().any(|n| n == "all-linear") {
+            ctx.err(
+                &at("lora.targets"),
+                "`lora.targets`: \"all-linear\" already names every linear layer; give it alone",
+            );
+        }
+    }
 }
 
 /// `data.source` / `eval.source`: a built-in dataset or a JSONL path (the schema checked which).

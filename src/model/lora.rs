@@ -1,0 +1,126 @@
+//! LoRA adapters (Hu et al. 2021, as PEFT implements them): a targeted linear layer computes
+//! `W x + s · B (A x)` with `A: [r, in]`, `B: [out, r]` and `s = α / r` (`α / √r` with rsLoRA). The base weights
+//! stay frozen; only `A` and `B` train. Names follow PEFT's saved adapters
+//! (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`), so `adapter_model.safetensors` opens in PEFT.
+
+use anyhow::Result;
+
+use crate::rollout::rng::{RowKey, RowRng};
+
+/// The decoder's linear layers, in the order a layer holds them: what `lora.targets` may name.
+pub const LINEAR_MODULES: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// Checkpoint file of the adapters, in PEFT's key names.
+pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
+/// PEFT's `LoraConfig`, as `save_pretrained` writes it.
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+
+/// Everything the model needs to build its adapters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Recorded in `adapter_config.json`; only 0.0 is accepted for now.
+    pub dropout: f64,
+    /// Module names, in [`LINEAR_MODULES`] order.
+    pub targets: Vec<String>,
+    pub rslora: bool,
+    /// `run.seed`: A's initialisation draws from streams keyed by it.
+    pub seed: u64,
+    /// The base model's id, for `adapter_config.json`'s `base_model_name_or_path`.
+    pub base_model: String,
+}
+
+impl LoraSpec {
+    /// The factor of the adapter's output: α/r, or α/√r with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+
+    pub fn targets(&self, module: &str) -> bool {
+        self.targets.iter().any(|t| t == module)
+    }
+
+    /// PEFT's `adapter_config.json` for these adapters.
+    pub fn peft_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "alpha_pattern": {},
+            "base_model_name_or_path": self.base_model,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "layers_pattern": null,
+            "layers_to_transform": null,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "modules_to_save": null,
+            "peft_type": "LORA",
+            "r": self.rank,
+            "rank_pattern": {},
+            "revision": null,
+            "target_modules": self.targets,
+            "task_type": "CAUSAL_LM",
+            "use_dora": false,
+            "use_rslora": self.rslora,
+        })
+    }
+}
+
+/// The PEFT name of a targeted layer's adapter matrix: `which` is `"lora_A"` or `"lora_B"`, `module` the layer's HF
+/// path inside `model.layers.N` (`self_attn.q_proj`).
+pub fn peft_name(layer: usize, module: &str, which: &str) -> String {
+    format!("base_model.model.model.layers.{layer}.{module}.{which}.weight")
+}
+
+/// PEFT's initialisation of A `[rank, in]`: `kaiming_uniform_(a = √5)`, i.e. U(-b, b) with
+/// b = √(6 / ((1 + 5) · in)) = 1/√in, drawn from the stream keyed by (seed, layer, module index).
+pub fn kaiming_uniform(seed: u64, layer: usize, module: usize, rank: usize, in_dim: usize) -> Result<Vec<f32>> {
+    // `step` = u64::MAX - 1 keeps these streams apart from sampling's and from the built-in models' weights.
+    let mut rng = RowRng::new(RowKey { seed, step: u64::MAX - 1, prompt: layer as u64, sample: module as u64 });
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    Ok((0..rank * in_dim).map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kaiming_draws_are_bounded_seeded_and_per_layer() {
+        let a = kaiming_uniform(0, 0, 0, 4, 64).unwrap();
+        assert_eq!(a.len(), 256);
+        assert!(a.iter().all(|x| x.abs() <= 0.125));
+        // Spread over the whole interval: the variance of U(-b, b) is b²/3.
+        let var = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / a.len() as f64;
+        assert!((var - 0.125f64.powi(2) / 3.0).abs() < 0.002, "{var}");
+        assert_eq!(a, kaiming_uniform(0, 0, 0, 4, 64).unwrap());
+        assert_ne!(a, kaiming_uniform(1, 0, 0, 4, 64).unwrap());
+        assert_ne!(a, kaiming_uniform(0, 1, 0, 4, 64).unwrap());
+        assert_ne!(a, kaiming_uniform(0, 0, 1, 4, 64).unwrap());
+    }
+
+    #[test]
+    fn scale_is_alpha_over_rank_or_its_root() {
+        let mut s = LoraSpec {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: vec!["q_proj".into()],
+            rslora: false,
+            seed: 0,
+            base_model: "builtin:tiny".into(),
+        };
+        assert_eq!(s.scale(), 2.0);
+        s.rslora = true;
+        assert_eq!(s.scale(), 4.0);
+        assert_eq!(
+            peft_name(3, "self_attn.q_proj", "lora_A"),
+            "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"
+        );
+    }
+}
