@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{CausalLm, Tokenizer};
 use crate::optim::adamw::{AdamW, AdamWState};
 
+pub use crate::model::lora::{ADAPTER_CONFIG_FILE, ADAPTER_FILE};
 pub use safetensors_io::write_safetensors;
 
 /// Folder under the run directory that holds every checkpoint.
@@ -176,8 +177,15 @@ fn write_contents(dir: &Path, req: &SaveRequest) -> Result<()> {
         fsio::sync_file(&dir.join(file))?;
     }
     write_safetensors(&dir.join(OPTIMIZER_FILE), &req.optimizer.state_tensors())?;
+    // LoRA: model.safetensors holds the frozen base; the adapters go beside it in PEFT's format (resume reads them
+    // back from there).
+    if let Some(spec) = model.lora() {
+        write_safetensors(&dir.join(ADAPTER_FILE), &model.adapter_tensors())?;
+        fsio::write_synced(&dir.join(ADAPTER_CONFIG_FILE), &pretty(&spec.peft_config())?)?;
+    }
     for (file, tensors) in req.extra_tensor_files {
-        if file.contains('/') || file.starts_with('.') || [STATE_FILE, MODEL_FILE, OPTIMIZER_FILE].contains(&&**file) {
+        let reserved = [STATE_FILE, MODEL_FILE, OPTIMIZER_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE];
+        if file.contains('/') || file.starts_with('.') || reserved.contains(&&**file) {
             bail!("extra checkpoint file name `{file}` is not allowed");
         }
         write_safetensors(&dir.join(file), tensors)?;

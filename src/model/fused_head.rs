@@ -120,16 +120,18 @@ fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result
 }
 
 impl HeadLogprobs {
-    /// Gradients `(d hidden [n, h], d weight [vocab, h])` for the upstream gradient `g` of the log-probs.
+    /// Gradients `(d hidden [n, h], d weight [vocab, h])` for the upstream gradient `g` of the log-probs; the
+    /// weight's only when `weight_grad` (a frozen head, as under LoRA, gets none: no `[vocab, h]` buffer).
     fn backward(
         &self,
         hidden: &[f32],
         weight: &[f32],
         g: &[f32],
         (n, h, vocab): (usize, usize, usize),
-    ) -> (Vec<f32>, Vec<f32>) {
+        weight_grad: bool,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
         let mut dh = vec![0f32; n * h];
-        let mut dw = vec![0f32; vocab * h];
+        let mut dw = if weight_grad { vec![0f32; vocab * h] } else { Vec::new() };
         let mut buf = vec![0f32; self.chunk_rows.min(n).max(1) * vocab];
         let mut x = Vec::new();
         let mut dx = vec![0f32; self.chunk_rows.min(n).max(1) * h];
@@ -154,10 +156,12 @@ impl HeadLogprobs {
                 dh[r * h..(r + 1) * h].copy_from_slice(&dx[i * h..(i + 1) * h]);
             }
             // dW[V, h] += dzᵀ[V, R] · x[R, h]
-            gemm_f32((vocab, h, rows.len()), &mut dw, (h, 1), !first, buf, (1, vocab), &x, (h, 1));
+            if weight_grad {
+                gemm_f32((vocab, h, rows.len()), &mut dw, (h, 1), !first, buf, (1, vocab), &x, (h, 1));
+            }
             first = false;
         }
-        (dh, dw)
+        (dh, weight_grad.then_some(dw))
     }
 
     /// The active rows, in chunks of at most `chunk_rows`.
@@ -251,13 +255,16 @@ impl CustomOp2 for HeadLogprobs {
         let g: Vec<f32> = grad_res.narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
         let (n, h) = hidden_t.dims2()?;
         let vocab = weight_t.dim(0)?;
+        // A weight that is neither a variable nor computed from one (a frozen head) needs no gradient.
+        let weight_grad = weight_t.track_op();
         let (dh, dw) = crate::cpu::with_f32(hidden_t, |hidden| {
-            crate::cpu::with_f32(weight_t, |weight| self.backward(hidden, weight, &g, (n, h, vocab)))
+            crate::cpu::with_f32(weight_t, |weight| self.backward(hidden, weight, &g, (n, h, vocab), weight_grad))
         })
         .and_then(|r| r)
         .map_err(candle_core::Error::wrap)?;
         let dev = hidden_t.device();
-        Ok((Some(Tensor::from_vec(dh, (n, h), dev)?), Some(Tensor::from_vec(dw, (vocab, h), dev)?)))
+        let dw = dw.map(|dw| Tensor::from_vec(dw, (vocab, h), dev)).transpose()?;
+        Ok((Some(Tensor::from_vec(dh, (n, h), dev)?), dw))
     }
 }
 

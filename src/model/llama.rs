@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{backprop::GradStore, DType, Device, Module, Tensor, Var, D};
 
 use super::config::ModelConfig;
+use super::lora::LoraSpec;
 
 /// Value added to masked attention scores. Finite, so a fully masked row stays a uniform distribution, not NaN.
 pub const MASK_VALUE: f32 = -1.0e30;
@@ -55,6 +56,17 @@ struct Linear {
     bias: Option<Tensor>,
     /// A bf16 copy of `weight` that decoding reads instead (see [`CausalLm::enable_bf16_decode`]).
     shadow: Option<Shadow>,
+    /// A LoRA adapter added to the output (see [`CausalLm::add_lora`]).
+    lora: Option<Adapter>,
+}
+
+/// `y += scale · (x · Aᵀ) · Bᵀ` with `A: [r, in]`, `B: [out, r]`. Decoding computes it in f32 beside the bf16
+/// decode copy of the base weight (merging it into that copy is not done yet).
+#[derive(Debug, Clone)]
+struct Adapter {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
 }
 
 /// A bf16 copy of a weight for decoding, refreshed from the f32 weight by [`CausalLm::refresh_bf16_decode`].
@@ -89,7 +101,7 @@ impl Linear {
     fn load(p: &mut ParamStore, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = p.take(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
         let bias = if bias { Some(p.take(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
-        Ok(Self { weight, bias, shadow: None })
+        Ok(Self { weight, bias, shadow: None, lora: None })
     }
 }
 
@@ -99,7 +111,12 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has a last dim");
         let rows = x.elem_count() / in_dim;
-        let y = matmul_by_weight_t(&x.reshape((rows, in_dim))?, &self.weight, self.shadow.as_ref())?;
+        let x = x.reshape((rows, in_dim))?;
+        let y = matmul_by_weight_t(&x, &self.weight, self.shadow.as_ref())?;
+        let y = match &self.lora {
+            Some(l) => (y + (x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?,
+            None => y,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -137,10 +154,81 @@ fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle
         .map_err(candle_core::Error::wrap)?;
         return Tensor::from_vec(out, (rows, n), x.device());
     }
+    // A frozen weight (LoRA's base) under a graph: Candle's matmul backward differentiates both operands, which
+    // would compute (and hold until the backward ends) a gradient the size of every base weight. This op's
+    // backward gives the input's gradient only.
+    if x.track_op() && !w.track_op() {
+        return x.apply_op2(&w.t()?, FrozenWeightMatmul);
+    }
     if rows <= FEW_ROWS {
         w.matmul(&x.t()?)?.t()?.contiguous()
     } else {
         x.matmul(&w.t()?)
+    }
+}
+
+/// `x · Wᵀ` (`rhs` is `Wᵀ`, a transposed view) for a weight that takes no gradient: the backward returns `x`'s
+/// only. Forward and backward are Candle's own matmuls, on every device.
+struct FrozenWeightMatmul;
+
+impl FrozenWeightMatmul {
+    fn fwd<S: candle_core::backend::BackendStorage>(
+        s1: &S,
+        l1: &candle_core::Layout,
+        s2: &S,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(S, candle_core::Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (k2, n) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen matmul: {m}x{k} by {k2}x{n}");
+        }
+        Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, candle_core::Shape::from((m, n))))
+    }
+}
+
+impl candle_core::CustomOp2 for FrozenWeightMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-weight-matmul"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        Self::fwd(s1, l1, s2, l2)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        Self::fwd(s1, l1, s2, l2)
+    }
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
+        Self::fwd(s1, l1, s2, l2)
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w_t: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // d(x·Wᵀ)/dx · g = g · W
+        Ok((Some(grad.matmul(&w_t.t()?)?), None))
     }
 }
 
@@ -440,6 +528,8 @@ pub struct CausalLm {
     dtype: DType,
     /// The LM head's bf16 decode copy (with the layers' [`Linear::shadow`]s).
     head_shadow: Option<Shadow>,
+    /// The adapters' settings when the model has LoRA adapters ([`Self::add_lora`]).
+    lora: Option<LoraSpec>,
 }
 
 impl CausalLm {
@@ -485,6 +575,7 @@ impl CausalLm {
             device: device.clone(),
             dtype,
             head_shadow: None,
+            lora: None,
         })
     }
 
@@ -504,10 +595,140 @@ impl CausalLm {
 
     /// A no-grad view of this model: the same weight storage (so it sees every optimizer update) but no
     /// variables, so forwards through it record no autograd graph and free activations as they go. Rollout and
-    /// old/reference log-probs use this.
+    /// old/reference log-probs use this. LoRA adapters come along (their storage shared too).
     pub fn frozen_view(&self) -> Result<CausalLm> {
+        let mut view = self.without_adapters()?;
+        for (dst, src) in view.linears_mut().into_iter().zip(self.linears()) {
+            dst.2.lora = src.2.lora.as_ref().map(|l| Adapter { a: l.a.detach(), b: l.b.detach(), scale: l.scale });
+        }
+        view.lora = self.lora.clone();
+        Ok(view)
+    }
+
+    /// The base model alone: a no-grad view of the weights without the LoRA adapters (sharing their storage, so
+    /// no second copy). With adapters, the base is frozen, so this is the starting policy: the KL reference.
+    pub fn without_adapters(&self) -> Result<CausalLm> {
         let tensors = self.named_tensors().into_iter().map(|(n, t)| (n, t.detach())).collect();
         CausalLm::from_tensors(&self.cfg, tensors, false, &self.device, self.dtype)
+    }
+
+    /// Every linear layer of the decoder with its layer index and its path inside the layer (`self_attn.q_proj`),
+    /// in layer order and [`super::lora::LINEAR_MODULES`] order within a layer.
+    fn linears(&self) -> Vec<(usize, &'static str, &Linear)> {
+        let mut out = Vec::new();
+        for (i, b) in self.layers.iter().enumerate() {
+            let a = &b.self_attn;
+            out.extend([
+                (i, "self_attn.q_proj", &a.q_proj),
+                (i, "self_attn.k_proj", &a.k_proj),
+                (i, "self_attn.v_proj", &a.v_proj),
+                (i, "self_attn.o_proj", &a.o_proj),
+                (i, "mlp.gate_proj", &b.mlp.gate_proj),
+                (i, "mlp.up_proj", &b.mlp.up_proj),
+                (i, "mlp.down_proj", &b.mlp.down_proj),
+            ]);
+        }
+        out
+    }
+
+    fn linears_mut(&mut self) -> Vec<(usize, &'static str, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, b) in self.layers.iter_mut().enumerate() {
+            let a = &mut b.self_attn;
+            out.extend([
+                (i, "self_attn.q_proj", &mut a.q_proj),
+                (i, "self_attn.k_proj", &mut a.k_proj),
+                (i, "self_attn.v_proj", &mut a.v_proj),
+                (i, "self_attn.o_proj", &mut a.o_proj),
+            ]);
+            let m = &mut b.mlp;
+            out.extend([
+                (i, "mlp.gate_proj", &mut m.gate_proj),
+                (i, "mlp.up_proj", &mut m.up_proj),
+                (i, "mlp.down_proj", &mut m.down_proj),
+            ]);
+        }
+        out
+    }
+
+    /// Add LoRA adapters to the layers `spec` targets; they become the model's only trainable variables, named as
+    /// PEFT saves them. The model must have been built frozen (`trainable = false`): the base weights stay plain
+    /// tensors, with no gradient and no optimizer state. `saved` (a checkpoint's `adapter_model.safetensors`)
+    /// gives the adapters' values; without it A is PEFT's Kaiming-uniform and B zeros, so the model starts as the
+    /// base exactly. A rank larger than a layer's smaller dimension is an error naming `lora.rank`.
+    pub fn add_lora(&mut self, spec: &LoraSpec, saved: Option<&HashMap<String, Tensor>>) -> Result<()> {
+        if !self.vars.is_empty() || self.lora.is_some() {
+            bail!("LoRA adapters go on a frozen model (built with trainable = false) without adapters");
+        }
+        let mut saved = saved.cloned();
+        let (device, dtype, r) = (self.device.clone(), self.dtype, spec.rank);
+        let mut vars = Vec::new();
+        for (layer, path, lin) in self.linears_mut() {
+            let module = path.rsplit('.').next().unwrap();
+            if !spec.targets(module) {
+                continue;
+            }
+            let (out_dim, in_dim) = lin.weight.dims2()?;
+            if r > in_dim.min(out_dim) {
+                bail!(
+                    "lora.rank = {r} is larger than layer {layer}'s {module} ({out_dim}×{in_dim}) allows: the rank is at most {} there",
+                    in_dim.min(out_dim)
+                );
+            }
+            let index = super::lora::LINEAR_MODULES.iter().position(|m| *m == module).unwrap();
+            let mut take = |which: &str, shape: (usize, usize), init: &dyn Fn() -> Result<Tensor>| -> Result<Var> {
+                let name = super::lora::peft_name(layer, path, which);
+                let t = match saved.as_mut() {
+                    Some(s) => {
+                        let t = s.remove(&name).with_context(|| format!("adapter `{name}` is missing"))?;
+                        if t.dims() != [shape.0, shape.1] {
+                            bail!("adapter `{name}` has shape {:?}, expected {:?}", t.dims(), [shape.0, shape.1]);
+                        }
+                        t.to_device(&device)?.to_dtype(dtype)?
+                    }
+                    None => init()?,
+                };
+                let var = Var::from_tensor(&t)?;
+                vars.push((name, var.clone()));
+                Ok(var)
+            };
+            let a = take("lora_A", (r, in_dim), &|| {
+                let data = super::lora::kaiming_uniform(spec.seed, layer, index, r, in_dim)?;
+                Ok(Tensor::from_vec(data, (r, in_dim), &device)?.to_dtype(dtype)?)
+            })?;
+            let b = take("lora_B", (out_dim, r), &|| Ok(Tensor::zeros((out_dim, r), dtype, &device)?))?;
+            lin.lora = Some(Adapter { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: spec.scale() });
+        }
+        if vars.is_empty() {
+            bail!("lora.targets = {:?} names no layer of this model", spec.targets);
+        }
+        if let Some(left) = saved.filter(|s| !s.is_empty()) {
+            let mut names: Vec<_> = left.into_keys().collect();
+            names.sort();
+            names.truncate(5);
+            bail!("unexpected adapters (not in lora.targets): {}", names.join(", "));
+        }
+        self.vars = vars;
+        self.lora = Some(spec.clone());
+        Ok(())
+    }
+
+    /// The LoRA settings, when the model has adapters.
+    pub fn lora(&self) -> Option<&LoraSpec> {
+        self.lora.as_ref()
+    }
+
+    /// The adapters with their PEFT names (`adapter_model.safetensors`), A before B, in layer order; empty
+    /// without LoRA.
+    pub fn adapter_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (layer, path, lin) in self.linears() {
+            if let Some(l) = &lin.lora {
+                out.push((super::lora::peft_name(layer, path, "lora_A"), l.a.clone()));
+                out.push((super::lora::peft_name(layer, path, "lora_B"), l.b.clone()));
+            }
+        }
+        out
     }
 
     /// Decode (at most [`super::gemv::MAX_ROWS`] rows, no gradient) from bf16 copies of the weights: half the bytes
@@ -546,7 +767,8 @@ impl CausalLm {
         Ok(())
     }
 
-    /// Every weight with its HF name, in a stable order, as saved to `model.safetensors`.
+    /// Every base weight with its HF name, in a stable order, as saved to `model.safetensors` (LoRA adapters are
+    /// not among them: see [`Self::adapter_tensors`]).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
         let lin = |out: &mut Vec<(String, Tensor)>, name: String, l: &Linear| {

@@ -76,7 +76,16 @@ impl Trainer {
         let loaded = LoadedModel::load(&policy_source, &device, dtype)?;
         let origin = loaded.origin.clone();
         let config = loaded.config.clone();
-        let (policy, tokenizer) = loaded.into_model(true, &device, dtype)?;
+        // With LoRA the base is built frozen and the adapters are its only variables; a checkpoint's
+        // model.safetensors is the base unchanged and its adapters are read back from adapter_model.safetensors.
+        let (mut policy, tokenizer) = loaded.into_model(recipe.lora.is_none(), &device, dtype)?;
+        if let Some(lora) = &recipe.lora {
+            let saved = match checkpoint {
+                Some(c) => Some(c.tensor_file(crate::checkpoint::ADAPTER_FILE, &device)?),
+                None => None,
+            };
+            policy.add_lora(&lora.spec(recipe.run.seed, &recipe.model.id), saved.as_ref()).context("[lora]")?;
+        }
         let tokenizer = tokenizer.with_context(|| format!("{origin} has no tokenizer (tokenizer.json)"))?;
         let longest = recipe.data.max_prompt_tokens.saturating_add(ro.max_new_tokens);
         let context_note = (longest > config.max_position_embeddings).then(|| {
@@ -86,7 +95,10 @@ impl Trainer {
                 config.max_position_embeddings
             )
         });
-        let reference = if needs_reference {
+        let reference = if needs_reference && recipe.lora.is_some() && recipe.model.reference.is_none() {
+            // The frozen base is the starting policy: the policy with its adapters off, sharing its weights.
+            Some(policy.without_adapters()?)
+        } else if needs_reference {
             let source = match &recipe.model.reference {
                 Some(id) => ModelSource::parse(id, None).context("model.reference")?,
                 None => base.clone(),

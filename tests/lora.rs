@@ -1,0 +1,333 @@
+//! LoRA (`[lora]`): adapters are the only trainable tensors and each gets a gradient, the model starts as the base
+//! exactly, decoding includes the adapters, checkpoints hold PEFT-named adapters and resume bit for bit (GRPO, PPO,
+//! SAFE), and bad settings are exit 2 naming the key.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use common::train::*;
+use safe::model::lora::LoraSpec;
+use safe::model::{attention_mask, positions_from_mask, CausalLm, LoadedModel, ModelSource};
+use safe::optim::{AdamW, AdamWConfig};
+
+fn tiny() -> CausalLm {
+    let src = ModelSource::parse("builtin:tiny", None).unwrap();
+    LoadedModel::load(&src, &Device::Cpu, DType::F32).unwrap().into_model(false, &Device::Cpu, DType::F32).unwrap().0
+}
+
+fn spec(rank: usize, targets: &[&str]) -> LoraSpec {
+    LoraSpec {
+        rank,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+        rslora: false,
+        seed: 7,
+        base_model: "builtin:tiny".into(),
+    }
+}
+
+const ALL: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// Two left-padded rows: input ids, positions, mask.
+fn batch() -> (Tensor, Tensor, Tensor) {
+    let dev = Device::Cpu;
+    let ids: Vec<u32> = vec![1, 17, 200, 42, 7, 99, 254, 3];
+    let valid = vec![[vec![false; 2], vec![true; 6]].concat(), vec![true; 8]];
+    let input = Tensor::new(vec![ids.clone(), ids.iter().rev().copied().collect::<Vec<_>>()], &dev).unwrap();
+    let pos = Tensor::new(positions_from_mask(&valid), &dev).unwrap();
+    (input, pos, attention_mask(&valid, 8, None, &dev).unwrap())
+}
+
+/// A language-model loss over every position.
+fn loss(model: &CausalLm) -> Tensor {
+    let (input, pos, mask) = batch();
+    let logp = safe::model::llama::log_softmax_last_dim(&model.forward(&input, &pos, &mask, None).unwrap()).unwrap();
+    let target = Tensor::new(vec![vec![5u32; 8], vec![9u32; 8]], &Device::Cpu).unwrap();
+    logp.gather(&target.unsqueeze(D::Minus1).unwrap(), D::Minus1).unwrap().mean_all().unwrap().neg().unwrap()
+}
+
+fn logits(model: &CausalLm) -> Vec<f32> {
+    let (input, pos, mask) = batch();
+    model.forward(&input, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn norm2(t: &Tensor) -> f32 {
+    t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn only_adapters_are_variables_and_the_base_is_plain_tensors() {
+    let mut model = tiny();
+    model.add_lora(&spec(4, ALL), None).unwrap();
+    let layers = model.config().num_layers;
+    assert_eq!(model.vars().len(), 2 * 7 * layers);
+    for (name, var) in model.vars() {
+        assert!(name.starts_with("base_model.model.model.layers."), "{name}");
+        assert!(name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight"), "{name}");
+        assert!(var.as_tensor().is_variable());
+    }
+    for (name, t) in model.named_tensors() {
+        assert!(!t.is_variable(), "base tensor {name} is a variable");
+    }
+    // A is PEFT's Kaiming-uniform (|a| ≤ 1/√in, not all zero), B zeros.
+    for (name, t) in model.adapter_tensors() {
+        if name.ends_with("lora_B.weight") {
+            assert_eq!(norm2(&t), 0.0, "{name}");
+        } else {
+            let bound = 1.0 / (t.dim(1).unwrap() as f32).sqrt();
+            let max = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(max > 0.5 * bound && max <= bound, "{name}: max |a| = {max}, bound {bound}");
+        }
+    }
+    // Same seed, same adapters; another seed, another A.
+    let mut again = tiny();
+    again.add_lora(&spec(4, ALL), None).unwrap();
+    let mut other = tiny();
+    other.add_lora(&LoraSpec { seed: 8, ..spec(4, ALL) }, None).unwrap();
+    let a0 = |m: &CausalLm| m.adapter_tensors()[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a0(&model), a0(&again));
+    assert_ne!(a0(&model), a0(&other));
+    // A trainable (full fine-tuning) model cannot take adapters.
+    let src = ModelSource::parse("builtin:tiny", None).unwrap();
+    let (mut full, _) =
+        LoadedModel::load(&src, &Device::Cpu, DType::F32).unwrap().into_model(true, &Device::Cpu, DType::F32).unwrap();
+    assert!(full.add_lora(&spec(4, ALL), None).is_err());
+}
+
+#[test]
+fn at_init_the_adapted_model_is_the_base_exactly() {
+    let base = tiny();
+    let mut model = tiny();
+    model.add_lora(&spec(8, ALL), None).unwrap();
+    let want = logits(&base);
+    // Without a graph the same kernels run, and the adapters add exact zeros.
+    assert_eq!(logits(&model.frozen_view().unwrap()), want);
+    assert_eq!(logits(&model.without_adapters().unwrap()), want);
+    // With the adapters' graph the matmuls run through other kernels (Candle's GEMM, not the decode kernel):
+    // the same values up to rounding.
+    let d = logits(&model).iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(d < 1e-5, "{d}");
+}
+
+#[test]
+fn only_adapters_get_gradients_and_every_adapter_gets_one_after_a_step() {
+    let mut model = tiny();
+    model.add_lora(&spec(4, ALL), None).unwrap();
+    let base: Vec<(String, Tensor)> = model.named_tensors();
+    // At init B = 0: B's gradients are non-zero, A's are exactly zero (dL/dA = s·Bᵀ·…), as in PEFT.
+    let grads = loss(&model).backward().unwrap();
+    for (name, var) in model.vars() {
+        let g = norm2(grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient")));
+        if name.ends_with("lora_B.weight") {
+            assert!(g > 0.0 && g.is_finite(), "{name}: gradient norm² {g}");
+        } else {
+            assert_eq!(g, 0.0, "{name}");
+        }
+    }
+    // No base matrix gets a gradient (the embedding, tied LM head and every linear weight): none is computed.
+    // (Candle differentiates every operand of an op with a graph, so the hidden-sized norm scales still get a
+    // transient one; they are not variables and nothing keeps it.)
+    for (name, t) in &base {
+        if t.rank() == 2 {
+            assert!(grads.get(t).is_none(), "frozen {name} got a gradient");
+        }
+    }
+    let cfg = AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let mut opt = AdamW::new(model.vars().to_vec(), cfg).unwrap();
+    opt.step(&grads).unwrap();
+    let before: HashMap<String, Vec<f32>> =
+        base.iter().map(|(n, t)| (n.clone(), t.flatten_all().unwrap().to_vec1().unwrap())).collect();
+    // After one step B ≠ 0, and every adapter tensor gets a non-zero gradient.
+    let grads = loss(&model).backward().unwrap();
+    for (name, var) in model.vars() {
+        if name.ends_with("lora_B.weight") {
+            assert!(norm2(var.as_tensor()) > 0.0, "{name} did not move");
+        }
+        let g = norm2(grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient")));
+        assert!(g > 0.0 && g.is_finite(), "{name}: gradient norm² {g}");
+    }
+    // The base did not move, and the adapted model now differs from it.
+    for (name, t) in model.named_tensors() {
+        assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), before[&name], "{name} moved");
+    }
+    assert_ne!(logits(&model), logits(&tiny()));
+}
+
+#[test]
+fn decoding_includes_the_adapters() {
+    let mut model = tiny();
+    model.add_lora(&spec(4, ALL), None).unwrap();
+    // Move B off zero so the adapters change the output.
+    for (name, var) in model.vars() {
+        if name.ends_with("lora_B.weight") {
+            let (o, r) = var.as_tensor().dims2().unwrap();
+            let data: Vec<f32> = (0..o * r).map(|i| ((i % 7) as f32 - 3.0) * 0.05).collect();
+            var.set(&Tensor::from_vec(data, (o, r), &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    let dev = Device::Cpu;
+    let ids = Tensor::new(&[[5u32, 80, 33]], &dev).unwrap();
+    let pos = Tensor::new(&[[0u32, 1, 2]], &dev).unwrap();
+    let mask = attention_mask(&[vec![true; 3]], 3, None, &dev).unwrap();
+    // The graph path (trainable variables) vs the no-grad view's decode kernels, f32 and bf16 copies.
+    let want: Vec<f32> = model.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let base: Vec<f32> = tiny().forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let mut view = model.frozen_view().unwrap();
+    let got: Vec<f32> = view.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(diff(&want, &base) > 1e-3, "the adapters change the logits");
+    assert!(diff(&got, &want) < 1e-5, "decode without the adapters? {}", diff(&got, &want));
+    view.enable_bf16_decode().unwrap();
+    let bf16: Vec<f32> = view.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(diff(&bf16, &want) < 0.1 * diff(&want, &base), "bf16 decode: {}", diff(&bf16, &want));
+}
+
+const LORA: &str = "\n[lora]\nrank = 4\nalpha = 8.0\ntargets = [\"all-linear\"]\n";
+
+fn lora_bytes(dir: &Path) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let (m, o) = checkpoint_bytes(dir);
+    (m, o, std::fs::read(dir.join("adapter_model.safetensors")).unwrap())
+}
+
+fn three_plus_three(body: &str, extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), &format!("{body}{LORA}"), 5);
+    ok(&train(&recipe, &["run.name=straight"], "never"));
+    ok(&train(&recipe, &["run.name=split", "run.max_steps=3"], "never"));
+    let out = train(&recipe, &["run.name=split"], "auto");
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("resuming:   from"), "the second half must resume");
+    let (a, b) = (dir.path().join("runs/straight"), dir.path().join("runs/split"));
+    assert_eq!(lora_bytes(&step_dir(&a, 6)), lora_bytes(&step_dir(&b, 6)), "base/optimizer/adapters differ");
+    for f in extra {
+        assert_eq!(
+            std::fs::read(step_dir(&a, 6).join(f)).unwrap(),
+            std::fs::read(step_dir(&b, 6).join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert_eq!(metrics(&a), metrics(&b));
+    // The adapters trained; the base in model.safetensors did not change.
+    let (m3, _, a3) = lora_bytes(&step_dir(&a, 3));
+    let (m6, _, a6) = lora_bytes(&step_dir(&a, 6));
+    assert_eq!(m3, m6, "the frozen base changed");
+    assert_ne!(a3, a6, "the adapters did not train");
+    // The optimizer holds the adapters' moments only.
+    let opt = candle_core::safetensors::load(step_dir(&a, 6).join("optimizer.safetensors"), &Device::Cpu).unwrap();
+    assert!(!opt.is_empty());
+    assert!(opt.keys().all(|k| k.contains(".lora_A.weight") || k.contains(".lora_B.weight")), "{:?}", opt.keys());
+}
+
+#[test]
+fn grpo_resume_with_lora_is_exact_and_checkpoints_hold_peft_adapters() {
+    three_plus_three(TINY, &[]);
+}
+
+#[test]
+fn ppo_resume_with_lora_is_exact() {
+    let body = TINY
+        .replace(
+            "[algorithm]\n",
+            "[algorithm]\nkind = \"ppo\"\nppo_epochs = 2\nnum_mini_batches = 2\nkl_target = 0.01\n",
+        )
+        .replace("micro_batch_size = 4", "micro_batch_size = 2")
+        .replace("num_iterations = 2\n", "")
+        .replace("[optim]\n", "[critic]\nlr = 1e-3\n\n[optim]\n");
+    three_plus_three(&body, &["critic.safetensors", "critic_optimizer.safetensors"]);
+}
+
+#[test]
+fn safe_resume_with_lora_is_exact() {
+    let body = TINY
+        .replace("[algorithm]\n", "[algorithm]\nkind = \"safe\"\n")
+        .replace("num_iterations = 2\n", "")
+        .replace("beta = 0.04\n", "")
+        .replace("num_generations = 4", "num_generations = 2")
+        .replace("micro_batch_size = 4", "micro_batch_size = 2")
+        .replace("[optim]\n", "[algorithm.safe]\nphase_window = 4\n\n[critic]\nlr = 1e-3\n\n[optim]\n");
+    three_plus_three(&body, &["critic.safetensors", "critic_optimizer.safetensors"]);
+}
+
+#[test]
+fn checkpoint_adapters_have_peft_names_shapes_and_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{TINY}\n[lora]\nrank = 2\nalpha = 4.0\ntargets = [\"v_proj\", \"q_proj\"]\nrslora = true\n");
+    let recipe = setup(dir.path(), &body, 5);
+    ok(&train(&recipe, &["run.max_steps=1"], "never"));
+    let ckpt = step_dir(&dir.path().join("runs/t"), 1);
+    let adapters = candle_core::safetensors::load(ckpt.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<(&String, Vec<usize>)> = adapters.iter().map(|(n, t)| (n, t.dims().to_vec())).collect();
+    names.sort();
+    // builtin:tiny: hidden 64, 4 heads of 16 (q: 64 out), 2 KV heads (v: 32 out), 2 layers.
+    let want: Vec<(String, Vec<usize>)> = (0..2)
+        .flat_map(|i| {
+            let p = format!("base_model.model.model.layers.{i}.self_attn");
+            [
+                (format!("{p}.q_proj.lora_A.weight"), vec![2, 64]),
+                (format!("{p}.q_proj.lora_B.weight"), vec![64, 2]),
+                (format!("{p}.v_proj.lora_A.weight"), vec![2, 64]),
+                (format!("{p}.v_proj.lora_B.weight"), vec![32, 2]),
+            ]
+        })
+        .collect();
+    assert_eq!(names.iter().map(|(n, d)| ((*n).clone(), d.clone())).collect::<Vec<_>>(), want);
+    let cfg = common::read_json(&ckpt.join("adapter_config.json"));
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["r"], 2);
+    assert_eq!(cfg["lora_alpha"], 4.0);
+    assert_eq!(cfg["lora_dropout"], 0.0);
+    assert_eq!(cfg["use_rslora"], true);
+    assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    assert_eq!(cfg["base_model_name_or_path"], "builtin:tiny");
+    assert_eq!(cfg["bias"], "none");
+    assert_eq!(cfg["fan_in_fan_out"], false);
+    assert_eq!(cfg["init_lora_weights"], true);
+    // model.safetensors is the base unchanged: exactly the built-in weights, no adapter keys.
+    let base = candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu).unwrap();
+    let fresh = tiny().named_tensors();
+    assert_eq!(base.len(), fresh.len());
+    for (n, t) in fresh {
+        assert_eq!(
+            base[&n].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{n}"
+        );
+    }
+}
+
+/// `safe train` with `sets` exits 2 and its stderr names `key`.
+fn refused(sets: &[&str], key: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), TINY, 5);
+    let mut all = vec!["run.max_steps=1"];
+    all.extend_from_slice(sets);
+    let out = train(&recipe, &all, "never");
+    assert_eq!(out.status.code(), Some(2), "{sets:?}: {}", stderr(&out));
+    assert!(stderr(&out).contains(key), "{sets:?}: stderr does not name {key}: {}", stderr(&out));
+}
+
+#[test]
+fn bad_lora_settings_are_exit_2_naming_the_key() {
+    refused(&["lora.rank=0"], "lora.rank");
+    refused(&["lora.targets=[\"q_proj\", \"qkv_proj\"]"], "lora.targets");
+    refused(&["lora.targets=[\"all-linear\", \"q_proj\"]"], "lora.targets");
+    refused(&["lora.targets=[]"], "lora.targets");
+    refused(&["lora.dropout=0.1"], "lora.dropout");
+    // k_proj of builtin:tiny is 32×64: rank 48 does not fit.
+    refused(&["lora.rank=48", "lora.targets=[\"k_proj\"]"], "lora.rank");
+}
+
+#[test]
+fn lora_keys_may_not_change_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), &format!("{TINY}{LORA}"), 5);
+    ok(&train(&recipe, &["run.max_steps=1"], "never"));
+    let out = train(&recipe, &["run.max_steps=2", "lora.rank=2"], "auto");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("lora.rank"), "{}", stderr(&out));
+}
