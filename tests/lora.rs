@@ -220,6 +220,26 @@ fn three_plus_three(body: &str, extra: &[&str]) {
     let opt = candle_core::safetensors::load(step_dir(&a, 6).join("optimizer.safetensors"), &Device::Cpu).unwrap();
     assert!(!opt.is_empty());
     assert!(opt.keys().all(|k| k.contains(".lora_A.weight") || k.contains(".lora_B.weight")), "{:?}", opt.keys());
+    loads_with_its_adapters(&step_dir(&a, 6));
+}
+
+/// A LoRA checkpoint opened as a model (`safe generate`, `safe eval --model`) is the base plus its adapters, frozen;
+/// opening it for full fine-tuning is refused (that would drop the adapters).
+fn loads_with_its_adapters(ckpt: &Path) {
+    let src = ModelSource::Dir(ckpt.to_path_buf());
+    let load = || LoadedModel::load(&src, &Device::Cpu, DType::F32).unwrap();
+    let (model, _) = load().into_model(false, &Device::Cpu, DType::F32).unwrap();
+    assert!(model.vars().is_empty());
+    let lora = model.lora().expect("the checkpoint's adapters are applied");
+    assert_eq!((lora.rank, lora.alpha, lora.targets.len()), (4, 8.0, 7));
+    // The same as the trained adapters on the built-in base.
+    let saved = candle_core::safetensors::load(ckpt.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let mut trained = tiny();
+    trained.add_lora(&LoraSpec { alpha: 8.0, ..spec(4, ALL) }, Some(&saved)).unwrap();
+    assert_eq!(logits(&model), logits(&trained.frozen_view().unwrap()));
+    assert_ne!(logits(&model), logits(&tiny()), "the adapters change the model");
+    let err = load().into_model(true, &Device::Cpu, DType::F32).err().expect("full fine-tuning is refused");
+    assert!(err.to_string().contains("LoRA adapters"), "{err}");
 }
 
 #[test]

@@ -657,6 +657,15 @@ impl CausalLm {
     /// gives the adapters' values; without it A is PEFT's Kaiming-uniform and B zeros, so the model starts as the
     /// base exactly. A rank larger than a layer's smaller dimension is an error naming `lora.rank`.
     pub fn add_lora(&mut self, spec: &LoraSpec, saved: Option<&HashMap<String, Tensor>>) -> Result<()> {
+        self.attach_lora(spec, saved, true)
+    }
+
+    /// Saved adapters as plain tensors (no variables): for generating and scoring with a LoRA run's checkpoint.
+    pub fn add_frozen_lora(&mut self, spec: &LoraSpec, saved: &HashMap<String, Tensor>) -> Result<()> {
+        self.attach_lora(spec, Some(saved), false)
+    }
+
+    fn attach_lora(&mut self, spec: &LoraSpec, saved: Option<&HashMap<String, Tensor>>, trainable: bool) -> Result<()> {
         if !self.vars.is_empty() || self.lora.is_some() {
             bail!("LoRA adapters go on a frozen model (built with trainable = false) without adapters");
         }
@@ -676,7 +685,7 @@ impl CausalLm {
                 );
             }
             let index = super::lora::LINEAR_MODULES.iter().position(|m| *m == module).unwrap();
-            let mut take = |which: &str, shape: (usize, usize), init: &dyn Fn() -> Result<Tensor>| -> Result<Var> {
+            let mut take = |which: &str, shape: (usize, usize), init: &dyn Fn() -> Result<Tensor>| -> Result<Tensor> {
                 let name = super::lora::peft_name(layer, path, which);
                 let t = match saved.as_mut() {
                     Some(s) => {
@@ -688,16 +697,21 @@ impl CausalLm {
                     }
                     None => init()?,
                 };
+                if !trainable {
+                    vars.push((name, None));
+                    return Ok(t);
+                }
                 let var = Var::from_tensor(&t)?;
-                vars.push((name, var.clone()));
-                Ok(var)
+                let t = var.as_tensor().clone();
+                vars.push((name, Some(var)));
+                Ok(t)
             };
             let a = take("lora_A", (r, in_dim), &|| {
                 let data = super::lora::kaiming_uniform(spec.seed, layer, index, r, in_dim)?;
                 Ok(Tensor::from_vec(data, (r, in_dim), &device)?.to_dtype(dtype)?)
             })?;
             let b = take("lora_B", (out_dim, r), &|| Ok(Tensor::zeros((out_dim, r), dtype, &device)?))?;
-            lin.lora = Some(Adapter { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: spec.scale() });
+            lin.lora = Some(Adapter { a, b, scale: spec.scale() });
         }
         if vars.is_empty() {
             bail!("lora.targets = {:?} names no layer of this model", spec.targets);
@@ -708,7 +722,7 @@ impl CausalLm {
             names.truncate(5);
             bail!("unexpected adapters (not in lora.targets): {}", names.join(", "));
         }
-        self.vars = vars;
+        self.vars = vars.into_iter().filter_map(|(n, v)| Some((n, v?))).collect();
         self.lora = Some(spec.clone());
         Ok(())
     }

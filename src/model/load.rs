@@ -65,6 +65,9 @@ pub struct LoadedModel {
     pub tokenizer: Option<Tokenizer>,
     /// Human-readable origin for messages and checkpoints.
     pub origin: String,
+    /// LoRA adapters beside the weights (a LoRA run's checkpoint: `adapter_config.json` +
+    /// `adapter_model.safetensors`); [`Self::into_model`] applies them.
+    pub adapters: Option<(super::lora::LoraSpec, HashMap<String, Tensor>)>,
 }
 
 impl LoadedModel {
@@ -81,7 +84,7 @@ impl LoadedModel {
                 let config = super::builtin::config(name)?;
                 let tensors = super::builtin::weights(&config, BUILTIN_SEED, device, dtype)?;
                 let tokenizer = Some(super::builtin::tokenizer(&config, &origin)?);
-                Ok(LoadedModel { config, tensors, tokenizer, origin })
+                Ok(LoadedModel { config, tensors, tokenizer, origin, adapters: None })
             }
         }
     }
@@ -103,7 +106,9 @@ impl LoadedModel {
         }
     }
 
-    /// Build the model (trainable or frozen). Consumes the tensors.
+    /// Build the model (trainable or frozen). Consumes the tensors. Adapters found beside the weights are applied
+    /// (frozen, for generating and scoring); a trainable model with adapters is an error, since full fine-tuning
+    /// would drop them (training continues them with `[lora]`, which takes [`Self::adapters`] first).
     pub fn into_model(self, trainable: bool, device: &Device, dtype: DType) -> Result<(CausalLm, Option<Tokenizer>)> {
         if self.config.head == super::config::Head::SequenceClassification {
             bail!(
@@ -117,8 +122,21 @@ impl LoadedModel {
                 }
             );
         }
-        let model = CausalLm::from_tensors(&self.config, self.tensors, trainable, device, dtype)
+        if trainable && self.adapters.is_some() {
+            bail!(
+                "{} holds LoRA adapters ({}): fully fine-tuning it would drop them; train it with a [lora] table \
+                 (merging adapters into the weights is not supported yet)",
+                self.origin,
+                super::lora::ADAPTER_CONFIG_FILE
+            );
+        }
+        let mut model = CausalLm::from_tensors(&self.config, self.tensors, trainable, device, dtype)
             .with_context(|| format!("building the model from {}", self.origin))?;
+        if let Some((spec, tensors)) = &self.adapters {
+            model
+                .add_frozen_lora(spec, tensors)
+                .with_context(|| format!("applying the LoRA adapters of {}", self.origin))?;
+        }
         Ok((model, self.tokenizer))
     }
 }
@@ -161,7 +179,8 @@ fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
         }
     }
     let tokenizer = if dir.join("tokenizer.json").is_file() { Some(Tokenizer::from_dir(dir, &config)?) } else { None };
-    Ok(LoadedModel { config, tensors, tokenizer, origin: dir.display().to_string() })
+    let adapters = super::lora::read_adapters(dir, device, dtype)?;
+    Ok(LoadedModel { config, tensors, tokenizer, origin: dir.display().to_string(), adapters })
 }
 
 /// `model.safetensors`, or the shards listed by `model.safetensors.index.json`.
@@ -219,7 +238,7 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
         tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
     }
     let tokenizer = Some(Tokenizer::from_gguf(&content, path, &config)?);
-    Ok(LoadedModel { config, tensors, tokenizer, origin })
+    Ok(LoadedModel { config, tensors, tokenizer, origin, adapters: None })
 }
 
 /// Inverse of llama.cpp's q/k permutation: `w.reshape(h, d/2, 2, in).swapaxes(1, 2).reshape(out, in)`.

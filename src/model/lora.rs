@@ -3,7 +3,11 @@
 //! stay frozen; only `A` and `B` train. Names follow PEFT's saved adapters
 //! (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`), so `adapter_model.safetensors` opens in PEFT.
 
-use anyhow::Result;
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
 
 use crate::rollout::rng::{RowKey, RowRng};
 
@@ -69,6 +73,51 @@ impl LoraSpec {
             "use_rslora": self.rslora,
         })
     }
+}
+
+/// The adapters in `dir` (`adapter_config.json` + `adapter_model.safetensors`, as a LoRA run's checkpoint holds
+/// them), if it has any. Only what this implementation computes is accepted: plain LoRA on the decoder's linear
+/// layers, no bias, no per-layer patterns.
+pub fn read_adapters(dir: &Path, device: &Device, dtype: DType) -> Result<Option<(LoraSpec, HashMap<String, Tensor>)>> {
+    let path = dir.join(ADAPTER_CONFIG_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let what = path.display().to_string();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path)?).with_context(|| format!("{what} is not valid JSON"))?;
+    if v["peft_type"] != "LORA" {
+        bail!("{what}: peft_type {} is not \"LORA\"", v["peft_type"]);
+    }
+    let rank = v["r"].as_u64().filter(|r| *r > 0).with_context(|| format!("{what}: `r` must be an integer ≥ 1"))?;
+    let alpha = v["lora_alpha"].as_f64().with_context(|| format!("{what}: `lora_alpha` must be a number"))?;
+    let targets: Vec<String> = match &v["target_modules"] {
+        serde_json::Value::Array(items) => items.iter().filter_map(|i| i.as_str().map(str::to_string)).collect(),
+        serde_json::Value::String(s) if s == "all-linear" => LINEAR_MODULES.iter().map(|m| m.to_string()).collect(),
+        other => bail!("{what}: target_modules {other} is not a list of module names"),
+    };
+    if let Some(bad) = targets.iter().find(|t| !LINEAR_MODULES.contains(&t.as_str())) {
+        bail!("{what}: target module `{bad}` is not one of {}", LINEAR_MODULES.join(", "));
+    }
+    if v.get("bias").is_some_and(|b| b != "none") {
+        bail!("{what}: bias {} is not supported (only \"none\")", v["bias"]);
+    }
+    let spec = LoraSpec {
+        rank: rank as usize,
+        alpha,
+        dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
+        targets: LINEAR_MODULES.iter().filter(|m| targets.iter().any(|t| t == *m)).map(|m| m.to_string()).collect(),
+        rslora: v["use_rslora"].as_bool().unwrap_or(false),
+        seed: 0,
+        base_model: v["base_model_name_or_path"].as_str().unwrap_or_default().to_string(),
+    };
+    let file = dir.join(ADAPTER_FILE);
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
+        .with_context(|| format!("cannot read the adapters {}", file.display()))?
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(dtype)?.to_device(device)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    Ok(Some((spec, tensors)))
 }
 
 /// The PEFT name of a targeted layer's adapter matrix: `which` is `"lora_A"` or `"lora_B"`, `module` the layer's HF

@@ -73,17 +73,19 @@ impl Trainer {
         };
         let planned = LoadedModel::config_only(&policy_source)?;
         let plan = memory::plan(&planned, &shape, available, host).map_err(|e| anyhow!(e))?;
-        let loaded = LoadedModel::load(&policy_source, &device, dtype)?;
+        let mut loaded = LoadedModel::load(&policy_source, &device, dtype)?;
+        // A LoRA run's checkpoint has its adapters beside the base: [lora] continues training them.
+        let saved_adapters = if recipe.lora.is_some() { loaded.adapters.take() } else { None };
         let origin = loaded.origin.clone();
         let config = loaded.config.clone();
         // With LoRA the base is built frozen and the adapters are its only variables; a checkpoint's
         // model.safetensors is the base unchanged and its adapters are read back from adapter_model.safetensors.
         let (mut policy, tokenizer) = loaded.into_model(recipe.lora.is_none(), &device, dtype)?;
         if let Some(lora) = &recipe.lora {
-            let saved = match checkpoint {
-                Some(c) => Some(c.tensor_file(crate::checkpoint::ADAPTER_FILE, &device)?),
-                None => None,
-            };
+            if checkpoint.is_some() && saved_adapters.is_none() {
+                bail!("the checkpoint has no LoRA adapters ({})", crate::checkpoint::ADAPTER_FILE);
+            }
+            let saved = saved_adapters.map(|(_, tensors)| tensors);
             policy.add_lora(&lora.spec(recipe.run.seed, &recipe.model.id), saved.as_ref()).context("[lora]")?;
         }
         let tokenizer = tokenizer.with_context(|| format!("{origin} has no tokenizer (tokenizer.json)"))?;
