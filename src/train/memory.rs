@@ -82,6 +82,9 @@ pub struct StepShape {
     pub gradient_checkpointing: bool,
     /// Whether the algorithm offers gradient checkpointing (GRPO, GRPO-λ), so the advice may suggest it.
     pub can_checkpoint: bool,
+    /// With LoRA, the policy's trainable parameters (the adapters, [`lora_parameter_count`]): only they have
+    /// gradients and AdamW moments, and the frozen head has no vocab-sized gradient. `None`: full fine-tuning.
+    pub lora_params: Option<u64>,
 }
 
 impl StepShape {
@@ -173,10 +176,32 @@ fn per_completion(shape: &StepShape) -> Sat {
 fn resident_state(cfg: &ModelConfig, shape: &StepShape) -> Sat {
     let p = sat(parameter_count(cfg));
     let b = sat(shape.dtype_bytes);
-    let models = sat(1 + shape.critic as u64);
+    let critic = sat(shape.critic as u64);
     let reference = if shape.reference { p * b } else { sat(0) };
     let bf16 = if shape.bf16_decode { p * sat(2) } else { sat(0) };
-    p * (b + sat(8)) * models + reference + bf16
+    let policy = match shape.lora_params {
+        // The frozen base, and the adapters with their two f32 moments.
+        Some(a) => p * b + sat(a) * (b + sat(8)),
+        None => p * (b + sat(8)),
+    };
+    policy + p * (b + sat(8)) * critic + reference + bf16
+}
+
+/// The parameters of LoRA adapters of rank `rank` on the `targets` (module names) of every layer: r·(in + out)
+/// each.
+pub fn lora_parameter_count(cfg: &ModelConfig, rank: usize, targets: &[String]) -> u64 {
+    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let (q, kv) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
+    let per_layer: u64 = targets
+        .iter()
+        .map(|t| match t.as_str() {
+            "q_proj" => h + q,
+            "k_proj" | "v_proj" => h + kv,
+            "o_proj" => q + h,
+            _ => h + i, // gate_proj, up_proj, down_proj
+        })
+        .sum();
+    (rank as u64).saturating_mul(per_layer).saturating_mul(cfg.num_layers as u64)
 }
 
 /// Activations of one layer for T tokens that are not attention scores: norm outputs, q/k/v (projected, unpacked,
@@ -193,11 +218,16 @@ fn layer_linear(cfg: &ModelConfig, t: Sat) -> Sat {
 pub fn update_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     let p = sat(parameter_count(cfg));
     let b = sat(shape.dtype_bytes);
-    let models = sat(1 + shape.critic as u64);
+    let critic = sat(shape.critic as u64);
     // The summed gradients and this micro-batch's (the sum is formed one variable at a time); the embedding's
     // gradient is summed in backward from the LM head's and the lookup's, each started from zeros (three more
     // vocab × hidden). The optimizer's step, after backward, holds one gradient and per-variable temporaries: less.
-    let grads = p * sat(2) * b * models + sat(3) * sat(cfg.vocab_size) * sat(cfg.hidden_size) * b;
+    // With LoRA only the adapters have gradients; the frozen embedding and head have none.
+    let embedding = sat(3) * sat(cfg.vocab_size) * sat(cfg.hidden_size) * b;
+    let grads = match shape.lora_params {
+        Some(a) => sat(a) * sat(2) * b + (p * sat(2) * b + embedding) * critic,
+        None => p * sat(2) * b * (sat(1) + critic) + embedding,
+    };
     let state = resident_state(cfg, shape) + grads;
     let t = sat(shape.max_prompt_tokens) + sat(shape.max_new_tokens);
     let c = sat(shape.max_new_tokens);
@@ -224,7 +254,7 @@ pub fn update_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     } else {
         (sat(0), sat(4) * c * vocab * sat(4))
     };
-    let row = (kept + backward + mask + head_row) * models;
+    let row = (kept + backward + mask + head_row) * (sat(1) + critic);
     (fixed(cfg, shape) + state + head_fixed + sat(micro) * row).0
 }
 
@@ -465,6 +495,7 @@ mod tests {
             fused_head: false,
             gradient_checkpointing: false,
             can_checkpoint: true,
+            lora_params: None,
         }
     }
 
@@ -479,6 +510,21 @@ mod tests {
             fused_head: true,
             ..shape(0)
         }
+    }
+
+    #[test]
+    fn lora_counts_adapters_only_and_plans_less_memory() {
+        let cfg = tiny();
+        let all: Vec<String> = crate::model::lora::LINEAR_MODULES.iter().map(|m| m.to_string()).collect();
+        // tiny per layer: q 64+64, k and v 64+32 each, o 64+64, gate and up 64+192 each, down 192+64.
+        assert_eq!(lora_parameter_count(&cfg, 4, &all), 4 * (128 + 96 + 96 + 128 + 3 * 256) * 2);
+        assert_eq!(lora_parameter_count(&cfg, 2, &["q_proj".into()]), 2 * 128 * 2);
+        let full = update_bytes(&smollm2(), &shape(4), 4);
+        let lora = StepShape { lora_params: Some(lora_parameter_count(&smollm2(), 8, &all)), ..shape(4) };
+        let with_lora = update_bytes(&smollm2(), &lora, 4);
+        // No full-size gradients or moments: the difference is at least p·(8 + 2·4) bytes minus the adapters'.
+        let p = parameter_count(&smollm2());
+        assert!(full - with_lora >= p * 16 - lora_parameter_count(&smollm2(), 8, &all) * 16, "{full} vs {with_lora}");
     }
 
     #[test]

@@ -62,7 +62,8 @@ impl Trainer {
             } else {
                 ro.max_new_tokens
             },
-            reference: needs_reference,
+            // With LoRA and no model.reference, the reference is the policy's own frozen base: no memory of its own.
+            reference: needs_reference && (recipe.lora.is_none() || recipe.model.reference.is_some()),
             reference_optional: needs.reference_for_beta_only && !sh.kind.needs_references(sh.relative),
             critic: needs.value_model,
             dtype_bytes: dtype.size_in_bytes(),
@@ -70,8 +71,13 @@ impl Trainer {
             fused_head: crate::model::fused_head::supported(&device, dtype) && !needs.entropy_gradient,
             gradient_checkpointing: needs.gradient_checkpointing,
             can_checkpoint: needs.can_checkpoint,
+            lora_params: None,
         };
         let planned = LoadedModel::config_only(&policy_source)?;
+        let shape = memory::StepShape {
+            lora_params: recipe.lora.as_ref().map(|l| memory::lora_parameter_count(&planned, l.rank, &l.targets)),
+            ..shape
+        };
         let plan = memory::plan(&planned, &shape, available, host).map_err(|e| anyhow!(e))?;
         let mut loaded = LoadedModel::load(&policy_source, &device, dtype)?;
         // A LoRA run's checkpoint has its adapters beside the base: [lora] continues training them.
