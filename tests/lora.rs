@@ -351,3 +351,49 @@ fn lora_keys_may_not_change_on_resume() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("lora.rank"), "{}", stderr(&out));
 }
+
+/// The adapters of a run's checkpoint after `step`, by name.
+fn adapters_at(run: &Path, step: u64) -> HashMap<String, Vec<f32>> {
+    candle_core::safetensors::load(step_dir(run, step).join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1().unwrap()))
+        .collect()
+}
+
+#[test]
+fn gradient_checkpointing_trains_the_same_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), &format!("{TINY}{LORA}"), 5);
+    ok(&train(&recipe, &["run.name=plain", "run.max_steps=3"], "never"));
+    ok(&train(&recipe, &["run.name=ckpt", "run.max_steps=3", "algorithm.gradient_checkpointing=true"], "never"));
+    let runs = dir.path().join("runs");
+    assert_eq!(adapters_at(&runs.join("plain"), 3), adapters_at(&runs.join("ckpt"), 3));
+}
+
+#[test]
+fn rloo_and_reinforce_pp_train_only_the_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = TINY.replace("num_iterations = 2\n", "");
+    let recipe = setup(dir.path(), &format!("{body}{LORA}"), 5);
+    for kind in ["rloo", "reinforce_pp"] {
+        ok(&train(
+            &recipe,
+            &[&format!("run.name={kind}"), &format!("algorithm.kind={kind}"), "run.max_steps=3"],
+            "never",
+        ));
+        let run = dir.path().join("runs").join(kind);
+        // B moved off zero: the adapters trained.
+        let adapters = adapters_at(&run, 3);
+        assert!(adapters
+            .iter()
+            .filter(|(n, _)| n.ends_with("lora_B.weight"))
+            .all(|(_, b)| b.iter().any(|x| *x != 0.0)));
+        // The base is the built-in model's, bit for bit.
+        let saved = candle_core::safetensors::load(step_dir(&run, 3).join("model.safetensors"), &Device::Cpu).unwrap();
+        for (n, t) in tiny().named_tensors() {
+            let want: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(saved[&n].flatten_all().unwrap().to_vec1::<f32>().unwrap(), want, "{kind}: {n}");
+        }
+    }
+}
