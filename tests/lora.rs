@@ -200,7 +200,9 @@ fn three_plus_three(body: &str, extra: &[&str]) {
     ok(&train(&recipe, &["run.name=split", "run.max_steps=3"], "never"));
     let out = train(&recipe, &["run.name=split"], "auto");
     ok(&out);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("resuming:   from"), "the second half must resume");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("resuming:   from"), "the second half must resume");
+    assert!(stdout.contains("lora:       rank 4, alpha 8 (α/r), on q_proj, k_proj"), "{stdout}");
     let (a, b) = (dir.path().join("runs/straight"), dir.path().join("runs/split"));
     assert_eq!(lora_bytes(&step_dir(&a, 6)), lora_bytes(&step_dir(&b, 6)), "base/optimizer/adapters differ");
     for f in extra {

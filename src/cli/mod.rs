@@ -500,9 +500,24 @@ pub fn summary(r: &Recipe, resume: &Resume) -> String {
         Resume::Never => "never".to_string(),
         Resume::Dir(d) => d.display().to_string(),
     };
+    let lora = r
+        .lora
+        .as_ref()
+        .map(|l| {
+            format!(
+                "lora:       rank {}, alpha {} ({}), on {}; frozen base{}\n",
+                l.rank,
+                l.alpha,
+                if l.rslora { "α/√r" } else { "α/r" },
+                l.targets.join(", "),
+                if r.model.reference.is_none() { " (with the adapters off, also the reference)" } else { "" }
+            )
+        })
+        .unwrap_or_default();
     format!(
         "run:        {} (max_steps {}, seed {}, resume {resume})\n\
          model:      {} @ {} (dtype {}, device {})\n\
+         {lora}\
          data:       {data}\n\
          algorithm:  {} ({})\n\
          batch:      {} prompts × {} generations = {n} completions per step; micro-batches: {micro}\n\
