@@ -399,3 +399,28 @@ fn rloo_and_reinforce_pp_train_only_the_adapters() {
         }
     }
 }
+
+#[test]
+fn the_lora_table_is_off_unless_present_and_round_trips() {
+    let text = TINY.replace("{dir}", "/tmp/x");
+    let without = safe::recipe::from_str(&text, "r.toml", &[]).unwrap();
+    assert!(without.lora.is_none());
+    // Absent: no [lora] in the resolved recipe (so recipes without it keep their resolved text and hash).
+    assert!(!without.to_toml_string().contains("[lora]"));
+    // An empty table turns it on with PEFT's defaults (r = 8, alpha = 8, q_proj and v_proj).
+    let empty = safe::recipe::from_str(&format!("{text}\n[lora]\n"), "r.toml", &[]).unwrap();
+    let l = empty.lora.as_ref().unwrap();
+    assert_eq!((l.rank, l.alpha, l.dropout, l.rslora), (8, 8.0, 0.0, false));
+    assert_eq!(l.targets, ["q_proj", "v_proj"]);
+    assert_ne!(empty.hash(), without.hash());
+    // --set alone turns it on too; "all-linear" expands to every module, in layer order.
+    let set = safe::recipe::from_str(&text, "r.toml", &["lora.targets=[\"all-linear\"]".into()]).unwrap();
+    assert_eq!(set.lora.as_ref().unwrap().targets, ALL);
+    // Targets are kept in module order, whatever the recipe's order.
+    let order = safe::recipe::from_str(&text, "r.toml", &["lora.targets=[\"v_proj\", \"q_proj\"]".into()]).unwrap();
+    assert_eq!(order.lora.as_ref().unwrap().targets, ["q_proj", "v_proj"]);
+    // The resolved text loads back to an equal recipe.
+    for r in [&without, &empty, &set] {
+        assert_eq!(&safe::recipe::from_str(&r.to_toml_string(), "resolved.toml", &[]).unwrap(), r);
+    }
+}
