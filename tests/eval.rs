@@ -196,3 +196,22 @@ fn bad_eval_keys_are_exit_2_naming_the_key() {
         assert!(stderr(&out).contains("recipe.toml:"), "the message names the file and line: {}", stderr(&out));
     }
 }
+
+#[test]
+fn safe_eval_with_a_missing_model_or_bad_recipe_is_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup_eval(dir.path(), &with_eval(""));
+    let missing = dir.path().join("no-such-model");
+    let out = safe_cmd()
+        .args(["eval", "--config", recipe.to_str().unwrap(), "--model", missing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no-such-model"), "{}", stderr(&out));
+    let out = safe_cmd()
+        .args(["eval", "--config", recipe.to_str().unwrap(), "--set", "eval.num_samples=0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("eval.num_samples"), "{}", stderr(&out));
+}
