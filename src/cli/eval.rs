@@ -8,7 +8,6 @@ use super::EvalArgs;
 use crate::eval::Evaluator;
 use crate::model::{CausalLm, LoadedModel, ModelSource, Tokenizer};
 use crate::reward::RewardPipeline;
-use crate::rollout::GenerationConfig;
 
 /// Everything before sampling: all errors here are bad input (exit 2).
 pub struct Prepared {
@@ -40,7 +39,7 @@ pub fn prepare(args: &EvalArgs, recipe: &crate::recipe::Recipe) -> Result<Prepar
     }
     let rewards = RewardPipeline::from_settings(&recipe.rewards, &device, dtype)?;
     rewards.check_rows(dataset.examples().iter().map(|e| (dataset.location(e.index), &e.columns)))?;
-    let generation = GenerationConfig::from_rollout(&recipe.rollout, &tokenizer, args.batch_size);
+    let generation = crate::train::generation_config(&recipe.rollout, &tokenizer, args.batch_size);
     let (evaluator, note) =
         Evaluator::new(&recipe.eval, dataset, &tokenizer, &recipe.data, &generation, recipe.run.seed)?;
     if let Some(note) = note {

@@ -43,26 +43,6 @@ pub struct GenerationConfig {
     pub pad_id: u32,
 }
 
-impl GenerationConfig {
-    /// The recipe's `[rollout]` sampling, stopping at the tokenizer's EOS ids, `batch_size` rows at a time.
-    pub fn from_rollout(ro: &crate::recipe::RolloutSettings, tokenizer: &Tokenizer, batch_size: usize) -> Self {
-        Self {
-            sampling: SamplingParams {
-                temperature: ro.temperature,
-                top_p: ro.top_p,
-                top_k: ro.top_k,
-                min_p: ro.min_p,
-                repetition_penalty: ro.repetition_penalty,
-            },
-            max_new_tokens: ro.max_new_tokens,
-            eos_ids: tokenizer.eos_ids().to_vec(),
-            stop_strings: ro.stop.clone(),
-            batch_size,
-            pad_id: tokenizer.padding_id(),
-        }
-    }
-}
-
 /// One completion to produce: its prompt ids and the key of its random stream.
 #[derive(Debug, Clone)]
 pub struct Request {

@@ -618,6 +618,29 @@ impl Trainer {
     }
 }
 
+/// The recipe's `[rollout]` sampling as generation settings, stopping at the tokenizer's EOS ids, `batch_size` rows
+/// at a time (training's rollouts and its evaluation, and `safe eval`).
+pub fn generation_config(
+    ro: &crate::recipe::RolloutSettings,
+    tokenizer: &Tokenizer,
+    batch_size: usize,
+) -> GenerationConfig {
+    GenerationConfig {
+        sampling: crate::rollout::SamplingParams {
+            temperature: ro.temperature,
+            top_p: ro.top_p,
+            top_k: ro.top_k,
+            min_p: ro.min_p,
+            repetition_penalty: ro.repetition_penalty,
+        },
+        max_new_tokens: ro.max_new_tokens,
+        eos_ids: tokenizer.eos_ids().to_vec(),
+        stop_strings: ro.stop.clone(),
+        batch_size,
+        pad_id: tokenizer.padding_id(),
+    }
+}
+
 fn finite_or_null(x: f64) -> serde_json::Value {
     serde_json::Number::from_f64(x).map_or(serde_json::Value::Null, serde_json::Value::Number)
 }

@@ -17,7 +17,7 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::recipe::{Recipe, RolloutSource};
 use crate::reward::shaping::RunningStats;
 use crate::reward::RewardPipeline;
-use crate::rollout::{GenerationConfig, Replay};
+use crate::rollout::Replay;
 
 impl Trainer {
     /// Load everything and check that the run can go ahead. Every error here is bad input (exit 2): nothing has
@@ -233,7 +233,7 @@ impl Trainer {
         let metrics =
             MetricsWriter::open_with_tensorboard(&run_dir.join(run_dir::METRICS_FILE), tensorboard.as_deref())?;
         let pad_id = tokenizer.padding_id();
-        let generation = GenerationConfig::from_rollout(ro, &tokenizer, plan.rollout_batch_size);
+        let generation = super::generation_config(ro, &tokenizer, plan.rollout_batch_size);
         let evaluator = match eval_data {
             Some(held) => {
                 let (ev, note) =
