@@ -64,19 +64,14 @@ pub fn held_out(n: usize, fraction: f64) -> Result<Vec<bool>> {
     Ok(held)
 }
 
-/// The training data and the held-out data the recipe names: with `eval.split`, the rows of `data.source` split
-/// between them; with `eval.source`, `data.source` whole and that file; without either, no evaluation data.
-pub fn datasets(data: &DataSettings, eval: &EvalSettings) -> Result<(Dataset, Option<Dataset>)> {
-    let all = Dataset::load(data)?;
-    match &eval.data {
-        EvalData::Off | EvalData::Source(_) => Ok((all, source_dataset(data, eval)?)),
-        EvalData::Split(fraction) => {
-            let held = held_out(all.len(), *fraction)?;
-            let train = all.subset(|i| !held[i])?;
-            let eval = all.subset(|i| held[i])?;
-            Ok((train, Some(eval)))
-        }
-    }
+/// `data.source`'s rows split between training and evaluation: with `eval.split`, (the rows trained on, the rows
+/// held out); otherwise all of them to train on and none held out here (`eval.source` is [`source_dataset`]'s).
+pub fn split_off(all: Dataset, eval: &EvalSettings) -> Result<(Dataset, Option<Dataset>)> {
+    let EvalData::Split(fraction) = eval.data else { return Ok((all, None)) };
+    let held = held_out(all.len(), fraction)?;
+    let train = all.subset(|i| !held[i])?;
+    let eval = all.subset(|i| held[i])?;
+    Ok((train, Some(eval)))
 }
 
 /// The prompts of `eval.source` (read with `data.prompt_field`); `None` unless the recipe names one.
@@ -87,9 +82,12 @@ pub fn source_dataset(data: &DataSettings, eval: &EvalSettings) -> Result<Option
 }
 
 /// The prompts `safe eval` evaluates on: the held-out data the recipe names, or `data.source` whole when it names
-/// none (said in the returned note).
+/// none (said in the returned note). Only what it evaluates on is read.
 pub fn command_dataset(data: &DataSettings, eval: &EvalSettings) -> Result<(Dataset, Option<String>)> {
-    match datasets(data, eval)? {
+    if let Some(held) = source_dataset(data, eval)? {
+        return Ok((held, None));
+    }
+    match split_off(Dataset::load(data)?, eval)? {
         (_, Some(held)) => Ok((held, None)),
         (all, None) => Ok((
             all,

@@ -8,7 +8,7 @@ use super::run_dir::{self, Start};
 use super::{memory, Prompts, TrainState, Trainer};
 use crate::algo::{OptimSchedule, Runtime};
 use crate::checkpoint::Checkpoint;
-use crate::data::{Sampler, TruncationCounter};
+use crate::data::{Dataset, Sampler, TruncationCounter};
 use crate::eval::Evaluator;
 use crate::exit::{self, Failure, OrExit};
 use crate::metrics::MetricsWriter;
@@ -135,8 +135,8 @@ impl Trainer {
                 &mut truncation,
             )?),
             RolloutSource::Sample => {
-                let (dataset, held_out) = crate::eval::datasets(&recipe.data, &recipe.eval)?;
-                eval_data = held_out;
+                let (dataset, held_out) = crate::eval::split_off(Dataset::load(&recipe.data)?, &recipe.eval)?;
+                eval_data = eval_data.or(held_out);
                 let chat = recipe.data.chat;
                 if chat && !tokenizer.has_chat_template() {
                     bail!(
