@@ -94,6 +94,31 @@ impl Dataset {
         Ok(Self { examples, origin })
     }
 
+    /// The first `n` prompts rendered (`chat`: through the chat template) and tokenised, left-truncated to
+    /// `max_prompt_tokens` (each cut counted in `truncation`): (text, ids) per example. A prompt that tokenises to
+    /// nothing is an error naming its row.
+    pub fn encode_prompts(
+        &self,
+        n: usize,
+        tokenizer: &crate::model::Tokenizer,
+        chat: bool,
+        max_prompt_tokens: usize,
+        truncation: &mut TruncationCounter,
+    ) -> Result<Vec<(String, Vec<u32>)>> {
+        self.examples[..n.min(self.examples.len())]
+            .iter()
+            .map(|e| {
+                let text = render(e, tokenizer, chat)?;
+                let (ids, cut) = encode_prompt(&text, tokenizer, max_prompt_tokens)?;
+                truncation.record(cut);
+                if ids.is_empty() {
+                    bail!("{}: the prompt is empty after tokenisation", self.location(e.index));
+                }
+                Ok((text, ids))
+            })
+            .collect()
+    }
+
     /// Where example `i` comes from, for messages: `data.jsonl:7`, or `example 7` for built-in data.
     pub fn location(&self, i: usize) -> String {
         match &self.origin {

@@ -197,21 +197,10 @@ impl Evaluator {
     ) -> Result<(Self, Option<String>)> {
         let n = match settings.max_prompts {
             0 => dataset.len(),
-            m => m.min(dataset.len()),
+            m => m,
         };
         let mut truncation = TruncationCounter::default();
-        let encoded = dataset.examples()[..n]
-            .iter()
-            .map(|e| {
-                let text = crate::data::render(e, tokenizer, data.chat)?;
-                let (ids, cut) = crate::data::encode_prompt(&text, tokenizer, data.max_prompt_tokens)?;
-                truncation.record(cut);
-                if ids.is_empty() {
-                    bail!("{}: the evaluation prompt is empty after tokenisation", dataset.location(e.index));
-                }
-                Ok((text, ids))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let encoded = dataset.encode_prompts(n, tokenizer, data.chat, data.max_prompt_tokens, &mut truncation)?;
         let mut generation = rollout.clone();
         generation.sampling.temperature = settings.temperature;
         generation.max_new_tokens = settings.max_new_tokens;

@@ -47,6 +47,7 @@ impl Trainer {
         let sh = &recipe.shaping;
         let needs_reference = needs.reference || sh.kind.needs_references(sh.relative);
         // Plan from the config alone: a step that cannot fit is refused before any weights load.
+        let planned = LoadedModel::config_only(&policy_source)?;
         let ro = &recipe.rollout;
         let shape = memory::StepShape {
             prompts: ro.prompts_per_step,
@@ -71,12 +72,7 @@ impl Trainer {
             fused_head: crate::model::fused_head::supported(&device, dtype) && !needs.entropy_gradient,
             gradient_checkpointing: needs.gradient_checkpointing,
             can_checkpoint: needs.can_checkpoint,
-            lora_params: None,
-        };
-        let planned = LoadedModel::config_only(&policy_source)?;
-        let shape = memory::StepShape {
             lora_params: recipe.lora.as_ref().map(|l| memory::lora_parameter_count(&planned, l.rank, &l.targets)),
-            ..shape
         };
         let plan = memory::plan(&planned, &shape, available, host).map_err(|e| anyhow!(e))?;
         let mut loaded = LoadedModel::load(&policy_source, &device, dtype)?;
@@ -144,19 +140,13 @@ impl Trainer {
                          plain text"
                     );
                 }
-                let encoded = dataset
-                    .examples()
-                    .iter()
-                    .map(|e| {
-                        let text = crate::data::render(e, &tokenizer, chat)?;
-                        let (ids, cut) = crate::data::encode_prompt(&text, &tokenizer, recipe.data.max_prompt_tokens)?;
-                        truncation.record(cut);
-                        if ids.is_empty() {
-                            bail!("{}: the prompt is empty after tokenisation", dataset.location(e.index));
-                        }
-                        Ok((text, ids))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                let encoded = dataset.encode_prompts(
+                    dataset.len(),
+                    &tokenizer,
+                    chat,
+                    recipe.data.max_prompt_tokens,
+                    &mut truncation,
+                )?;
                 let seed = recipe.run.seed;
                 let sampler = match checkpoint.map(train_state).transpose()?.and_then(|s| s.sampler) {
                     Some(s) => Sampler::from_state(seed, dataset.len(), recipe.data.shuffle, s)?,
