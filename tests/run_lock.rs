@@ -27,6 +27,14 @@ fn a_second_process_on_a_live_run_is_refused_naming_the_holder() {
         assert!(start.elapsed() < Duration::from_secs(60), "the first run never took its lock");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The lock comes before the model loads; wait until the run logs a step, so the checks below see a live run
+    // with a metrics file to lose (on a slow machine the file did not exist yet when they ran).
+    let metrics = dir.path().join("runs/t/metrics.jsonl");
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().next().is_none()) {
+        assert!(start.elapsed() < Duration::from_secs(120), "the first run never logged a step");
+        assert!(holder.try_wait().unwrap().is_none(), "the first run exited before logging a step");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let second = |extra: &[&str]| {
         let mut c = safe_cmd();
         c.args(["train", "--config", recipe.to_str().unwrap()]).args(extra);
@@ -38,7 +46,8 @@ fn a_second_process_on_a_live_run_is_refused_naming_the_holder() {
         assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", stderr(&out));
         assert!(stderr(&out).contains(&expected), "{extra:?}: {}", stderr(&out));
     }
-    assert!(dir.path().join("runs/t/metrics.jsonl").is_file(), "the live run was left alone");
+    assert!(metrics.is_file(), "the live run was left alone");
+    assert!(holder.try_wait().unwrap().is_none(), "the live run kept running");
     // kill -9: the kernel drops the lock with the process; the next run takes it at once.
     holder.kill().unwrap();
     holder.wait().unwrap();
