@@ -179,10 +179,7 @@ fn write_contents(dir: &Path, req: &SaveRequest) -> Result<()> {
     write_safetensors(&dir.join(OPTIMIZER_FILE), &req.optimizer.state_tensors())?;
     // LoRA: model.safetensors holds the frozen base; the adapters go beside it in PEFT's format (resume reads them
     // back from there).
-    if let Some(spec) = model.lora() {
-        write_safetensors(&dir.join(ADAPTER_FILE), &model.adapter_tensors())?;
-        fsio::write_synced(&dir.join(ADAPTER_CONFIG_FILE), &pretty(&spec.peft_config())?)?;
-    }
+    write_adapter_files(dir, model)?;
     for (file, tensors) in req.extra_tensor_files {
         let reserved = [STATE_FILE, MODEL_FILE, OPTIMIZER_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE];
         if file.contains('/') || file.starts_with('.') || reserved.contains(&&**file) {
@@ -203,6 +200,16 @@ fn write_contents(dir: &Path, req: &SaveRequest) -> Result<()> {
     state.digest = state.digest_of_fields()?;
     // Serialized from the struct, not a `Value` (whose map sorts keys), so `complete` stays last.
     fsio::write_synced(&dir.join(STATE_FILE), &pretty(&state)?)
+}
+
+/// A LoRA model's adapters in PEFT's format, as a checkpoint holds them: `adapter_model.safetensors` (PEFT's
+/// names) and `adapter_config.json` (`LoraSpec::peft_config`). Nothing for a model without adapters; returns
+/// whether it wrote them. `PeftModel.from_pretrained(base, dir)` loads the two files as they are.
+pub fn write_adapter_files(dir: &Path, model: &CausalLm) -> Result<bool> {
+    let Some(spec) = model.lora() else { return Ok(false) };
+    write_safetensors(&dir.join(ADAPTER_FILE), &model.adapter_tensors())?;
+    fsio::write_synced(&dir.join(ADAPTER_CONFIG_FILE), &pretty(&spec.peft_config())?)?;
+    Ok(true)
 }
 
 fn pretty<T: Serialize>(v: &T) -> Result<Vec<u8>> {

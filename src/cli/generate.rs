@@ -32,7 +32,10 @@ pub fn prepare(args: &GenerateArgs) -> Result<Prepared> {
     let device = args.device.device()?;
     let dtype = args.dtype.resolve(&device);
     let source = ModelSource::parse(&args.model, args.revision.as_deref())?;
-    let loaded = LoadedModel::load(&source, &device, dtype)?;
+    let mut loaded = LoadedModel::load(&source, &device, dtype)?;
+    if let Some(dir) = &args.adapter {
+        loaded = loaded.with_adapter_dir(dir, &device, dtype)?;
+    }
     let origin = loaded.origin.clone();
     let (model, tokenizer) = loaded.into_model(false, &device, dtype)?;
     let tokenizer = tokenizer.with_context(|| format!("{origin} has no tokenizer (tokenizer.json)"))?;

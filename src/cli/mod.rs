@@ -169,6 +169,10 @@ pub struct GenerateArgs {
     /// Local HF directory, .gguf file, or hub id org/name.
     #[arg(long, value_name = "M")]
     pub model: String,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply to the model, as
+    /// PEFT's save_pretrained or a LoRA run's checkpoint writes it. A model that already holds adapters is an error.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<std::path::PathBuf>,
     /// A single prompt.
     #[arg(long, value_name = "TEXT")]
     pub prompt: Option<String>,
@@ -243,6 +247,10 @@ pub struct LogprobsArgs {
     /// Local HF directory, .gguf file, hub id org/name, or a checkpoint directory.
     #[arg(long, value_name = "M")]
     pub model: String,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply to the model, as
+    /// PEFT's save_pretrained or a LoRA run's checkpoint writes it. A model that already holds adapters is an error.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<std::path::PathBuf>,
     /// A JSONL file of prompts and completions.
     #[arg(long, value_name = "FILE")]
     pub input: PathBuf,

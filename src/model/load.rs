@@ -141,6 +141,86 @@ impl LoadedModel {
     }
 }
 
+impl LoadedModel {
+    /// Put the PEFT LoRA adapter in `dir` (`adapter_config.json` + `adapter_model.safetensors`, as PEFT's
+    /// `save_pretrained` or a LoRA run's checkpoint writes them) on this base; [`Self::into_model`] applies it,
+    /// frozen. Everything is checked here against the base's weights, each error naming the file and the key: a
+    /// tensor name that is not a targeted layer of this base (a layer index beyond its layers, a module the
+    /// config does not target), a missing tensor, a shape that does not match, and a base that already holds
+    /// adapters.
+    pub fn with_adapter_dir(mut self, dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        use super::lora::{ADAPTER_CONFIG_FILE, ADAPTER_FILE};
+        if !dir.is_dir() {
+            bail!("adapter directory {} does not exist", dir.display());
+        }
+        let config_path = dir.join(ADAPTER_CONFIG_FILE);
+        if self.adapters.is_some() {
+            bail!(
+                "{} already holds LoRA adapters ({ADAPTER_CONFIG_FILE}); --adapter {} needs a base model without \
+                 adapters",
+                self.origin,
+                dir.display()
+            );
+        }
+        let (spec, tensors) = super::lora::read_adapters(dir, device, dtype)?
+            .with_context(|| format!("{} does not exist (expected a PEFT adapter directory)", config_path.display()))?;
+        let file = dir.join(ADAPTER_FILE).display().to_string();
+        let layers = self.config.num_layers;
+        let mut expected = HashMap::new();
+        for layer in 0..layers {
+            for module in &spec.targets {
+                let path = if ["gate_proj", "up_proj", "down_proj"].contains(&module.as_str()) {
+                    format!("mlp.{module}")
+                } else {
+                    format!("self_attn.{module}")
+                };
+                let base_name = format!("model.layers.{layer}.{path}.weight");
+                let base = self.tensors.get(&base_name).with_context(|| {
+                    format!("{}: the base {} has no `{base_name}` to adapt", config_path.display(), self.origin)
+                })?;
+                let (out_dim, in_dim) = base.dims2()?;
+                expected.insert(super::lora::peft_name(layer, &path, "lora_A"), [spec.rank, in_dim]);
+                expected.insert(super::lora::peft_name(layer, &path, "lora_B"), [out_dim, spec.rank]);
+            }
+        }
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let Some(shape) = expected.get(name) else {
+                let layer = name
+                    .strip_prefix("base_model.model.model.layers.")
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|n| n.parse::<usize>().ok());
+                match layer {
+                    Some(l) if l >= layers => {
+                        bail!("{file}: adapter `{name}` is for layer {l}, but the base {} has {layers} layers", self.origin)
+                    }
+                    _ => bail!(
+                        "{file}: unexpected adapter `{name}` (not a lora_A/lora_B of a layer that {ADAPTER_CONFIG_FILE}'s \
+                         target_modules {:?} names)",
+                        spec.targets
+                    ),
+                }
+            };
+            let dims = tensors[name].dims();
+            if dims != shape {
+                bail!(
+                    "{file}: adapter `{name}` has shape {dims:?}, expected {shape:?} for the base {} (an adapter made \
+                     for another base model?)",
+                    self.origin
+                );
+            }
+        }
+        let mut missing: Vec<&String> = expected.keys().filter(|n| !tensors.contains_key(*n)).collect();
+        missing.sort();
+        if let Some(name) = missing.first() {
+            bail!("{file}: adapter `{name}` is missing ({ADAPTER_CONFIG_FILE}'s target_modules name it)");
+        }
+        self.adapters = Some((spec, tensors));
+        Ok(self)
+    }
+}
+
 fn dir_config(dir: &Path) -> Result<ModelConfig> {
     let config_path = dir.join("config.json");
     if !config_path.is_file() {

@@ -102,6 +102,31 @@ pub fn read_adapters(dir: &Path, device: &Device, dtype: DType) -> Result<Option
     if v.get("bias").is_some_and(|b| b != "none") {
         bail!("{what}: bias {} is not supported (only \"none\")", v["bias"]);
     }
+    // PEFT options that change what the adapters compute; their defaults (absent, null, false, {}) are fine.
+    for key in [
+        "use_dora",
+        "lora_bias",
+        "fan_in_fan_out",
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "layers_pattern",
+        "modules_to_save",
+        "layer_replication",
+        "target_parameters",
+        "trainable_token_indices",
+        "exclude_modules",
+    ] {
+        let ok = match v.get(key) {
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => true,
+            Some(serde_json::Value::Object(m)) => m.is_empty(),
+            Some(serde_json::Value::Array(a)) => a.is_empty(),
+            Some(_) => false,
+        };
+        if !ok {
+            bail!("{what}: `{key}` = {} is not supported (only plain LoRA on the decoder's linear layers)", v[key]);
+        }
+    }
     let spec = LoraSpec {
         rank: rank as usize,
         alpha,
