@@ -1,15 +1,11 @@
 //! The `safe` binary: exit codes and messages of `check`, `train` and `--help`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn safe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_safe"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run safe")
-}
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::safe;
 
 fn text(out: &Output) -> (String, String) {
     (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())

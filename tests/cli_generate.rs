@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::assert_bad_input;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -21,15 +23,6 @@ fn stderr(out: &Output) -> String {
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Exit 2 with every `needle` in the message.
-fn assert_bad_input(out: &Output, needles: &[&str]) {
-    let e = stderr(out);
-    assert_eq!(out.status.code(), Some(2), "expected exit 2, got {:?}: {e}", out.status.code());
-    for n in needles {
-        assert!(e.contains(n), "message lacks {n:?}: {e}");
-    }
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -3,11 +3,12 @@
 
 mod common;
 
+use common::logits::{ids_of, logits_unpadded, max_abs_diff, rows_of};
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
 use safe::model::{attention_mask, positions_from_mask, CausalLm, KvCache, LoadedModel, ModelSource};
-use serde_json::Value;
 
 const TOL: f32 = 1e-5;
 
@@ -21,40 +22,6 @@ fn load(name: &str, trainable: bool) -> CausalLm {
 fn raw_tensors(name: &str) -> HashMap<String, Tensor> {
     let path = common::fixture(&format!("tiny/{name}/model.safetensors"));
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn rows_of(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
-        .collect()
-}
-
-fn max_abs_diff(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> f32 {
-    assert_eq!(ours.len(), reference.len(), "row count");
-    ours.iter()
-        .zip(reference)
-        .flat_map(|(a, b)| {
-            assert_eq!(a.len(), b.len(), "row width");
-            a.iter().zip(b).map(|(x, y)| (x - y).abs())
-        })
-        .fold(0.0, f32::max)
-}
-
-/// Logits `[s, vocab]` of one unpadded sequence.
-fn logits_unpadded(model: &CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
-    let dev = Device::Cpu;
-    let valid = vec![vec![true; ids.len()]];
-    let pos = positions_from_mask(&valid);
-    let input = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
-    let pos = Tensor::new(pos, &dev).unwrap();
-    let mask = attention_mask(&valid, ids.len(), None, &dev).unwrap();
-    model.forward(&input, &pos, &mask, None).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
 }
 
 fn check_fixture(name: &str) {

@@ -5,9 +5,12 @@
 
 mod common;
 
+use common::logits::{ids_of, logits_unpadded, max_abs_diff, rows_of};
+use common::{assert_bad_input, safe};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{DType, Device, Tensor, D};
 use safe::model::lora::LoraSpec;
@@ -30,38 +33,6 @@ fn base(name: &str) -> LoadedModel {
 fn with_adapter(name: &str, adapter: &Path) -> CausalLm {
     let loaded = base(name).with_adapter_dir(adapter, &Device::Cpu, DType::F32).unwrap();
     loaded.into_model(false, &Device::Cpu, DType::F32).unwrap().0
-}
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn rows_of(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
-        .collect()
-}
-
-fn max_abs_diff(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> f32 {
-    assert_eq!(ours.len(), reference.len(), "row count");
-    ours.iter()
-        .zip(reference)
-        .flat_map(|(a, b)| {
-            assert_eq!(a.len(), b.len(), "row width");
-            a.iter().zip(b).map(|(x, y)| (x - y).abs())
-        })
-        .fold(0.0, f32::max)
-}
-
-fn logits_unpadded(model: &CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
-    let dev = Device::Cpu;
-    let valid = vec![vec![true; ids.len()]];
-    let pos = Tensor::new(positions_from_mask(&valid), &dev).unwrap();
-    let input = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
-    let mask = attention_mask(&valid, ids.len(), None, &dev).unwrap();
-    model.forward(&input, &pos, &mask, None).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
 }
 
 /// The real rows of `b` left-padded (id 0) to `a`'s length in a batch of two.
@@ -118,22 +89,6 @@ fn peft_qwen2_rslora_adapter_matches_peft_logits() {
 }
 
 // --- the binary ---------------------------------------------------------------------------------------------------
-
-fn safe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_safe"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run safe")
-}
-
-fn assert_bad_input(out: &Output, needles: &[&str]) {
-    let e = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "expected exit 2, got {:?}: {e}", out.status.code());
-    for n in needles {
-        assert!(e.contains(n), "message lacks {n:?}: {e}");
-    }
-}
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

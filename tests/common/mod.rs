@@ -1,6 +1,7 @@
 //! Shared test helpers: fixture paths and the SmolLM2 GGUF.
 #![allow(dead_code)]
 
+pub mod logits;
 pub mod train;
 
 use std::path::PathBuf;
@@ -59,4 +60,22 @@ pub fn smollm2_tokenizer() -> &'static safe::model::Tokenizer {
         let lm = safe::model::LoadedModel::load(&src, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
         lm.tokenizer.expect("the GGUF carries a tokenizer")
     })
+}
+
+/// Run the `safe` binary in the repository root.
+pub fn safe(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_safe"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run safe")
+}
+
+/// Exit 2 with every `needle` in the message.
+pub fn assert_bad_input(out: &std::process::Output, needles: &[&str]) {
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "expected exit 2, got {:?}: {e}", out.status.code());
+    for n in needles {
+        assert!(e.contains(n), "message lacks {n:?}: {e}");
+    }
 }
