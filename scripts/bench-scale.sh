@@ -5,13 +5,18 @@
 # of scripts/bench-vs-trl.sh; medians of steps 2..N. A configuration the memory plan refuses is reported with the
 # plan's message instead of figures.
 #
-#   bash scripts/bench-scale.sh [--steps N] [--grad-ckpt]
+# --lora: instead, full fine-tuning against LoRA r=16 and r=64 (alpha = 2r, all seven linear layers, the KL
+# reference being the base with the adapters off) on each of the three models, 8 generations of 64 tokens; the
+# 1.5B shape's full fine-tuning is refused by the memory plan on a 24 GB machine.
+#
+#   bash scripts/bench-scale.sh [--steps N] [--grad-ckpt] [--lora]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-steps=3 sets=()
+steps=3 sets=() lora=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --steps) steps=$2; shift 2 ;;
+    --lora) lora=1; shift ;;
     --grad-ckpt) sets+=(--set algorithm.gradient_checkpointing=true); shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -21,30 +26,42 @@ mkdir -p "$out"
 gguf="$(bash scripts/fetch-smollm2.sh)"
 cargo build --release --quiet
 python3 scripts/bench/make_inputs.py "$out" "$gguf" "$steps" 0.04
-echo "| model | num_generations | max_new_tokens | s/step | gen s | update s | mean compl. len | peak RSS GiB | memory plan |"
-echo "|---|---|---|---|---|---|---|---|---|"
-run() { # model label, model id, generations, max tokens
-  local rd="$out/$1-g$3-t$4"
+echo "| model | training | num_generations | max_new_tokens | s/step | gen s | update s | mean compl. len | peak RSS GiB | memory plan |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
+run() { # model label, model id, generations, max tokens[, LoRA rank: 0 or absent = full fine-tuning]
+  local rank="${5:-0}" recipe="$out/safe.toml" what=full
+  if [ "$rank" != 0 ]; then
+    recipe="$out/safe-lora-r$rank.toml" what="LoRA r$rank"
+    { cat "$out/safe.toml"; printf '\n[lora]\nrank = %s\nalpha = %s.0\ntargets = ["all-linear"]\n' "$rank" "$((2 * rank))"; } > "$recipe"
+  fi
+  local rd="$out/$1-g$3-t$4-r$rank"
   rm -rf "$rd" && mkdir -p "$rd"
-  if RAYON_NUM_THREADS=2 /usr/bin/time -v -o "$rd/time" target/release/safe train --config "$out/safe.toml" \
+  if RAYON_NUM_THREADS=2 /usr/bin/time -v -o "$rd/time" target/release/safe train --config "$recipe" \
     --set run.output_dir="$rd/runs" --set model.id="$2" --set rollout.num_generations="$3" \
     --set rollout.max_new_tokens="$4" --set algorithm.micro_batch_size=0 --set run.save_every=0 \
     "${sets[@]}" > "$rd/log" 2>&1; then
     find "$rd/runs" -name '*.safetensors' -delete
-    python3 - "$rd" "$1" "$3" "$4" <<'PY'
+    python3 - "$rd" "$1" "$3" "$4" "$what" <<'PY'
 import json, re, statistics, sys
-rd, model, g, t = sys.argv[1:]
+rd, model, g, t, what = sys.argv[1:]
 m = [json.loads(l) for l in open(f"{rd}/runs/safe-bench/metrics.jsonl")][1:]
 med = lambda k: statistics.median(x[k] for x in m)
 rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(f"{rd}/time").read()).group(1)) / 2**20
 plan = re.search(r"memory: +(.*)", open(f"{rd}/log").read())
-print(f"| {model} | {g} | {t} | {med('timing/step'):.2f} | {med('timing/rollout'):.2f} | {med('timing/update'):.2f} "
+print(f"| {model} | {what} | {g} | {t} | {med('timing/step'):.2f} | {med('timing/rollout'):.2f} | {med('timing/update'):.2f} "
       f"| {statistics.mean(x['completions/mean_length'] for x in m):.1f} | {rss:.2f} | {plan.group(1) if plan else ''} |")
 PY
   else
-    echo "| $1 | $3 | $4 | refused | | | | | $(grep -o 'error: .*' "$rd/log" | head -1 | cut -c8-) |"
+    echo "| $1 | $what | $3 | $4 | refused | | | | | $(grep -o 'error: .*' "$rd/log" | head -1 | cut -c8-) |"
   fi
 }
+if [ "$lora" = 1 ]; then
+  for model in "smollm2-135m $gguf" "random-360m builtin:random-360m" "random-1.5b builtin:random-1.5b"; do
+    set -- $model
+    for rank in 0 16 64; do run "$1" "$2" 8 64 "$rank"; done
+  done
+  exit 0
+fi
 run smollm2-135m "$gguf" 4 64
 run smollm2-135m "$gguf" 8 64
 run smollm2-135m "$gguf" 16 64

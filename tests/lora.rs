@@ -181,9 +181,25 @@ fn decoding_includes_the_adapters() {
     let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     assert!(diff(&want, &base) > 1e-3, "the adapters change the logits");
     assert!(diff(&got, &want) < 1e-5, "decode without the adapters? {}", diff(&got, &want));
-    view.enable_bf16_decode().unwrap();
+    // Decode copies with the adapters merged in (f32): the same logits.
+    let mut merged = model.frozen_view().unwrap();
+    merged.enable_decode_copies(false).unwrap();
+    let got: Vec<f32> = merged.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(diff(&got, &want) < 1e-5, "merged f32 decode copies: {}", diff(&got, &want));
+    view.enable_decode_copies(true).unwrap();
     let bf16: Vec<f32> = view.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert!(diff(&bf16, &want) < 0.1 * diff(&want, &base), "bf16 decode: {}", diff(&bf16, &want));
+    // After the adapters change (an optimizer step), a refresh merges the new values: the copies never decode a
+    // stale policy once refreshed.
+    for (name, var) in model.vars() {
+        if name.ends_with("lora_B.weight") {
+            var.set(&(var.as_tensor() * -2.0).unwrap()).unwrap();
+        }
+    }
+    let want: Vec<f32> = model.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    merged.refresh_decode_copies().unwrap();
+    let got: Vec<f32> = merged.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(diff(&got, &want) < 1e-5, "refreshed merged copies: {}", diff(&got, &want));
 }
 
 const LORA: &str = "\n[lora]\nrank = 4\nalpha = 8.0\ntargets = [\"all-linear\"]\n";

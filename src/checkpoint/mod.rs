@@ -10,6 +10,7 @@
 //! that passes, saying why it passed over any newer one, and refuses a run whose checkpoints all fail rather than
 //! silently starting it over.
 
+mod export;
 mod fsio;
 mod integrity;
 mod safetensors_io;
@@ -25,6 +26,7 @@ use crate::model::{CausalLm, Tokenizer};
 use crate::optim::adamw::{AdamW, AdamWState};
 
 pub use crate::model::lora::{ADAPTER_CONFIG_FILE, ADAPTER_FILE};
+pub use export::{export, Export, PreparedExport};
 pub use safetensors_io::write_safetensors;
 
 /// Folder under the run directory that holds every checkpoint.
@@ -168,14 +170,7 @@ pub fn point_latest(root: &Path, step: u64) -> Result<()> {
 /// Write every file of a checkpoint into `dir`, each fsynced, `state.json` last.
 fn write_contents(dir: &Path, req: &SaveRequest) -> Result<()> {
     let model = req.model;
-    let cfg = model.config();
-    write_safetensors(&dir.join(MODEL_FILE), &model.named_tensors())?;
-    fsio::write_synced(&dir.join(CONFIG_FILE), &pretty(&cfg.to_hf_json(hf_dtype_name(model.dtype())?))?)?;
-    fsio::write_synced(&dir.join(GENERATION_CONFIG_FILE), &pretty(&cfg.special_token_json())?)?;
-    req.tokenizer.save(dir)?;
-    for file in ["tokenizer.json", "tokenizer_config.json"] {
-        fsio::sync_file(&dir.join(file))?;
-    }
+    write_model_files(dir, model.config(), &model.named_tensors(), model.dtype(), Some(req.tokenizer))?;
     write_safetensors(&dir.join(OPTIMIZER_FILE), &req.optimizer.state_tensors())?;
     // LoRA: model.safetensors holds the frozen base; the adapters go beside it in PEFT's format (resume reads them
     // back from there).
@@ -200,6 +195,28 @@ fn write_contents(dir: &Path, req: &SaveRequest) -> Result<()> {
     state.digest = state.digest_of_fields()?;
     // Serialized from the struct, not a `Value` (whose map sorts keys), so `complete` stays last.
     fsio::write_synced(&dir.join(STATE_FILE), &pretty(&state)?)
+}
+
+/// A Hugging Face model directory's files, each fsynced: `model.safetensors` (`tensors`, HF names, in `dtype`),
+/// `config.json`, `generation_config.json` and the tokenizer's files (when there is a tokenizer). What
+/// transformers' `from_pretrained` opens.
+pub fn write_model_files(
+    dir: &Path,
+    cfg: &crate::model::ModelConfig,
+    tensors: &[(String, Tensor)],
+    dtype: DType,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<()> {
+    write_safetensors(&dir.join(MODEL_FILE), tensors)?;
+    fsio::write_synced(&dir.join(CONFIG_FILE), &pretty(&cfg.to_hf_json(hf_dtype_name(dtype)?))?)?;
+    fsio::write_synced(&dir.join(GENERATION_CONFIG_FILE), &pretty(&cfg.special_token_json())?)?;
+    if let Some(tokenizer) = tokenizer {
+        tokenizer.save(dir)?;
+        for file in ["tokenizer.json", "tokenizer_config.json"] {
+            fsio::sync_file(&dir.join(file))?;
+        }
+    }
+    Ok(())
 }
 
 /// A LoRA model's adapters in PEFT's format, as a checkpoint holds them: `adapter_model.safetensors` (PEFT's

@@ -30,6 +30,7 @@ Examples:
   safe check --config configs/example.toml
   safe train --config configs/example.toml --set rollout.max_new_tokens=128
   safe generate --model ../shared/fixtures/tiny/tiny-llama --prompt 'Hello' --max-new-tokens 16
+  safe export runs/lora --merge merged/
   safe runs runs/
   safe report runs/quickstart";
 
@@ -47,6 +48,7 @@ pub enum Command {
     Check(CheckArgs),
     Generate(GenerateArgs),
     Logprobs(LogprobsArgs),
+    Export(ExportArgs),
     Runs(RunsArgs),
     Report(ReportArgs),
 }
@@ -274,6 +276,50 @@ pub struct LogprobsArgs {
     pub output: Option<PathBuf>,
 }
 
+/// Write a LoRA checkpoint as a merged model or as its PEFT adapter.
+#[derive(Args, Debug)]
+#[command(
+    about = "Write a LoRA checkpoint as a merged Hugging Face model, or its PEFT adapter alone",
+    long_about = "\
+Write a LoRA run's checkpoint as a new directory: with --merge, a plain Hugging Face model whose weights hold
+the adapters merged in (W + s·B·A, what PEFT's merge_and_unload computes), which transformers, vLLM and
+`safe generate` open with no adapter support; with --adapter, the PEFT adapter alone (adapter_config.json +
+adapter_model.safetensors) for PeftModel.from_pretrained(base, DIR) or vLLM's LoRA loading.
+
+CHECKPOINT is a checkpoint directory (verified against the digests its state.json records), a run directory
+(its newest complete checkpoint) or a model directory holding adapters. OUT must not exist or be empty.
+
+Examples:
+  safe export runs/lora/checkpoints/step-200 --merge merged/
+  safe export runs/lora --merge merged-bf16/ --dtype bf16
+  safe export runs/lora --adapter adapter/",
+    after_help = exit::HELP,
+    group(ArgGroup::new("what").required(true).args(["merge", "adapter"]))
+)]
+pub struct ExportArgs {
+    /// A checkpoint directory, a run directory (its newest complete checkpoint) or a model directory with adapters.
+    #[arg(value_name = "CHECKPOINT")]
+    pub checkpoint: PathBuf,
+    /// Write the merged model (model.safetensors, config.json, generation_config.json, tokenizer) here.
+    #[arg(long, value_name = "OUT")]
+    pub merge: Option<PathBuf>,
+    /// Write the PEFT adapter (adapter_config.json, adapter_model.safetensors) here.
+    #[arg(long, value_name = "OUT")]
+    pub adapter: Option<PathBuf>,
+    /// The merged weights' dtype: f32 | bf16 | f16; default: the checkpoint's own (its config.json's dtype).
+    #[arg(long, value_name = "D", conflicts_with = "adapter", value_parser = export_dtype)]
+    pub dtype: Option<candle_core::DType>,
+}
+
+fn export_dtype(s: &str) -> Result<candle_core::DType, String> {
+    match s {
+        "f32" | "float32" => Ok(candle_core::DType::F32),
+        "bf16" | "bfloat16" => Ok(candle_core::DType::BF16),
+        "f16" | "float16" => Ok(candle_core::DType::F16),
+        _ => Err("expected f32, bf16 or f16".into()),
+    }
+}
+
 /// List the runs of an output directory.
 #[derive(Args, Debug)]
 #[command(
@@ -377,6 +423,23 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 true => Failure::interrupted(e.context("interrupted: nothing was written")),
                 false => Failure::training(e),
             })
+        }
+        Command::Export(args) => {
+            let (what, out) = match (&args.merge, &args.adapter) {
+                (Some(out), _) => (crate::checkpoint::Export::Merged { dtype: args.dtype }, out),
+                (None, Some(out)) => (crate::checkpoint::Export::Adapter, out),
+                (None, None) => unreachable!("clap requires --merge or --adapter"),
+            };
+            // Reading and checking the checkpoint is input (exit 2); failing to write the output is exit 1.
+            let prepared = crate::checkpoint::export(&args.checkpoint, out, what).or_exit(exit::BAD_INPUT)?;
+            let files = prepared.write().or_exit(exit::TRAINING_FAILED)?;
+            let kind = match prepared.dtype {
+                Some(d) => format!("merged model ({})", format!("{d:?}").to_lowercase()),
+                None => "PEFT adapter".to_string(),
+            };
+            eprintln!("exported {} as a {kind}: {}", prepared.source.display(), files.join(", "));
+            println!("{}", prepared.out.display());
+            Ok(())
         }
         Command::Runs(args) => {
             let format = match args.format {

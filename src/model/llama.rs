@@ -54,14 +54,15 @@ impl ParamStore {
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
-    /// A bf16 copy of `weight` that decoding reads instead (see [`CausalLm::enable_bf16_decode`]).
+    /// A decode copy of `weight` that decoding reads instead (see [`CausalLm::enable_decode_copies`]); with an
+    /// adapter, the copy has it merged in.
     shadow: Option<Shadow>,
     /// A LoRA adapter added to the output (see [`CausalLm::add_lora`]).
     lora: Option<Adapter>,
 }
 
-/// `y += scale · (x · Aᵀ) · Bᵀ` with `A: [r, in]`, `B: [out, r]`. Decoding computes it in f32 beside the bf16
-/// decode copy of the base weight (merging it into that copy is not done yet).
+/// `y += scale · (x · Aᵀ) · Bᵀ` with `A: [r, in]`, `B: [out, r]`. Decoding reads it merged into the layer's decode
+/// copy instead, when the model has decode copies.
 #[derive(Debug, Clone)]
 struct Adapter {
     a: Tensor,
@@ -69,31 +70,71 @@ struct Adapter {
     scale: f64,
 }
 
-/// A bf16 copy of a weight for decoding, refreshed from the f32 weight by [`CausalLm::refresh_bf16_decode`].
-#[derive(Debug, Clone, Default)]
-struct Shadow(std::sync::Arc<std::sync::RwLock<Vec<half::bf16>>>);
+impl Adapter {
+    /// `s · B A` in f32, `[out, in]`: what merging adds to the base weight (PEFT's `get_delta_weight`).
+    fn delta(&self) -> Result<Tensor> {
+        Ok((self.b.to_dtype(DType::F32)?.matmul(&self.a.to_dtype(DType::F32)?)? * self.scale)?)
+    }
+}
+
+/// A copy of a weight for decoding, in bf16 (half the bytes to stream per token) or f32, with the layer's adapter
+/// merged in when `merged` (one product per weight instead of three per token); refreshed from the weights by
+/// [`CausalLm::refresh_decode_copies`].
+#[derive(Debug, Clone)]
+struct Shadow {
+    data: std::sync::Arc<std::sync::RwLock<ShadowData>>,
+    /// Whether the copy includes the layer's adapter (so the forward must not add it again).
+    merged: bool,
+}
+
+#[derive(Debug, Default)]
+enum ShadowData {
+    #[default]
+    Empty,
+    Bf16(Vec<half::bf16>),
+    F32(Vec<f32>),
+}
 
 impl Shadow {
-    fn refresh(&self, weight: &Tensor) -> Result<()> {
+    fn new(bf16: bool, merged: bool) -> Self {
+        let data = if bf16 { ShadowData::Bf16(Vec::new()) } else { ShadowData::F32(Vec::new()) };
+        Self { data: std::sync::Arc::new(std::sync::RwLock::new(data)), merged }
+    }
+
+    /// Copy `weight` (+ the adapter's delta when merged) into this copy's dtype.
+    fn refresh(&self, weight: &Tensor, lora: Option<&Adapter>) -> Result<()> {
         use rayon::prelude::*;
-        let mut dst = self.0.write().expect("shadow lock");
-        crate::cpu::with_f32(weight, |w| {
-            dst.resize(w.len(), half::bf16::ZERO);
-            dst.par_chunks_mut(1 << 16).zip(w.par_chunks(1 << 16)).for_each(|(d, s)| {
-                for (d, s) in d.iter_mut().zip(s) {
-                    *d = half::bf16::from_f32(*s);
-                }
-            });
+        let merged = match lora.filter(|_| self.merged) {
+            Some(l) => Some((weight.to_dtype(DType::F32)? + l.delta()?)?),
+            None => None,
+        };
+        let mut dst = self.data.write().expect("shadow lock");
+        crate::cpu::with_f32(merged.as_ref().unwrap_or(weight), |w| match &mut *dst {
+            ShadowData::Bf16(d) => {
+                d.resize(w.len(), half::bf16::ZERO);
+                d.par_chunks_mut(1 << 16).zip(w.par_chunks(1 << 16)).for_each(|(d, s)| {
+                    for (d, s) in d.iter_mut().zip(s) {
+                        *d = half::bf16::from_f32(*s);
+                    }
+                });
+            }
+            ShadowData::F32(d) => {
+                d.clear();
+                d.extend_from_slice(w);
+            }
+            ShadowData::Empty => {}
         })
     }
 
-    /// `x · Wᵀ` from the bf16 copy, for `x` `[rows, k]` (contiguous CPU f32) and the weight's shape `[n, k]`.
+    /// `x · Wᵀ` from the copy, for `x` `[rows, k]` (contiguous CPU f32) and the weight's shape `[n, k]`.
     fn matmul_t(&self, x: &Tensor, n: usize, k: usize) -> Result<Vec<f32>> {
-        let w = self.0.read().expect("shadow lock");
-        if w.len() != n * k {
-            bail!("bf16 decode weights were not refreshed");
-        }
-        crate::cpu::with_f32(x, |xs| super::gemv::matmul_t_bf16(xs, &w, x.elem_count() / k, k, n))
+        let w = self.data.read().expect("shadow lock");
+        let rows = x.elem_count() / k;
+        crate::cpu::with_f32(x, |xs| match &*w {
+            ShadowData::Bf16(w) if w.len() == n * k => Ok(super::gemv::matmul_t_bf16(xs, w, rows, k, n)),
+            ShadowData::F32(w) if w.len() == n * k => Ok(super::gemv::matmul_t(xs, w, rows, k, n)),
+            _ => bail!("decode copies of the weights were not refreshed"),
+        })?
     }
 }
 
@@ -112,10 +153,11 @@ impl Module for Linear {
         let in_dim = *dims.last().expect("linear input has a last dim");
         let rows = x.elem_count() / in_dim;
         let x = x.reshape((rows, in_dim))?;
-        let y = matmul_by_weight_t(&x, &self.weight, self.shadow.as_ref())?;
+        let (y, from_copy) = matmul_by_weight_t(&x, &self.weight, self.shadow.as_ref())?;
+        let merged = from_copy && self.shadow.as_ref().is_some_and(|s| s.merged);
         let y = match &self.lora {
-            Some(l) => (y + (x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?,
-            None => y,
+            Some(l) if !merged => (y + (x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?,
+            _ => y,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -127,14 +169,14 @@ impl Module for Linear {
     }
 }
 
-/// `x · Wᵀ` for `x: [rows, in]`, `W: [out, in]`; `shadow` is W's bf16 decode copy, if the model has one. Decoding
-/// rows without a gradient on the CPU go through the weight-streaming kernel of [`super::gemv`]. Otherwise, with few
-/// rows Candle's gemm is about 1.5× faster computing `W · xᵀ` and transposing the small result; with many rows the
-/// direct product is. Both have a backward.
-fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle_core::Result<Tensor> {
+/// `x · Wᵀ` for `x: [rows, in]`, `W: [out, in]`; `shadow` is W's decode copy, if the model has one. Decoding rows
+/// without a gradient on the CPU go through the weight-streaming kernel of [`super::gemv`], over the decode copy
+/// when there is one (the returned flag says so). Otherwise, with few rows Candle's gemm is about 1.5× faster
+/// computing `W · xᵀ` and transposing the small result; with many rows the direct product is. Both have a backward.
+fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle_core::Result<(Tensor, bool)> {
     const FEW_ROWS: usize = 16; // measured by benches/matmul.rs: W·xᵀ wins up to 16 rows, x·Wᵀ from 32
     let rows = x.dim(0)?;
-    // Decoding (few rows, no gradient, CPU f32): the weight-streaming kernel, over the bf16 copy when there is one.
+    // Decoding (few rows, no gradient, CPU f32): the weight-streaming kernel, over the decode copy when there is one.
     if rows <= super::gemv::MAX_ROWS
         && !x.track_op()
         && !w.track_op()
@@ -152,19 +194,16 @@ fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle
             }
         }
         .map_err(candle_core::Error::wrap)?;
-        return Tensor::from_vec(out, (rows, n), x.device());
+        return Ok((Tensor::from_vec(out, (rows, n), x.device())?, shadow.is_some()));
     }
     // A frozen weight (LoRA's base) under a graph: Candle's matmul backward differentiates both operands, which
     // would compute (and hold until the backward ends) a gradient the size of every base weight. This op's
     // backward gives the input's gradient only.
     if x.track_op() && !w.track_op() {
-        return x.apply_op2(&w.t()?, FrozenWeightMatmul);
+        return Ok((x.apply_op2(&w.t()?, FrozenWeightMatmul)?, false));
     }
-    if rows <= FEW_ROWS {
-        w.matmul(&x.t()?)?.t()?.contiguous()
-    } else {
-        x.matmul(&w.t()?)
-    }
+    let y = if rows <= FEW_ROWS { w.matmul(&x.t()?)?.t()?.contiguous()? } else { x.matmul(&w.t()?)? };
+    Ok((y, false))
 }
 
 /// `x · Wᵀ` (`rhs` is `Wᵀ`, a transposed view) for a weight that takes no gradient: the backward returns `x`'s
@@ -745,40 +784,64 @@ impl CausalLm {
         out
     }
 
-    /// Decode (at most [`super::gemv::MAX_ROWS`] rows, no gradient) from bf16 copies of the weights: half the bytes
-    /// to stream per token. Prefill and every forward with a graph keep the f32 weights. The copies are made, and
-    /// must be remade after the weights change, by [`Self::refresh_bf16_decode`]. CPU f32 models only.
-    pub fn enable_bf16_decode(&mut self) -> Result<()> {
+    /// Decode (at most [`super::gemv::MAX_ROWS`] rows, no gradient) from copies of the weights made for it, on
+    /// the CPU (f32 models): with `bf16`, bf16 copies of every linear layer and the LM head (half the bytes to
+    /// stream per token; `rollout.weights = "bf16"`); and with LoRA, every adapted layer's copy holds `W + s·B·A`
+    /// (f32 without `bf16`), so a token costs one product per layer instead of three. Prefill and every forward
+    /// with a graph keep the weights and adapters as they are. The copies must be remade after the weights
+    /// change, by [`Self::refresh_decode_copies`]. Nothing to do (and no copy made) without `bf16` or adapters,
+    /// or off the CPU, where decoding reads the weights themselves.
+    pub fn enable_decode_copies(&mut self, bf16: bool) -> Result<()> {
         if !crate::cpu::is_cpu_f32(&self.embed_tokens) {
-            bail!("bf16 decoding copies need an f32 model on the CPU");
-        }
-        for b in &mut self.layers {
-            let a = &mut b.self_attn;
-            for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
-                l.shadow = Some(Shadow::default());
+            if bf16 {
+                bail!("bf16 decoding copies need an f32 model on the CPU");
             }
-            for l in [&mut b.mlp.gate_proj, &mut b.mlp.up_proj, &mut b.mlp.down_proj] {
-                l.shadow = Some(Shadow::default());
+            return Ok(());
+        }
+        for (_, _, l) in self.linears_mut() {
+            if bf16 || l.lora.is_some() {
+                l.shadow = Some(Shadow::new(bf16, l.lora.is_some()));
             }
         }
-        self.head_shadow = Some(Shadow::default());
-        self.refresh_bf16_decode()
+        if bf16 {
+            self.head_shadow = Some(Shadow::new(true, false));
+        }
+        self.refresh_decode_copies()
     }
 
-    /// Copy the current f32 weights into the bf16 decode copies (nothing without [`Self::enable_bf16_decode`]).
-    pub fn refresh_bf16_decode(&self) -> Result<()> {
-        for b in &self.layers {
-            let a = &b.self_attn;
-            for l in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj] {
-                if let Some(s) = &l.shadow {
-                    s.refresh(&l.weight)?;
-                }
+    /// Copy the current weights (and adapters) into the decode copies (nothing without
+    /// [`Self::enable_decode_copies`]).
+    pub fn refresh_decode_copies(&self) -> Result<()> {
+        for (_, _, l) in self.linears() {
+            if let Some(s) = &l.shadow {
+                s.refresh(&l.weight, l.lora.as_ref())?;
             }
         }
         if let Some(s) = &self.head_shadow {
-            s.refresh(self.lm_head_weight())?;
+            s.refresh(self.lm_head_weight(), None)?;
         }
         Ok(())
+    }
+
+    /// [`Self::named_tensors`] with every adapter merged into its base weight, `W + s · B A` (PEFT's
+    /// `merge_and_unload`: the same sum, computed in f32 and returned in the model's dtype): a plain model whose
+    /// forward equals this one's. Without adapters, the weights as they are.
+    pub fn merged_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut merged = HashMap::new();
+        for (layer, path, lin) in self.linears() {
+            if let Some(l) = &lin.lora {
+                let w = (lin.weight.to_dtype(DType::F32)? + l.delta()?)?;
+                merged.insert(format!("model.layers.{layer}.{path}.weight"), w.to_dtype(self.dtype)?);
+            }
+        }
+        Ok(self
+            .named_tensors()
+            .into_iter()
+            .map(|(n, t)| {
+                let t = merged.remove(&n).unwrap_or(t);
+                (n, t)
+            })
+            .collect())
     }
 
     /// Every base weight with its HF name, in a stable order, as saved to `model.safetensors` (LoRA adapters are
@@ -928,7 +991,7 @@ impl CausalLm {
         let dims = hidden.dims().to_vec();
         let h = *dims.last().unwrap();
         let rows = hidden.elem_count() / h;
-        let y = matmul_by_weight_t(&hidden.reshape((rows, h))?, self.lm_head_weight(), self.head_shadow.as_ref())?;
+        let (y, _) = matmul_by_weight_t(&hidden.reshape((rows, h))?, self.lm_head_weight(), self.head_shadow.as_ref())?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.cfg.vocab_size;
         Ok(y.reshape(out)?)

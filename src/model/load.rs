@@ -124,8 +124,8 @@ impl LoadedModel {
         }
         if trainable && self.adapters.is_some() {
             bail!(
-                "{} holds LoRA adapters ({}): fully fine-tuning it would drop them; train it with a [lora] table \
-                 (merging adapters into the weights is not supported yet)",
+                "{} holds LoRA adapters ({}): fully fine-tuning it would drop them; train it with a [lora] table, \
+                 or merge them into the weights first with `safe export DIR --merge OUT`",
                 self.origin,
                 super::lora::ADAPTER_CONFIG_FILE
             );

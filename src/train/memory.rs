@@ -82,9 +82,41 @@ pub struct StepShape {
     pub gradient_checkpointing: bool,
     /// Whether the algorithm offers gradient checkpointing (GRPO, GRPO-λ), so the advice may suggest it.
     pub can_checkpoint: bool,
-    /// With LoRA, the policy's trainable parameters (the adapters, [`lora_parameter_count`]): only they have
-    /// gradients and AdamW moments, and the frozen head has no vocab-sized gradient. `None`: full fine-tuning.
-    pub lora_params: Option<u64>,
+    /// With LoRA, the adapters' sizes: only they have gradients and AdamW moments, and the frozen head has no
+    /// vocab-sized gradient. `None`: full fine-tuning.
+    pub lora: Option<LoraShape>,
+}
+
+/// LoRA adapters' sizes, in parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraShape {
+    /// The adapters themselves (A and B of every targeted layer): the policy's trainable parameters.
+    pub adapter_params: u64,
+    /// The base weights they adapt: the f32 decode copies that hold them merged (without bf16 decode copies).
+    pub adapted_weights: u64,
+}
+
+impl LoraShape {
+    /// Adapters of rank `rank` on the `targets` (module names) of every layer: r·(in + out) parameters each, on
+    /// in·out weights.
+    pub fn of(cfg: &ModelConfig, rank: usize, targets: &[String]) -> Self {
+        let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+        let (q, kv) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
+        let dims = |t: &str| match t {
+            "q_proj" => (h, q),
+            "k_proj" | "v_proj" => (h, kv),
+            "o_proj" => (q, h),
+            _ => (h, i), // gate_proj, up_proj, down_proj
+        };
+        let layers = cfg.num_layers as u64;
+        let (mut adapter, mut adapted) = (0u64, 0u64);
+        for t in targets {
+            let (a, b) = dims(t);
+            adapter = adapter.saturating_add((rank as u64).saturating_mul(a + b));
+            adapted = adapted.saturating_add(a.saturating_mul(b));
+        }
+        Self { adapter_params: adapter.saturating_mul(layers), adapted_weights: adapted.saturating_mul(layers) }
+    }
 }
 
 impl StepShape {
@@ -179,29 +211,16 @@ fn resident_state(cfg: &ModelConfig, shape: &StepShape) -> Sat {
     let critic = sat(shape.critic as u64);
     let reference = if shape.reference { p * b } else { sat(0) };
     let bf16 = if shape.bf16_decode { p * sat(2) } else { sat(0) };
-    let policy = match shape.lora_params {
-        // The frozen base, and the adapters with their two f32 moments.
-        Some(a) => p * b + sat(a) * (b + sat(8)),
+    let policy = match shape.lora {
+        // The frozen base, the adapters with their two f32 moments, and (without bf16 copies) f32 decode copies of
+        // the adapted weights with the adapters merged in.
+        Some(l) => {
+            let merged = if shape.bf16_decode { sat(0) } else { sat(l.adapted_weights) * sat(4) };
+            p * b + sat(l.adapter_params) * (b + sat(8)) + merged
+        }
         None => p * (b + sat(8)),
     };
     policy + p * (b + sat(8)) * critic + reference + bf16
-}
-
-/// The parameters of LoRA adapters of rank `rank` on the `targets` (module names) of every layer: r·(in + out)
-/// each.
-pub fn lora_parameter_count(cfg: &ModelConfig, rank: usize, targets: &[String]) -> u64 {
-    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
-    let (q, kv) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
-    let per_layer: u64 = targets
-        .iter()
-        .map(|t| match t.as_str() {
-            "q_proj" => h + q,
-            "k_proj" | "v_proj" => h + kv,
-            "o_proj" => q + h,
-            _ => h + i, // gate_proj, up_proj, down_proj
-        })
-        .sum();
-    (rank as u64).saturating_mul(per_layer).saturating_mul(cfg.num_layers as u64)
 }
 
 /// Activations of one layer for T tokens that are not attention scores: norm outputs, q/k/v (projected, unpacked,
@@ -224,8 +243,8 @@ pub fn update_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     // vocab × hidden). The optimizer's step, after backward, holds one gradient and per-variable temporaries: less.
     // With LoRA only the adapters have gradients; the frozen embedding and head have none.
     let embedding = sat(3) * sat(cfg.vocab_size) * sat(cfg.hidden_size) * b;
-    let grads = match shape.lora_params {
-        Some(a) => sat(a) * sat(2) * b + (p * sat(2) * b + embedding) * critic,
+    let grads = match shape.lora {
+        Some(l) => sat(l.adapter_params) * sat(2) * b + (p * sat(2) * b + embedding) * critic,
         None => p * sat(2) * b * (sat(1) + critic) + embedding,
     };
     let state = resident_state(cfg, shape) + grads;
@@ -495,7 +514,7 @@ mod tests {
             fused_head: false,
             gradient_checkpointing: false,
             can_checkpoint: true,
-            lora_params: None,
+            lora: None,
         }
     }
 
@@ -517,14 +536,23 @@ mod tests {
         let cfg = tiny();
         let all: Vec<String> = crate::model::lora::LINEAR_MODULES.iter().map(|m| m.to_string()).collect();
         // tiny per layer: q 64+64, k and v 64+32 each, o 64+64, gate and up 64+192 each, down 192+64.
-        assert_eq!(lora_parameter_count(&cfg, 4, &all), 4 * (128 + 96 + 96 + 128 + 3 * 256) * 2);
-        assert_eq!(lora_parameter_count(&cfg, 2, &["q_proj".into()]), 2 * 128 * 2);
+        let l = LoraShape::of(&cfg, 4, &all);
+        assert_eq!(l.adapter_params, 4 * (128 + 96 + 96 + 128 + 3 * 256) * 2);
+        // The adapted weights: every linear weight of both layers (64·64 q and o, 64·32 k and v, 64·192 ×3).
+        assert_eq!(l.adapted_weights, (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192) * 2);
+        assert_eq!(
+            LoraShape::of(&cfg, 2, &["q_proj".into()]),
+            LoraShape { adapter_params: 2 * 128 * 2, adapted_weights: 64 * 64 * 2 }
+        );
         let full = update_bytes(&smollm2(), &shape(4), 4);
-        let lora = StepShape { lora_params: Some(lora_parameter_count(&smollm2(), 8, &all)), ..shape(4) };
+        let adapters = LoraShape::of(&smollm2(), 8, &all);
+        let lora = StepShape { lora: Some(adapters), ..shape(4) };
         let with_lora = update_bytes(&smollm2(), &lora, 4);
-        // No full-size gradients or moments: the difference is at least p·(8 + 2·4) bytes minus the adapters'.
+        // No full-size gradients or moments: the difference is at least p·(8 + 2·4) bytes minus the adapters' and
+        // the merged decode copies.
         let p = parameter_count(&smollm2());
-        assert!(full - with_lora >= p * 16 - lora_parameter_count(&smollm2(), 8, &all) * 16, "{full} vs {with_lora}");
+        let lora_bytes = adapters.adapter_params * 16 + adapters.adapted_weights * 4;
+        assert!(full - with_lora >= p * 16 - lora_bytes, "{full} vs {with_lora}");
     }
 
     #[test]

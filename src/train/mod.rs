@@ -288,10 +288,8 @@ impl Trainer {
     fn evaluate(&mut self, step: u64, record: &mut Record) -> Result<Vec<String>> {
         let Some(ev) = &self.evaluator else { return Ok(Vec::new()) };
         let t = Instant::now();
-        if self.recipe.rollout.bf16_importance_cap.is_some() {
-            // Evaluate the weights as they are now, not the bf16 copy of the last rollout.
-            self.sampler_model.refresh_bf16_decode()?;
-        }
+        // Evaluate the weights as they are now, not the decode copies of the last rollout.
+        self.sampler_model.refresh_decode_copies()?;
         let report = match ev.run(&self.sampler_model, &self.tokenizer, &self.rewards, None) {
             Ok(report) => report,
             Err(e) if signal::is(&e) || signal::requested() => return Err(signal::Interrupted.into()),
@@ -490,11 +488,9 @@ impl Trainer {
                 });
             }
         }
+        // The weights changed in the last update: decode from fresh copies.
+        self.sampler_model.refresh_decode_copies()?;
         let bf16 = self.recipe.rollout.bf16_importance_cap.is_some();
-        if bf16 {
-            // The weights changed in the last update: decode from a fresh bf16 copy.
-            self.sampler_model.refresh_bf16_decode()?;
-        }
         let completions = generate(&self.sampler_model, Some(&self.tokenizer), &requests, &self.generation, None)
             .context("sampling completions")?;
         let mut samples = Vec::with_capacity(requests.len());

@@ -72,7 +72,7 @@ impl Trainer {
             fused_head: crate::model::fused_head::supported(&device, dtype) && !needs.entropy_gradient,
             gradient_checkpointing: needs.gradient_checkpointing,
             can_checkpoint: needs.can_checkpoint,
-            lora_params: recipe.lora.as_ref().map(|l| memory::lora_parameter_count(&planned, l.rank, &l.targets)),
+            lora: recipe.lora.as_ref().map(|l| memory::LoraShape::of(&planned, l.rank, &l.targets)),
         };
         let plan = memory::plan(&planned, &shape, available, host).map_err(|e| anyhow!(e))?;
         let mut loaded = LoadedModel::load(&policy_source, &device, dtype)?;
@@ -284,9 +284,12 @@ impl Trainer {
             })?;
         }
         let mut sampler_model = policy.frozen_view()?;
-        if recipe.rollout.bf16_importance_cap.is_some() {
-            sampler_model.enable_bf16_decode().context("rollout.weights = \"bf16\"")?;
-        }
+        // bf16 copies with rollout.weights = "bf16"; with LoRA, copies with the adapters merged in.
+        let bf16 = recipe.rollout.bf16_importance_cap.is_some();
+        sampler_model.enable_decode_copies(bf16).with_context(|| match bf16 {
+            true => "rollout.weights = \"bf16\"",
+            false => "decode copies with the adapters merged",
+        })?;
         Ok(Self {
             recipe,
             run_dir,
