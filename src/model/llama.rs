@@ -146,6 +146,13 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// Whether `x` takes the decode path ([`matmul_by_weight_t`]'s kernel) over a copy with the adapter merged in.
+    fn decodes_merged(&self, x: &Tensor) -> bool {
+        self.shadow.as_ref().is_some_and(|s| s.merged) && decode_rows(x, &self.weight)
+    }
+}
+
 impl Module for Linear {
     /// `x` is `[.., in]`; flattened to 2-D so one GEMM covers every row.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -153,11 +160,18 @@ impl Module for Linear {
         let in_dim = *dims.last().expect("linear input has a last dim");
         let rows = x.elem_count() / in_dim;
         let x = x.reshape((rows, in_dim))?;
-        let (y, from_copy) = matmul_by_weight_t(&x, &self.weight, self.shadow.as_ref())?;
-        let merged = from_copy && self.shadow.as_ref().is_some_and(|s| s.merged);
         let y = match &self.lora {
-            Some(l) if !merged => (y + (x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?,
-            _ => y,
+            // Under a graph: one op for both terms, keeping no [rows, out] intermediates for backward.
+            Some(l) if !self.weight.track_op() && (x.track_op() || l.a.track_op() || l.b.track_op()) => {
+                x.apply_op3(&l.a, &l.b.affine(l.scale, 0.0)?, LoraMatmul { w: self.weight.clone() })?
+            }
+            // Without one (intermediates are freed as they go): the base product by the same kernels as the base
+            // model's, so zero adapters give it exactly, plus the adapter term; decoding reads the merged copy.
+            Some(l) if !self.decodes_merged(&x) => {
+                let y = matmul_by_weight_t(&x, &self.weight, self.shadow.as_ref())?;
+                (y + (x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?
+            }
+            _ => matmul_by_weight_t(&x, &self.weight, self.shadow.as_ref())?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -169,21 +183,25 @@ impl Module for Linear {
     }
 }
 
-/// `x · Wᵀ` for `x: [rows, in]`, `W: [out, in]`; `shadow` is W's decode copy, if the model has one. Decoding rows
-/// without a gradient on the CPU go through the weight-streaming kernel of [`super::gemv`], over the decode copy
-/// when there is one (the returned flag says so). Otherwise, with few rows Candle's gemm is about 1.5× faster
-/// computing `W · xᵀ` and transposing the small result; with many rows the direct product is. Both have a backward.
-fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle_core::Result<(Tensor, bool)> {
-    const FEW_ROWS: usize = 16; // measured by benches/matmul.rs: W·xᵀ wins up to 16 rows, x·Wᵀ from 32
-    let rows = x.dim(0)?;
-    // Decoding (few rows, no gradient, CPU f32): the weight-streaming kernel, over the decode copy when there is one.
-    if rows <= super::gemv::MAX_ROWS
+/// Rows that decode through [`super::gemv`]'s weight-streaming kernel: few, without a gradient, CPU f32.
+fn decode_rows(x: &Tensor, w: &Tensor) -> bool {
+    x.dim(0).is_ok_and(|rows| rows <= super::gemv::MAX_ROWS)
         && !x.track_op()
         && !w.track_op()
         && crate::cpu::is_cpu_f32(w)
         && x.device().is_cpu()
         && x.dtype() == DType::F32
-    {
+}
+
+/// `x · Wᵀ` for `x: [rows, in]`, `W: [out, in]`; `shadow` is W's decode copy, if the model has one. Decoding rows
+/// without a gradient on the CPU go through the weight-streaming kernel of [`super::gemv`], over the decode copy
+/// when there is one. Otherwise, with few rows Candle's gemm is about 1.5× faster
+/// computing `W · xᵀ` and transposing the small result; with many rows the direct product is. Both have a backward.
+fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle_core::Result<Tensor> {
+    const FEW_ROWS: usize = 16; // measured by benches/matmul.rs: W·xᵀ wins up to 16 rows, x·Wᵀ from 32
+    let rows = x.dim(0)?;
+    // Decoding (few rows, no gradient, CPU f32): the weight-streaming kernel, over the decode copy when there is one.
+    if decode_rows(x, w) {
         let x = x.contiguous()?;
         let (n, k) = w.dims2()?;
         let out = match shadow {
@@ -194,16 +212,19 @@ fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle
             }
         }
         .map_err(candle_core::Error::wrap)?;
-        return Ok((Tensor::from_vec(out, (rows, n), x.device())?, shadow.is_some()));
+        return Tensor::from_vec(out, (rows, n), x.device());
     }
     // A frozen weight (LoRA's base) under a graph: Candle's matmul backward differentiates both operands, which
     // would compute (and hold until the backward ends) a gradient the size of every base weight. This op's
     // backward gives the input's gradient only.
     if x.track_op() && !w.track_op() {
-        return Ok((x.apply_op2(&w.t()?, FrozenWeightMatmul)?, false));
+        return x.apply_op2(&w.t()?, FrozenWeightMatmul);
     }
-    let y = if rows <= FEW_ROWS { w.matmul(&x.t()?)?.t()?.contiguous()? } else { x.matmul(&w.t()?)? };
-    Ok((y, false))
+    if rows <= FEW_ROWS {
+        w.matmul(&x.t()?)?.t()?.contiguous()
+    } else {
+        x.matmul(&w.t()?)
+    }
 }
 
 /// `x · Wᵀ` (`rhs` is `Wᵀ`, a transposed view) for a weight that takes no gradient: the backward returns `x`'s
@@ -268,6 +289,111 @@ impl candle_core::CustomOp2 for FrozenWeightMatmul {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // d(x·Wᵀ)/dx · g = g · W
         Ok((Some(grad.matmul(&w_t.t()?)?), None))
+    }
+}
+
+/// `x · Wᵀ + (x · Aᵀ) · Bsᵀ` for a frozen `W: [out, in]` (held by the op) and a LoRA adapter `A: [r, in]`,
+/// `Bs = s · B: [out, r]`, as one node of the graph. Composed from Candle's ops, the adapter term would keep three
+/// `[rows, out]` tensors per layer alive until backward (the base product, `B(Ax)` and its scaled copy, each an
+/// input of the next op): more memory than the full fine-tuning it replaces. This op keeps only its inputs (and
+/// `x` is kept anyway); backward recomputes the small `x · Aᵀ`. Forward and backward are Candle's own matmuls, on
+/// every device.
+struct LoraMatmul {
+    w: Tensor,
+}
+
+impl LoraMatmul {
+    #[allow(clippy::too_many_arguments)]
+    fn fwd<S: candle_core::backend::BackendStorage>(
+        x: &S,
+        lx: &candle_core::Layout,
+        a: &S,
+        la: &candle_core::Layout,
+        bs: &S,
+        lbs: &candle_core::Layout,
+        w: &S,
+        lw: &candle_core::Layout,
+    ) -> candle_core::Result<(S, candle_core::Shape)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (n, kw) = lw.shape().dims2()?;
+        let (r, ka) = la.shape().dims2()?;
+        let (nb, rb) = lbs.shape().dims2()?;
+        if k != kw || k != ka || n != nb || r != rb {
+            candle_core::bail!("lora matmul: x {m}x{k}, W {n}x{kw}, A {r}x{ka}, B {nb}x{rb}");
+        }
+        let xw = x.matmul(w, (1, m, n, k), lx, &lw.transpose(0, 1)?)?;
+        let xa = x.matmul(a, (1, m, r, k), lx, &la.transpose(0, 1)?)?;
+        let z = xa.matmul(bs, (1, m, n, r), &candle_core::Layout::contiguous((m, r)), &lbs.transpose(0, 1)?)?;
+        let out = candle_core::Layout::contiguous((m, n));
+        Ok((xw.binary_impl::<candle_core::op::Add>(&z, &out, &out)?, candle_core::Shape::from((m, n))))
+    }
+}
+
+impl candle_core::CustomOp3 for LoraMatmul {
+    fn name(&self) -> &'static str {
+        "lora-matmul"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (w, lw) = self.w.storage_and_layout();
+        match &*w {
+            candle_core::Storage::Cpu(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw),
+            _ => candle_core::bail!("lora matmul: the base weight is not on the CPU"),
+        }
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (w, lw) = self.w.storage_and_layout();
+        match &*w {
+            candle_core::Storage::Cuda(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw),
+            _ => candle_core::bail!("lora matmul: the base weight is not on the GPU"),
+        }
+    }
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
+        let (w, lw) = self.w.storage_and_layout();
+        match &*w {
+            candle_core::Storage::Metal(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw),
+            _ => candle_core::bail!("lora matmul: the base weight is not on the GPU"),
+        }
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        bs: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // With gb = g·Bs [rows, r]: dx = g·W + gb·A, dA = gbᵀ·x, dBs = gᵀ·(x·Aᵀ).
+        let gb = g.matmul(bs)?;
+        let dx = (g.matmul(&self.w)? + gb.matmul(a)?)?;
+        let da = gb.t()?.matmul(x)?;
+        let dbs = g.t()?.matmul(&x.matmul(&a.t()?)?)?;
+        Ok((Some(dx), Some(da), Some(dbs)))
     }
 }
 
@@ -991,7 +1117,7 @@ impl CausalLm {
         let dims = hidden.dims().to_vec();
         let h = *dims.last().unwrap();
         let rows = hidden.elem_count() / h;
-        let (y, _) = matmul_by_weight_t(&hidden.reshape((rows, h))?, self.lm_head_weight(), self.head_shadow.as_ref())?;
+        let y = matmul_by_weight_t(&hidden.reshape((rows, h))?, self.lm_head_weight(), self.head_shadow.as_ref())?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.cfg.vocab_size;
         Ok(y.reshape(out)?)
@@ -1064,4 +1190,44 @@ pub fn positions_from_mask(key_valid: &[Vec<bool>]) -> Vec<Vec<u32>> {
                 .collect()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn var(data: impl Fn(usize) -> f32, shape: (usize, usize)) -> Var {
+        let v: Vec<f32> = (0..shape.0 * shape.1).map(data).collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// The fused LoRA op against the composite `x·Wᵀ + s·(x·Aᵀ)·Bᵀ`: the same output, and the same gradients for
+    /// x, A and B (W frozen), under a loss that weights every output differently.
+    #[test]
+    fn lora_matmul_matches_the_composite_ops_and_their_gradients() {
+        let (rows, inp, out, r, s) = (5, 8, 6, 3, 1.5);
+        let x = var(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1, (rows, inp));
+        let w = var(|i| ((i * 5 % 13) as f32 - 6.0) * 0.05, (out, inp)).as_detached_tensor();
+        let a = var(|i| ((i * 3 % 7) as f32 - 3.0) * 0.2, (r, inp));
+        let b = var(|i| ((i * 11 % 5) as f32 - 2.0) * 0.3, (out, r));
+        let c = var(|i| (i % 4) as f32 - 1.5, (rows, out)).as_detached_tensor();
+        let fused = x.apply_op3(&a, &b.affine(s, 0.0).unwrap(), LoraMatmul { w: w.clone() }).unwrap();
+        let composite = (x.matmul(&w.t().unwrap()).unwrap()
+            + (x.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * s).unwrap())
+        .unwrap();
+        let close = |p: &[f32], q: &[f32], what: &str| {
+            let d = p.iter().zip(q).map(|(u, v)| (u - v).abs()).fold(0.0f32, f32::max);
+            assert!(d < 1e-5 && p.iter().any(|u| *u != 0.0), "{what}: {d}");
+        };
+        close(&flat(&fused), &flat(&composite), "output");
+        let g1 = (&fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&composite * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        for (v, what) in [(&x, "dx"), (&a, "dA"), (&b, "dB")] {
+            close(&flat(g1.get(v).unwrap()), &flat(g2.get(v).unwrap()), what);
+        }
+    }
 }
