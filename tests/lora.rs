@@ -278,6 +278,65 @@ fn ppo_resume_with_lora_is_exact() {
     three_plus_three(&body, &["critic.safetensors", "critic_optimizer.safetensors"]);
 }
 
+/// `critic.lora = true`: PPO's value model trains adapters (the [lora] settings) and its head on the policy's own
+/// frozen base; the critic's files hold only those (PEFT names + `score.weight`), each of which trains, and resume
+/// is exact.
+#[test]
+fn ppo_with_a_lora_value_model_trains_only_its_adapters_and_head_and_resumes_exactly() {
+    let body = TINY
+        .replace(
+            "[algorithm]\n",
+            "[algorithm]\nkind = \"ppo\"\nppo_epochs = 2\nnum_mini_batches = 2\nkl_target = 0.01\n",
+        )
+        .replace("micro_batch_size = 4", "micro_batch_size = 2")
+        .replace("num_iterations = 2\n", "")
+        .replace("[optim]\n", "[critic]\nlr = 1e-2\nlora = true\n\n[optim]\n");
+    three_plus_three(&body, &["critic.safetensors", "critic_optimizer.safetensors"]);
+    // Rerun the straight half alone to read its critic files at steps 3 and 6.
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), &format!("{body}{LORA}"), 5);
+    let out = train(&recipe, &[], "never");
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("critic from policy (LoRA)"));
+    let run = dir.path().join("runs/t");
+    let critic = |step: u64| {
+        candle_core::safetensors::load(step_dir(&run, step).join("critic.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (c3, c6) = (critic(3), critic(6));
+    // 2 layers × 7 modules × (A, B) + the head; no base weight.
+    assert_eq!(c6.len(), 2 * 7 * 2 + 1, "{:?}", c6.keys());
+    for (name, t) in &c6 {
+        assert!(
+            name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight") || name == "score.weight",
+            "{name}"
+        );
+        let moved = (t - &c3[name]).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(moved > 0.0, "critic tensor {name} did not train");
+    }
+    // Its A is not the policy's: its own streams.
+    let policy =
+        candle_core::safetensors::load(step_dir(&run, 3).join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    assert_ne!(
+        policy[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        c3[name].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+}
+
+/// `critic.lora = true` without a [lora] table has no adapter settings to take: exit 2 naming the key.
+#[test]
+fn a_lora_value_model_needs_a_lora_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = TINY
+        .replace("[algorithm]\n", "[algorithm]\nkind = \"ppo\"\n")
+        .replace("num_iterations = 2\n", "")
+        .replace("[optim]\n", "[critic]\nlora = true\n\n[optim]\n");
+    let recipe = setup(dir.path(), &body, 5);
+    let out = train(&recipe, &["run.max_steps=1"], "never");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("critic.lora") && stderr(&out).contains("[lora]"), "{}", stderr(&out));
+}
+
 #[test]
 fn safe_resume_with_lora_is_exact() {
     let body = TINY

@@ -24,6 +24,11 @@ pub struct Needs {
     pub reference_for_beta_only: bool,
     /// A trainable model of the policy's size besides the policy (PPO's value model): the memory plan counts it.
     pub value_model: bool,
+    /// The value model trains LoRA adapters on a frozen backbone (`critic.lora`): only they and its head have
+    /// gradients and moments.
+    pub value_model_lora: bool,
+    /// ... and that backbone is the policy's own base weights (`critic.init = "policy"`): no memory of its own.
+    pub value_model_shares_policy: bool,
     /// A differentiable entropy (the composite LM head: the fused CPU head has no entropy gradient).
     pub entropy_gradient: bool,
     /// `algorithm.gradient_checkpointing` is offered (and whether it is on).

@@ -115,6 +115,9 @@ pub struct Setup<'a> {
     pub seed: u64,
     /// The policy's AdamW settings: a critic's optimizer shares its betas, eps and weight decay.
     pub optim: crate::optim::AdamWConfig,
+    /// The policy itself: with LoRA, its frozen base is what a LoRA value model of `critic.init = "policy"` sits
+    /// on (shared, not copied).
+    pub policy_model: &'a crate::model::CausalLm,
 }
 
 /// Every algorithm's settings: one variant per algorithm.

@@ -411,6 +411,8 @@ pub struct PpoSettings {
     pub critic: CriticParams,
     /// Where the value model starts: "policy", "reward_model", or a model id.
     pub critic_init: String,
+    /// `critic.lora`: the value model trains LoRA adapters (the policy's [lora] settings) and its head only.
+    pub critic_lora: bool,
 }
 
 impl Default for PpoParams {
@@ -440,6 +442,7 @@ impl Default for PpoSettings {
             clip: ClipConfig::default(),
             critic: CriticParams::default(),
             critic_init: "policy".into(),
+            critic_lora: false,
         }
     }
 }
@@ -465,6 +468,7 @@ impl PpoSettings {
             clip: ClipConfig::from_keys(k),
             critic: CriticParams::from_keys(k),
             critic_init: k.string("critic.init"),
+            critic_lora: k.boolean("critic.lora"),
         }
     }
 
@@ -474,6 +478,8 @@ impl PpoSettings {
             // With an adaptive target the reference stays whatever β starts at.
             reference_for_beta_only: self.params.kl_target.is_none(),
             value_model: true,
+            value_model_lora: self.critic_lora,
+            value_model_shares_policy: self.critic_lora && self.critic_init == "policy",
             recorded_logprobs: true,
             ..Needs::default()
         }
@@ -483,8 +489,15 @@ impl PpoSettings {
         let p = &self.params;
         let kl = p.kl_target.map_or("fixed".to_string(), |t| format!("target {t}"));
         format!(
-            "beta {} ({kl}), epsilon {}/{}, ppo_epochs {}, num_mini_batches {}, vf_coef {}, critic from {}",
-            self.beta, self.clip.eps_low, self.clip.eps_high, p.epochs, p.num_mini_batches, p.vf_coef, self.critic_init
+            "beta {} ({kl}), epsilon {}/{}, ppo_epochs {}, num_mini_batches {}, vf_coef {}, critic from {}{}",
+            self.beta,
+            self.clip.eps_low,
+            self.clip.eps_high,
+            p.epochs,
+            p.num_mini_batches,
+            p.vf_coef,
+            self.critic_init,
+            if self.critic_lora { " (LoRA)" } else { "" }
         )
     }
 
@@ -510,6 +523,9 @@ pub struct PpoState {
     pub critic: CriticState,
 }
 
+/// XORed into `run.seed` for the LoRA value model's A, so its initialisation is not the policy's.
+const CRITIC_LORA_STREAM: u64 = 0xC217_1C00;
+
 /// PPO (TRL's PPOTrainer): a value model, per-token KL rewards, GAE, epochs of shuffled mini-batches.
 pub struct Ppo {
     settings: PpoSettings,
@@ -528,9 +544,20 @@ impl Ppo {
             )?,
             path => ModelSource::parse(path, None).context("critic.init")?,
         };
-        let value =
+        let value = if settings.critic_lora {
+            let policy_lora = setup.policy_model.lora().context("critic.lora = true needs a [lora] table")?;
+            // The value model's own A: streams apart from the policy's (keyed by a different seed).
+            let spec = crate::model::lora::LoraSpec { seed: setup.seed ^ CRITIC_LORA_STREAM, ..policy_lora.clone() };
+            if settings.critic_init == "policy" {
+                ValueModel::lora_on(setup.policy_model.without_adapters()?, None, &spec)
+            } else {
+                let loaded = LoadedModel::load(&source, setup.device, setup.dtype)?;
+                ValueModel::lora_from_loaded(loaded, &spec, setup.device, setup.dtype)
+            }
+        } else {
             ValueModel::from_loaded(LoadedModel::load(&source, setup.device, setup.dtype)?, setup.device, setup.dtype)
-                .context("loading the value model (critic.init)")?;
+        }
+        .context("loading the value model (critic.init)")?;
         if value.vocab_size() != setup.policy.vocab_size {
             bail!(
                 "critic.init = \"{}\" has a vocabulary of {} tokens, the policy {}: the value model reads the policy's \

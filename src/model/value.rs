@@ -2,7 +2,8 @@
 //! completion position with the same alignment as log-probs (the hidden state that predicts token t gives V_t), as
 //! TRL's PPOTrainer does. Initialised from a causal LM (the policy's starting weights; the head starts at zero, so
 //! V = 0 before training) or from a `*ForSequenceClassification` reward model (its `score` head). Trainable; its
-//! weights save in the reward-model layout (`model.*` and `score.weight`).
+//! weights save in the reward-model layout (`model.*` and `score.weight`). With `critic.lora` only LoRA adapters on
+//! a frozen backbone (PEFT names) and the head train and save.
 
 use std::collections::HashMap;
 
@@ -11,6 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::Head;
 use super::logprobs::SequenceBatch;
+use super::lora::LoraSpec;
 use super::{CausalLm, LoadedModel};
 
 pub struct ValueModel {
@@ -25,7 +27,19 @@ impl ValueModel {
     /// From a loaded model: a causal LM (its LM head is dropped, a zero head added) or a reward model (its head kept).
     pub fn from_loaded(mut loaded: LoadedModel, device: &Device, dtype: DType) -> Result<Self> {
         let origin = loaded.origin.clone();
-        let hidden = loaded.config.hidden_size;
+        let head = Self::head_of(&mut loaded, device, dtype)?;
+        let backbone = CausalLm::from_tensors(&Self::backbone_config(&loaded), loaded.tensors, true, device, dtype)
+            .with_context(|| format!("building the value model from {origin}"))?;
+        let head = Var::from_tensor(&head)?;
+        let mut vars = backbone.vars().to_vec();
+        vars.push(("score.weight".to_string(), head.clone()));
+        Ok(Self { backbone, head, vars })
+    }
+
+    /// The starting value head, taken out of `loaded`: a reward model's `score.weight`, zeros for a causal LM (whose
+    /// LM head is dropped too).
+    fn head_of(loaded: &mut LoadedModel, device: &Device, dtype: DType) -> Result<Tensor> {
+        let (origin, hidden) = (&loaded.origin, loaded.config.hidden_size);
         let head = match loaded.config.head {
             Head::SequenceClassification => {
                 let s =
@@ -38,15 +52,40 @@ impl ValueModel {
             Head::CausalLm => Tensor::zeros((1, hidden), dtype, device)?,
         };
         loaded.tensors.remove("lm_head.weight");
+        Ok(head)
+    }
+
+    /// The backbone's config: a causal LM whose unused LM head aliases the embedding (no extra weights).
+    fn backbone_config(loaded: &LoadedModel) -> super::ModelConfig {
         let mut cfg = loaded.config.clone();
-        cfg.tie_word_embeddings = true; // the unused LM head aliases the embedding: no extra weights
+        cfg.tie_word_embeddings = true;
         cfg.head = Head::CausalLm;
-        let backbone = CausalLm::from_tensors(&cfg, loaded.tensors, true, device, dtype)
-            .with_context(|| format!("building the value model from {origin}"))?;
+        cfg
+    }
+
+    /// A LoRA value model on `backbone` (built frozen, without adapters): adapters from `spec` (A from its seeded
+    /// streams, B zeros) and the value head `head` (`[1, hidden]`; `None`: zeros) are its only variables, so they
+    /// alone are trained and saved. `backbone` may share its weights with the policy's frozen base.
+    pub fn lora_on(mut backbone: CausalLm, head: Option<Tensor>, spec: &LoraSpec) -> Result<Self> {
+        let (hidden, device, dtype) = (backbone.config().hidden_size, backbone.device().clone(), backbone.dtype());
+        backbone.add_lora(spec, None).context("the value model's LoRA adapters (critic.lora, from [lora])")?;
+        let head = match head {
+            Some(h) => h,
+            None => Tensor::zeros((1, hidden), dtype, &device)?,
+        };
         let head = Var::from_tensor(&head)?;
         let mut vars = backbone.vars().to_vec();
         vars.push(("score.weight".to_string(), head.clone()));
         Ok(Self { backbone, head, vars })
+    }
+
+    /// [`Self::lora_on`] a loaded model (a causal LM, its head zeros, or a reward model, its `score` head kept).
+    pub fn lora_from_loaded(mut loaded: LoadedModel, spec: &LoraSpec, device: &Device, dtype: DType) -> Result<Self> {
+        let origin = loaded.origin.clone();
+        let head = Self::head_of(&mut loaded, device, dtype)?;
+        let backbone = CausalLm::from_tensors(&Self::backbone_config(&loaded), loaded.tensors, false, device, dtype)
+            .with_context(|| format!("building the value model from {origin}"))?;
+        Self::lora_on(backbone, Some(head), spec)
     }
 
     pub fn vars(&self) -> &[(String, Var)] {

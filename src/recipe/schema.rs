@@ -1079,6 +1079,13 @@ pub static KEYS: &[KeySpec] = &[
         PPO,
         "ppo's value model: \"policy\" (the starting policy's weights, a zero value head), \"reward_model\" (the [[reward]] of kind model), or a path/hub id.",
     ),
+    scoped(
+        "critic.lora",
+        Kind::Bool,
+        "false",
+        PPO,
+        "ppo's value model trains LoRA adapters (the [lora] table's rank, alpha, targets and rslora; A from its own seeded streams) and its value head on a frozen backbone, which with critic.init = \"policy\" is the policy's own base weights (no second copy); needs [lora].",
+    ),
     scoped("critic.lr", Kind::Float(FloatRange::new(0.0, 1.0)), "1e-5", CRITIC, "Value model learning rate (AdamW, same betas, eps and schedule as the policy)."),
     scoped("critic.max_grad_norm", Kind::Float(FloatRange::non_negative()), "1.0", PPO, "Clip the value model's gradient norm; 0 = off."),
     // [optim]

@@ -663,6 +663,16 @@ fn lora_settings(t: &Filled) -> Option<LoraSettings> {
 fn lora_checks(tables: &BTreeMap<&'static str, Filled>, ctx: &mut Ctx) {
     let t = &tables["lora"];
     let at = |key: &str| t.get(key).map(|e| e.origin.clone()).unwrap_or(t.header.clone());
+    let critic = &tables["critic"];
+    if let Some(e) = critic.get("critic.lora") {
+        if boolean(critic, "critic.lora") && t.get("lora.rank").is_none() {
+            ctx.err(
+                &e.origin,
+                "`critic.lora` = true takes the value model's adapters from the [lora] table (rank, alpha, targets), \
+                 but the recipe has no [lora] table: add one, or set critic.lora = false",
+            );
+        }
+    }
     if t.get("lora.dropout").is_some() && float(t, "lora.dropout") != 0.0 {
         ctx.err(
             &at("lora.dropout"),

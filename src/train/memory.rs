@@ -72,8 +72,8 @@ pub struct StepShape {
     pub reference: bool,
     /// Whether it is loaded for the KL term alone, so `algorithm.beta = 0` would drop it.
     pub reference_optional: bool,
-    /// Whether a trainable value model is loaded (PPO): its state and activations count like the policy's.
-    pub critic: bool,
+    /// The trainable value model loaded beside the policy (PPO), if any.
+    pub critic: Critic,
     /// Bytes per weight (4 for f32, 2 for bf16).
     pub dtype_bytes: usize,
     /// The LM head runs as the fused CPU op (no vocab-sized tensors in the graph).
@@ -85,6 +85,19 @@ pub struct StepShape {
     /// With LoRA, the adapters' sizes: only they have gradients and AdamW moments, and the frozen head has no
     /// vocab-sized gradient. `None`: full fine-tuning.
     pub lora: Option<LoraShape>,
+}
+
+/// A trainable value model beside the policy (PPO's), whose activations count like the policy's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Critic {
+    None,
+    /// Every weight trains: weights, gradients and moments like the policy's.
+    Full,
+    /// `critic.lora`: adapters of the policy's [`LoraShape`] (and a head) train on a frozen backbone, which is the
+    /// policy's own base when `shares_policy`.
+    Lora {
+        shares_policy: bool,
+    },
 }
 
 /// LoRA adapters' sizes, in parameters.
@@ -208,7 +221,12 @@ fn per_completion(shape: &StepShape) -> Sat {
 fn resident_state(cfg: &ModelConfig, shape: &StepShape) -> Sat {
     let p = sat(parameter_count(cfg));
     let b = sat(shape.dtype_bytes);
-    let critic = sat(shape.critic as u64);
+    let adapters = sat(shape.lora.map_or(0, |l| l.adapter_params));
+    let critic = match shape.critic {
+        Critic::None => sat(0),
+        Critic::Full => p * (b + sat(8)),
+        Critic::Lora { shares_policy } => adapters * (b + sat(8)) + if shares_policy { sat(0) } else { p * b },
+    };
     let reference = if shape.reference { p * b } else { sat(0) };
     let bf16 = if shape.bf16_decode { p * sat(2) } else { sat(0) };
     let policy = match shape.lora {
@@ -220,7 +238,7 @@ fn resident_state(cfg: &ModelConfig, shape: &StepShape) -> Sat {
         }
         None => p * (b + sat(8)),
     };
-    policy + p * (b + sat(8)) * critic + reference + bf16
+    policy + critic + reference + bf16
 }
 
 /// Activations of one layer for T tokens that are not attention scores: norm outputs, q/k/v (projected, unpacked,
@@ -237,16 +255,23 @@ fn layer_linear(cfg: &ModelConfig, t: Sat) -> Sat {
 pub fn update_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     let p = sat(parameter_count(cfg));
     let b = sat(shape.dtype_bytes);
-    let critic = sat(shape.critic as u64);
     // The summed gradients and this micro-batch's (the sum is formed one variable at a time); the embedding's
     // gradient is summed in backward from the LM head's and the lookup's, each started from zeros (three more
     // vocab × hidden). The optimizer's step, after backward, holds one gradient and per-variable temporaries: less.
     // With LoRA only the adapters have gradients; the frozen embedding and head have none.
     let embedding = sat(3) * sat(cfg.vocab_size) * sat(cfg.hidden_size) * b;
-    let grads = match shape.lora {
-        Some(l) => sat(l.adapter_params) * sat(2) * b + (p * sat(2) * b + embedding) * critic,
-        None => p * sat(2) * b * (sat(1) + critic) + embedding,
+    let adapters = sat(shape.lora.map_or(0, |l| l.adapter_params));
+    let policy_grads = match shape.lora {
+        Some(_) => adapters * sat(2) * b,
+        None => p * sat(2) * b + embedding,
     };
+    let critic_grads = match shape.critic {
+        Critic::None => sat(0),
+        Critic::Full => p * sat(2) * b + if shape.lora.is_some() { embedding } else { sat(0) },
+        Critic::Lora { .. } => adapters * sat(2) * b,
+    };
+    let grads = policy_grads + critic_grads;
+    let critic = sat((shape.critic != Critic::None) as u64);
     let state = resident_state(cfg, shape) + grads;
     let t = sat(shape.max_prompt_tokens) + sat(shape.max_new_tokens);
     let c = sat(shape.max_new_tokens);
@@ -509,7 +534,7 @@ mod tests {
             max_new_tokens: 64,
             reference: true,
             reference_optional: true,
-            critic: false,
+            critic: Critic::None,
             dtype_bytes: 4,
             fused_head: false,
             gradient_checkpointing: false,
@@ -529,6 +554,23 @@ mod tests {
             fused_head: true,
             ..shape(0)
         }
+    }
+
+    #[test]
+    fn a_lora_value_model_on_the_policys_base_plans_no_second_model() {
+        let all: Vec<String> = crate::model::lora::LINEAR_MODULES.iter().map(|m| m.to_string()).collect();
+        let cfg = smollm2();
+        let lora = Some(LoraShape::of(&cfg, 8, &all));
+        let with = |critic| update_bytes(&cfg, &StepShape { lora, critic, ..shape(4) }, 4);
+        let (none, full) = (with(Critic::None), with(Critic::Full));
+        let (shared, own) = (with(Critic::Lora { shares_policy: true }), with(Critic::Lora { shares_policy: false }));
+        let p = parameter_count(&cfg);
+        // A full value model: its weights, two moments and gradients (16 bytes a weight in f32) at least.
+        assert!(full - none >= p * 16, "{full} vs {none}");
+        // A LoRA one on the shared base: its activations and the adapters' state only, far below a full one.
+        assert!(shared > none && full - shared >= p * 14, "{shared} vs {full}");
+        // On a backbone of its own: that backbone's weights more.
+        assert_eq!(own - shared, p * 4);
     }
 
     #[test]

@@ -66,7 +66,11 @@ impl Trainer {
             // With LoRA and no model.reference, the reference is the policy's own frozen base: no memory of its own.
             reference: needs_reference && (recipe.lora.is_none() || recipe.model.reference.is_some()),
             reference_optional: needs.reference_for_beta_only && !sh.kind.needs_references(sh.relative),
-            critic: needs.value_model,
+            critic: match (needs.value_model, needs.value_model_lora) {
+                (false, _) => memory::Critic::None,
+                (true, false) => memory::Critic::Full,
+                (true, true) => memory::Critic::Lora { shares_policy: needs.value_model_shares_policy },
+            },
             dtype_bytes: dtype.size_in_bytes(),
             // A differentiable entropy needs the composite head.
             fused_head: crate::model::fused_head::supported(&device, dtype) && !needs.entropy_gradient,
@@ -271,6 +275,7 @@ impl Trainer {
             reward_model,
             seed: recipe.run.seed,
             optim: *optimizer.config(),
+            policy_model: &policy,
         };
         let mut algorithm = crate::algo::build(&a.settings, &setup)?;
         if let Some(ckpt) = checkpoint {
