@@ -51,6 +51,12 @@ plan = re.search(r"memory: +(.*)", open(f"{rd}/log").read())
 print(f"| {model} | {what} | {g} | {t} | {med('timing/step'):.2f} | {med('timing/rollout'):.2f} | {med('timing/update'):.2f} "
       f"| {statistics.mean(x['completions/mean_length'] for x in m):.1f} | {rss:.2f} | {plan.group(1) if plan else ''} |")
 PY
+  elif grep -q "terminated by signal" "$rd/time"; then
+    # Killed (the kernel's OOM killer, most likely): what it reached, and what the plan said.
+    local rss plan
+    rss=$(awk '/Maximum resident set size/ {printf "%.2f", $6 / 1048576}' "$rd/time")
+    plan=$(grep -o 'memory: .*' "$rd/log" | head -1 | cut -c9- | sed 's/^ *//')
+    echo "| $1 | $what | $3 | $4 | killed ($(grep -o 'signal [0-9]*' "$rd/time")) | | | | $rss | $plan |"
   else
     echo "| $1 | $what | $3 | $4 | refused | | | | | $(grep -o 'error: .*' "$rd/log" | head -1 | cut -c8-) |"
   fi

@@ -265,17 +265,20 @@ fn grpo_resume_with_lora_is_exact_and_checkpoints_hold_peft_adapters() {
     three_plus_three(TINY, &[]);
 }
 
+/// TINY as PPO (2 epochs of 2 mini-batches, an adaptive KL) with `critic` as its [critic] table.
+fn ppo_body(critic: &str) -> String {
+    TINY.replace(
+        "[algorithm]\n",
+        "[algorithm]\nkind = \"ppo\"\nppo_epochs = 2\nnum_mini_batches = 2\nkl_target = 0.01\n",
+    )
+    .replace("micro_batch_size = 4", "micro_batch_size = 2")
+    .replace("num_iterations = 2\n", "")
+    .replace("[optim]\n", &format!("[critic]\n{critic}\n[optim]\n"))
+}
+
 #[test]
 fn ppo_resume_with_lora_is_exact() {
-    let body = TINY
-        .replace(
-            "[algorithm]\n",
-            "[algorithm]\nkind = \"ppo\"\nppo_epochs = 2\nnum_mini_batches = 2\nkl_target = 0.01\n",
-        )
-        .replace("micro_batch_size = 4", "micro_batch_size = 2")
-        .replace("num_iterations = 2\n", "")
-        .replace("[optim]\n", "[critic]\nlr = 1e-3\n\n[optim]\n");
-    three_plus_three(&body, &["critic.safetensors", "critic_optimizer.safetensors"]);
+    three_plus_three(&ppo_body("lr = 1e-3\n"), &["critic.safetensors", "critic_optimizer.safetensors"]);
 }
 
 /// `critic.lora = true`: PPO's value model trains adapters (the [lora] settings) and its head on the policy's own
@@ -283,14 +286,7 @@ fn ppo_resume_with_lora_is_exact() {
 /// is exact.
 #[test]
 fn ppo_with_a_lora_value_model_trains_only_its_adapters_and_head_and_resumes_exactly() {
-    let body = TINY
-        .replace(
-            "[algorithm]\n",
-            "[algorithm]\nkind = \"ppo\"\nppo_epochs = 2\nnum_mini_batches = 2\nkl_target = 0.01\n",
-        )
-        .replace("micro_batch_size = 4", "micro_batch_size = 2")
-        .replace("num_iterations = 2\n", "")
-        .replace("[optim]\n", "[critic]\nlr = 1e-2\nlora = true\n\n[optim]\n");
+    let body = ppo_body("lr = 1e-2\nlora = true\n");
     three_plus_three(&body, &["critic.safetensors", "critic_optimizer.safetensors"]);
     // Rerun the straight half alone to read its critic files at steps 3 and 6.
     let dir = tempfile::tempdir().unwrap();
