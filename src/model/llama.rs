@@ -87,10 +87,8 @@ struct Shadow {
     merged: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 enum ShadowData {
-    #[default]
-    Empty,
     Bf16(Vec<half::bf16>),
     F32(Vec<f32>),
 }
@@ -101,15 +99,11 @@ impl Shadow {
         Self { data: std::sync::Arc::new(std::sync::RwLock::new(data)), merged }
     }
 
-    /// Copy `weight` (+ the adapter's delta when merged) into this copy's dtype.
-    fn refresh(&self, weight: &Tensor, lora: Option<&Adapter>) -> Result<()> {
+    /// Copy `weight` (the layer's weight, or [`Linear::merged_weight`] for a merged copy) into this copy's dtype.
+    fn refresh(&self, weight: &Tensor) -> Result<()> {
         use rayon::prelude::*;
-        let merged = match lora.filter(|_| self.merged) {
-            Some(l) => Some((weight.to_dtype(DType::F32)? + l.delta()?)?),
-            None => None,
-        };
         let mut dst = self.data.write().expect("shadow lock");
-        crate::cpu::with_f32(merged.as_ref().unwrap_or(weight), |w| match &mut *dst {
+        crate::cpu::with_f32(weight, |w| match &mut *dst {
             ShadowData::Bf16(d) => {
                 d.resize(w.len(), half::bf16::ZERO);
                 d.par_chunks_mut(1 << 16).zip(w.par_chunks(1 << 16)).for_each(|(d, s)| {
@@ -122,7 +116,6 @@ impl Shadow {
                 d.clear();
                 d.extend_from_slice(w);
             }
-            ShadowData::Empty => {}
         })
     }
 
@@ -147,6 +140,14 @@ impl Linear {
 }
 
 impl Linear {
+    /// `W + s · B A` in f32 for a layer with an adapter (PEFT's merge), `None` without one.
+    fn merged_weight(&self) -> Result<Option<Tensor>> {
+        match &self.lora {
+            Some(l) => Ok(Some((self.weight.to_dtype(DType::F32)? + l.delta()?)?)),
+            None => Ok(None),
+        }
+    }
+
     /// Whether `x` takes the decode path ([`matmul_by_weight_t`]'s kernel) over a copy with the adapter merged in.
     fn decodes_merged(&self, x: &Tensor) -> bool {
         self.shadow.as_ref().is_some_and(|s| s.merged) && decode_rows(x, &self.weight)
@@ -940,11 +941,12 @@ impl CausalLm {
     pub fn refresh_decode_copies(&self) -> Result<()> {
         for (_, _, l) in self.linears() {
             if let Some(s) = &l.shadow {
-                s.refresh(&l.weight, l.lora.as_ref())?;
+                let merged = if s.merged { l.merged_weight()? } else { None };
+                s.refresh(merged.as_ref().unwrap_or(&l.weight))?;
             }
         }
         if let Some(s) = &self.head_shadow {
-            s.refresh(self.lm_head_weight(), None)?;
+            s.refresh(self.lm_head_weight())?;
         }
         Ok(())
     }
@@ -955,8 +957,7 @@ impl CausalLm {
     pub fn merged_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut merged = HashMap::new();
         for (layer, path, lin) in self.linears() {
-            if let Some(l) = &lin.lora {
-                let w = (lin.weight.to_dtype(DType::F32)? + l.delta()?)?;
+            if let Some(w) = lin.merged_weight()? {
                 merged.insert(format!("model.layers.{layer}.{path}.weight"), w.to_dtype(self.dtype)?);
             }
         }
