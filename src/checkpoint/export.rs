@@ -47,16 +47,19 @@ struct MergedModel {
 pub fn export(source: &Path, out: &Path, what: Export) -> Result<PreparedExport> {
     let source = resolve_source(source)?;
     check_out(out, &source)?;
-    // The adapters are parsed and checked whatever is exported: an adapter export of damaged files is refused.
-    crate::model::lora::read_adapters(&source, &Device::Cpu, DType::F32)?.with_context(|| {
-        format!(
+    if !source.join(ADAPTER_CONFIG_FILE).is_file() {
+        bail!(
             "{} holds no LoRA adapters (no {ADAPTER_CONFIG_FILE}): it is already a plain model directory, with \
              nothing to merge or export",
             source.display()
-        )
-    })?;
+        );
+    }
     let (dtype, content) = match what {
-        Export::Adapter => (None, Content::Adapter),
+        Export::Adapter => {
+            // Parsed and checked, though only copied: an adapter export of damaged files is refused.
+            crate::model::lora::read_adapters(&source, &Device::Cpu, DType::F32)?;
+            (None, Content::Adapter)
+        }
         Export::Merged { dtype } => {
             let dtype = match dtype {
                 Some(d) => d,
@@ -67,12 +70,9 @@ pub fn export(source: &Path, out: &Path, what: Export) -> Result<PreparedExport>
                 &Device::Cpu,
                 DType::F32,
             )?;
-            let origin = loaded.origin.clone();
-            // A weights-only directory (no tokenizer.json) exports weights-only too.
+            // The load reads and checks the adapters beside the weights; a weights-only directory (no
+            // tokenizer.json) exports weights-only too.
             let (model, tokenizer) = loaded.into_model(false, &Device::Cpu, DType::F32)?;
-            if model.lora().is_none() {
-                bail!("{origin}: its adapters did not load");
-            }
             let tensors = model
                 .merged_tensors()?
                 .into_iter()
