@@ -15,6 +15,11 @@ use safe::model::{CausalLm, LoadedModel, ModelSource};
 
 const TOL: f32 = 1e-5;
 
+/// The base the LoRA runs here train on.
+fn builtin_tiny() -> LoadedModel {
+    LoadedModel::load(&ModelSource::parse("builtin:tiny", None).unwrap(), &Device::Cpu, DType::F32).unwrap()
+}
+
 fn load(dir: &Path) -> CausalLm {
     let src = ModelSource::Dir(dir.to_path_buf());
     LoadedModel::load(&src, &Device::Cpu, DType::F32).unwrap().into_model(false, &Device::Cpu, DType::F32).unwrap().0
@@ -116,11 +121,7 @@ fn merged_export_of_a_lora_run_equals_its_adapter_forward_in_its_dtype_or_anothe
     assert!(merged.lora().is_none() && adapted.lora().is_some());
     let ids: Vec<u32> = vec![1, 17, 200, 42, 7, 99, 254, 3, 11, 64];
     let diff = max_abs_diff(&logits_unpadded(&merged, &ids), &logits_unpadded(&adapted, &ids));
-    let base = LoadedModel::load(&ModelSource::parse("builtin:tiny", None).unwrap(), &Device::Cpu, DType::F32)
-        .unwrap()
-        .into_model(false, &Device::Cpu, DType::F32)
-        .unwrap()
-        .0;
+    let base = builtin_tiny().into_model(false, &Device::Cpu, DType::F32).unwrap().0;
     let trained = max_abs_diff(&logits_unpadded(&base, &ids), &logits_unpadded(&adapted, &ids));
     eprintln!(
         "builtin:tiny LoRA run: merged export vs adapter forward {diff:e} (the adapters moved the logits {trained:e})"
@@ -173,8 +174,7 @@ fn adapter_export_is_the_checkpoints_peft_files_and_applies_to_the_base() {
     for f in &files {
         assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(ckpt.join(f)).unwrap(), "{f}");
     }
-    let base = LoadedModel::load(&ModelSource::parse("builtin:tiny", None).unwrap(), &Device::Cpu, DType::F32)
-        .unwrap()
+    let base = builtin_tiny()
         .with_adapter_dir(&out, &Device::Cpu, DType::F32)
         .unwrap()
         .into_model(false, &Device::Cpu, DType::F32)
