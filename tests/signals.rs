@@ -159,18 +159,8 @@ fn twenty_kill_9s_with_a_command_reward_then_resume_equal_an_uninterrupted_run()
         .replace("save_every = 3", "save_every = 1")
         .replace("max_new_tokens = 6", "max_new_tokens = 24");
     let (recipe, pids) = recipe(dir.path(), &body, "answer", 0);
-    ok(&train(&recipe, &["run.name=straight"], "never"));
-    let run = dir.path().join("runs/killed");
-    // Moments from the clock (printed, so a failure can be replayed by hand).
-    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    eprintln!("kill seed {seed}");
-    let mut landed = 0;
-    for round in 0..20 {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let delay_ms = (seed >> 33) % 300;
-        let started = std::fs::read_dir(&pids).unwrap().count();
-        let mut child = spawn_train(&recipe, &["run.name=killed"], if round == 0 { "never" } else { "auto" });
-        // From the moment its reward command is up (set-up done), so the kills fall across the steps.
+    // From the moment its reward command is up (set-up done), so the kills fall across the steps.
+    let wait_for_reward_command = |child: &mut Child, started: usize| {
         let t = Instant::now();
         while std::fs::read_dir(&pids).unwrap().count() == started && t.elapsed() < Duration::from_secs(60) {
             if child.try_wait().unwrap().is_some() {
@@ -178,6 +168,26 @@ fn twenty_kill_9s_with_a_command_reward_then_resume_equal_an_uninterrupted_run()
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    };
+    let mut child = spawn_train(&recipe, &["run.name=straight"], "never");
+    wait_for_reward_command(&mut child, 0);
+    let t = Instant::now();
+    ok(&child.wait_with_output().unwrap());
+    // Kill delays scale with this machine's step time (a fixed 0-300 ms let a fast CI machine finish all 40 steps
+    // in 14 rounds): uniform over 0-1.6 steps, so each round advances under a step on average and 20 rounds never
+    // reach the end, while the moments still fall in every phase of a step (rollout, reward, update, save).
+    let step_ms = (t.elapsed().as_millis() as u64 / 40).max(1);
+    let run = dir.path().join("runs/killed");
+    // Moments from the clock (printed, so a failure can be replayed by hand).
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    eprintln!("kill seed {seed}; {step_ms} ms a step");
+    let mut landed = 0;
+    for round in 0..20 {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let delay_ms = (seed >> 33) % (step_ms * 16 / 10 + 1);
+        let started = std::fs::read_dir(&pids).unwrap().count();
+        let mut child = spawn_train(&recipe, &["run.name=killed"], if round == 0 { "never" } else { "auto" });
+        wait_for_reward_command(&mut child, started);
         std::thread::sleep(Duration::from_millis(delay_ms));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL, wherever it lands: loading, rollout, reward, update, save
