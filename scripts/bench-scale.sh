@@ -9,14 +9,17 @@
 # reference being the base with the adapters off) on each of the three models, 8 generations of 64 tokens; the
 # 1.5B shape's full fine-tuning is refused by the memory plan on a 24 GB machine.
 #
-#   bash scripts/bench-scale.sh [--steps N] [--grad-ckpt] [--lora]
+# --model NAME (with --lora): only that model (smollm2-135m, random-360m or random-1.5b).
+#
+#   bash scripts/bench-scale.sh [--steps N] [--grad-ckpt] [--lora [--model NAME]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-steps=3 sets=() lora=0
+steps=3 sets=() lora=0 only=
 while [ $# -gt 0 ]; do
   case "$1" in
     --steps) steps=$2; shift 2 ;;
     --lora) lora=1; shift ;;
+    --model) only=$2; shift 2 ;;
     --grad-ckpt) sets+=(--set algorithm.gradient_checkpointing=true); shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -64,6 +67,7 @@ PY
 if [ "$lora" = 1 ]; then
   for model in "smollm2-135m $gguf" "random-360m builtin:random-360m" "random-1.5b builtin:random-1.5b"; do
     set -- $model
+    [ -n "$only" ] && [ "$only" != "$1" ] && continue
     for rank in 0 16 64; do run "$1" "$2" 8 64 "$rank"; done
   done
   exit 0

@@ -101,6 +101,26 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     }
 }
 
+/// Regression: the gradients handed to the optimizer held the autograd graph of every micro-batch (Candle leaves
+/// a variable's gradient attached to it), so memory grew by a micro-batch's activations per micro-batch.
+#[test]
+fn update_gradients_hold_no_autograd_graph() {
+    for gradient_checkpointing in [false, true] {
+        let policy = tiny(true);
+        let reference = tiny(false);
+        let (p, c, a) = data();
+        let keep = vec![true; p.len()];
+        let batch =
+            UpdateBatch { prompts: &p, completions: &c, advantages: &a, old_logprobs: None, keep: &keep, sampling: None };
+        let cfg = UpdateConfig { gradient_checkpointing, ..config(LossType::Dapo, 2) };
+        let (g, _) = grpo_backward(&policy, Some(&reference), &batch, &cfg).unwrap();
+        for (name, v) in policy.vars() {
+            let grad = g.get(v.as_tensor()).unwrap();
+            assert!(!grad.track_op(), "{name} (checkpointing {gradient_checkpointing}): its gradient keeps a graph");
+        }
+    }
+}
+
 #[test]
 fn micro_batches_accumulate_to_the_whole_batch_gradient() {
     for (loss_type, micros) in [(LossType::Dapo, vec![1, 3]), (LossType::Grpo, vec![2])] {

@@ -1093,14 +1093,18 @@ impl CausalLm {
             return Ok((GradStore::default(), extra, loss_value));
         }
         let mut grads = loss.backward()?;
-        let mut grad_out = grads.remove(leaf.as_tensor()).context("checkpointing: no gradient reached the head")?;
+        // Detached: Candle leaves a variable's gradient attached to the graph it came from, which would keep every
+        // recomputed layer alive (each layer's gradient built on the one above) and send the next backward into it.
+        let mut grad_out =
+            grads.remove(leaf.as_tensor()).context("checkpointing: no gradient reached the head")?.detach();
         acc.add(grads, &self.vars)?;
         // The layers, last to first: d(Σ out·g)/d(params, input) is the chain rule's step through the layer.
         for (layer, input) in self.layers.iter().zip(inputs.iter()).rev() {
             let leaf = Var::from_tensor(input)?;
             let out = layer.forward(leaf.as_tensor(), &rope, &mask, None, Some(packing))?;
             let mut grads = (out * &grad_out)?.sum_all()?.backward()?;
-            grad_out = grads.remove(leaf.as_tensor()).context("checkpointing: no gradient reached a layer input")?;
+            grad_out =
+                grads.remove(leaf.as_tensor()).context("checkpointing: no gradient reached a layer input")?.detach();
             acc.add(grads, &self.vars)?;
         }
         let embedded = self.embed_tokens.index_select(&ids, 0)?;
