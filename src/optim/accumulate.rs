@@ -49,7 +49,6 @@ impl Default for GradAccumulator {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
