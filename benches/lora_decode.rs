@@ -53,19 +53,29 @@ fn main() {
         dropout: 0.0,
         targets: LINEAR_MODULES.iter().map(|m| m.to_string()).collect(),
         rslora: false,
+        base_dtype: None,
         seed: 0,
         base_model: "SmolLM2-135M-Instruct".into(),
     };
-    let mut policy = build().0;
-    policy.add_lora(&spec, None).expect("lora");
-    // Trained-looking adapters: B off zero, so the merged copies differ from the base.
-    for (name, var) in policy.vars() {
-        if name.ends_with("lora_B.weight") {
-            let (o, r) = var.as_tensor().dims2().unwrap();
-            let data: Vec<f32> = (0..o * r).map(|i| ((i % 13) as f32 - 6.0) * 1e-3).collect();
-            var.set(&Tensor::from_vec(data, (o, r), &Device::Cpu).unwrap()).unwrap();
+    let adapted = |spec: &LoraSpec| {
+        let mut policy = build().0;
+        policy.add_lora(spec, None).expect("lora");
+        // Trained-looking adapters: B off zero, so the merged copies differ from the base.
+        for (name, var) in policy.vars() {
+            if name.ends_with("lora_B.weight") {
+                let (o, r) = var.as_tensor().dims2().unwrap();
+                let data: Vec<f32> = (0..o * r).map(|i| ((i % 13) as f32 - 6.0) * 1e-3).collect();
+                var.set(&Tensor::from_vec(data, (o, r), &Device::Cpu).unwrap()).unwrap();
+            }
         }
-    }
+        policy
+    };
+    let policy = adapted(&spec);
+    // lora.base_dtype = "bf16": the base held in bf16, unmerged (bf16 weights streamed as they are) and merged.
+    let bf16_base = adapted(&LoraSpec { base_dtype: Some(DType::BF16), ..spec.clone() });
+    let unmerged_bf16_base = bf16_base.frozen_view().unwrap();
+    let mut merged_bf16_base = bf16_base.frozen_view().unwrap();
+    merged_bf16_base.enable_decode_copies(true).unwrap();
     let unmerged = policy.frozen_view().unwrap();
     let mut merged = policy.frozen_view().unwrap();
     merged.enable_decode_copies(false).unwrap();
@@ -79,12 +89,14 @@ fn main() {
     let t = Instant::now();
     merged_bf16.refresh_decode_copies().unwrap();
     let refresh_bf16 = t.elapsed().as_secs_f64();
-    let variants: [(&str, &CausalLm); 5] = [
+    let variants: [(&str, &CausalLm); 7] = [
         ("base, no adapters (f32)", &base),
         ("LoRA unmerged (f32)", &unmerged),
         ("LoRA merged copies (f32)", &merged),
         ("base, bf16 copies", &base_bf16),
         ("LoRA merged bf16 copies", &merged_bf16),
+        ("bf16 base, LoRA unmerged", &unmerged_bf16_base),
+        ("bf16 base, merged bf16", &merged_bf16_base),
     ];
     println!(
         "SmolLM2-135M-Instruct + LoRA r{RANK} on all linear layers, CPU, greedy, {NEW_TOKENS} new tokens, median of {ROUNDS} alternating rounds"

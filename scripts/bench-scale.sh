@@ -10,16 +10,22 @@
 # 1.5B shape's full fine-tuning is refused by the memory plan on a 24 GB machine.
 #
 # --model NAME (with --lora): only that model (smollm2-135m, random-360m or random-1.5b).
+# --ranks "R ..." (with --lora): only these ranks (0 = full fine-tuning; default "0 16 64").
+# --bf16-base (with --lora): the adapters' base held in bf16 (lora.base_dtype = "bf16").
+# --set KEY=VALUE: passed on to every run (e.g. rollout.weights=bf16).
 #
-#   bash scripts/bench-scale.sh [--steps N] [--grad-ckpt] [--lora [--model NAME]]
+#   bash scripts/bench-scale.sh [--steps N] [--grad-ckpt] [--set K=V] [--lora [--model NAME] [--ranks R] [--bf16-base]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-steps=3 sets=() lora=0 only=
+steps=3 sets=() lora=0 only= ranks="0 16 64" base=
 while [ $# -gt 0 ]; do
   case "$1" in
     --steps) steps=$2; shift 2 ;;
     --lora) lora=1; shift ;;
     --model) only=$2; shift 2 ;;
+    --ranks) ranks=$2; shift 2 ;;
+    --bf16-base) base='base_dtype = "bf16"'; shift ;;
+    --set) sets+=(--set "$2"); shift 2 ;;
     --grad-ckpt) sets+=(--set algorithm.gradient_checkpointing=true); shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -34,8 +40,8 @@ echo "|---|---|---|---|---|---|---|---|---|---|"
 run() { # model label, model id, generations, max tokens[, LoRA rank: 0 or absent = full fine-tuning]
   local rank="${5:-0}" recipe="$out/safe.toml" what=full
   if [ "$rank" != 0 ]; then
-    recipe="$out/safe-lora-r$rank.toml" what="LoRA r$rank"
-    { cat "$out/safe.toml"; printf '\n[lora]\nrank = %s\nalpha = %s.0\ntargets = ["all-linear"]\n' "$rank" "$((2 * rank))"; } > "$recipe"
+    recipe="$out/safe-lora-r$rank.toml" what="LoRA r$rank${base:+, bf16 base}"
+    { cat "$out/safe.toml"; printf '\n[lora]\nrank = %s\nalpha = %s.0\ntargets = ["all-linear"]\n%s\n' "$rank" "$((2 * rank))" "$base"; } > "$recipe"
   fi
   local rd="$out/$1-g$3-t$4-r$rank"
   rm -rf "$rd" && mkdir -p "$rd"
@@ -68,7 +74,7 @@ if [ "$lora" = 1 ]; then
   for model in "smollm2-135m $gguf" "random-360m builtin:random-360m" "random-1.5b builtin:random-1.5b"; do
     set -- $model
     [ -n "$only" ] && [ "$only" != "$1" ] && continue
-    for rank in 0 16 64; do run "$1" "$2" 8 64 "$rank"; done
+    for rank in $ranks; do run "$1" "$2" 8 64 "$rank"; done
   done
   exit 0
 fi

@@ -12,6 +12,11 @@ pub fn is_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
 }
 
+/// Whether `t` can be read through [`with_bf16`].
+pub fn is_cpu_bf16(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::BF16 && t.is_contiguous()
+}
+
 struct WithMut<F>(RefCell<Option<F>>, RefCell<Option<anyhow::Error>>);
 
 impl<F: FnOnce(&mut [f32]) -> Result<()>> InplaceOp1 for WithMut<F> {
@@ -42,6 +47,18 @@ pub fn with_f32_mut(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<()>) -> Res
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Run `f` on the elements of the contiguous CPU bf16 tensor `t` (a LoRA base weight held in bf16, decoded
+/// without a copy).
+pub fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> R) -> Result<R> {
+    if !is_cpu_bf16(t) {
+        bail!("direct read needs a contiguous bf16 CPU tensor, got {:?} on {:?}", t.dtype(), t.device());
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::BF16(data)) = &*storage else { bail!("direct read: not bf16 CPU storage") };
+    let (a, b) = layout.contiguous_offsets().expect("checked contiguous");
+    Ok(f(&data[a..b]))
 }
 
 /// Run `f` on the elements of the contiguous CPU f32 tensor `t`.

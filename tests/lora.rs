@@ -25,6 +25,7 @@ fn spec(rank: usize, targets: &[&str]) -> LoraSpec {
         dropout: 0.0,
         targets: targets.iter().map(|t| t.to_string()).collect(),
         rslora: false,
+        base_dtype: None,
         seed: 7,
         base_model: "builtin:tiny".into(),
     }
@@ -157,6 +158,96 @@ fn only_adapters_get_gradients_and_every_adapter_gets_one_after_a_step() {
     assert_ne!(logits(&model), logits(&tiny()));
 }
 
+/// `rows` copies of a 9-token row (the first two padding), as ids, positions and mask.
+fn rows_batch(rows: usize) -> (Tensor, Tensor, Tensor) {
+    let dev = Device::Cpu;
+    let ids: Vec<Vec<u32>> = (0..rows as u32).map(|r| (0..9).map(|j| (r * 37 + j * 11) % 250 + 1).collect()).collect();
+    let valid = vec![[vec![false; 2], vec![true; 7]].concat(); rows];
+    let pos = Tensor::new(positions_from_mask(&valid), &dev).unwrap();
+    (Tensor::new(ids, &dev).unwrap(), pos, attention_mask(&valid, 9, None, &dev).unwrap())
+}
+
+fn logits_of(model: &CausalLm, rows: usize) -> Vec<f32> {
+    let (input, pos, mask) = rows_batch(rows);
+    model.forward(&input, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Move every B off zero (the same values on every model), so the adapters change the output.
+fn trained_looking(model: &CausalLm) {
+    for (name, var) in model.vars() {
+        if name.ends_with("lora_B.weight") {
+            let (o, r) = var.as_tensor().dims2().unwrap();
+            let data: Vec<f32> = (0..o * r).map(|i| ((i % 7) as f32 - 3.0) * 0.05).collect();
+            var.set(&Tensor::from_vec(data, (o, r), &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+}
+
+/// `lora.base_dtype = "bf16"`: the base's linear weights held in bf16 compute what an f32 model holding the same
+/// bf16 values computes, bit for bit: the training loss and the adapters' gradients (adapted layers by the fused
+/// LoRA op, the others by the frozen-weight op, both widening per pass), graph-free forwards of many rows and of
+/// decoding rows (the bf16 weights streamed as they are), merged decode copies, and the base with the adapters off
+/// (the KL reference). Only the linear weights change dtype.
+#[test]
+fn a_bf16_base_computes_exactly_what_an_f32_base_of_the_same_values_does() {
+    let base = tiny();
+    let rounded: HashMap<String, Tensor> = base
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let t = if n.ends_with("_proj.weight") {
+                t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()
+            } else {
+                t
+            };
+            (n, t)
+        })
+        .collect();
+    let targets = ["q_proj", "v_proj", "down_proj"];
+    let mut want = CausalLm::from_tensors(base.config(), rounded, false, &Device::Cpu, DType::F32).unwrap();
+    want.add_lora(&spec(4, &targets), None).unwrap();
+    let mut got = tiny();
+    got.add_lora(&LoraSpec { base_dtype: Some(DType::BF16), ..spec(4, &targets) }, None).unwrap();
+    for (name, t) in got.named_tensors() {
+        let dtype = if name.ends_with("_proj.weight") { DType::BF16 } else { DType::F32 };
+        assert_eq!(t.dtype(), dtype, "{name}");
+    }
+    trained_looking(&want);
+    trained_looking(&got);
+    assert_ne!(logits_of(&got, 3), logits_of(&got.without_adapters().unwrap(), 3), "the adapters act");
+    // The graph path: loss and every adapter's gradient.
+    let (lw, lg) = (loss(&want), loss(&got));
+    assert_eq!(lw.to_scalar::<f32>().unwrap(), lg.to_scalar::<f32>().unwrap());
+    let (gw, gg) = (lw.backward().unwrap(), lg.backward().unwrap());
+    for ((name, vw), (_, vg)) in want.vars().iter().zip(got.vars()) {
+        let flat = |g: &candle_core::backprop::GradStore, v: &candle_core::Var| {
+            g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let (a, b) = (flat(&gw, vw), flat(&gg, vg));
+        assert!(a.iter().any(|x| *x != 0.0), "{name}: zero gradient");
+        assert_eq!(a, b, "{name}");
+    }
+    // Graph-free: 3 rows of 9 tokens (27 rows for each product: the GEMM path) and 1 (9: the decoding kernel);
+    // the reference; merged f32 and bf16 copies.
+    let (vw, vg) = (want.frozen_view().unwrap(), got.frozen_view().unwrap());
+    for rows in [3, 1] {
+        assert_eq!(logits_of(&vw, rows), logits_of(&vg, rows), "{rows} rows");
+        let (rw, rg) = (want.without_adapters().unwrap(), got.without_adapters().unwrap());
+        assert_eq!(logits_of(&rw, rows), logits_of(&rg, rows), "reference, {rows} rows");
+    }
+    for bf16 in [false, true] {
+        let (mut mw, mut mg) = (want.frozen_view().unwrap(), got.frozen_view().unwrap());
+        mw.enable_decode_copies(bf16).unwrap();
+        mg.enable_decode_copies(bf16).unwrap();
+        assert_eq!(logits_of(&mw, 1), logits_of(&mg, 1), "merged copies, bf16 = {bf16}");
+    }
+}
+
+#[test]
+fn grpo_resume_with_a_bf16_base_is_exact_and_checkpoints_hold_it() {
+    three_plus_three_with(TINY, &format!("{LORA}base_dtype = \"bf16\"\n"), Some(DType::BF16), &[]);
+}
+
 #[test]
 fn decoding_includes_the_adapters() {
     let mut model = tiny();
@@ -210,8 +301,14 @@ fn lora_bytes(dir: &Path) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
 }
 
 fn three_plus_three(body: &str, extra: &[&str]) {
+    three_plus_three_with(body, LORA, None, extra);
+}
+
+/// Three steps, then three more resumed, against six straight, with the `[lora]` table `lora` whose base is held
+/// in `base_dtype`.
+fn three_plus_three_with(body: &str, lora: &str, base_dtype: Option<DType>, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let recipe = setup(dir.path(), &format!("{body}{LORA}"), 5);
+    let recipe = setup(dir.path(), &format!("{body}{lora}"), 5);
     ok(&train(&recipe, &["run.name=straight"], "never"));
     ok(&train(&recipe, &["run.name=split", "run.max_steps=3"], "never"));
     let out = train(&recipe, &["run.name=split"], "auto");
@@ -238,12 +335,17 @@ fn three_plus_three(body: &str, extra: &[&str]) {
     let opt = candle_core::safetensors::load(step_dir(&a, 6).join("optimizer.safetensors"), &Device::Cpu).unwrap();
     assert!(!opt.is_empty());
     assert!(opt.keys().all(|k| k.contains(".lora_A.weight") || k.contains(".lora_B.weight")), "{:?}", opt.keys());
-    loads_with_its_adapters(&step_dir(&a, 6));
+    // The checkpoint's base is the base as it trained: its linear weights in bf16 under lora.base_dtype = "bf16".
+    let saved = candle_core::safetensors::load(step_dir(&a, 6).join("model.safetensors"), &Device::Cpu).unwrap();
+    let q = &saved["model.layers.0.self_attn.q_proj.weight"];
+    assert_eq!(q.dtype(), base_dtype.unwrap_or(DType::F32));
+    assert_eq!(saved["model.norm.weight"].dtype(), DType::F32);
+    loads_with_its_adapters(&step_dir(&a, 6), base_dtype);
 }
 
 /// A LoRA checkpoint opened as a model (`safe generate`, `safe eval --model`) is the base plus its adapters, frozen;
 /// opening it for full fine-tuning is refused (that would drop the adapters).
-fn loads_with_its_adapters(ckpt: &Path) {
+fn loads_with_its_adapters(ckpt: &Path, base_dtype: Option<DType>) {
     let src = ModelSource::Dir(ckpt.to_path_buf());
     let load = || LoadedModel::load(&src, &Device::Cpu, DType::F32).unwrap();
     let (model, _) = load().into_model(false, &Device::Cpu, DType::F32).unwrap();
@@ -253,7 +355,7 @@ fn loads_with_its_adapters(ckpt: &Path) {
     // The same as the trained adapters on the built-in base.
     let saved = candle_core::safetensors::load(ckpt.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
     let mut trained = tiny();
-    trained.add_lora(&LoraSpec { alpha: 8.0, ..spec(4, ALL) }, Some(&saved)).unwrap();
+    trained.add_lora(&LoraSpec { alpha: 8.0, base_dtype, ..spec(4, ALL) }, Some(&saved)).unwrap();
     assert_eq!(logits(&model), logits(&trained.frozen_view().unwrap()));
     assert_ne!(logits(&model), logits(&tiny()), "the adapters change the model");
     let err = load().into_model(true, &Device::Cpu, DType::F32).err().expect("full fine-tuning is refused");

@@ -282,6 +282,7 @@ fn ours_llama() -> CausalLm {
             .map(String::from)
             .to_vec(),
         rslora: false,
+        base_dtype: None,
         seed: 7,
         base_model: "../shared/fixtures/tiny/tiny-llama".into(),
     };

@@ -576,11 +576,15 @@ pub fn summary(r: &Recipe, resume: &Resume) -> String {
         .as_ref()
         .map(|l| {
             format!(
-                "lora:       rank {}, alpha {} ({}), on {}; frozen base{}\n",
+                "lora:       rank {}, alpha {} ({}), on {}; frozen base{}{}\n",
                 l.rank,
                 l.alpha,
                 if l.rslora { "α/√r" } else { "α/r" },
                 l.targets.join(", "),
+                match l.base_dtype {
+                    crate::recipe::LoraBaseDtype::Bf16 => ", its linear weights in bf16",
+                    crate::recipe::LoraBaseDtype::Model => "",
+                },
                 if r.model.reference.is_none() { " (with the adapters off, also the reference)" } else { "" }
             )
         })

@@ -73,7 +73,7 @@ fn dispatch_bf16(x: &[f32], w: &[half::bf16], rows: usize, k: usize, dst: &mut [
 }
 
 /// A weight element the portable kernel reads: f32, or bf16 widened to f32.
-trait Weight: Copy {
+pub(crate) trait Weight: Copy {
     fn f32(self) -> f32;
 }
 impl Weight for f32 {
@@ -114,23 +114,56 @@ mod avx512 {
 
     use super::LANES;
 
+    /// A weight element the AVX-512 kernel reads 16 at a time as f32: f32 itself, or bf16 (the top half of an
+    /// f32) widened.
+    pub(super) trait Lanes: super::Weight {
+        /// Elements `c·16 .. c·16 + 16` from `p`.
+        unsafe fn lanes(p: *const Self, c: usize) -> __m512;
+    }
+
+    impl Lanes for f32 {
+        #[inline(always)]
+        unsafe fn lanes(p: *const f32, c: usize) -> __m512 {
+            _mm512_loadu_ps(p.add(c * LANES))
+        }
+    }
+
+    impl Lanes for half::bf16 {
+        #[inline(always)]
+        unsafe fn lanes(p: *const half::bf16, c: usize) -> __m512 {
+            let h = _mm256_loadu_si256((p as *const u16).add(c * LANES) as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+
     /// 8 (or 4) input rows at a time share each loaded weight chunk; each row has two fused multiply-add
     /// accumulators (even and odd chunks) so they do not wait on each other. A row's arithmetic does not depend on
-    /// its group.
+    /// its group, nor on the weights' type: bf16 weights give the bits f32 weights holding the same values give.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn block(x: &[f32], w: &[f32], rows: usize, k: usize, dst: &mut [f32]) {
+        rows_by_group(x, w, rows, k, dst)
+    }
+
+    /// [`block`] over bf16 weights, each 16-weight chunk widened to f32 as it is loaded.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn block_bf16(x: &[f32], w: &[half::bf16], rows: usize, k: usize, dst: &mut [f32]) {
+        rows_by_group(x, w, rows, k, dst)
+    }
+
+    #[inline(always)]
+    unsafe fn rows_by_group<W: Lanes>(x: &[f32], w: &[W], rows: usize, k: usize, dst: &mut [f32]) {
         assert!(x.len() >= rows * k && dst.len() >= w.len() / k * rows);
         for (o, wrow) in w.chunks_exact(k).enumerate() {
             let mut r = 0;
             while r < rows {
                 let group = if rows - r >= 8 { 8 } else { (rows - r).min(4) };
                 let sums = match group {
-                    8 => dots::<8>(wrow, x, r, k),
-                    4 => dots::<4>(wrow, x, r, k),
+                    8 => dots::<8, W>(wrow, x, r, k),
+                    4 => dots::<4, W>(wrow, x, r, k),
                     _ => {
                         let mut s = [0f32; 8];
                         for (i, v) in s.iter_mut().take(group).enumerate() {
-                            *v = dots::<1>(wrow, x, r + i, k)[0];
+                            *v = dots::<1, W>(wrow, x, r + i, k)[0];
                         }
                         s
                     }
@@ -141,44 +174,8 @@ mod avx512 {
         }
     }
 
-    /// [`block`] over bf16 weights: each 16-weight chunk is widened to f32 (a bf16 is the top half of an f32).
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block_bf16(x: &[f32], w: &[half::bf16], rows: usize, k: usize, dst: &mut [f32]) {
-        assert!(x.len() >= rows * k && dst.len() >= w.len() / k * rows);
-        let chunks = k / LANES;
-        for (o, wrow) in w.chunks_exact(k).enumerate() {
-            let wp = wrow.as_ptr() as *const u16;
-            let load = |c: usize| {
-                let h = _mm256_loadu_si256(wp.add(c * LANES) as *const __m256i);
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-            };
-            let mut r = 0;
-            while r < rows {
-                let group = (rows - r).min(4);
-                let xp: [*const f32; 4] = std::array::from_fn(|i| x.as_ptr().add((r + i.min(group - 1)) * k));
-                let mut acc = [_mm512_setzero_ps(); 4];
-                for c in 0..chunks {
-                    let wv = load(c);
-                    for i in 0..4 {
-                        if i < group {
-                            acc[i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp[i].add(c * LANES)), acc[i]);
-                        }
-                    }
-                }
-                for i in 0..group {
-                    let mut sum = _mm512_reduce_add_ps(acc[i]);
-                    for (j, wj) in wrow.iter().enumerate().skip(chunks * LANES) {
-                        sum += wj.to_f32() * *xp[i].add(j);
-                    }
-                    dst[o * rows + r + i] = sum;
-                }
-                r += group;
-            }
-        }
-    }
-
     #[inline(always)]
-    unsafe fn dots<const R: usize>(w: &[f32], x: &[f32], r0: usize, k: usize) -> [f32; 8] {
+    unsafe fn dots<const R: usize, W: Lanes>(w: &[W], x: &[f32], r0: usize, k: usize) -> [f32; 8] {
         let chunks = k / LANES;
         let wp = w.as_ptr();
         let xp: [*const f32; R] = std::array::from_fn(|i| x.as_ptr().add((r0 + i) * k));
@@ -186,8 +183,8 @@ mod avx512 {
         let mut odd = [_mm512_setzero_ps(); R];
         let mut c = 0;
         while c + 2 <= chunks {
-            let w0 = _mm512_loadu_ps(wp.add(c * LANES));
-            let w1 = _mm512_loadu_ps(wp.add((c + 1) * LANES));
+            let w0 = W::lanes(wp, c);
+            let w1 = W::lanes(wp, c + 1);
             for i in 0..R {
                 even[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp[i].add(c * LANES)), even[i]);
                 odd[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp[i].add((c + 1) * LANES)), odd[i]);
@@ -195,7 +192,7 @@ mod avx512 {
             c += 2;
         }
         if c < chunks {
-            let w0 = _mm512_loadu_ps(wp.add(c * LANES));
+            let w0 = W::lanes(wp, c);
             for i in 0..R {
                 even[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp[i].add(c * LANES)), even[i]);
             }
@@ -204,7 +201,7 @@ mod avx512 {
         for i in 0..R {
             let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i]));
             for j in chunks * LANES..k {
-                sum += *wp.add(j) * *xp[i].add(j);
+                sum += (*wp.add(j)).f32() * *xp[i].add(j);
             }
             out[i] = sum;
         }
@@ -241,6 +238,13 @@ mod tests {
             }
             let alone = matmul_t_bf16(&x[r * k..(r + 1) * k], &wb, 1, k, n);
             assert_eq!(alone[..], out[r * n..(r + 1) * n]);
+        }
+        // bf16 weights give the bits f32 weights of the same values give (lora.base_dtype = "bf16" decodes exactly
+        // what the f32 model of its values does), at every group size.
+        let widened: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+        for rows in 1..=rows {
+            let x = &x[..rows * k];
+            assert_eq!(matmul_t_bf16(x, &wb, rows, k, n), matmul_t(x, &widened, rows, k, n), "{rows} rows");
         }
         // The portable kernel (what runs without AVX-512), for both weight types: `out_t[o·rows + r]`.
         let (mut pf, mut pb) = (vec![0f32; n * rows], vec![0f32; n * rows]);

@@ -184,14 +184,25 @@ impl Module for Linear {
     }
 }
 
-/// Rows that decode through [`super::gemv`]'s weight-streaming kernel: few, without a gradient, CPU f32.
+/// Rows that decode through [`super::gemv`]'s weight-streaming kernel: few, without a gradient, CPU f32 inputs
+/// and an f32 weight (or a bf16 one: a LoRA base held in bf16, streamed as it is).
 fn decode_rows(x: &Tensor, w: &Tensor) -> bool {
     x.dim(0).is_ok_and(|rows| rows <= super::gemv::MAX_ROWS)
         && !x.track_op()
         && !w.track_op()
-        && crate::cpu::is_cpu_f32(w)
+        && (crate::cpu::is_cpu_f32(w) || crate::cpu::is_cpu_bf16(w))
         && x.device().is_cpu()
         && x.dtype() == DType::F32
+}
+
+/// `w` in `dtype`: itself, or a transient converted copy. A LoRA base held in bf16 (`lora.base_dtype`) multiplies
+/// f32 activations through it, one weight at a time, so at most one layer's widened weight exists at once.
+fn weight_in(w: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    if w.dtype() == dtype {
+        Ok(w.clone())
+    } else {
+        w.to_dtype(dtype)
+    }
 }
 
 /// `x · Wᵀ` for `x: [rows, in]`, `W: [out, in]`; `shadow` is W's decode copy, if the model has one. Decoding rows
@@ -207,6 +218,10 @@ fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle
         let (n, k) = w.dims2()?;
         let out = match shadow {
             Some(s) => s.matmul_t(&x, n, k),
+            None if w.dtype() == DType::BF16 => crate::cpu::with_f32(&x, |xs| {
+                crate::cpu::with_bf16(w, |ws| super::gemv::matmul_t_bf16(xs, ws, rows, k, n))
+            })
+            .and_then(|r| r),
             None => {
                 crate::cpu::with_f32(&x, |xs| crate::cpu::with_f32(w, |ws| super::gemv::matmul_t(xs, ws, rows, k, n)))
                     .and_then(|r| r)
@@ -219,8 +234,9 @@ fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle
     // would compute (and hold until the backward ends) a gradient the size of every base weight. This op's
     // backward gives the input's gradient only.
     if x.track_op() && !w.track_op() {
-        return x.apply_op2(&w.t()?, FrozenWeightMatmul);
+        return x.apply_op1(FrozenWeightMatmul { w: w.clone() });
     }
+    let w = weight_in(w, x.dtype())?;
     if rows <= FEW_ROWS {
         w.matmul(&x.t()?)?.t()?.contiguous()
     } else {
@@ -228,73 +244,79 @@ fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle
     }
 }
 
-/// `x · Wᵀ` (`rhs` is `Wᵀ`, a transposed view) for a weight that takes no gradient: the backward returns `x`'s
-/// only. Forward and backward are Candle's own matmuls, on every device.
-struct FrozenWeightMatmul;
+/// `x · Wᵀ` for a weight `W: [out, in]` (held by the op) that takes no gradient: the backward returns `x`'s only.
+/// A bf16 `W` (`lora.base_dtype`) is widened to `x`'s dtype in each pass and the copy dropped, so the graph keeps
+/// the bf16 weight alone. Forward and backward are Candle's own matmuls, on every device.
+struct FrozenWeightMatmul {
+    w: Tensor,
+}
 
 impl FrozenWeightMatmul {
     fn fwd<S: candle_core::backend::BackendStorage>(
-        s1: &S,
-        l1: &candle_core::Layout,
-        s2: &S,
-        l2: &candle_core::Layout,
+        x: &S,
+        lx: &candle_core::Layout,
+        w: &S,
+        lw: &candle_core::Layout,
     ) -> candle_core::Result<(S, candle_core::Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let (k2, n) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("frozen matmul: {m}x{k} by {k2}x{n}");
+        let (m, k) = lx.shape().dims2()?;
+        let (n, kw) = lw.shape().dims2()?;
+        if k != kw {
+            candle_core::bail!("frozen matmul: x {m}x{k}, W {n}x{kw}");
         }
-        Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, candle_core::Shape::from((m, n))))
+        Ok((x.matmul(w, (1, m, n, k), lx, &lw.transpose(0, 1)?)?, candle_core::Shape::from((m, n))))
     }
 }
 
-impl candle_core::CustomOp2 for FrozenWeightMatmul {
+impl candle_core::CustomOp1 for FrozenWeightMatmul {
     fn name(&self) -> &'static str {
         "frozen-weight-matmul"
     }
     fn cpu_fwd(
         &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        Self::fwd(s1, l1, s2, l2)
+        let w = weight_in(&self.w, candle_core::backend::BackendStorage::dtype(s))?;
+        let (w, lw) = w.storage_and_layout();
+        match &*w {
+            candle_core::Storage::Cpu(w) => Self::fwd(s, l, w, lw),
+            _ => candle_core::bail!("frozen matmul: the weight is not on the CPU"),
+        }
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &candle_core::Layout,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        Self::fwd(s1, l1, s2, l2)
+        let w = weight_in(&self.w, candle_core::backend::BackendStorage::dtype(s))?;
+        let (w, lw) = w.storage_and_layout();
+        match &*w {
+            candle_core::Storage::Cuda(w) => Self::fwd(s, l, w, lw),
+            _ => candle_core::bail!("frozen matmul: the weight is not on the GPU"),
+        }
     }
     #[cfg(feature = "metal")]
     fn metal_fwd(
         &self,
-        s1: &candle_core::MetalStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::MetalStorage,
-        l2: &candle_core::Layout,
+        s: &candle_core::MetalStorage,
+        l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
-        Self::fwd(s1, l1, s2, l2)
+        let w = weight_in(&self.w, candle_core::backend::BackendStorage::dtype(s))?;
+        let (w, lw) = w.storage_and_layout();
+        match &*w {
+            candle_core::Storage::Metal(w) => Self::fwd(s, l, w, lw),
+            _ => candle_core::bail!("frozen matmul: the weight is not on the GPU"),
+        }
     }
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        w_t: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // d(x·Wᵀ)/dx · g = g · W
-        Ok((Some(grad.matmul(&w_t.t()?)?), None))
+        Ok(Some(grad.matmul(&weight_in(&self.w, grad.dtype())?)?))
     }
 }
 
-/// `x · Wᵀ + (x · Aᵀ) · Bsᵀ` for a frozen `W: [out, in]` (held by the op) and a LoRA adapter `A: [r, in]`,
-/// `Bs = s · B: [out, r]`, as one node of the graph. Composed from Candle's ops, the adapter term would keep three
+/// `x · Wᵀ + (x · Aᵀ) · Bsᵀ` for a frozen `W: [out, in]` (held by the op; bf16 is widened per pass, as in
+/// [`FrozenWeightMatmul`]) and a LoRA adapter `A: [r, in]`, `Bs = s · B: [out, r]`, as one node of the graph. Composed from Candle's ops, the adapter term would keep three
 /// `[rows, out]` tensors per layer alive until backward (the base product, `B(Ax)` and its scaled copy, each an
 /// input of the next op): more memory than the full fine-tuning it replaces. This op keeps only its inputs (and
 /// `x` is kept anyway); backward recomputes the small `x · Aᵀ`. Forward and backward are Candle's own matmuls, on
@@ -343,7 +365,8 @@ impl candle_core::CustomOp3 for LoraMatmul {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (w, lw) = self.w.storage_and_layout();
+        let w = weight_in(&self.w, candle_core::backend::BackendStorage::dtype(s1))?;
+        let (w, lw) = w.storage_and_layout();
         match &*w {
             candle_core::Storage::Cpu(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw),
             _ => candle_core::bail!("lora matmul: the base weight is not on the CPU"),
@@ -359,7 +382,8 @@ impl candle_core::CustomOp3 for LoraMatmul {
         s3: &candle_core::CudaStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        let (w, lw) = self.w.storage_and_layout();
+        let w = weight_in(&self.w, candle_core::backend::BackendStorage::dtype(s1))?;
+        let (w, lw) = w.storage_and_layout();
         match &*w {
             candle_core::Storage::Cuda(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw),
             _ => candle_core::bail!("lora matmul: the base weight is not on the GPU"),
@@ -375,7 +399,8 @@ impl candle_core::CustomOp3 for LoraMatmul {
         s3: &candle_core::MetalStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
-        let (w, lw) = self.w.storage_and_layout();
+        let w = weight_in(&self.w, candle_core::backend::BackendStorage::dtype(s1))?;
+        let (w, lw) = w.storage_and_layout();
         match &*w {
             candle_core::Storage::Metal(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw),
             _ => candle_core::bail!("lora matmul: the base weight is not on the GPU"),
@@ -391,7 +416,7 @@ impl candle_core::CustomOp3 for LoraMatmul {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // With gb = g·Bs [rows, r]: dx = g·W + gb·A, dA = gbᵀ·x, dBs = gᵀ·(x·Aᵀ).
         let gb = g.matmul(bs)?;
-        let dx = (g.matmul(&self.w)? + gb.matmul(a)?)?;
+        let dx = (g.matmul(&weight_in(&self.w, g.dtype())?)? + gb.matmul(a)?)?;
         let da = gb.t()?.matmul(x)?;
         let dbs = g.t()?.matmul(&x.matmul(&a.t()?)?)?;
         Ok((Some(dx), Some(da), Some(dbs)))
@@ -838,6 +863,13 @@ impl CausalLm {
         let mut saved = saved.cloned();
         let (device, dtype, r) = (self.device.clone(), self.dtype, spec.rank);
         let mut vars = Vec::new();
+        // lora.base_dtype: the frozen base's linear weights in their own dtype (every layer, targeted or not), each
+        // converted in turn so the two copies of one weight at most exist at once.
+        if let (Some(base), true) = (spec.base_dtype, trainable) {
+            for (_, _, lin) in self.linears_mut() {
+                lin.weight = lin.weight.to_dtype(base)?;
+            }
+        }
         for (layer, path, lin) in self.linears_mut() {
             let module = path.rsplit('.').next().unwrap();
             if !spec.targets(module) {
@@ -926,7 +958,8 @@ impl CausalLm {
             return Ok(());
         }
         for (_, _, l) in self.linears_mut() {
-            if bf16 || l.lora.is_some() {
+            // A base weight held in bf16 (lora.base_dtype) decodes as it is: a bf16 copy would hold the same values.
+            if l.lora.is_some() || (bf16 && l.weight.dtype() != DType::BF16) {
                 l.shadow = Some(Shadow::new(bf16, l.lora.is_some()));
             }
         }
@@ -1233,6 +1266,35 @@ mod tests {
         let g2 = (&composite * &c).unwrap().sum_all().unwrap().backward().unwrap();
         for (v, what) in [(&x, "dx"), (&a, "dA"), (&b, "dB")] {
             close(&flat(g1.get(v).unwrap()), &flat(g2.get(v).unwrap()), what);
+        }
+    }
+
+    /// A bf16 frozen weight (`lora.base_dtype = "bf16"`) in both graph ops: the outputs and input gradients of an
+    /// f32 weight holding the same values, bit for bit (the widened copy is those values).
+    #[test]
+    fn graph_ops_with_a_bf16_weight_equal_the_f32_weight_of_its_values() {
+        let (rows, inp, out, r, s) = (27, 64, 192, 4, 1.5);
+        let x = var(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1, (rows, inp));
+        let w32 = var(|i| ((i * 5 % 13) as f32 - 6.0) * 0.0537, (out, inp)).as_detached_tensor();
+        let w16 = w32.to_dtype(DType::BF16).unwrap();
+        let wr = w16.to_dtype(DType::F32).unwrap();
+        let a = var(|i| ((i * 3 % 7) as f32 - 3.0) * 0.2, (r, inp));
+        let b = var(|i| ((i * 11 % 5) as f32 - 2.0) * 0.3, (out, r));
+        let c = var(|i| (i % 4) as f32 - 1.5, (rows, out)).as_detached_tensor();
+        for (name, f) in [("frozen", 0), ("lora", 1)] {
+            let run = |w: &Tensor| {
+                let y = match f {
+                    0 => x.apply_op1(FrozenWeightMatmul { w: w.clone() }).unwrap(),
+                    _ => x.apply_op3(&a, &b.affine(s, 0.0).unwrap(), LoraMatmul { w: w.clone() }).unwrap(),
+                };
+                let g = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+                (flat(&y), flat(g.get(&x).unwrap()))
+            };
+            let (y1, g1) = run(&wr);
+            let (y2, g2) = run(&w16);
+            assert!(g1.iter().any(|v| *v != 0.0));
+            assert_eq!(y1, y2, "{name} forward");
+            assert_eq!(g1, g2, "{name} backward");
         }
     }
 }

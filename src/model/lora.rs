@@ -29,6 +29,9 @@ pub struct LoraSpec {
     /// Module names, in [`LINEAR_MODULES`] order.
     pub targets: Vec<String>,
     pub rslora: bool,
+    /// `lora.base_dtype`: the dtype the frozen base's linear weights are held in (`None`: the model's), applied
+    /// when trainable adapters are added. Not part of PEFT's config: the adapters are the same either way.
+    pub base_dtype: Option<DType>,
     /// `run.seed`: A's initialisation draws from streams keyed by it.
     pub seed: u64,
     /// The base model's id, for `adapter_config.json`'s `base_model_name_or_path`.
@@ -133,6 +136,7 @@ pub fn read_adapters(dir: &Path, device: &Device, dtype: DType) -> Result<Option
         dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
         targets: LINEAR_MODULES.iter().filter(|m| targets.iter().any(|t| t == *m)).map(|m| m.to_string()).collect(),
         rslora: v["use_rslora"].as_bool().unwrap_or(false),
+        base_dtype: None,
         seed: 0,
         base_model: v["base_model_name_or_path"].as_str().unwrap_or_default().to_string(),
     };
@@ -186,6 +190,7 @@ mod tests {
             dropout: 0.0,
             targets: vec!["q_proj".into()],
             rslora: false,
+            base_dtype: None,
             seed: 0,
             base_model: "builtin:tiny".into(),
         };

@@ -16,8 +16,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use schema::{
-    AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LoraInit, LossType, LrSchedule, ReportTo, RewardKind,
-    RolloutSourceKind, RolloutWeights, RuleKind, ScaleRewards, ShapingKind, Value, RESUMABLE_KEYS,
+    AlgorithmKind, BuiltinData, DTypeSpec, LengthStd, LoraBaseDtype, LoraInit, LossType, LrSchedule, ReportTo,
+    RewardKind, RolloutSourceKind, RolloutWeights, RuleKind, ScaleRewards, ShapingKind, Value, RESUMABLE_KEYS,
 };
 
 /// Everything wrong with a recipe, one problem per line, each starting with `file:line:` or `--set `k=v`:`.
@@ -147,6 +147,7 @@ pub struct LoraSettings {
     pub targets: Vec<String>,
     pub rslora: bool,
     pub init: schema::LoraInit,
+    pub base_dtype: LoraBaseDtype,
 }
 
 impl LoraSettings {
@@ -159,6 +160,10 @@ impl LoraSettings {
             dropout: self.dropout,
             targets: self.targets.clone(),
             rslora: self.rslora,
+            base_dtype: match self.base_dtype {
+                LoraBaseDtype::Model => None,
+                LoraBaseDtype::Bf16 => Some(candle_core::DType::BF16),
+            },
             seed,
             base_model: base_model.to_string(),
         }

@@ -363,6 +363,13 @@ choice_enum!(
     Peft = "peft" }
 );
 
+choice_enum!(
+    /// What the frozen base's linear weights are held in under LoRA (`lora.base_dtype`).
+    LoraBaseDtype { /// As `model.dtype`.
+    Model = "model", /// bf16, widened to the activations' dtype one product at a time.
+    Bf16 = "bf16" }
+);
+
 /// `lora.targets` names: the decoder's linear layers, or PEFT's shorthand for all of them.
 pub const LORA_TARGETS: &[&str] =
     &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "all-linear"];
@@ -567,6 +574,12 @@ pub static KEYS: &[KeySpec] = &[
         Kind::Choice(LoraInit::NAMES),
         "\"peft\"",
         "Initialisation: \"peft\" = PEFT's default, A Kaiming-uniform (bound 1/√in, drawn from run.seed's stream for each layer) and B zeros, so training starts at the base model.",
+    ),
+    key(
+        "lora.base_dtype",
+        Kind::Choice(LoraBaseDtype::NAMES),
+        "\"model\"",
+        "What the frozen base's linear weights are held in: \"model\" = model.dtype, \"bf16\" = bf16 (half the bytes of f32; each product widens one weight at a time, activations, adapters and their AdamW state stay in model.dtype). Embeddings, norms and the LM head stay in model.dtype; checkpoints hold the base as it trained.",
     ),
     // [data]
     KeySpec {

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use super::schema::{self, Default, KeySpec, Kind, Mismatch, Value};
 use super::LrSchedule;
 use super::{
-    AlgorithmKind, BuiltinData, DTypeSpec, LoraInit, ReportTo, RewardKind, RolloutSourceKind, RolloutWeights, RuleKind,
-    ShapingKind,
+    AlgorithmKind, BuiltinData, DTypeSpec, LoraBaseDtype, LoraInit, ReportTo, RewardKind, RolloutSourceKind,
+    RolloutWeights, RuleKind, ShapingKind,
 };
 use super::{
     AlgorithmSettings, DataSettings, DataSource, DeviceSpec, EvalData, EvalSettings, GateSettings, LoraSettings,
@@ -656,6 +656,7 @@ fn lora_settings(t: &Filled) -> Option<LoraSettings> {
         targets,
         rslora: boolean(t, "lora.rslora"),
         init: choice(t, "lora.init", LoraInit::from_name),
+        base_dtype: choice(t, "lora.base_dtype", LoraBaseDtype::from_name),
     })
 }
 

@@ -107,12 +107,16 @@ pub struct LoraShape {
     pub adapter_params: u64,
     /// The base weights they adapt: the f32 decode copies that hold them merged (without bf16 decode copies).
     pub adapted_weights: u64,
+    /// Every linear weight of the decoder, adapted or not: what `lora.base_dtype = "bf16"` holds in bf16.
+    pub linear_weights: u64,
+    /// `lora.base_dtype = "bf16"`.
+    pub base_bf16: bool,
 }
 
 impl LoraShape {
     /// Adapters of rank `rank` on the `targets` (module names) of every layer: r·(in + out) parameters each, on
-    /// in·out weights.
-    pub fn of(cfg: &ModelConfig, rank: usize, targets: &[String]) -> Self {
+    /// in·out weights; the base's linear weights in bf16 when `base_bf16`.
+    pub fn of(cfg: &ModelConfig, rank: usize, targets: &[String], base_bf16: bool) -> Self {
         let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
         let (q, kv) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
         let dims = |t: &str| match t {
@@ -128,8 +132,29 @@ impl LoraShape {
             adapter = adapter.saturating_add((rank as u64).saturating_mul(a + b));
             adapted = adapted.saturating_add(a.saturating_mul(b));
         }
-        Self { adapter_params: adapter.saturating_mul(layers), adapted_weights: adapted.saturating_mul(layers) }
+        let linear = crate::model::lora::LINEAR_MODULES
+            .iter()
+            .map(|m| dims(m))
+            .fold(0u64, |sum, (a, b)| sum.saturating_add(a.saturating_mul(b)));
+        Self {
+            adapter_params: adapter.saturating_mul(layers),
+            adapted_weights: adapted.saturating_mul(layers),
+            linear_weights: linear.saturating_mul(layers),
+            base_bf16,
+        }
     }
+}
+
+/// A frozen base's weights (the policy's under LoRA, or a LoRA value model's own backbone): `model.dtype`, except
+/// the linear weights at 2 bytes with `lora.base_dtype = "bf16"`, plus the one weight widened to f32 at a time
+/// (forward and backward each hold one).
+fn frozen_base_bytes(cfg: &ModelConfig, shape: &StepShape, l: &LoraShape) -> Sat {
+    let (p, b) = (parameter_count(cfg), sat(shape.dtype_bytes));
+    if !l.base_bf16 || shape.dtype_bytes <= 2 {
+        return sat(p) * b;
+    }
+    let widest = sat(cfg.hidden_size) * sat(cfg.intermediate_size.max(cfg.num_heads * cfg.head_dim));
+    sat(p.saturating_sub(l.linear_weights)) * b + sat(l.linear_weights) * sat(2) + sat(2) * widest * b
 }
 
 impl StepShape {
@@ -222,19 +247,25 @@ fn resident_state(cfg: &ModelConfig, shape: &StepShape) -> Sat {
     let p = sat(parameter_count(cfg));
     let b = sat(shape.dtype_bytes);
     let adapters = sat(shape.lora.map_or(0, |l| l.adapter_params));
-    let critic = match shape.critic {
-        Critic::None => sat(0),
-        Critic::Full => p * (b + sat(8)),
-        Critic::Lora { shares_policy } => adapters * (b + sat(8)) + if shares_policy { sat(0) } else { p * b },
+    let critic = match (shape.critic, shape.lora) {
+        (Critic::None, _) => sat(0),
+        (Critic::Lora { shares_policy: false }, Some(l)) => adapters * (b + sat(8)) + frozen_base_bytes(cfg, shape, &l),
+        (Critic::Lora { .. }, _) => adapters * (b + sat(8)),
+        (Critic::Full, _) => p * (b + sat(8)),
     };
     let reference = if shape.reference { p * b } else { sat(0) };
-    let bf16 = if shape.bf16_decode { p * sat(2) } else { sat(0) };
+    // bf16 decode copies: of every weight, or with a bf16 base only of the adapted layers (merged) and the head.
+    let bf16 = match shape.lora {
+        _ if !shape.bf16_decode => sat(0),
+        Some(l) if l.base_bf16 => (sat(l.adapted_weights) + sat(cfg.vocab_size) * sat(cfg.hidden_size)) * sat(2),
+        _ => p * sat(2),
+    };
     let policy = match shape.lora {
         // The frozen base, the adapters with their two f32 moments, and (without bf16 copies) f32 decode copies of
         // the adapted weights with the adapters merged in.
         Some(l) => {
             let merged = if shape.bf16_decode { sat(0) } else { sat(l.adapted_weights) * sat(4) };
-            p * b + sat(l.adapter_params) * (b + sat(8)) + merged
+            frozen_base_bytes(cfg, shape, &l) + sat(l.adapter_params) * (b + sat(8)) + merged
         }
         None => p * (b + sat(8)),
     };
@@ -560,7 +591,7 @@ mod tests {
     fn a_lora_value_model_on_the_policys_base_plans_no_second_model() {
         let all: Vec<String> = crate::model::lora::LINEAR_MODULES.iter().map(|m| m.to_string()).collect();
         let cfg = smollm2();
-        let lora = Some(LoraShape::of(&cfg, 8, &all));
+        let lora = Some(LoraShape::of(&cfg, 8, &all, false));
         let with = |critic| update_bytes(&cfg, &StepShape { lora, critic, ..shape(4) }, 4);
         let (none, full) = (with(Critic::None), with(Critic::Full));
         let (shared, own) = (with(Critic::Lora { shares_policy: true }), with(Critic::Lora { shares_policy: false }));
@@ -573,21 +604,40 @@ mod tests {
         assert_eq!(own - shared, p * 4);
     }
 
+    /// lora.base_dtype = "bf16": the linear weights at 2 bytes instead of 4, less the one weight widened at a time
+    /// in each of forward and backward; with bf16 decode copies, no copy of the layers without adapters either.
+    #[test]
+    fn a_bf16_base_plans_two_bytes_a_linear_weight() {
+        let cfg = smollm2();
+        let targets: Vec<String> = vec!["q_proj".into(), "v_proj".into()];
+        let (f32_base, bf16_base) = (LoraShape::of(&cfg, 8, &targets, false), LoraShape::of(&cfg, 8, &targets, true));
+        // SmolLM2: 30 layers of q, o 576² + k, v 576·192 + gate, up, down 576·1536.
+        assert_eq!(bf16_base.linear_weights, 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536));
+        let widened = 2 * 576 * 1536 * 4;
+        for bf16_decode in [false, true] {
+            let with = |l| update_bytes(&cfg, &StepShape { lora: Some(l), bf16_decode, ..shape(4) }, 4);
+            let saved = with(f32_base) - with(bf16_base);
+            let copies =
+                if bf16_decode { (parameter_count(&cfg) - 49152 * 576 - bf16_base.adapted_weights) * 2 } else { 0 };
+            assert_eq!(saved, bf16_base.linear_weights * 2 - widened + copies, "bf16_decode = {bf16_decode}");
+        }
+    }
+
     #[test]
     fn lora_counts_adapters_only_and_plans_less_memory() {
         let cfg = tiny();
         let all: Vec<String> = crate::model::lora::LINEAR_MODULES.iter().map(|m| m.to_string()).collect();
         // tiny per layer: q 64+64, k and v 64+32 each, o 64+64, gate and up 64+192 each, down 192+64.
-        let l = LoraShape::of(&cfg, 4, &all);
+        let l = LoraShape::of(&cfg, 4, &all, false);
         assert_eq!(l.adapter_params, 4 * (128 + 96 + 96 + 128 + 3 * 256) * 2);
         // The adapted weights: every linear weight of both layers (64·64 q and o, 64·32 k and v, 64·192 ×3).
         assert_eq!(l.adapted_weights, (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192) * 2);
         assert_eq!(
-            LoraShape::of(&cfg, 2, &["q_proj".into()]),
-            LoraShape { adapter_params: 2 * 128 * 2, adapted_weights: 64 * 64 * 2 }
+            LoraShape::of(&cfg, 2, &["q_proj".into()], false),
+            LoraShape { adapter_params: 2 * 128 * 2, adapted_weights: 64 * 64 * 2, ..l }
         );
         let full = update_bytes(&smollm2(), &shape(4), 4);
-        let adapters = LoraShape::of(&smollm2(), 8, &all);
+        let adapters = LoraShape::of(&smollm2(), 8, &all, false);
         let lora = StepShape { lora: Some(adapters), ..shape(4) };
         let with_lora = update_bytes(&smollm2(), &lora, 4);
         // No full-size gradients or moments: the difference is at least p·(8 + 2·4) bytes minus the adapters' and

@@ -76,7 +76,10 @@ impl Trainer {
             fused_head: crate::model::fused_head::supported(&device, dtype) && !needs.entropy_gradient,
             gradient_checkpointing: needs.gradient_checkpointing,
             can_checkpoint: needs.can_checkpoint,
-            lora: recipe.lora.as_ref().map(|l| memory::LoraShape::of(&planned, l.rank, &l.targets)),
+            lora: recipe.lora.as_ref().map(|l| {
+                let bf16 = l.base_dtype == crate::recipe::LoraBaseDtype::Bf16;
+                memory::LoraShape::of(&planned, l.rank, &l.targets, bf16)
+            }),
         };
         let plan = memory::plan(&planned, &shape, available, host).map_err(|e| anyhow!(e))?;
         let mut loaded = LoadedModel::load(&policy_source, &device, dtype)?;
