@@ -243,6 +243,47 @@ fn a_bf16_base_computes_exactly_what_an_f32_base_of_the_same_values_does() {
     }
 }
 
+/// LoRA dropout (PEFT's, in train mode): a training forward's adapters read a masked, rescaled input; a forward
+/// outside a step (no `begin_dropout_step`) and the graph-free views (rollout, stored log-probs) read none; each
+/// training forward of a step draws new masks, and the step begun again draws the same ones.
+#[test]
+fn dropout_acts_in_training_forwards_only_and_is_keyed_by_step_and_forward() {
+    let (mut plain, mut dropped) = (tiny(), tiny());
+    plain.add_lora(&spec(4, ALL), None).unwrap();
+    dropped.add_lora(&LoraSpec { dropout: 0.5, ..spec(4, ALL) }, None).unwrap();
+    trained_looking(&plain);
+    trained_looking(&dropped);
+    let want = logits_of(&plain, 3);
+    assert_eq!(logits_of(&dropped, 3), want, "no step begun");
+    dropped.begin_dropout_step(1, 1);
+    let (first, second) = (logits_of(&dropped, 3), logits_of(&dropped, 3));
+    assert_ne!(first, want);
+    assert_ne!(first, second, "each training forward draws its own masks");
+    let (view, plain_view) = (dropped.frozen_view().unwrap(), plain.frozen_view().unwrap());
+    assert_eq!(logits_of(&view, 3), logits_of(&plain_view, 3), "a graph-free view reads no dropout");
+    assert_eq!(logits_of(&view, 1), logits_of(&plain_view, 1), "nor in decoding");
+    dropped.begin_dropout_step(1, 1);
+    assert_eq!(logits_of(&dropped, 3), first, "the step again: the same masks");
+    dropped.begin_dropout_step(1, 2);
+    assert_ne!(logits_of(&dropped, 3), first, "another step: other masks");
+    // Only the adapter term drops out: with B = 0 the model is the base whatever the masks.
+    let mut fresh = tiny();
+    fresh.add_lora(&LoraSpec { dropout: 0.5, ..spec(4, ALL) }, None).unwrap();
+    fresh.begin_dropout_step(1, 1);
+    assert_eq!(logits_of(&fresh, 3), logits_of(&tiny(), 3));
+}
+
+#[test]
+fn grpo_resume_with_dropout_is_exact() {
+    three_plus_three_with(TINY, &format!("{LORA}dropout = 0.1\n"), None, &[]);
+}
+
+#[test]
+fn ppo_resume_with_dropout_on_a_lora_value_model_is_exact() {
+    let lora = format!("{LORA}dropout = 0.1\n");
+    three_plus_three_with(&ppo_body("lr = 1e-2\nlora = true\n"), &lora, None, &["critic.safetensors"]);
+}
+
 #[test]
 fn grpo_resume_with_a_bf16_base_is_exact_and_checkpoints_hold_it() {
     three_plus_three_with(TINY, &format!("{LORA}base_dtype = \"bf16\"\n"), Some(DType::BF16), &[]);
@@ -512,7 +553,9 @@ fn bad_lora_settings_are_exit_2_naming_the_key() {
     refused(&["lora.targets=[\"q_proj\", \"qkv_proj\"]"], "lora.targets");
     refused(&["lora.targets=[\"all-linear\", \"q_proj\"]"], "lora.targets");
     refused(&["lora.targets=[]"], "lora.targets");
-    refused(&["lora.dropout=0.1"], "lora.dropout");
+    refused(&["lora.dropout=1.0"], "lora.dropout");
+    refused(&["lora.dropout=-0.1"], "lora.dropout");
+    refused(&["lora.rank=4", "lora.base_dtype=\"f16\""], "lora.base_dtype");
     // k_proj of builtin:tiny is 32×64: rank 48 does not fit.
     refused(&["lora.rank=48", "lora.targets=[\"k_proj\"]"], "lora.rank");
 }
@@ -540,10 +583,17 @@ fn adapters_at(run: &Path, step: u64) -> HashMap<String, Vec<f32>> {
 fn gradient_checkpointing_trains_the_same_adapters() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = setup(dir.path(), &format!("{TINY}{LORA}"), 5);
-    ok(&train(&recipe, &["run.name=plain", "run.max_steps=3"], "never"));
-    ok(&train(&recipe, &["run.name=ckpt", "run.max_steps=3", "algorithm.gradient_checkpointing=true"], "never"));
     let runs = dir.path().join("runs");
-    assert_eq!(adapters_at(&runs.join("plain"), 3), adapters_at(&runs.join("ckpt"), 3));
+    // With LoRA dropout too: the checkpointed first pass and every recomputed layer draw the plain forward's masks.
+    for dropout in ["0.0", "0.3"] {
+        let d = format!("lora.dropout={dropout}");
+        ok(&train(&recipe, &[&format!("run.name=plain{dropout}"), "run.max_steps=3", &d], "never"));
+        let ckpt = [&format!("run.name=ckpt{dropout}"), "run.max_steps=3", "algorithm.gradient_checkpointing=true", &d];
+        ok(&train(&recipe, &ckpt, "never"));
+        let plain = adapters_at(&runs.join(format!("plain{dropout}")), 3);
+        assert_eq!(plain, adapters_at(&runs.join(format!("ckpt{dropout}")), 3), "dropout {dropout}");
+    }
+    assert_ne!(adapters_at(&runs.join("plain0.0"), 3), adapters_at(&runs.join("plain0.3"), 3), "dropout acts");
 }
 
 #[test]

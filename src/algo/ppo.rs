@@ -611,6 +611,8 @@ impl Algorithm for Ppo {
             old_logprobs: recorded.as_deref(),
         };
         let critic = &mut self.critic;
+        // A LoRA value model's dropout: streams apart from the policy's.
+        critic.model.begin_dropout_step(rt.seed ^ CRITIC_LORA_STREAM, rt.step);
         let u = ppo_update(
             m.policy,
             m.rollout_view,

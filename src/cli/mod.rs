@@ -576,7 +576,7 @@ pub fn summary(r: &Recipe, resume: &Resume) -> String {
         .as_ref()
         .map(|l| {
             format!(
-                "lora:       rank {}, alpha {} ({}), on {}; frozen base{}{}\n",
+                "lora:       rank {}, alpha {} ({}), on {}; frozen base{}{}{}\n",
                 l.rank,
                 l.alpha,
                 if l.rslora { "α/√r" } else { "α/r" },
@@ -585,7 +585,8 @@ pub fn summary(r: &Recipe, resume: &Resume) -> String {
                     crate::recipe::LoraBaseDtype::Bf16 => ", its linear weights in bf16",
                     crate::recipe::LoraBaseDtype::Model => "",
                 },
-                if r.model.reference.is_none() { " (with the adapters off, also the reference)" } else { "" }
+                if r.model.reference.is_none() { " (with the adapters off, also the reference)" } else { "" },
+                if l.dropout > 0.0 { format!("; dropout {}", l.dropout) } else { String::new() }
             )
         })
         .unwrap_or_default();

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{backprop::GradStore, DType, Device, Module, Tensor, Var, D};
 
 use super::config::ModelConfig;
-use super::lora::LoraSpec;
+use super::lora::{DropoutControl, DropoutKey, LoraSpec};
 
 /// Value added to masked attention scores. Finite, so a fully masked row stays a uniform distribution, not NaN.
 pub const MASK_VALUE: f32 = -1.0e30;
@@ -68,9 +68,42 @@ struct Adapter {
     a: Tensor,
     b: Tensor,
     scale: f64,
+    /// `lora.dropout > 0`: the model's dropout control and this adapter's place (see [`DropoutControl`]).
+    dropout: Option<AdapterDropout>,
+}
+
+#[derive(Debug, Clone)]
+struct AdapterDropout {
+    control: std::sync::Arc<DropoutControl>,
+    layer: usize,
+    /// Index in [`super::lora::LINEAR_MODULES`].
+    module: usize,
+}
+
+/// One adapter's dropout mask in one training forward, drawn again wherever it is needed (forward, backward,
+/// a checkpointed layer's recomputation) instead of being kept.
+#[derive(Debug, Clone, Copy)]
+struct Mask {
+    key: DropoutKey,
+    layer: usize,
+    module: usize,
+}
+
+impl Mask {
+    /// `[rows, cols]` in `dtype` on `device`.
+    fn tensor(&self, rows: usize, cols: usize, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
+        let m = super::lora::dropout_mask(self.key, self.layer, self.module, rows, cols);
+        Tensor::from_vec(m, (rows, cols), device)?.to_dtype(dtype)
+    }
 }
 
 impl Adapter {
+    /// The mask of the training forward under way, if one is and this adapter has dropout.
+    fn mask(&self) -> Option<Mask> {
+        let d = self.dropout.as_ref()?;
+        Some(Mask { key: d.control.current()?, layer: d.layer, module: d.module })
+    }
+
     /// `s · B A` in f32, `[out, in]`: what merging adds to the base weight (PEFT's `get_delta_weight`).
     fn delta(&self) -> Result<Tensor> {
         Ok((self.b.to_dtype(DType::F32)?.matmul(&self.a.to_dtype(DType::F32)?)? * self.scale)?)
@@ -164,13 +197,19 @@ impl Module for Linear {
         let y = match &self.lora {
             // Under a graph: one op for both terms, keeping no [rows, out] intermediates for backward.
             Some(l) if !self.weight.track_op() && (x.track_op() || l.a.track_op() || l.b.track_op()) => {
-                x.apply_op3(&l.a, &l.b.affine(l.scale, 0.0)?, LoraMatmul { w: self.weight.clone() })?
+                let op = LoraMatmul { w: self.weight.clone(), mask: l.mask() };
+                x.apply_op3(&l.a, &l.b.affine(l.scale, 0.0)?, op)?
             }
             // Without one (intermediates are freed as they go): the base product by the same kernels as the base
-            // model's, so zero adapters give it exactly, plus the adapter term; decoding reads the merged copy.
-            Some(l) if !self.decodes_merged(&x) => {
-                let y = matmul_by_weight_t(&x, &self.weight, self.shadow.as_ref())?;
-                (y + (x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?
+            // model's, so zero adapters give it exactly, plus the adapter term (on its dropped-out input in a
+            // checkpointed training forward); decoding reads the merged copy.
+            Some(l) if !self.decodes_merged(&x) || l.mask().is_some() => {
+                let y = matmul_by_weight_t(&x, &self.weight, self.shadow.as_ref().filter(|s| !s.merged))?;
+                let xa = match l.mask() {
+                    Some(m) => (&x * m.tensor(rows, in_dim, x.device(), x.dtype())?)?,
+                    None => x.clone(),
+                };
+                (y + (xa.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?
             }
             _ => matmul_by_weight_t(&x, &self.weight, self.shadow.as_ref())?,
         };
@@ -323,6 +362,9 @@ impl candle_core::CustomOp1 for FrozenWeightMatmul {
 /// every device.
 struct LoraMatmul {
     w: Tensor,
+    /// `lora.dropout`: the adapter term reads `x ⊙ mask` (the base term `x`); the mask is drawn again in
+    /// backward rather than kept.
+    mask: Option<Mask>,
 }
 
 impl LoraMatmul {
@@ -336,6 +378,7 @@ impl LoraMatmul {
         lbs: &candle_core::Layout,
         w: &S,
         lw: &candle_core::Layout,
+        mask: Option<(&S, &candle_core::Layout)>,
     ) -> candle_core::Result<(S, candle_core::Shape)> {
         let (m, k) = lx.shape().dims2()?;
         let (n, kw) = lw.shape().dims2()?;
@@ -345,10 +388,25 @@ impl LoraMatmul {
             candle_core::bail!("lora matmul: x {m}x{k}, W {n}x{kw}, A {r}x{ka}, B {nb}x{rb}");
         }
         let xw = x.matmul(w, (1, m, n, k), lx, &lw.transpose(0, 1)?)?;
-        let xa = x.matmul(a, (1, m, r, k), lx, &la.transpose(0, 1)?)?;
+        let xa = match mask {
+            Some((ms, lm)) => {
+                let xd = x.binary_impl::<candle_core::op::Mul>(ms, lx, lm)?;
+                xd.matmul(a, (1, m, r, k), &candle_core::Layout::contiguous((m, k)), &la.transpose(0, 1)?)?
+            }
+            None => x.matmul(a, (1, m, r, k), lx, &la.transpose(0, 1)?)?,
+        };
         let z = xa.matmul(bs, (1, m, n, r), &candle_core::Layout::contiguous((m, r)), &lbs.transpose(0, 1)?)?;
         let out = candle_core::Layout::contiguous((m, n));
         Ok((xw.binary_impl::<candle_core::op::Add>(&z, &out, &out)?, candle_core::Shape::from((m, n))))
+    }
+}
+
+impl LoraMatmul {
+    /// The dropout mask for an input of layout `lx`, on the weight's device.
+    fn mask_tensor(&self, lx: &candle_core::Layout, dtype: DType) -> candle_core::Result<Option<Tensor>> {
+        let Some(m) = &self.mask else { return Ok(None) };
+        let (rows, cols) = lx.shape().dims2()?;
+        Ok(Some(m.tensor(rows, cols, self.w.device(), dtype)?))
     }
 }
 
@@ -365,10 +423,20 @@ impl candle_core::CustomOp3 for LoraMatmul {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let w = weight_in(&self.w, candle_core::backend::BackendStorage::dtype(s1))?;
+        let dtype = candle_core::backend::BackendStorage::dtype(s1);
+        let w = weight_in(&self.w, dtype)?;
+        let mask = self.mask_tensor(l1, dtype)?;
+        let mask = mask.as_ref().map(|m| m.storage_and_layout());
+        let mask = match &mask {
+            Some((g, l)) => match &**g {
+                candle_core::Storage::Cpu(s) => Some((s, *l)),
+                _ => candle_core::bail!("lora matmul: the dropout mask is not on the CPU"),
+            },
+            None => None,
+        };
         let (w, lw) = w.storage_and_layout();
         match &*w {
-            candle_core::Storage::Cpu(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw),
+            candle_core::Storage::Cpu(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw, mask),
             _ => candle_core::bail!("lora matmul: the base weight is not on the CPU"),
         }
     }
@@ -382,10 +450,20 @@ impl candle_core::CustomOp3 for LoraMatmul {
         s3: &candle_core::CudaStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        let w = weight_in(&self.w, candle_core::backend::BackendStorage::dtype(s1))?;
+        let dtype = candle_core::backend::BackendStorage::dtype(s1);
+        let w = weight_in(&self.w, dtype)?;
+        let mask = self.mask_tensor(l1, dtype)?;
+        let mask = mask.as_ref().map(|m| m.storage_and_layout());
+        let mask = match &mask {
+            Some((g, l)) => match &**g {
+                candle_core::Storage::Cuda(s) => Some((s, *l)),
+                _ => candle_core::bail!("lora matmul: the dropout mask is not on the GPU"),
+            },
+            None => None,
+        };
         let (w, lw) = w.storage_and_layout();
         match &*w {
-            candle_core::Storage::Cuda(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw),
+            candle_core::Storage::Cuda(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw, mask),
             _ => candle_core::bail!("lora matmul: the base weight is not on the GPU"),
         }
     }
@@ -399,10 +477,20 @@ impl candle_core::CustomOp3 for LoraMatmul {
         s3: &candle_core::MetalStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
-        let w = weight_in(&self.w, candle_core::backend::BackendStorage::dtype(s1))?;
+        let dtype = candle_core::backend::BackendStorage::dtype(s1);
+        let w = weight_in(&self.w, dtype)?;
+        let mask = self.mask_tensor(l1, dtype)?;
+        let mask = mask.as_ref().map(|m| m.storage_and_layout());
+        let mask = match &mask {
+            Some((g, l)) => match &**g {
+                candle_core::Storage::Metal(s) => Some((s, *l)),
+                _ => candle_core::bail!("lora matmul: the dropout mask is not on the GPU"),
+            },
+            None => None,
+        };
         let (w, lw) = w.storage_and_layout();
         match &*w {
-            candle_core::Storage::Metal(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw),
+            candle_core::Storage::Metal(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw, mask),
             _ => candle_core::bail!("lora matmul: the base weight is not on the GPU"),
         }
     }
@@ -414,11 +502,21 @@ impl candle_core::CustomOp3 for LoraMatmul {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // With gb = g·Bs [rows, r]: dx = g·W + gb·A, dA = gbᵀ·x, dBs = gᵀ·(x·Aᵀ).
+        // With gb = g·Bs [rows, r] and the adapter's input xd = x ⊙ M (M = 1 without dropout):
+        // dx = g·W + (gb·A) ⊙ M, dA = gbᵀ·xd, dBs = gᵀ·(xd·Aᵀ).
+        let mask = self.mask_tensor(x.layout(), x.dtype())?;
+        let xd = match &mask {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        };
         let gb = g.matmul(bs)?;
-        let dx = (g.matmul(&weight_in(&self.w, g.dtype())?)? + gb.matmul(a)?)?;
-        let da = gb.t()?.matmul(x)?;
-        let dbs = g.t()?.matmul(&x.matmul(&a.t()?)?)?;
+        let gx = match &mask {
+            Some(m) => (gb.matmul(a)? * m)?,
+            None => gb.matmul(a)?,
+        };
+        let dx = (g.matmul(&weight_in(&self.w, g.dtype())?)? + gx)?;
+        let da = gb.t()?.matmul(&xd)?;
+        let dbs = g.t()?.matmul(&xd.matmul(&a.t()?)?)?;
         Ok((Some(dx), Some(da), Some(dbs)))
     }
 }
@@ -721,6 +819,17 @@ pub struct CausalLm {
     head_shadow: Option<Shadow>,
     /// The adapters' settings when the model has LoRA adapters ([`Self::add_lora`]).
     lora: Option<LoraSpec>,
+    /// `lora.dropout > 0` on trainable adapters: counts the training forwards (see [`DropoutControl`]).
+    dropout: Option<std::sync::Arc<DropoutControl>>,
+}
+
+/// A training forward under way: the adapters read its dropout key until this is dropped.
+struct TrainingForward<'a>(&'a DropoutControl);
+
+impl Drop for TrainingForward<'_> {
+    fn drop(&mut self) {
+        self.0.end_forward();
+    }
 }
 
 impl CausalLm {
@@ -767,6 +876,7 @@ impl CausalLm {
             dtype,
             head_shadow: None,
             lora: None,
+            dropout: None,
         })
     }
 
@@ -790,9 +900,17 @@ impl CausalLm {
     pub fn frozen_view(&self) -> Result<CausalLm> {
         let mut view = self.without_adapters()?;
         for (dst, src) in view.linears_mut().into_iter().zip(self.linears()) {
-            dst.2.lora = src.2.lora.as_ref().map(|l| Adapter { a: l.a.detach(), b: l.b.detach(), scale: l.scale });
+            dst.2.lora = src.2.lora.as_ref().map(|l| Adapter {
+                a: l.a.detach(),
+                b: l.b.detach(),
+                scale: l.scale,
+                dropout: l.dropout.clone(),
+            });
         }
+        // The view opens no training forward of its own (it has no variables); it reads the one its model opens
+        // (gradient checkpointing's first pass).
         view.lora = self.lora.clone();
+        view.dropout = self.dropout.clone();
         Ok(view)
     }
 
@@ -863,6 +981,8 @@ impl CausalLm {
         let mut saved = saved.cloned();
         let (device, dtype, r) = (self.device.clone(), self.dtype, spec.rank);
         let mut vars = Vec::new();
+        // Dropout acts in training forwards only: trainable adapters alone get it.
+        let control = (trainable && spec.dropout > 0.0).then(|| std::sync::Arc::new(DropoutControl::new(spec.dropout)));
         // lora.base_dtype: the frozen base's linear weights in their own dtype (every layer, targeted or not), each
         // converted in turn so the two copies of one weight at most exist at once.
         if let (Some(base), true) = (spec.base_dtype, trainable) {
@@ -909,7 +1029,8 @@ impl CausalLm {
                 Ok(Tensor::from_vec(data, (r, in_dim), &device)?.to_dtype(dtype)?)
             })?;
             let b = take("lora_B", (out_dim, r), &|| Ok(Tensor::zeros((out_dim, r), dtype, &device)?))?;
-            lin.lora = Some(Adapter { a, b, scale: spec.scale() });
+            let dropout = control.clone().map(|control| AdapterDropout { control, layer, module: index });
+            lin.lora = Some(Adapter { a, b, scale: spec.scale(), dropout });
         }
         if vars.is_empty() {
             bail!("lora.targets = {:?} names no layer of this model", spec.targets);
@@ -922,7 +1043,23 @@ impl CausalLm {
         }
         self.vars = vars.into_iter().filter_map(|(n, v)| Some((n, v?))).collect();
         self.lora = Some(spec.clone());
+        self.dropout = control;
         Ok(())
+    }
+
+    /// Start step `step`'s training forwards (LoRA dropout's masks are keyed by `seed`, the step and the forward's
+    /// index in it); nothing without dropout. Before it, forwards draw no dropout.
+    pub fn begin_dropout_step(&self, seed: u64, step: u64) {
+        if let Some(c) = &self.dropout {
+            c.begin_step(seed, step);
+        }
+    }
+
+    /// A forward of the trainable model is a training forward: with dropout, it opens the next key.
+    fn training_forward(&self) -> Option<TrainingForward<'_>> {
+        let control = self.dropout.as_deref().filter(|_| !self.vars.is_empty())?;
+        control.begin_forward();
+        Some(TrainingForward(control))
     }
 
     /// The LoRA settings, when the model has adapters.
@@ -1069,6 +1206,7 @@ impl CausalLm {
         if packing.is_some() && cache.is_some() {
             bail!("a packed forward does not use a KV cache");
         }
+        let _training = self.training_forward();
         let mut x = match packing {
             Some(p) => self.embed_tokens.index_select(&input_ids.flatten_all()?.index_select(&p.valid, 0)?, 0)?,
             None => self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, s, ()))?,
@@ -1107,6 +1245,8 @@ impl CausalLm {
         packing: &Packing,
         head: impl FnOnce(&Tensor) -> Result<(Tensor, R)>,
     ) -> Result<(GradStore, R, f64)> {
+        // One training forward: the first pass and every recomputed layer draw the same dropout masks.
+        let _training = self.training_forward();
         let frozen = self.frozen_view()?;
         let rope = self.rope_tables(positions)?;
         let mask = mask.to_dtype(self.dtype)?;
@@ -1253,9 +1393,40 @@ mod tests {
         let a = var(|i| ((i * 3 % 7) as f32 - 3.0) * 0.2, (r, inp));
         let b = var(|i| ((i * 11 % 5) as f32 - 2.0) * 0.3, (out, r));
         let c = var(|i| (i % 4) as f32 - 1.5, (rows, out)).as_detached_tensor();
-        let fused = x.apply_op3(&a, &b.affine(s, 0.0).unwrap(), LoraMatmul { w: w.clone() }).unwrap();
+        let fused = x.apply_op3(&a, &b.affine(s, 0.0).unwrap(), LoraMatmul { w: w.clone(), mask: None }).unwrap();
         let composite = (x.matmul(&w.t().unwrap()).unwrap()
             + (x.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * s).unwrap())
+        .unwrap();
+        let close = |p: &[f32], q: &[f32], what: &str| {
+            let d = p.iter().zip(q).map(|(u, v)| (u - v).abs()).fold(0.0f32, f32::max);
+            assert!(d < 1e-5 && p.iter().any(|u| *u != 0.0), "{what}: {d}");
+        };
+        close(&flat(&fused), &flat(&composite), "output");
+        let g1 = (&fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&composite * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        for (v, what) in [(&x, "dx"), (&a, "dA"), (&b, "dB")] {
+            close(&flat(g1.get(v).unwrap()), &flat(g2.get(v).unwrap()), what);
+        }
+    }
+
+    /// The fused LoRA op with a dropout mask against the composite `x·Wᵀ + s·((x ⊙ M)·Aᵀ)·Bᵀ`: the same output
+    /// and gradients for x, A and B, the mask drawn again in backward.
+    #[test]
+    fn lora_matmul_with_dropout_matches_the_composite_ops_and_their_gradients() {
+        let (rows, inp, out, r, s) = (6, 16, 5, 3, 2.0);
+        let x = var(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1, (rows, inp));
+        let w = var(|i| ((i * 5 % 13) as f32 - 6.0) * 0.05, (out, inp)).as_detached_tensor();
+        let a = var(|i| ((i * 3 % 7) as f32 - 3.0) * 0.2, (r, inp));
+        let b = var(|i| ((i * 11 % 5) as f32 - 2.0) * 0.3, (out, r));
+        let c = var(|i| (i % 4) as f32 - 1.5, (rows, out)).as_detached_tensor();
+        let mask = Mask { key: DropoutKey { p: 0.4, key: 9 }, layer: 1, module: 2 };
+        let m = mask.tensor(rows, inp, &Device::Cpu, DType::F32).unwrap();
+        let zeros = flat(&m).iter().filter(|v| **v == 0.0).count();
+        assert!(zeros > 0 && zeros < rows * inp, "a mask that drops some: {zeros}");
+        let fused = x.apply_op3(&a, &b.affine(s, 0.0).unwrap(), LoraMatmul { w: w.clone(), mask: Some(mask) }).unwrap();
+        let xd = (x.as_tensor() * &m).unwrap();
+        let composite = (x.matmul(&w.t().unwrap()).unwrap()
+            + (xd.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * s).unwrap())
         .unwrap();
         let close = |p: &[f32], q: &[f32], what: &str| {
             let d = p.iter().zip(q).map(|(u, v)| (u - v).abs()).fold(0.0f32, f32::max);
@@ -1285,7 +1456,7 @@ mod tests {
             let run = |w: &Tensor| {
                 let y = match f {
                     0 => x.apply_op1(FrozenWeightMatmul { w: w.clone() }).unwrap(),
-                    _ => x.apply_op3(&a, &b.affine(s, 0.0).unwrap(), LoraMatmul { w: w.clone() }).unwrap(),
+                    _ => x.apply_op3(&a, &b.affine(s, 0.0).unwrap(), LoraMatmul { w: w.clone(), mask: None }).unwrap(),
                 };
                 let g = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
                 (flat(&y), flat(g.get(&x).unwrap()))

@@ -24,7 +24,7 @@ pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub struct LoraSpec {
     pub rank: usize,
     pub alpha: f64,
-    /// Recorded in `adapter_config.json`; only 0.0 is accepted for now.
+    /// PEFT's `lora_dropout` (recorded in `adapter_config.json`): see [`DropoutControl`].
     pub dropout: f64,
     /// Module names, in [`LINEAR_MODULES`] order.
     pub targets: Vec<String>,
@@ -164,6 +164,87 @@ pub fn kaiming_uniform(seed: u64, layer: usize, module: usize, rank: usize, in_d
     Ok((0..rank * in_dim).map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32).collect())
 }
 
+/// LoRA dropout (PEFT's `lora_dropout`): in a training forward, each adapter reads its input with every element
+/// zeroed with probability p and the rest scaled by 1/(1 − p), a mask of its own, as `nn.Dropout` in train mode.
+/// Rollouts, stored log-probs and the reference (graph-free views, or the base with the adapters off) read no
+/// dropout.
+///
+/// Masks are functions of a key, never of generator state: a step's training forwards are counted from
+/// [`DropoutControl::begin_step`] and forward `i` of step `t` draws from (seed, t, i); each adapter's mask from
+/// that key, its layer and module, row by row. So a recomputed forward (gradient checkpointing, the backward)
+/// draws the same mask, and a resumed run the same masks as an uninterrupted one.
+#[derive(Debug)]
+pub struct DropoutControl {
+    p: f64,
+    state: std::sync::Mutex<DropoutState>,
+}
+
+#[derive(Debug, Default)]
+struct DropoutState {
+    /// (seed, step) of the step being trained; `None` before the first [`DropoutControl::begin_step`].
+    step: Option<(u64, u64)>,
+    /// Training forwards so far in this step.
+    forwards: u64,
+    /// The key of the training forward under way, if one is.
+    current: Option<u64>,
+}
+
+/// One training forward's dropout: what an adapter needs to draw its mask.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropoutKey {
+    pub p: f64,
+    pub key: u64,
+}
+
+impl DropoutControl {
+    pub fn new(p: f64) -> Self {
+        Self { p, state: Default::default() }
+    }
+
+    /// Start counting the training forwards of step `step` (streams keyed by `seed`).
+    pub fn begin_step(&self, seed: u64, step: u64) {
+        *self.state.lock().expect("dropout lock") = DropoutState { step: Some((seed, step)), ..Default::default() };
+    }
+
+    /// Open the next training forward: adapters read [`Self::current`] until [`Self::end_forward`]. Without a
+    /// step begun, no dropout (a forward outside training).
+    pub fn begin_forward(&self) {
+        let mut s = self.state.lock().expect("dropout lock");
+        if let Some((seed, step)) = s.step {
+            let key = RowRng::new(RowKey { seed, step, prompt: u64::MAX - 2, sample: s.forwards }).next_u64();
+            s.forwards += 1;
+            s.current = Some(key);
+        }
+    }
+
+    pub fn end_forward(&self) {
+        self.state.lock().expect("dropout lock").current = None;
+    }
+
+    /// The training forward under way, if any.
+    pub fn current(&self) -> Option<DropoutKey> {
+        self.state.lock().expect("dropout lock").current.map(|key| DropoutKey { p: self.p, key })
+    }
+}
+
+/// The dropout mask `[rows, cols]` of adapter `module` (its index in [`LINEAR_MODULES`]) of layer `layer` in the
+/// forward `key`: 0 with probability p, else 1/(1 − p). Each row from its own stream, drawn in parallel.
+pub fn dropout_mask(key: DropoutKey, layer: usize, module: usize, rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let keep = (1.0 / (1.0 - key.p)) as f32;
+    let mut mask = vec![0f32; rows * cols];
+    mask.par_chunks_mut(cols.max(1)).enumerate().for_each(|(row, out)| {
+        let stream = (layer as u64) << 32 | module as u64;
+        let mut rng = RowRng::new(RowKey { seed: key.key, step: stream, prompt: row as u64, sample: 0 });
+        for m in out {
+            if rng.next_f64() >= key.p {
+                *m = keep;
+            }
+        }
+    });
+    mask
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,5 +282,41 @@ mod tests {
             peft_name(3, "self_attn.q_proj", "lora_A"),
             "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"
         );
+    }
+
+    /// The mask keeps about 1 − p of the elements, scaled by 1/(1 − p); it is a function of its key, layer,
+    /// module and row alone; forwards of one step get different keys, a step begun again the same ones.
+    #[test]
+    fn dropout_masks_are_keyed_and_scaled() {
+        let key = DropoutKey { p: 0.25, key: 42 };
+        let m = dropout_mask(key, 3, 1, 200, 100);
+        let kept = m.iter().filter(|v| **v != 0.0).count() as f64 / m.len() as f64;
+        assert!((kept - 0.75).abs() < 0.02, "{kept}");
+        assert!(m.iter().all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-6));
+        assert_eq!(m, dropout_mask(key, 3, 1, 200, 100));
+        // A row's mask does not depend on how many rows there are.
+        assert_eq!(m[..100 * 100], dropout_mask(key, 3, 1, 100, 100)[..]);
+        assert_ne!(m, dropout_mask(key, 3, 2, 200, 100));
+        assert_ne!(m, dropout_mask(key, 4, 1, 200, 100));
+        assert_ne!(m, dropout_mask(DropoutKey { key: 43, ..key }, 3, 1, 200, 100));
+        let ctl = DropoutControl::new(0.25);
+        ctl.begin_forward();
+        assert_eq!(ctl.current(), None, "no step begun: no dropout");
+        let keys = |ctl: &DropoutControl, step| {
+            ctl.begin_step(7, step);
+            (0..2)
+                .map(|_| {
+                    ctl.begin_forward();
+                    let k = ctl.current().unwrap();
+                    ctl.end_forward();
+                    assert_eq!(ctl.current(), None);
+                    k
+                })
+                .collect::<Vec<_>>()
+        };
+        let first = keys(&ctl, 5);
+        assert_ne!(first[0], first[1]);
+        assert_ne!(first, keys(&ctl, 6));
+        assert_eq!(first, keys(&ctl, 5));
     }
 }

@@ -92,6 +92,11 @@ impl ValueModel {
         &self.vars
     }
 
+    /// Start step `step`'s training forwards for LoRA dropout (see [`CausalLm::begin_dropout_step`]).
+    pub fn begin_dropout_step(&self, seed: u64, step: u64) {
+        self.backbone.begin_dropout_step(seed, step);
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.backbone.config().vocab_size
     }

@@ -141,7 +141,7 @@ pub struct DataSettings {
 pub struct LoraSettings {
     pub rank: usize,
     pub alpha: f64,
-    /// Always 0.0 for now (validated).
+    /// PEFT's lora_dropout.
     pub dropout: f64,
     /// Module names (`q_proj`, ...), in [`crate::model::lora::LINEAR_MODULES`] order.
     pub targets: Vec<String>,

@@ -560,7 +560,7 @@ pub static KEYS: &[KeySpec] = &[
         "lora.dropout",
         Kind::Float(FloatRange { min: 0.0, max: 1.0, min_open: false, max_open: true }),
         "0.0",
-        "Dropout on the adapters' input (PEFT lora_dropout); only 0.0 for now (a seeded dropout that resumes exactly is not implemented yet).",
+        "Dropout on the adapters' input (PEFT lora_dropout): in the update's forwards each adapter reads its input with elements zeroed with this probability (the rest scaled by 1/(1 − p)), masks drawn from streams keyed by run.seed, the step and the forward, so resume stays exact; rollouts, stored log-probs and the reference read none.",
     ),
     key(
         "lora.targets",

@@ -660,7 +660,7 @@ fn lora_settings(t: &Filled) -> Option<LoraSettings> {
     })
 }
 
-/// `[lora]`: a dropout this slice can resume exactly (none), targets that name layers, `all-linear` alone.
+/// `[lora]`: targets that name layers, `all-linear` alone; `critic.lora` only with a `[lora]` table.
 fn lora_checks(tables: &BTreeMap<&'static str, Filled>, ctx: &mut Ctx) {
     let t = &tables["lora"];
     let at = |key: &str| t.get(key).map(|e| e.origin.clone()).unwrap_or(t.header.clone());
@@ -673,16 +673,6 @@ fn lora_checks(tables: &BTreeMap<&'static str, Filled>, ctx: &mut Ctx) {
                  but the recipe has no [lora] table: add one, or set critic.lora = false",
             );
         }
-    }
-    if t.get("lora.dropout").is_some() && float(t, "lora.dropout") != 0.0 {
-        ctx.err(
-            &at("lora.dropout"),
-            format!(
-                "`lora.dropout` = {} is not supported yet: LoRA dropout is not implemented (a seeded dropout that \
-                 resumes exactly is planned); set lora.dropout = 0.0",
-                float(t, "lora.dropout")
-            ),
-        );
     }
     if t.get("lora.targets").is_some() {
         let names = strings(t, "lora.targets");

@@ -111,6 +111,9 @@ pub struct LoraShape {
     pub linear_weights: u64,
     /// `lora.base_dtype = "bf16"`.
     pub base_bf16: bool,
+    /// `lora.dropout > 0`: each adapted product draws a mask the size of its input (and the masked input, and in
+    /// backward the masked gradient), one product at a time.
+    pub dropout: bool,
 }
 
 impl LoraShape {
@@ -141,6 +144,7 @@ impl LoraShape {
             adapted_weights: adapted.saturating_mul(layers),
             linear_weights: linear.saturating_mul(layers),
             base_bf16,
+            dropout: false,
         }
     }
 }
@@ -314,7 +318,11 @@ pub fn update_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     let kept_layer = linear + sat(ATTN_KEPT) * scores;
     // Backward of the layer it is in: its attention's gradients and half a layer's linear gradients (they are
     // consumed as they are made).
-    let backward = sat(ATTN_BACKWARD) * scores + linear / 2;
+    let dropout = match shape.lora {
+        Some(l) if l.dropout => sat(3) * t * sat(cfg.hidden_size.max(cfg.intermediate_size)) * b,
+        _ => sat(0),
+    };
+    let backward = sat(ATTN_BACKWARD) * scores + linear / 2 + dropout;
     let kept = if shape.gradient_checkpointing {
         layers * t * sat(cfg.hidden_size) * b + kept_layer
     } else {

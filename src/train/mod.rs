@@ -351,6 +351,8 @@ impl Trainer {
                 }
                 completion_metrics(&mut record, &samples);
                 let rt = Runtime { step, ..self.runtime };
+                // LoRA dropout's masks: this step's training forwards, counted from here.
+                self.policy.begin_dropout_step(rt.seed, step);
                 let models = Models {
                     policy: &self.policy,
                     rollout_view: &self.sampler_model,

@@ -78,7 +78,10 @@ impl Trainer {
             can_checkpoint: needs.can_checkpoint,
             lora: recipe.lora.as_ref().map(|l| {
                 let bf16 = l.base_dtype == crate::recipe::LoraBaseDtype::Bf16;
-                memory::LoraShape::of(&planned, l.rank, &l.targets, bf16)
+                memory::LoraShape {
+                    dropout: l.dropout > 0.0,
+                    ..memory::LoraShape::of(&planned, l.rank, &l.targets, bf16)
+                }
             }),
         };
         let plan = memory::plan(&planned, &shape, available, host).map_err(|e| anyhow!(e))?;
