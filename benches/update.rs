@@ -95,7 +95,7 @@ fn main() {
     // `--run K`: measure variant K (0-3: forward + backward, 4-5: AdamW) in this process; otherwise one child each.
     let args: Vec<String> = std::env::args().collect();
     if let Some(k) = args.iter().position(|a| a == "--run").and_then(|i| args.get(i + 1)).and_then(|k| k.parse().ok()) {
-        return run(k);
+        return safe::on_pool(move || run(k));
     }
     let exe = std::env::current_exe().unwrap();
     for k in 0..6 {

@@ -5,7 +5,10 @@
 # TRL, then `safe`, so both see the same machine state; the report prints medians of steps 2..N and safe/TRL ratios.
 #
 #   bash scripts/bench-vs-trl.sh [--steps N] [--rounds R] [--beta B] [--threads T] [--grad-ckpt] [--no-trl]
-#                                [--set KEY=VALUE ...]
+#                                [--busy NICE] [--set KEY=VALUE ...]
+#
+# --busy NICE runs a busy loop pinned to the last CPU at niceness NICE (19: a low-priority build; 0: a reward
+# server at equal priority) for the whole benchmark, beside both trainers: how each copes with a core it must share.
 #
 # --grad-ckpt turns gradient checkpointing on in both (TRL's default; safe's algorithm.gradient_checkpointing).
 #
@@ -14,7 +17,7 @@
 # $SAFE_BIN benches another build of `safe` (e.g. an earlier commit's, to measure one change on its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-steps=10 rounds=1 beta=0.04 threads=2 trl=1 sets=() trl_flags=()
+steps=10 rounds=1 beta=0.04 threads=2 trl=1 busy= sets=() trl_flags=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --steps) steps=$2; shift 2 ;;
@@ -22,6 +25,7 @@ while [ $# -gt 0 ]; do
     --beta) beta=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
     --no-trl) trl=0; shift ;;
+    --busy) busy=$2; shift 2 ;;
     --grad-ckpt) trl_flags+=(--grad-ckpt); sets+=(--set algorithm.gradient_checkpointing=true); shift ;;
     --set) sets+=(--set "$2"); shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -41,6 +45,13 @@ if [ "$trl" = 1 ]; then
 fi
 safe_bin="${SAFE_BIN:-target/release/safe}"
 [ -n "${SAFE_BIN:-}" ] || cargo build --release --quiet
+if [ -n "$busy" ]; then
+  last_cpu=$(($(nproc) - 1))
+  taskset -c "$last_cpu" nice -n "$busy" sh -c 'while :; do :; done' &
+  busy_pid=$!
+  trap 'kill $busy_pid 2>/dev/null' EXIT
+  echo "busy loop (pid $busy_pid) on cpu $last_cpu at nice $busy" >&2
+fi
 cargo bench --quiet --bench matmul -- --summary > "$out/matmul.json"
 python3 scripts/bench/make_inputs.py "$out" "$gguf" "$steps" "$beta"
 
