@@ -64,8 +64,13 @@ fn candle_llama(model: &CausalLm, prompt: &[u32]) -> f64 {
     NEW_TOKENS as f64 / best
 }
 
+/// On a pool thread, as the binary runs (`safe::on_pool`).
 fn main() {
     safe::init_threads();
+    safe::on_pool(bench);
+}
+
+fn bench() {
     let path = common::gguf_path();
     let src = ModelSource::parse(&path, None).expect("run scripts/fetch-smollm2.sh first");
     let loaded = LoadedModel::load(&src, &Device::Cpu, DType::F32).expect("load SmolLM2");

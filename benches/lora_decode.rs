@@ -33,8 +33,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// On a pool thread, as the binary runs (`safe::on_pool`).
 fn main() {
     safe::init_threads();
+    safe::on_pool(bench);
+}
+
+fn bench() {
     let src = ModelSource::parse(&common::gguf_path(), None).expect("run scripts/fetch-smollm2.sh first");
     let build = || {
         let loaded = LoadedModel::load(&src, &Device::Cpu, DType::F32).expect("load SmolLM2");
