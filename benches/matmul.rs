@@ -52,8 +52,7 @@ fn bench() {
         // the tied LM head 576→49152 (here at every row; the trainers apply it at completion rows only).
         let rows = 1024;
         let layer = [(576, 576, 60), (576, 192, 60), (576, 1536, 60), (1536, 576, 30), (576, 49152, 1)];
-        let rate = weighted_rate(rows, &layer);
-        println!("{{\"rows\": {rows}, \"gflops\": {:.1}}}", rate);
+        println!("{{\"rows\": {rows}, \"gflops\": {:.1}}}", weighted_rate(rows, &layer));
         return;
     }
     let dev = Device::Cpu;

@@ -1,6 +1,6 @@
 //! The CPU threads and how the kernel schedules them: set once, first thing in `main`, the one place that decides.
 //!
-//! Measured on a 2-core Intel Xeon (`cargo bench --bench matmul -- --summary` beside `nice -n 19` busy loop pinned to
+//! Measured on a 2-core Intel Xeon (`cargo bench --bench matmul -- --summary` beside a `nice -n 19` busy loop pinned to
 //! one core): Candle's matmul fell from 330 to 250 GFLOP/s while torch's kept 97% of its rate. Two causes, two
 //! levers:
 //! - Every parallel section was handed from `main` (outside the pool) to the rayon workers and waited for, so the
@@ -30,9 +30,9 @@ pub fn init_threads() {
     let threads = env_usize("RAYON_NUM_THREADS")
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let slice_us = env_usize("SAFE_SCHED_SLICE_US").map_or(SLICE_US, |n| n as u64);
-    if slice_us > 0 {
-        set_slice(slice_us * 1000);
+    let slice_ns = env_usize("SAFE_SCHED_SLICE_US").map_or(SLICE_US, |n| n as u64) * 1000;
+    if slice_ns > 0 {
+        set_slice(slice_ns);
     }
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     if env_usize("CANDLE_NUM_THREADS").filter(|&n| n > 0).is_none() {
@@ -42,8 +42,8 @@ pub fn init_threads() {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .start_handler(move |_| {
-            if slice_us > 0 {
-                set_slice(slice_us * 1000);
+            if slice_ns > 0 {
+                set_slice(slice_ns);
             }
         })
         .build_global();
@@ -78,10 +78,7 @@ fn set_slice(ns: u64) {
         util_max: u32,
     }
     // Keep the thread's niceness (sched_setattr sets it too).
-    let nice = unsafe {
-        *libc::__errno_location() = 0;
-        libc::getpriority(libc::PRIO_PROCESS, 0)
-    };
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
         policy: libc::SCHED_OTHER as u32,
@@ -127,8 +124,8 @@ mod tests {
         .unwrap();
     }
 
-    /// `on_pool` runs its closure on a pool thread when the pool has several (here and nested: in place), and
-    /// returns its value.
+    /// `on_pool` runs its closure on a pool thread when the pool has several, runs it in place when called from a
+    /// pool thread or with a pool of one, and returns its value.
     #[test]
     fn on_pool_runs_on_a_pool_thread() {
         let outside = std::thread::spawn(|| on_pool(|| (rayon::current_thread_index(), on_pool(|| 7))));
