@@ -5,8 +5,8 @@
 //! Run: `bash scripts/fetch-smollm2.sh && cargo bench --bench update`.
 //!
 //! Variants: the padded forward with the composite LM head (log-softmax over `[rows, vocab]` logits in the graph),
-//! the fused LM-head op, the packed forward (no per-token work on padding), gradient checkpointing; AdamW through
-//! tensor ops vs the in-place kernel.
+//! the fused LM-head op, the packed forward (no per-token work on padding), the fused norm/RoPE/softmax/SwiGLU
+//! ops against their composite forms, gradient checkpointing; AdamW through tensor ops vs the in-place kernel.
 
 mod common;
 
@@ -41,6 +41,8 @@ fn reset_peak() {
 enum Variant {
     PaddedComposite,
     PaddedFused,
+    /// PackedFused with the norms, RoPE, softmax and SwiGLU as composite ops (`fused_ops` off).
+    PackedCompositeOps,
     PackedFused,
     Checkpointed,
 }
@@ -64,12 +66,19 @@ fn backward(model: &CausalLm, batch: &SequenceBatch, adv: &Tensor, v: Variant) -
                 .unwrap()
                 .0
         }
-        Variant::PackedFused => loss_of(&batch.hidden(model).unwrap()).unwrap().0.backward().unwrap(),
+        Variant::PackedFused | Variant::PackedCompositeOps => {
+            loss_of(&batch.hidden(model).unwrap()).unwrap().0.backward().unwrap()
+        }
         _ => {
             let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, &batch.mask, None).unwrap();
             loss_of(&hidden).unwrap().0.backward().unwrap()
         }
     }
+}
+
+/// Timed repeats per variant: 3, or `UPDATE_REPEATS` (more, to profile the timed part with `perf`).
+fn repeats() -> usize {
+    std::env::var("UPDATE_REPEATS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(3)
 }
 
 fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
@@ -82,24 +91,25 @@ fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-const VARIANTS: [(&str, Variant); 4] = [
+const VARIANTS: [(&str, Variant); 5] = [
     ("padded, composite LM head (before)", Variant::PaddedComposite),
     ("padded, fused LM head", Variant::PaddedFused),
-    ("packed, fused LM head (default)", Variant::PackedFused),
+    ("packed, fused head, composite norms/rope/...", Variant::PackedCompositeOps),
+    ("packed, fused head and ops (default)", Variant::PackedFused),
     ("packed, fused, gradient checkpointing", Variant::Checkpointed),
 ];
 const OPTIMIZERS: [(&str, bool); 2] = [("tensor ops (before)", false), ("in-place kernel (default)", true)];
 
 fn main() {
     safe::init_threads();
-    // `--run K`: measure variant K (0-3: forward + backward, 4-5: AdamW) in this process; otherwise one child each.
+    // `--run K`: measure variant K (0-4: forward + backward, 5-6: AdamW) in this process; otherwise one child each.
     let args: Vec<String> = std::env::args().collect();
     if let Some(k) = args.iter().position(|a| a == "--run").and_then(|i| args.get(i + 1)).and_then(|k| k.parse().ok()) {
         return safe::on_pool(move || run(k));
     }
     let exe = std::env::current_exe().unwrap();
-    for k in 0..6 {
-        if k == 0 || k == 4 {
+    for k in 0..VARIANTS.len() + OPTIMIZERS.len() {
+        if k == 0 || k == VARIANTS.len() {
             let what = if k == 0 { "forward + backward" } else { "AdamW step (134.5M parameters)" };
             println!("{what:<44} {:>10} {:>16}", "seconds", "peak +MiB");
         }
@@ -134,25 +144,26 @@ fn run(k: usize) {
             lens.iter().sum::<usize>()
         );
     }
-    if k < 4 {
+    if k < VARIANTS.len() {
         let (name, v) = VARIANTS[k];
+        safe::model::fused_ops::set_enabled(v != Variant::PackedCompositeOps);
         let base = rss_mib();
         reset_peak();
         backward(&model, &batch, &adv, v); // warm-up, and the peak of one pass
         let peak = peak_mib() - base;
-        let secs = best_of(3, || {
+        let secs = best_of(repeats(), || {
             backward(&model, &batch, &adv, v);
         });
         println!("{name:<44} {secs:>10.3} {peak:>16.0}");
     } else {
-        let (name, fused) = OPTIMIZERS[k - 4];
+        let (name, fused) = OPTIMIZERS[k - VARIANTS.len()];
         let grads = backward(&model, &batch, &adv, Variant::PackedFused);
         let mut opt = AdamW::new(model.vars().to_vec(), AdamWConfig { lr: 1e-9, ..Default::default() }).unwrap();
         opt.set_fused_kernel(fused);
         opt.step(&grads).unwrap(); // touches the moments' pages
         let base = rss_mib();
         reset_peak();
-        let secs = best_of(3, || opt.step(&grads).unwrap());
+        let secs = best_of(repeats(), || opt.step(&grads).unwrap());
         println!("{name:<44} {secs:>10.3} {:>16.0}", peak_mib() - base);
     }
 }

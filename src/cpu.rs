@@ -71,3 +71,12 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (a, b) = layout.contiguous_offsets().expect("checked contiguous");
     Ok(f(&data[a..b]))
 }
+
+/// The elements of a custom op's contiguous f32 CPU input; `what` names it in the error.
+pub fn storage_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else { candle_core::bail!("{what} must be f32") };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}

@@ -340,7 +340,9 @@ fn ours_llama_adapter_loads_in_peft_unchanged_and_gives_our_logits() {
     for (name, t) in &ours {
         let s = saved.get(name).unwrap_or_else(|| panic!("{name} not in the committed adapter"));
         let d = (t - s).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(d < 1e-7, "{name}: differs from the committed adapter by {d}");
+        // One AdamW step made these values, so a gradient summed in another order (the fused CPU ops) moves them by
+        // a few 1e-7; PEFT's logits below are checked against ours either way.
+        assert!(d < 1e-6, "{name}: differs from the committed adapter by {d}");
         if name.ends_with("lora_B.weight") {
             assert!(t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 1e-3, "{name} is zero");
         }

@@ -108,17 +108,6 @@ fn gemm_f32(
     }
 }
 
-fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(d) => d.as_slice(),
-        _ => candle_core::bail!("fused LM head: {what} must be f32"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("fused LM head: {what} must be contiguous"),
-    }
-}
-
 impl HeadLogprobs {
     /// Gradients `(d hidden [n, h], d weight [vocab, h])` for the upstream gradient `g` of the log-probs; the
     /// weight's only when `weight_grad` (a frozen head, as under LoRA, gets none: no `[vocab, h]` buffer).
@@ -219,8 +208,8 @@ impl CustomOp2 for HeadLogprobs {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let hidden = cpu_f32(s1, l1, "hidden")?;
-        let weight = cpu_f32(s2, l2, "weight")?;
+        let hidden = crate::cpu::storage_f32(s1, l1, "fused LM head: hidden")?;
+        let weight = crate::cpu::storage_f32(s2, l2, "fused LM head: weight")?;
         let (n, h) = l1.shape().dims2()?;
         let vocab = l2.shape().dims2()?.0;
         let mut out = vec![0f32; n * 2];

@@ -2,8 +2,9 @@
 //!
 //! Why not candle-transformers: its fused `rms_norm`, `rope` and `softmax_last_dim` have no backward (gradients are
 //! silently dropped), it returns last-position logits only and its padding mask is not causal+padding. Here:
-//! manual RMSNorm, rotate-half RoPE from per-row position ids, composite softmax, an additive finite mask (no NaN
-//! rows under left padding), grouped-query attention without copying K/V, and a KV cache. Tensor names are HF's.
+//! RMSNorm, rotate-half RoPE from per-row position ids, the masked softmax and SwiGLU from [`super::fused_ops`]
+//! (ops with their own backward on the CPU, composite ops elsewhere), an additive finite mask (no NaN rows under
+//! left padding), grouped-query attention without copying K/V, and a KV cache. Tensor names are HF's.
 
 use std::collections::HashMap;
 
@@ -11,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{backprop::GradStore, DType, Device, Module, Tensor, Var, D};
 
 use super::config::ModelConfig;
+use super::fused_ops;
 use super::lora::{DropoutControl, DropoutKey, LoraSpec};
 
 /// Value added to masked attention scores. Finite, so a fully masked row stays a uniform distribution, not NaN.
@@ -521,7 +523,7 @@ impl candle_core::CustomOp3 for LoraMatmul {
     }
 }
 
-/// RMSNorm from primitive ops (Candle's fused `rms_norm` has no backward). Computed in f32 as transformers does.
+/// RMSNorm ([`fused_ops::rms_norm`]; Candle's own `rms_norm` has no backward). Computed in f32 as transformers does.
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor,
@@ -536,18 +538,8 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
-        xf.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(&self.weight)
+        fused_ops::rms_norm(x, &self.weight, self.eps)
     }
-}
-
-/// Softmax over the last dimension from primitive ops. The max is detached: softmax does not depend on the shift.
-pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 /// Log-softmax over the last dimension from primitive ops.
@@ -556,15 +548,6 @@ pub fn log_softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     let shifted = x.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     shifted.broadcast_sub(&lse)
-}
-
-/// `rotate_half` RoPE: x·cos + rotate_half(x)·sin with `cos`, `sin` of shape `[b, 1, s, d]`.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 /// Per-layer cached keys and values, `[b, kv_heads, t, head_dim]`.
@@ -706,8 +689,8 @@ impl Attention {
             };
             t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()
         };
-        let q = apply_rope(&heads(self.q_proj.forward(x)?, nh)?, &rope.0, &rope.1)?;
-        let k = apply_rope(&heads(self.k_proj.forward(x)?, nkv)?, &rope.0, &rope.1)?;
+        let q = fused_ops::rope(&heads(self.q_proj.forward(x)?, nh)?, &rope.0, &rope.1)?;
+        let k = fused_ops::rope(&heads(self.k_proj.forward(x)?, nkv)?, &rope.0, &rope.1)?;
         let v = heads(self.v_proj.forward(x)?, nkv)?;
         let (k, v) = match cache {
             Some(slot) => {
@@ -720,15 +703,11 @@ impl Attention {
             }
             None => (k, v),
         };
-        let t = k.dim(2)?;
         // Grouped-query attention without repeating K/V: the n_rep query heads sharing a KV head are stacked
         // along the query axis, so one batched matmul per KV head covers them.
         let n_rep = nh / nkv;
         let q = q.reshape((b, nkv, n_rep * s, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nkv, n_rep, s, t))?;
-        let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?;
-        let probs = softmax_last_dim(&scores)?.reshape((b, nkv, n_rep * s, t))?;
+        let probs = fused_ops::masked_softmax(&q.matmul(&k.t()?)?, mask, 1.0 / (d as f64).sqrt())?;
         let y = probs.matmul(&v)?.reshape((b, nh, s, d))?.transpose(1, 2)?.reshape((b, s, nh * d))?;
         let y = match packing {
             Some(p) => p.pack(&y)?,
@@ -758,8 +737,8 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let act = fused_ops::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&act)
     }
 }
 

@@ -4,6 +4,7 @@ pub mod builtin;
 pub mod chat;
 pub mod config;
 pub mod fused_head;
+pub mod fused_ops;
 pub mod gemv;
 pub mod llama;
 pub mod load;
