@@ -17,7 +17,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::cpu::{storage_f32, with_f32};
@@ -34,9 +34,14 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// The dispatch point: the fused CPU op for f32 CPU tensors (when enabled), the composite ops otherwise.
+/// Whether tensors on `device` in `dtype` take the fused ops (the memory plan counts what they keep).
+pub fn supported(device: &Device, dtype: DType) -> bool {
+    enabled() && device.is_cpu() && dtype == DType::F32
+}
+
+/// The dispatch point: the fused CPU op when every tensor is [`supported`], the composite ops otherwise.
 fn fused(ts: &[&Tensor]) -> bool {
-    enabled() && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    ts.iter().all(|t| supported(t.device(), t.dtype()))
 }
 
 /// Rows per parallel task for rows of `width` elements: about 16k elements a task, so small (decode) shapes run
@@ -495,7 +500,7 @@ impl CustomOp2 for SoftmaxOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()

@@ -10,10 +10,10 @@
 //! - Rollout, per batch of B sequences over D distinct prompts: the prefill's attention of one layer (4 `[D, H, P, P]`
 //!   tensors alive at once: scores, masked scores, exp, probabilities) and its mask, then the KV cache of B rows
 //!   grown to T positions, the logits and the sampler's per-row buffers.
-//! - Update, per micro-batch row: every layer keeps its linear activations and 6 `H·T²` attention tensors for
-//!   backward (scores, scaled, masked, shifted, exp, probabilities; the autograd graph holds each op's inputs), and
-//!   backward materialises [`ATTN_BACKWARD`] more of them for the layer it is in (gradients plus the zeros each
-//!   first gradient starts from). With gradient checkpointing only each layer's input is kept, plus one layer.
+//! - Update, per micro-batch row: every layer keeps its linear activations and its `H·T²` attention tensors for
+//!   backward (the autograd graph holds each op's inputs: 8 with the composite ops, 2 with the fused CPU ops;
+//!   [`LayerCounts`]), and backward materialises a few more for the layer it is in. With gradient checkpointing
+//!   only each layer's input is kept, plus one layer.
 
 use crate::model::ModelConfig;
 
@@ -78,6 +78,8 @@ pub struct StepShape {
     pub dtype_bytes: usize,
     /// The LM head runs as the fused CPU op (no vocab-sized tensors in the graph).
     pub fused_head: bool,
+    /// The norms, RoPE, softmax and SwiGLU run as the fused CPU ops (`model::fused_ops`), which keep fewer tensors.
+    pub fused_ops: bool,
     /// `algorithm.gradient_checkpointing`.
     pub gradient_checkpointing: bool,
     /// Whether the algorithm offers gradient checkpointing (GRPO, GRPO-λ), so the advice may suggest it.
@@ -177,17 +179,45 @@ const HEADROOM: f64 = 0.85;
 pub const BASELINE: u64 = 48 << 20;
 /// Tokenizer tables per vocabulary entry (token strings, merges, both directions).
 const TOKENIZER_PER_TOKEN: u64 = 1024;
-/// `H·T²` attention tensors per layer and row that outlive the layer's backward: the 6 the autograd graph keeps
-/// (scores, scaled, masked, shifted, exp, probabilities; llama.rs `Attention::forward`) and 2 gradients candle's
-/// backward makes for the untracked right-hand sides of the mask's add and the max's subtraction (`or_insert` on a
-/// node nothing consumes, so they stay in the gradient store until backward returns).
-const ATTN_KEPT: u64 = 8;
-/// `H·T²` tensors alive at once during one layer's attention backward: the incoming gradient, the division's two
-/// gradients and their temporaries (`grad·lhs`, `rhs²`), the zeros each first gradient starts from and the sums.
-const ATTN_BACKWARD: u64 = 8;
-/// `H·P²` tensors alive at once in a graph-free attention (prefill, reference log-probs): the shadowed scores, the
-/// masked scores, the shift and its exp, then the probabilities.
-const ATTN_GRAPH_FREE: u64 = 4;
+/// What one layer's ops keep: counted op by op in llama.rs and fused_ops.rs, for the composite ops (every device)
+/// and the fused CPU ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LayerCounts {
+    /// `H·T²` attention tensors per layer and row that outlive the layer's backward.
+    attn_kept: u64,
+    /// `H·T²` tensors alive at once during one layer's attention backward.
+    attn_backward: u64,
+    /// `H·P²` tensors alive at once in a graph-free attention (prefill, reference log-probs).
+    attn_graph_free: u64,
+    /// Per-token activations that are not attention scores, in units of (hidden, q, kv, intermediate) values.
+    linear: (u64, u64, u64, u64),
+}
+
+/// The composite ops. Attention kept: the 6 the autograd graph holds (scores, scaled, masked, shifted, exp,
+/// probabilities) and 2 gradients candle's backward makes for the untracked right-hand sides of the mask's add and
+/// the max's subtraction (nothing consumes them, so they stay in the gradient store until backward returns).
+/// Backward: the incoming gradient, the division's two gradients and their temporaries (`grad·lhs`, `rhs²`), the
+/// zeros a first gradient starts from (where `.sub` still does) and the sums. Graph-free: the scores, the masked
+/// scores, the shift and its exp, then the probabilities. Linear: norm outputs and their squares, q/k/v (projected,
+/// unpacked, made contiguous, rotated through negation, concatenation and two products, and the dead gradients of
+/// RoPE's cos/sin), the attention output, residuals, the MLP's gate/silu/up/product.
+const COMPOSITE: LayerCounts =
+    LayerCounts { attn_kept: 8, attn_backward: 8, attn_graph_free: 4, linear: (10, 14, 15, 4) };
+
+/// The fused CPU ops (f32 on the CPU). Attention kept: the scores and the probabilities (the masked softmax's input
+/// and output). Backward: the probabilities' gradient, the scores' and one contiguous copy. Graph-free: the scores
+/// and the probabilities. Linear: 2 norm outputs, 4 residual-stream values (attention and MLP outputs and their
+/// sums); q projected, unpacked, made contiguous, rotated, the attention output, made contiguous and packed (8); k
+/// the same to rotation (5) and v to contiguity (4); the MLP's gate, up and SwiGLU output (3).
+const FUSED: LayerCounts = LayerCounts { attn_kept: 2, attn_backward: 3, attn_graph_free: 2, linear: (6, 8, 9, 3) };
+
+fn layer_counts(shape: &StepShape) -> &'static LayerCounts {
+    if shape.fused_ops {
+        &FUSED
+    } else {
+        &COMPOSITE
+    }
+}
 
 /// Allocator slack on the update's linear activations, as a fraction (measured: SmolLM2 with 64-token prompts peaks
 /// at 1.2× their count).
@@ -276,14 +306,12 @@ fn resident_state(cfg: &ModelConfig, shape: &StepShape) -> Sat {
     policy + critic + reference + bf16
 }
 
-/// Activations of one layer for T tokens that are not attention scores: norm outputs, q/k/v (projected, unpacked,
-/// rotated, and the dead gradients of RoPE's cos/sin), attention output, residuals, the MLP's
-/// gate/up/activation/product (10·hidden + 14·q + 15·kv + 4·intermediate values per token, counted op by op in
-/// llama.rs).
-fn layer_linear(cfg: &ModelConfig, t: Sat) -> Sat {
+/// Activations of one layer for T tokens that are not attention scores ([`LayerCounts::linear`]).
+fn layer_linear(cfg: &ModelConfig, shape: &StepShape, t: Sat) -> Sat {
     let (h, i) = (sat(cfg.hidden_size), sat(cfg.intermediate_size));
     let (q, kv) = (sat(cfg.num_heads) * sat(cfg.head_dim), sat(cfg.num_kv_heads) * sat(cfg.head_dim));
-    t * (sat(10) * h + sat(14) * q + sat(15) * kv + sat(4) * i)
+    let (ch, cq, ckv, ci) = layer_counts(shape).linear;
+    t * (sat(ch) * h + sat(cq) * q + sat(ckv) * kv + sat(ci) * i)
 }
 
 /// Estimated peak bytes of the update with micro-batches of `micro` completions.
@@ -314,15 +342,16 @@ pub fn update_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     let scores = heads * t * t * b;
     // Linear activations are many tensors of a few MB, below glibc's mmap threshold: they come from malloc's arenas,
     // which keep what the reference's and the last step's forwards freed in their own sizes ([`LINEAR_SLACK`]).
-    let linear = layer_linear(cfg, t) * b * sat(LINEAR_SLACK.0) / LINEAR_SLACK.1;
-    let kept_layer = linear + sat(ATTN_KEPT) * scores;
+    let counts = layer_counts(shape);
+    let linear = layer_linear(cfg, shape, t) * b * sat(LINEAR_SLACK.0) / LINEAR_SLACK.1;
+    let kept_layer = linear + sat(counts.attn_kept) * scores;
     // Backward of the layer it is in: its attention's gradients and half a layer's linear gradients (they are
     // consumed as they are made).
     let dropout = match shape.lora {
         Some(l) if l.dropout => sat(3) * t * sat(cfg.hidden_size.max(cfg.intermediate_size)) * b,
         _ => sat(0),
     };
-    let backward = sat(ATTN_BACKWARD) * scores + linear / 2 + dropout;
+    let backward = sat(counts.attn_backward) * scores + linear / 2 + dropout;
     let kept = if shape.gradient_checkpointing {
         layers * t * sat(cfg.hidden_size) * b + kept_layer
     } else {
@@ -361,13 +390,14 @@ pub fn rollout_bytes(cfg: &ModelConfig, shape: &StepShape, batch: usize) -> u64 
     let cache_per = layers * sat(2) * kv * b;
     // Prefill of the distinct prompts: their cache, one layer's attention, its mask, linear activations and the
     // last column's logits; then the cache copied to every row.
-    let prefill = d * (cache_per * p + sat(ATTN_GRAPH_FREE) * heads * p * p * b + p * p * sat(4))
-        + d * (layer_linear(cfg, p) * b + vocab * sat(4))
+    let graph_free = sat(layer_counts(shape).attn_graph_free);
+    let prefill = d * (cache_per * p + graph_free * heads * p * p * b + p * p * sat(4))
+        + d * (layer_linear(cfg, shape, p) * b + vocab * sat(4))
         + rows * cache_per * p;
     // The end of decoding: the cache at T positions plus one layer's copy while it grows, logits and their table,
     // the step's attention, and one row's sampling buffers (f64 scores and probabilities, the candidates).
-    let decode = rows * (cache_per * t + sat(2) * kv * t * b + sat(8) * vocab + sat(ATTN_GRAPH_FREE) * heads * t * b)
-        + rows * layer_linear(cfg, sat(1)) * b
+    let decode = rows * (cache_per * t + sat(2) * kv * t * b + sat(8) * vocab + graph_free * heads * t * b)
+        + rows * layer_linear(cfg, shape, sat(1)) * b
         + vocab * sat(40);
     (fixed(cfg, shape) + resident_state(cfg, shape) + max(prefill, decode)).0
 }
@@ -576,6 +606,7 @@ mod tests {
             critic: Critic::None,
             dtype_bytes: 4,
             fused_head: false,
+            fused_ops: false,
             gradient_checkpointing: false,
             can_checkpoint: true,
             lora: None,
@@ -717,6 +748,20 @@ mod tests {
     }
 
     #[test]
+    fn the_fused_ops_keep_fewer_tensors() {
+        let cfg = smollm2();
+        let rows = |s: StepShape| update_bytes(&cfg, &s, 8) - update_bytes(&cfg, &s, 0);
+        let fused = rows(StepShape { fused_head: true, fused_ops: true, ..shape(0) });
+        // Per row of T = 128 tokens: one H·T² tensor is 9·128²·4 = 589,824 bytes; a layer's linear activations
+        // 128·(6·576 + 8·576 + 9·192 + 3·1536)·4 = 128·14,400·4 = 7,372,800 bytes, 9,216,000 with 5/4 slack.
+        // A kept layer is 9,216,000 + 2·589,824 = 10,395,648 bytes; backward's layer 3·589,824 + 9,216,000/2 =
+        // 6,377,472; the mask 128²·4 = 65,536.
+        assert_eq!(fused, 8 * (30 * 10_395_648 + 6_377_472 + 65_536));
+        let composite = rows(StepShape { fused_head: true, ..shape(0) });
+        assert!(fused * 18 < composite * 10, "{fused} vs {composite}");
+    }
+
+    #[test]
     fn long_prompts_count_attention_scores() {
         // Issue 13, finding 1: quickstart with data.max_prompt_tokens = 500 peaked at 6.4-6.6 GB against a plan of
         // 1.92 GB, which counted 3 H·T² tensors per layer and none of backward's.
@@ -729,7 +774,8 @@ mod tests {
         assert_eq!(row, 24 * 4_129_024 + 1_032_256 + 2 * 7_071_360 + 3_535_680);
         // The old per-row estimate, 2·(508·(8·64 + 4·192) + 3·4·508²)·4 = 29,976,064, was 3.9× lower.
         assert!(row > 3 * 29_976_064);
-        // The whole step at once (64 completions) now plans above the 6.59 GB measured (docs/memory-plan.md).
+        // The whole step at once (64 completions) plans above the 6.59 GB measured with the composite ops on the
+        // CPU (before the fused ops; docs/memory-plan.md's earlier table).
         let whole = update_bytes(&cfg, &s, 64);
         // fixed: 48 MiB + 259·1024 + 64·(1024 + 48·508); state: 115,200·(4 + 8); gradients 2·115,200·4 +
         // 3·259·64·4; fused head buffers 2·256·259·4.

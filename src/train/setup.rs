@@ -74,6 +74,7 @@ impl Trainer {
             dtype_bytes: dtype.size_in_bytes(),
             // A differentiable entropy needs the composite head.
             fused_head: crate::model::fused_head::supported(&device, dtype) && !needs.entropy_gradient,
+            fused_ops: crate::model::fused_ops::supported(&device, dtype),
             gradient_checkpointing: needs.gradient_checkpointing,
             can_checkpoint: needs.can_checkpoint,
             lora: recipe.lora.as_ref().map(|l| {
