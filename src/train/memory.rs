@@ -1,6 +1,6 @@
 //! Memory planning: before any weights load, estimate the peak of a step's two phases, pick the rollout batch and
 //! the update's micro-batch when the recipe says `auto` (0), and refuse a recipe that cannot fit, naming the keys to
-//! change. Estimates are upper bounds of the measured peak RSS (docs/memory-plan.md has the table), within +30%.
+//! change. Estimates are upper bounds of the measured peak RSS (docs/memory-plan.md has the table), within +35%.
 //!
 //! What counts (T = prompt + completion tokens, H heads, L layers, b bytes per value):
 //! - The process itself ([`BASELINE`], plus the tokenizer's tables per vocabulary entry) and every completion's
