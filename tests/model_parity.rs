@@ -131,14 +131,18 @@ fn check_every_tensor_gets_gradient(name: &str) {
     let model = load(name, true);
     let dev = Device::Cpu;
     let ids: Vec<u32> = vec![1, 17, 300, 42, 7, 99, 254, 3];
-    let valid = vec![[vec![false; 2], vec![true; 6]].concat(), vec![true; 8]];
-    let input = Tensor::new(vec![ids.clone(), ids.iter().rev().copied().collect::<Vec<_>>()], &dev).unwrap();
+    // Three rows of 8: 24 token rows, above the 16 up to which linear layers compute W·xᵀ, so the weights' gradients
+    // come through `x·Wᵀ`'s transpose (the case where a stored gradient could be a strided view).
+    let valid = vec![[vec![false; 2], vec![true; 6]].concat(), vec![true; 8], vec![true; 8]];
+    let rev: Vec<u32> = ids.iter().rev().copied().collect();
+    let rot: Vec<u32> = ids.iter().skip(3).chain(ids.iter().take(3)).copied().collect();
+    let input = Tensor::new(vec![ids.clone(), rev, rot], &dev).unwrap();
     let pos = Tensor::new(positions_from_mask(&valid), &dev).unwrap();
     let mask = attention_mask(&valid, 8, None, &dev).unwrap();
     let logits = model.forward(&input, &pos, &mask, None).unwrap();
     let logp = safe::model::llama::log_softmax_last_dim(&logits).unwrap();
     // Mean log-prob of a fixed target at every position (a language-model loss over all positions).
-    let target = Tensor::new(vec![vec![5u32; 8], vec![9u32; 8]], &dev).unwrap();
+    let target = Tensor::new(vec![vec![5u32; 8], vec![9u32; 8], vec![2u32; 8]], &dev).unwrap();
     let picked = logp.gather(&target.unsqueeze(D::Minus1).unwrap(), D::Minus1).unwrap();
     let loss = picked.mean_all().unwrap().neg().unwrap();
     let grads = loss.backward().unwrap();
@@ -147,6 +151,8 @@ fn check_every_tensor_gets_gradient(name: &str) {
     assert_eq!(names.len(), model.vars().len(), "every named tensor is trainable");
     for (name, var) in model.vars() {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        // The optimizer's in-place kernel and the clip read gradients as slices (vendor/candle-core/PATCHED.md).
+        assert!(g.is_contiguous(), "{name}: the gradient is a strided view");
         let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient norm² {norm}");
     }

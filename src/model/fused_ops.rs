@@ -290,10 +290,12 @@ impl SwigluOp {
 
 /// Rotate-half RoPE, `x·cos + rotate_half(x)·sin`, for `x` `[b, heads, s, d]` and `cos`, `sin` `[b, 1, s, d]`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let table = (x.dim(0)?, 1, x.dim(2)?, x.dim(3)?);
     // The fused op gives the tables no gradient, so tables computed from a variable take the composite ops.
     let constant = !cos.track_op() && !sin.track_op();
-    let shaped = x.rank() == 4 && cos.dims4()? == table && sin.dims4()? == table && table.3 % 2 == 0;
+    let shaped = match (x.dims4(), cos.dims4(), sin.dims4()) {
+        (Ok((b, _, s, d)), Ok(c), Ok(sn)) => c == (b, 1, s, d) && sn == c && d % 2 == 0,
+        _ => false,
+    };
     if fused(&[x, cos, sin]) && constant && shaped {
         fused_rope(x, cos, sin)
     } else {
@@ -393,11 +395,12 @@ impl CustomOp3 for RopeOp {
 /// (query rows of the heads sharing a KV head stacked) and the additive `mask` `[b, 1, s, t]`.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     let (b, _, q, t) = scores.dims4()?;
-    let (mb, _, s, mt) = mask.dims4()?;
-    if s == 0 || q % s != 0 || mb != b || mt != t {
+    let (mb, m1, s, mt) = mask.dims4()?;
+    if s == 0 || q % s != 0 || (mb != b && mb != 1) || m1 != 1 || mt != t {
         candle_core::bail!("masked softmax: scores {:?}, mask {:?}", scores.shape(), mask.shape());
     }
-    if fused(&[scores, mask]) && !mask.track_op() {
+    // The fused op reads one mask row per query of each batch row; a mask shared by the batch broadcasts instead.
+    if fused(&[scores, mask]) && mb == b && !mask.track_op() {
         fused_masked_softmax(scores, mask, scale)
     } else {
         composite_masked_softmax(scores, mask, scale)
@@ -610,6 +613,21 @@ mod tests {
         let z = var(&[1, 1, 300, 300], 2.0, 10);
         let mask = crate::model::attention_mask(&[vec![true; 300]], 300, None, &Device::Cpu).unwrap();
         check(&[&z], |f, a| softmax(f)(&a[0], &mask, 0.125).unwrap(), 1e-6);
+    }
+
+    #[test]
+    fn a_mask_shared_by_the_batch_broadcasts() {
+        // b = 2 rows sharing one [1, 1, s, t] mask: the composite ops broadcast it; the fused op, given it repeated
+        // per row, computes the same.
+        let z = var(&[2, 1, 4, 6], 2.0, 11);
+        let valid = vec![vec![false, true, true, true, true, true]];
+        let shared = crate::model::attention_mask(&valid, 4, None, &Device::Cpu).unwrap();
+        let repeated = Tensor::cat(&[&shared, &shared], 0).unwrap();
+        let a = masked_softmax(z.as_tensor(), &shared, 0.5).unwrap();
+        let b = fused_masked_softmax(z.as_tensor(), &repeated, 0.5).unwrap();
+        assert!(max_diff(&a, &b) < 1e-6);
+        // A mask with a head axis other than 1 is refused, not misread.
+        assert!(masked_softmax(z.as_tensor(), &Tensor::cat(&[&shared, &shared], 1).unwrap(), 0.5).is_err());
     }
 
     #[test]

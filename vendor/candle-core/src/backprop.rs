@@ -756,7 +756,14 @@ impl GradStore {
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
-                entry.insert(grad.clone());
+                // A variable's gradient is what the caller gets: contiguous, as `zeros + grad` was (a weight used
+                // through `w.t()` would otherwise get a transposed view, and optimizers read gradients as slices).
+                let grad = if tensor.is_variable() && !grad.is_contiguous() {
+                    grad.contiguous()?
+                } else {
+                    grad.clone()
+                };
+                entry.insert(grad);
             }
         }
         Ok(())
