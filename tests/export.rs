@@ -214,6 +214,7 @@ fn bad_exports_are_exit_2_naming_the_problem_and_write_nothing() {
     ok(&train(&recipe, &["run.max_steps=1", "run.save_every=1"], "never"));
     let plain = step_dir(&full.path().join("runs/t"), 1);
     assert_bad_input(&export(&[plain.to_str().unwrap(), "--adapter", o]), &["holds no LoRA adapters"]);
+    assert_bad_input(&export(&[plain.to_str().unwrap(), "--merge", o]), &["holds no LoRA adapters", "--dtype"]);
     // A damaged checkpoint is refused by its digests, not exported.
     let adapters = ckpt.join("adapter_model.safetensors");
     let mut bytes = std::fs::read(&adapters).unwrap();
@@ -226,4 +227,27 @@ fn bad_exports_are_exit_2_naming_the_problem_and_write_nothing() {
         std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".tmp-")),
         "a temporary directory was left behind"
     );
+}
+
+/// A full fine-tuning checkpoint has nothing to merge; `--merge OUT --dtype bf16` writes its weights in bf16 (a bf16
+/// run's checkpoint holds f32 master weights), which load and compute what the weights rounded to bf16 compute.
+#[test]
+fn plain_checkpoint_exports_in_another_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), TINY, 5);
+    ok(&train(&recipe, &["run.max_steps=1", "run.save_every=1", "model.dtype=bf16"], "never"));
+    let ckpt = step_dir(&dir.path().join("runs/t"), 1);
+    let out = dir.path().join("bf16");
+    ok(&export(&[ckpt.to_str().unwrap(), "--merge", out.to_str().unwrap(), "--dtype", "bf16"]));
+    let masters = candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu).unwrap();
+    let copy = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(masters.len(), copy.len());
+    for (name, t) in &masters {
+        let c = &copy[name];
+        assert_eq!((t.dtype(), c.dtype()), (DType::F32, DType::BF16), "{name}");
+        let want: Vec<half::bf16> = t.to_dtype(DType::BF16).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(c.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap(), want, "{name}");
+    }
+    let config = common::read_json(&out.join("config.json"));
+    assert_eq!(config["torch_dtype"].as_str().or(config["dtype"].as_str()), Some("bfloat16"));
 }

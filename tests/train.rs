@@ -110,6 +110,37 @@ fn run_directory_layout_and_metrics_names() {
     assert!(t["recipe"].as_str().unwrap().contains("[algorithm]"));
 }
 
+/// Regression: `model.dtype = "bf16"` trained the bf16 weights themselves, so an update below bf16's spacing
+/// rounded away (lr 1e-6 on weights of about 0.02, where bf16 steps by 2⁻¹³ ≈ 1.2e-4: no weight moved). The
+/// trainable weights are f32 masters computing in bf16; the checkpoint holds them, in f32.
+#[test]
+fn bf16_training_keeps_updates_below_bf16_spacing() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = setup(dir.path(), TINY, 5);
+    let sets = ["run.max_steps=1", "run.save_every=1", "model.dtype=bf16", "optim.lr=1e-6", "optim.warmup_steps=0"];
+    ok(&train(&recipe, &sets, "never"));
+    let ckpt = step_dir(&dir.path().join("runs/t"), 1).join("model.safetensors");
+    let trained = candle_core::safetensors::load(ckpt, &Device::Cpu).unwrap();
+    let src = safe::model::ModelSource::parse("builtin:tiny", None).unwrap();
+    let init = safe::model::LoadedModel::load(&src, &Device::Cpu, DType::F32).unwrap().tensors;
+    let (mut moved, mut below_bf16, mut total) = (0usize, 0usize, 0usize);
+    for (name, t) in &trained {
+        assert_eq!(t.dtype(), DType::F32, "{name}: the checkpoint holds the f32 master weights");
+        let a: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = init[name].flatten_all().unwrap().to_vec1().unwrap();
+        for (&x, &w) in a.iter().zip(&b) {
+            total += 1;
+            if x != w {
+                moved += 1;
+                // A change bf16 could not hold: the two values round to the same bf16.
+                below_bf16 += (half::bf16::from_f32(x) == half::bf16::from_f32(w)) as usize;
+            }
+        }
+    }
+    assert!(moved * 2 > total, "{moved} of {total} weights moved");
+    assert!(below_bf16 * 2 > moved, "{below_bf16} of {moved} moves are below bf16's spacing");
+}
+
 /// `rollout.weights = "bf16"`: completions are sampled from bf16 copies of the weights and the loss applies the
 /// truncated importance weights, logged under TRL's names; the copies differ from the f32 policy, a little.
 #[test]

@@ -75,6 +75,15 @@ fn resume_is_exact_with_bf16_rollout_weights() {
 }
 
 #[test]
+fn resume_is_exact_with_bf16_master_weights() {
+    // model.dtype = "bf16": the checkpoint holds the f32 master weights the bf16 forwards cast from.
+    three_plus_three_equals_six_with(
+        5,
+        &TINY.replace("id = \"builtin:tiny\"\n", "id = \"builtin:tiny\"\ndtype = \"bf16\"\n"),
+    );
+}
+
+#[test]
 fn resume_is_exact_with_running_shaping_statistics() {
     three_plus_three_equals_six_with(5, &shaped("kind = \"meanstd\"\nceil = 1.0"));
 }

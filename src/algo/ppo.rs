@@ -555,7 +555,9 @@ impl Ppo {
                 ValueModel::lora_from_loaded(loaded, &spec, setup.device, setup.dtype)
             }
         } else {
-            ValueModel::from_loaded(LoadedModel::load(&source, setup.device, setup.dtype)?, setup.device, setup.dtype)
+            // Loaded in the master weights' dtype (f32 under bf16), which from_loaded keeps.
+            let loaded = LoadedModel::load(&source, setup.device, crate::model::master_dtype(setup.dtype, true))?;
+            ValueModel::from_loaded(loaded, setup.device, setup.dtype)
         }
         .context("loading the value model (critic.init)")?;
         if value.vocab_size() != setup.policy.vocab_size {

@@ -42,15 +42,19 @@ struct MergedModel {
 }
 
 /// Check and load an export of `source` (a checkpoint directory, a run directory, whose newest complete checkpoint
-/// is taken, or a model directory holding adapters) into `out`, a directory that must not exist yet or be empty.
+/// is taken, or a model directory holding adapters; a plain one only to change its dtype) into `out`, a directory
+/// that must not exist yet or be empty.
 /// A checkpoint is verified against the digests its `state.json` records. Every error is bad input.
 pub fn export(source: &Path, out: &Path, what: Export) -> Result<PreparedExport> {
     let source = resolve_source(source)?;
     check_out(out, &source)?;
-    if !source.join(ADAPTER_CONFIG_FILE).is_file() {
+    // A plain model (a full fine-tuning checkpoint) has nothing to merge, but `--merge OUT --dtype D` writes it in
+    // another dtype: a bf16 copy of a bf16 run's f32 master weights.
+    let converts = matches!(what, Export::Merged { dtype: Some(_) });
+    if !source.join(ADAPTER_CONFIG_FILE).is_file() && !converts {
         bail!(
             "{} holds no LoRA adapters (no {ADAPTER_CONFIG_FILE}): it is already a plain model directory, with \
-             nothing to merge or export",
+             nothing to merge or export (`--merge OUT --dtype f32|bf16|f16` writes a copy in another dtype)",
             source.display()
         );
     }

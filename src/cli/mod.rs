@@ -287,12 +287,15 @@ the adapters merged in (W + s·B·A, what PEFT's merge_and_unload computes), whi
 adapter_model.safetensors) for PeftModel.from_pretrained(base, DIR) or vLLM's LoRA loading.
 
 CHECKPOINT is a checkpoint directory (verified against the digests its state.json records), a run directory
-(its newest complete checkpoint) or a model directory holding adapters. OUT must not exist or be empty.
+(its newest complete checkpoint) or a model directory holding adapters. OUT must not exist or be empty. A full
+fine-tuning checkpoint has nothing to merge: `--merge OUT --dtype D` writes it in dtype D (a bf16 copy of a bf16
+run's f32 master weights).
 
 Examples:
   safe export runs/lora/checkpoints/step-200 --merge merged/
   safe export runs/lora --merge merged-bf16/ --dtype bf16
-  safe export runs/lora --adapter adapter/",
+  safe export runs/lora --adapter adapter/
+  safe export runs/full-bf16 --merge model-bf16/ --dtype bf16",
     after_help = exit::HELP,
     group(ArgGroup::new("what").required(true).args(["merge", "adapter"]))
 )]

@@ -412,12 +412,14 @@ fn fused_masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_co
     scores.contiguous()?.apply_op2(&mask.contiguous()?, SoftmaxOp { scale: scale as f32, s })
 }
 
+/// In f32 whatever the scores' dtype (transformers' eager attention does the same), returned in the scores' dtype.
 fn composite_masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     let (b, nkv, q, t) = scores.dims4()?;
     let s = mask.dim(2)?;
-    let scores = (scores * scale)?.reshape((b, nkv, q / s, s, t))?;
-    let scores = scores.broadcast_add(&mask.unsqueeze(1)?)?;
-    softmax_last_dim(&scores)?.reshape((b, nkv, q, t))
+    let dtype = scores.dtype();
+    let scores = (scores.to_dtype(DType::F32)? * scale)?.reshape((b, nkv, q / s, s, t))?;
+    let scores = scores.broadcast_add(&mask.to_dtype(DType::F32)?.unsqueeze(1)?)?;
+    softmax_last_dim(&scores)?.reshape((b, nkv, q, t))?.to_dtype(dtype)
 }
 
 /// Softmax over the last dimension from primitive ops. The max is detached: softmax does not depend on the shift.

@@ -200,7 +200,8 @@ impl Module for Linear {
             // Under a graph: one op for both terms, keeping no [rows, out] intermediates for backward.
             Some(l) if !self.weight.track_op() && (x.track_op() || l.a.track_op() || l.b.track_op()) => {
                 let op = LoraMatmul { w: self.weight.clone(), mask: l.mask() };
-                x.apply_op3(&l.a, &l.b.affine(l.scale, 0.0)?, op)?
+                let (a, b) = (weight_in(&l.a, x.dtype())?, weight_in(&l.b, x.dtype())?);
+                x.apply_op3(&a, &b.affine(l.scale, 0.0)?, op)?
             }
             // Without one (intermediates are freed as they go): the base product by the same kernels as the base
             // model's, so zero adapters give it exactly, plus the adapter term (on its dropped-out input in a
@@ -211,12 +212,13 @@ impl Module for Linear {
                     Some(m) => (&x * m.tensor(rows, in_dim, x.device(), x.dtype())?)?,
                     None => x.clone(),
                 };
-                (y + (xa.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?
+                let (a, b) = (weight_in(&l.a, x.dtype())?, weight_in(&l.b, x.dtype())?);
+                (y + (xa.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?)?
             }
             _ => matmul_by_weight_t(&x, &self.weight, self.shadow.as_ref())?,
         };
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&weight_in(b, y.dtype())?)?,
             None => y,
         };
         let mut out = dims;
@@ -237,8 +239,10 @@ fn decode_rows(x: &Tensor, w: &Tensor) -> bool {
 }
 
 /// `w` in `dtype`: itself, or a transient converted copy. A LoRA base held in bf16 (`lora.base_dtype`) multiplies
-/// f32 activations through it, one weight at a time, so at most one layer's widened weight exists at once.
-fn weight_in(w: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+/// f32 activations through it, one weight at a time, so at most one layer's widened weight exists at once; f32
+/// master weights ([`master_dtype`]) enter bf16 forwards the same way, the cast differentiable (its gradient is
+/// the f32 gradient of the master weight).
+pub(crate) fn weight_in(w: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
     if w.dtype() == dtype {
         Ok(w.clone())
     } else {
@@ -538,7 +542,7 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        fused_ops::rms_norm(x, &self.weight, self.eps)
+        fused_ops::rms_norm(x, &weight_in(&self.weight, x.dtype())?, self.eps)
     }
 }
 
@@ -782,6 +786,18 @@ impl Block {
     }
 }
 
+/// The dtype a model's weights are held in when `model.dtype` resolves to `dtype`: a trainable model computing in
+/// bf16 keeps f32 master weights, which the optimizer updates and each forward casts to bf16 as it uses them (in
+/// bf16 itself most updates would round away: a step of lr·g is far below bf16's 2⁻⁸ relative spacing); frozen
+/// models hold `dtype`. What TRL's `bf16=True` does (torch autocast over f32 parameters).
+pub fn master_dtype(dtype: DType, trainable: bool) -> DType {
+    if trainable && dtype == DType::BF16 {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 /// A causal decoder with its LM head. Holds its trainable variables when built trainable.
 pub struct CausalLm {
     cfg: ModelConfig,
@@ -793,7 +809,12 @@ pub struct CausalLm {
     inv_freq: Tensor,
     vars: Vec<(String, Var)>,
     device: Device,
+    /// The weights' dtype (a trainable model's master weights, which the optimizer updates).
     dtype: DType,
+    /// The activations' dtype in every forward without a KV cache (training, old and reference log-probs): the
+    /// weights' own, or bf16 over f32 master weights ([`master_dtype`]), each weight cast as it is used. Decoding
+    /// (forwards with a cache) computes in the weights' dtype, from them or their decode copies.
+    compute: DType,
     /// The LM head's bf16 decode copy (with the layers' [`Linear::shadow`]s).
     head_shadow: Option<Shadow>,
     /// The adapters' settings when the model has LoRA adapters ([`Self::add_lora`]).
@@ -853,6 +874,7 @@ impl CausalLm {
             vars: p.vars,
             device: device.clone(),
             dtype,
+            compute: dtype,
             head_shadow: None,
             lora: None,
             dropout: None,
@@ -867,6 +889,15 @@ impl CausalLm {
     }
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+    /// The activations' dtype of forwards without a KV cache (see the field).
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
+    }
+    /// This model computing its forwards without a KV cache in `compute` (bf16 over f32 master weights).
+    pub fn with_compute_dtype(mut self, compute: DType) -> Self {
+        self.compute = compute;
+        self
     }
     /// Trainable variables with their HF names (empty for a frozen model).
     pub fn vars(&self) -> &[(String, Var)] {
@@ -897,7 +928,8 @@ impl CausalLm {
     /// no second copy). With adapters, the base is frozen, so this is the starting policy: the KL reference.
     pub fn without_adapters(&self) -> Result<CausalLm> {
         let tensors = self.named_tensors().into_iter().map(|(n, t)| (n, t.detach())).collect();
-        CausalLm::from_tensors(&self.cfg, tensors, false, &self.device, self.dtype)
+        Ok(CausalLm::from_tensors(&self.cfg, tensors, false, &self.device, self.dtype)?
+            .with_compute_dtype(self.compute))
     }
 
     /// Every linear layer of the decoder with its layer index and its path inside the layer (`self_attn.q_proj`),
@@ -958,7 +990,8 @@ impl CausalLm {
             bail!("LoRA adapters go on a frozen model (built with trainable = false) without adapters");
         }
         let mut saved = saved.cloned();
-        let (device, dtype, r) = (self.device.clone(), self.dtype, spec.rank);
+        // Trainable adapters on a bf16 base are f32 master weights, cast to bf16 as each forward uses them.
+        let (device, dtype, r) = (self.device.clone(), master_dtype(self.dtype, trainable), spec.rank);
         let mut vars = Vec::new();
         // Dropout acts in training forwards only: trainable adapters alone get it.
         let control = (trainable && spec.dropout > 0.0).then(|| std::sync::Arc::new(DropoutControl::new(spec.dropout)));
@@ -1150,11 +1183,16 @@ impl CausalLm {
     }
 
     /// cos/sin of shape `[b, 1, s, head_dim]` for per-row positions `[b, s]` (u32).
-    fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn rope_tables(&self, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
         let pos = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
         let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
-        Ok((emb.cos()?.to_dtype(self.dtype)?, emb.sin()?.to_dtype(self.dtype)?))
+        Ok((emb.cos()?.to_dtype(dtype)?, emb.sin()?.to_dtype(dtype)?))
+    }
+
+    /// Token embeddings of `ids` in `dtype`.
+    fn embed(&self, ids: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        weight_in(&self.embed_tokens.index_select(ids, 0)?, dtype)
     }
 
     /// Final hidden states `[b, s, hidden]` (after the last norm: the LM head's input).
@@ -1186,12 +1224,13 @@ impl CausalLm {
             bail!("a packed forward does not use a KV cache");
         }
         let _training = self.training_forward();
+        let act = if cache.is_some() { self.dtype } else { self.compute };
         let mut x = match packing {
-            Some(p) => self.embed_tokens.index_select(&input_ids.flatten_all()?.index_select(&p.valid, 0)?, 0)?,
-            None => self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, s, ()))?,
+            Some(p) => self.embed(&input_ids.flatten_all()?.index_select(&p.valid, 0)?, act)?,
+            None => self.embed(&input_ids.flatten_all()?, act)?.reshape((b, s, ()))?,
         };
-        let rope = self.rope_tables(positions)?;
-        let mask = mask.to_dtype(self.dtype)?;
+        let rope = self.rope_tables(positions, act)?;
+        let mask = mask.to_dtype(act)?;
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.layers.len() {
                 *c = KvCache::new(self.layers.len());
@@ -1227,11 +1266,11 @@ impl CausalLm {
         // One training forward: the first pass and every recomputed layer draw the same dropout masks.
         let _training = self.training_forward();
         let frozen = self.frozen_view()?;
-        let rope = self.rope_tables(positions)?;
-        let mask = mask.to_dtype(self.dtype)?;
+        let rope = self.rope_tables(positions, self.compute)?;
+        let mask = mask.to_dtype(self.compute)?;
         let ids = input_ids.flatten_all()?.index_select(&packing.valid, 0)?;
         // Forward without a graph, keeping every layer's input.
-        let mut inputs = vec![frozen.embed_tokens.index_select(&ids, 0)?];
+        let mut inputs = vec![frozen.embed(&ids, self.compute)?];
         for layer in &frozen.layers {
             let x = layer.forward(inputs.last().unwrap(), &rope, &mask, None, Some(packing))?;
             inputs.push(x);
@@ -1259,7 +1298,7 @@ impl CausalLm {
                 grads.remove(leaf.as_tensor()).context("checkpointing: no gradient reached a layer input")?.detach();
             acc.add(grads, &self.vars)?;
         }
-        let embedded = self.embed_tokens.index_select(&ids, 0)?;
+        let embedded = self.embed(&ids, self.compute)?;
         acc.add((embedded * &grad_out)?.sum_all()?.backward()?, &self.vars)?;
         Ok((acc.finish(), extra, loss_value))
     }

@@ -106,9 +106,10 @@ impl LoadedModel {
         }
     }
 
-    /// Build the model (trainable or frozen). Consumes the tensors. Adapters found beside the weights are applied
-    /// (frozen, for generating and scoring); a trainable model with adapters is an error, since full fine-tuning
-    /// would drop them (training continues them with `[lora]`, which takes [`Self::adapters`] first).
+    /// Build the model (trainable or frozen) for `model.dtype` resolved to `dtype`: a trainable model in bf16
+    /// holds f32 master weights and computes in bf16 ([`super::llama::master_dtype`]). Consumes the tensors.
+    /// Adapters found beside the weights are applied (frozen, for generating and scoring); a trainable model with
+    /// adapters is an error, since full fine-tuning would drop them (training continues them with `[lora]`, which takes [`Self::adapters`] first).
     pub fn into_model(self, trainable: bool, device: &Device, dtype: DType) -> Result<(CausalLm, Option<Tokenizer>)> {
         if self.config.head == super::config::Head::SequenceClassification {
             bail!(
@@ -130,8 +131,12 @@ impl LoadedModel {
                 super::lora::ADAPTER_CONFIG_FILE
             );
         }
-        let mut model = CausalLm::from_tensors(&self.config, self.tensors, trainable, device, dtype)
-            .with_context(|| format!("building the model from {}", self.origin))?;
+        // A trainable model computing in bf16 holds f32 master weights (the tensors may have been loaded in either).
+        let weights = super::llama::master_dtype(dtype, trainable);
+        let tensors = self.tensors.into_iter().map(|(n, t)| Ok((n, t.to_dtype(weights)?))).collect::<Result<_>>()?;
+        let mut model = CausalLm::from_tensors(&self.config, tensors, trainable, device, weights)
+            .with_context(|| format!("building the model from {}", self.origin))?
+            .with_compute_dtype(dtype);
         if let Some((spec, tensors)) = &self.adapters {
             model
                 .add_frozen_lora(spec, tensors)
@@ -259,7 +264,9 @@ fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
         }
     }
     let tokenizer = if dir.join("tokenizer.json").is_file() { Some(Tokenizer::from_dir(dir, &config)?) } else { None };
-    let adapters = super::lora::read_adapters(dir, device, dtype)?;
+    // In f32 whatever `dtype`: trainable adapters on a bf16 base are f32 masters (resumed exactly); frozen ones are
+    // converted to the base's dtype as they are attached.
+    let adapters = super::lora::read_adapters(dir, device, DType::F32)?;
     Ok(LoadedModel { config, tensors, tokenizer, origin: dir.display().to_string(), adapters })
 }
 

@@ -14,6 +14,6 @@ pub mod tokenizer;
 pub mod value;
 
 pub use config::{Arch, HfConfig, ModelConfig};
-pub use llama::{attention_mask, positions_from_mask, CausalLm, KvCache, Packing};
+pub use llama::{attention_mask, master_dtype, positions_from_mask, CausalLm, KvCache, Packing};
 pub use load::{LoadedModel, ModelSource};
 pub use tokenizer::{ChatMessage, Tokenizer};

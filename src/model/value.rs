@@ -11,13 +11,14 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::Head;
+use super::llama::{master_dtype, weight_in};
 use super::logprobs::SequenceBatch;
 use super::lora::LoraSpec;
 use super::{CausalLm, LoadedModel};
 
 pub struct ValueModel {
     backbone: CausalLm,
-    /// `[1, hidden]` in the model dtype.
+    /// `[1, hidden]` in the backbone's weights' dtype.
     head: Var,
     /// Backbone variables, then `score.weight`.
     vars: Vec<(String, Var)>,
@@ -25,11 +26,15 @@ pub struct ValueModel {
 
 impl ValueModel {
     /// From a loaded model: a causal LM (its LM head is dropped, a zero head added) or a reward model (its head kept).
+    /// `dtype` is `model.dtype` resolved: in bf16 the weights are f32 masters computing in bf16 ([`master_dtype`]).
     pub fn from_loaded(mut loaded: LoadedModel, device: &Device, dtype: DType) -> Result<Self> {
         let origin = loaded.origin.clone();
-        let head = Self::head_of(&mut loaded, device, dtype)?;
-        let backbone = CausalLm::from_tensors(&Self::backbone_config(&loaded), loaded.tensors, true, device, dtype)
-            .with_context(|| format!("building the value model from {origin}"))?;
+        let weights = master_dtype(dtype, true);
+        let head = Self::head_of(&mut loaded, device, weights)?;
+        let tensors = loaded.tensors.drain().map(|(n, t)| Ok((n, t.to_dtype(weights)?))).collect::<Result<_>>()?;
+        let backbone = CausalLm::from_tensors(&Self::backbone_config(&loaded), tensors, true, device, weights)
+            .with_context(|| format!("building the value model from {origin}"))?
+            .with_compute_dtype(dtype);
         let head = Var::from_tensor(&head)?;
         let mut vars = backbone.vars().to_vec();
         vars.push(("score.weight".to_string(), head.clone()));
@@ -67,10 +72,12 @@ impl ValueModel {
     /// streams, B zeros) and the value head `head` (`[1, hidden]`; `None`: zeros) are its only variables, so they
     /// alone are trained and saved. `backbone` may share its weights with the policy's frozen base.
     pub fn lora_on(mut backbone: CausalLm, head: Option<Tensor>, spec: &LoraSpec) -> Result<Self> {
-        let (hidden, device, dtype) = (backbone.config().hidden_size, backbone.device().clone(), backbone.dtype());
+        // The head is trained: f32 master weights over a bf16 backbone.
+        let (hidden, device) = (backbone.config().hidden_size, backbone.device().clone());
+        let dtype = master_dtype(backbone.dtype(), true);
         backbone.add_lora(spec, None).context("the value model's LoRA adapters (critic.lora, from [lora])")?;
         let head = match head {
-            Some(h) => h,
+            Some(h) => h.to_dtype(dtype)?,
             None => Tensor::zeros((1, hidden), dtype, &device)?,
         };
         let head = Var::from_tensor(&head)?;
@@ -106,7 +113,7 @@ impl ValueModel {
         let hidden = seqs.hidden(&self.backbone)?;
         let h = hidden.narrow(1, seqs.prompt_width - 1, seqs.completion_width)?;
         let (b, c, d) = h.dims3()?;
-        let v = h.reshape((b * c, d))?.matmul(&self.head.as_tensor().t()?)?;
+        let v = h.reshape((b * c, d))?.matmul(&weight_in(self.head.as_tensor(), h.dtype())?.t()?)?;
         Ok(v.reshape((b, c))?.to_dtype(DType::F32)?)
     }
 

@@ -546,7 +546,12 @@ pub static KEYS: &[KeySpec] = &[
         when: None,
         doc: "The frozen reference model (KL term, PAR's reference completions): a directory, hub id or GGUF with the policy's architecture and vocabulary (TRL ref_model, OpenRLHF --ref_pretrain); unset = the starting policy.",
     },
-    key("model.dtype", Kind::Choice(DTypeSpec::NAMES), "\"auto\"", "Weights dtype; auto = f32 on CPU, bf16 on GPU."),
+    key(
+        "model.dtype",
+        Kind::Choice(DTypeSpec::NAMES),
+        "\"auto\"",
+        "The models' compute dtype: \"f32\", or \"bf16\" (bf16 weights and activations in forward and backward; a fully fine-tuned model keeps f32 master weights, gradients and AdamW moments, and its checkpoints hold them in f32; log-softmax, log-probs, losses and advantages stay f32; decoding computes in the weights' dtype, or from rollout.weights' copies; on the CPU bf16 matmuls are widened to f32, so it is slower there); \"auto\" = f32 on CPU, bf16 on GPU.",
+    ),
     key(
         "model.device",
         Kind::Str { check: Some(device) },

@@ -74,8 +74,11 @@ pub struct StepShape {
     pub reference_optional: bool,
     /// The trainable value model loaded beside the policy (PPO), if any.
     pub critic: Critic,
-    /// Bytes per weight (4 for f32, 2 for bf16).
+    /// Bytes per weight of the frozen models and per activation (4 for f32, 2 for bf16).
     pub dtype_bytes: usize,
+    /// Bytes per trainable weight (or LoRA adapter) and gradient: `dtype_bytes`, or 4 for f32 master weights under
+    /// bf16 (`model::master_dtype`), whose bf16 casts the graph also keeps (one per weight) until backward ends.
+    pub master_bytes: usize,
     /// The LM head runs as the fused CPU op (no vocab-sized tensors in the graph).
     pub fused_head: bool,
     /// The norms, RoPE, softmax and SwiGLU run as the fused CPU ops (`model::fused_ops`), which keep fewer tensors.
@@ -279,13 +282,13 @@ fn per_completion(shape: &StepShape) -> Sat {
 /// Weights, the moments AdamW allocates up front, the reference and the bf16 decode copy: what the rollout sees.
 fn resident_state(cfg: &ModelConfig, shape: &StepShape) -> Sat {
     let p = sat(parameter_count(cfg));
-    let b = sat(shape.dtype_bytes);
+    let (b, m) = (sat(shape.dtype_bytes), sat(shape.master_bytes));
     let adapters = sat(shape.lora.map_or(0, |l| l.adapter_params));
     let critic = match (shape.critic, shape.lora) {
         (Critic::None, _) => sat(0),
-        (Critic::Lora { shares_policy: false }, Some(l)) => adapters * (b + sat(8)) + frozen_base_bytes(cfg, shape, &l),
-        (Critic::Lora { .. }, _) => adapters * (b + sat(8)),
-        (Critic::Full, _) => p * (b + sat(8)),
+        (Critic::Lora { shares_policy: false }, Some(l)) => adapters * (m + sat(8)) + frozen_base_bytes(cfg, shape, &l),
+        (Critic::Lora { .. }, _) => adapters * (m + sat(8)),
+        (Critic::Full, _) => p * (m + sat(8)),
     };
     let reference = if shape.reference { p * b } else { sat(0) };
     // bf16 decode copies: of every weight, or with a bf16 base only of the adapted layers (merged) and the head.
@@ -299,9 +302,9 @@ fn resident_state(cfg: &ModelConfig, shape: &StepShape) -> Sat {
         // the adapted weights with the adapters merged in.
         Some(l) => {
             let merged = if shape.bf16_decode { sat(0) } else { sat(l.adapted_weights) * sat(4) };
-            frozen_base_bytes(cfg, shape, &l) + sat(l.adapter_params) * (b + sat(8)) + merged
+            frozen_base_bytes(cfg, shape, &l) + sat(l.adapter_params) * (m + sat(8)) + merged
         }
-        None => p * (b + sat(8)),
+        None => p * (m + sat(8)),
     };
     policy + critic + reference + bf16
 }
@@ -317,21 +320,23 @@ fn layer_linear(cfg: &ModelConfig, shape: &StepShape, t: Sat) -> Sat {
 /// Estimated peak bytes of the update with micro-batches of `micro` completions.
 pub fn update_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     let p = sat(parameter_count(cfg));
-    let b = sat(shape.dtype_bytes);
+    let (b, m) = (sat(shape.dtype_bytes), sat(shape.master_bytes));
     // The summed gradients and this micro-batch's (the sum is formed one variable at a time); the embedding's
     // gradient is summed in backward from the LM head's and the lookup's, each started from zeros (three more
     // vocab × hidden). The optimizer's step, after backward, holds one gradient and per-variable temporaries: less.
     // With LoRA only the adapters have gradients; the frozen embedding and head have none.
-    let embedding = sat(3) * sat(cfg.vocab_size) * sat(cfg.hidden_size) * b;
+    let embedding = sat(3) * sat(cfg.vocab_size) * sat(cfg.hidden_size) * m;
     let adapters = sat(shape.lora.map_or(0, |l| l.adapter_params));
+    // f32 master weights under bf16: the graph keeps each weight's bf16 cast until backward ends.
+    let casts = if shape.master_bytes != shape.dtype_bytes { p * b } else { sat(0) };
     let policy_grads = match shape.lora {
-        Some(_) => adapters * sat(2) * b,
-        None => p * sat(2) * b + embedding,
+        Some(_) => adapters * sat(2) * m,
+        None => p * sat(2) * m + embedding + casts,
     };
     let critic_grads = match shape.critic {
         Critic::None => sat(0),
-        Critic::Full => p * sat(2) * b + if shape.lora.is_some() { embedding } else { sat(0) },
-        Critic::Lora { .. } => adapters * sat(2) * b,
+        Critic::Full => p * sat(2) * m + casts + if shape.lora.is_some() { embedding } else { sat(0) },
+        Critic::Lora { .. } => adapters * sat(2) * m,
     };
     let grads = policy_grads + critic_grads;
     let critic = sat((shape.critic != Critic::None) as u64);
@@ -339,7 +344,8 @@ pub fn update_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     let t = sat(shape.max_prompt_tokens) + sat(shape.max_new_tokens);
     let c = sat(shape.max_new_tokens);
     let (heads, layers, vocab) = (sat(cfg.num_heads), sat(cfg.num_layers), sat(cfg.vocab_size));
-    let scores = heads * t * t * b;
+    // The composite softmax computes in f32 whatever the activations' dtype.
+    let scores = heads * t * t * sat(4).max(b);
     // Linear activations are many tensors of a few MB, below glibc's mmap threshold: they come from malloc's arenas,
     // which keep what the reference's and the last step's forwards freed in their own sizes ([`LINEAR_SLACK`]).
     let counts = layer_counts(shape);
@@ -381,7 +387,8 @@ fn distinct_prompts(shape: &StepShape, batch: usize) -> usize {
 /// Estimated peak bytes of generating in batches of `batch` sequences (graph-free: one layer's transients at a
 /// time; the prefill and the end of decoding are the two peaks).
 pub fn rollout_bytes(cfg: &ModelConfig, shape: &StepShape, batch: usize) -> u64 {
-    let b = sat(shape.dtype_bytes);
+    // Decoding computes in the policy's weights' dtype: f32 master weights under bf16, a LoRA base's own.
+    let b = sat(if shape.lora.is_none() { shape.master_bytes } else { shape.dtype_bytes });
     let (p, t) = (sat(shape.max_prompt_tokens), sat(shape.max_prompt_tokens) + sat(shape.max_new_tokens));
     let (heads, layers, vocab) = (sat(cfg.num_heads), sat(cfg.num_layers), sat(cfg.vocab_size));
     let kv = sat(cfg.num_kv_heads) * sat(cfg.head_dim);
@@ -605,6 +612,7 @@ mod tests {
             reference_optional: true,
             critic: Critic::None,
             dtype_bytes: 4,
+            master_bytes: 4,
             fused_head: false,
             fused_ops: false,
             gradient_checkpointing: false,

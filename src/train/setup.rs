@@ -72,6 +72,8 @@ impl Trainer {
                 (true, true) => memory::Critic::Lora { shares_policy: needs.value_model_shares_policy },
             },
             dtype_bytes: dtype.size_in_bytes(),
+            // What is trained (the weights, or LoRA's adapters) is f32 master weights under bf16.
+            master_bytes: crate::model::master_dtype(dtype, true).size_in_bytes(),
             // A differentiable entropy needs the composite head.
             fused_head: crate::model::fused_head::supported(&device, dtype) && !needs.entropy_gradient,
             fused_ops: crate::model::fused_ops::supported(&device, dtype),
@@ -86,7 +88,9 @@ impl Trainer {
             }),
         };
         let plan = memory::plan(&planned, &shape, available, host).map_err(|e| anyhow!(e))?;
-        let mut loaded = LoadedModel::load(&policy_source, &device, dtype)?;
+        // In the master weights' dtype: a checkpoint of a bf16 run holds f32 masters, which resume exactly.
+        let mut loaded =
+            LoadedModel::load(&policy_source, &device, crate::model::master_dtype(dtype, recipe.lora.is_none()))?;
         // A LoRA run's checkpoint has its adapters beside the base: [lora] continues training them.
         let saved_adapters = if recipe.lora.is_some() { loaded.adapters.take() } else { None };
         let origin = loaded.origin.clone();
