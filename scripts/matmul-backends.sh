@@ -6,18 +6,21 @@
 # ~/.cache/safe/mkl), each through scripts/matmul-backends/bench.c. Backends that are not installed are skipped
 # and named. --rounds R alternates the backends R times (default 2); the table prints every round's figure.
 #
-#   bash scripts/matmul-backends.sh [--rounds R] [--threads T] [--install]
+#   bash scripts/matmul-backends.sh [--rounds R] [--threads T] [--only "candle onednn ..."] [--install]
+#
+# --only keeps the named backends (candle = Candle's gemm and our decode kernel; openblas, onednn, mkl).
 #
 # --install fetches what is missing (apt-get for the Debian packages, pip for MKL). Outputs go to
 # $BENCH_DIR (default target/matmul-backends).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds=2 threads=2 install=0
+rounds=2 threads=2 install=0 only=
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
     --install) install=1; shift ;;
+    --only) only=" $2 "; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -62,10 +65,14 @@ bench_bin=$(cargo bench --bench matmul --no-run --message-format=json 2>/dev/nul
 
 lscpu | grep -E 'Model name' >&2
 : > "$out/rates.jsonl"
+wanted() { [ -z "$only" ] || [[ "$only" == *" $1 "* ]]; }
 for r in $(seq 1 "$rounds"); do
-  echo "round $r: candle" >&2
-  RAYON_NUM_THREADS="$threads" "$bench_bin" --backends | sed "s/^{/{\"round\": $r, /" >> "$out/rates.jsonl"
+  if wanted candle; then
+    echo "round $r: candle" >&2
+    RAYON_NUM_THREADS="$threads" "$bench_bin" --backends | sed "s/^{/{\"round\": $r, /" >> "$out/rates.jsonl"
+  fi
   for b in "${backends[@]}"; do
+    wanted "$b" || continue
     echo "round $r: $b" >&2
     OMP_NUM_THREADS="$threads" OPENBLAS_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" "$out/$b" "$threads" \
       | sed "s/^{/{\"round\": $r, /" >> "$out/rates.jsonl"

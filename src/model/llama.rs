@@ -282,6 +282,10 @@ fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle
         return x.apply_op1(FrozenWeightMatmul { w: w.clone() });
     }
     let w = weight_in(w, x.dtype())?;
+    #[cfg(feature = "onednn")]
+    if super::onednn::applies(x, &w) {
+        return super::onednn::linear(x, &w);
+    }
     if rows <= FEW_ROWS {
         w.matmul(&x.t()?)?.t()?.contiguous()
     } else {

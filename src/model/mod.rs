@@ -10,6 +10,8 @@ pub mod llama;
 pub mod load;
 pub mod logprobs;
 pub mod lora;
+#[cfg(feature = "onednn")]
+pub mod onednn;
 pub mod tokenizer;
 pub mod value;
 
