@@ -15,11 +15,7 @@ typedef uint16_t bf16;
 #if defined(BACKEND_OPENBLAS)
 #include <cblas.h>
 #define NAME "openblas"
-static void b_sgemm(int ta, int tb, int m, int n, int k, const float *a, int lda, const float *b, int ldb, float *c,
-                  int ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, 1.f, a, lda,
-              b, ldb, 0.f, c, ldc);
-}
+#define CBLAS_SGEMM
 static int b_bgemm(int ta, int tb, int m, int n, int k, const bf16 *a, int lda, const bf16 *b, int ldb, float *c,
                  int ldc) {
 #ifdef NO_SBGEMM /* Debian's OpenBLAS is built without BUILD_BFLOAT16 */
@@ -35,11 +31,7 @@ static void backend_init(int threads) { openblas_set_num_threads(threads); }
 #elif defined(BACKEND_MKL)
 #include <mkl.h>
 #define NAME "mkl"
-static void b_sgemm(int ta, int tb, int m, int n, int k, const float *a, int lda, const float *b, int ldb, float *c,
-                  int ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, 1.f, a, lda,
-              b, ldb, 0.f, c, ldc);
-}
+#define CBLAS_SGEMM
 static int b_bgemm(int ta, int tb, int m, int n, int k, const bf16 *a, int lda, const bf16 *b, int ldb, float *c,
                  int ldc) {
   cblas_gemm_bf16bf16f32(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, 1.f,
@@ -100,6 +92,14 @@ static void backend_init(int threads) {
 }
 #else
 #error "define BACKEND_OPENBLAS, BACKEND_MKL or BACKEND_DNNL"
+#endif
+
+#ifdef CBLAS_SGEMM /* OpenBLAS and MKL: the CBLAS call */
+static void b_sgemm(int ta, int tb, int m, int n, int k, const float *a, int lda, const float *b, int ldb, float *c,
+                    int ldc) {
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, 1.f, a, lda,
+              b, ldb, 0.f, c, ldc);
+}
 #endif
 
 static double now(void) {

@@ -106,6 +106,11 @@ impl Adapter {
         Some(Mask { key: d.control.current()?, layer: d.layer, module: d.module })
     }
 
+    /// `A` and `B` in `dtype` (trained adapters are f32 masters, cast for a bf16 forward).
+    fn factors(&self, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((weight_in(&self.a, dtype)?, weight_in(&self.b, dtype)?))
+    }
+
     /// `s · B A` in f32, `[out, in]`: what merging adds to the base weight (PEFT's `get_delta_weight`).
     fn delta(&self) -> Result<Tensor> {
         Ok((self.b.to_dtype(DType::F32)?.matmul(&self.a.to_dtype(DType::F32)?)? * self.scale)?)
@@ -200,7 +205,7 @@ impl Module for Linear {
             // Under a graph: one op for both terms, keeping no [rows, out] intermediates for backward.
             Some(l) if !self.weight.track_op() && (x.track_op() || l.a.track_op() || l.b.track_op()) => {
                 let op = LoraMatmul { w: self.weight.clone(), mask: l.mask() };
-                let (a, b) = (weight_in(&l.a, x.dtype())?, weight_in(&l.b, x.dtype())?);
+                let (a, b) = l.factors(x.dtype())?;
                 x.apply_op3(&a, &b.affine(l.scale, 0.0)?, op)?
             }
             // Without one (intermediates are freed as they go): the base product by the same kernels as the base
@@ -212,7 +217,7 @@ impl Module for Linear {
                     Some(m) => (&x * m.tensor(rows, in_dim, x.device(), x.dtype())?)?,
                     None => x.clone(),
                 };
-                let (a, b) = (weight_in(&l.a, x.dtype())?, weight_in(&l.b, x.dtype())?);
+                let (a, b) = l.factors(x.dtype())?;
                 (y + (xa.matmul(&a.t()?)?.matmul(&b.t()?)? * l.scale)?)?
             }
             _ => matmul_by_weight_t(&x, &self.weight, self.shadow.as_ref())?,

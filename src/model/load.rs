@@ -109,7 +109,8 @@ impl LoadedModel {
     /// Build the model (trainable or frozen) for `model.dtype` resolved to `dtype`: a trainable model in bf16
     /// holds f32 master weights and computes in bf16 ([`super::llama::master_dtype`]). Consumes the tensors.
     /// Adapters found beside the weights are applied (frozen, for generating and scoring); a trainable model with
-    /// adapters is an error, since full fine-tuning would drop them (training continues them with `[lora]`, which takes [`Self::adapters`] first).
+    /// adapters is an error, since full fine-tuning would drop them (training continues them with `[lora]`, which
+    /// takes [`Self::adapters`] first).
     pub fn into_model(self, trainable: bool, device: &Device, dtype: DType) -> Result<(CausalLm, Option<Tokenizer>)> {
         if self.config.head == super::config::Head::SequenceClassification {
             bail!(
@@ -133,10 +134,10 @@ impl LoadedModel {
         }
         // A trainable model computing in bf16 holds f32 master weights (the tensors may have been loaded in either).
         let weights = super::llama::master_dtype(dtype, trainable);
-        let tensors = self.tensors.into_iter().map(|(n, t)| Ok((n, t.to_dtype(weights)?))).collect::<Result<_>>()?;
-        let mut model = CausalLm::from_tensors(&self.config, tensors, trainable, device, weights)
-            .with_context(|| format!("building the model from {}", self.origin))?
-            .with_compute_dtype(dtype);
+        let mut model =
+            CausalLm::from_tensors(&self.config, tensors_in(self.tensors, weights)?, trainable, device, weights)
+                .with_context(|| format!("building the model from {}", self.origin))?
+                .with_compute_dtype(dtype);
         if let Some((spec, tensors)) = &self.adapters {
             model
                 .add_frozen_lora(spec, tensors)
@@ -232,6 +233,11 @@ fn dir_config(dir: &Path) -> Result<ModelConfig> {
         bail!("{} has no config.json (expected a model directory in Hugging Face layout)", dir.display());
     }
     HfConfig::from_file(&config_path)?.validate(&config_path.display().to_string())
+}
+
+/// `tensors` converted to `dtype` (those already in it as they are).
+pub(crate) fn tensors_in(tensors: HashMap<String, Tensor>, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    tensors.into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect()
 }
 
 fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {

@@ -132,7 +132,7 @@ fn block(
     Ok(())
 }
 
-/// `x · Wᵀ`; backward by [`Product`]s.
+/// `x · Wᵀ` (the [`Product`] with `W` transposed); backward by [`Product`]s.
 struct Linear;
 
 impl CustomOp2 for Linear {
@@ -147,14 +147,7 @@ impl CustomOp2 for Linear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("onednn linear: x {:?}, w {:?}", l1.shape(), l2.shape());
-        }
-        let x = storage_f32(s1, l1, "onednn linear: x")?;
-        let w = storage_f32(s2, l2, "onednn linear: w")?;
-        Ok((CpuStorage::F32(sgemm(false, true, rows, n, k, x, w)?), Shape::from((rows, n))))
+        Product { ta: false, tb: true }.cpu_fwd(s1, l1, s2, l2)
     }
 
     fn bwd(

@@ -31,7 +31,7 @@ impl ValueModel {
         let origin = loaded.origin.clone();
         let weights = master_dtype(dtype, true);
         let head = Self::head_of(&mut loaded, device, weights)?;
-        let tensors = loaded.tensors.drain().map(|(n, t)| Ok((n, t.to_dtype(weights)?))).collect::<Result<_>>()?;
+        let tensors = super::load::tensors_in(std::mem::take(&mut loaded.tensors), weights)?;
         let backbone = CausalLm::from_tensors(&Self::backbone_config(&loaded), tensors, true, device, weights)
             .with_context(|| format!("building the value model from {origin}"))?
             .with_compute_dtype(dtype);
