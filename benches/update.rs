@@ -6,7 +6,9 @@
 //!
 //! Variants: the padded forward with the composite LM head (log-softmax over `[rows, vocab]` logits in the graph),
 //! the fused LM-head op, the packed forward (no per-token work on padding), the fused norm/RoPE/softmax/SwiGLU
-//! ops against their composite forms, gradient checkpointing; AdamW through tensor ops vs the in-place kernel.
+//! ops against their composite forms, gradient checkpointing, bf16 compute over f32 master weights
+//! (`model.dtype = "bf16"`; with `--features onednn` its matmuls run in bf16 where the CPU has the kernels); AdamW
+//! through tensor ops vs the in-place kernel.
 
 mod common;
 
@@ -45,6 +47,8 @@ enum Variant {
     PackedCompositeOps,
     PackedFused,
     Checkpointed,
+    /// PackedFused computing in bf16 over f32 master weights (`model.dtype = "bf16"`).
+    PackedBf16,
 }
 
 /// Forward + backward of Σ mask·adv·logp / tokens; returns the gradients.
@@ -66,7 +70,7 @@ fn backward(model: &CausalLm, batch: &SequenceBatch, adv: &Tensor, v: Variant) -
                 .unwrap()
                 .0
         }
-        Variant::PackedFused | Variant::PackedCompositeOps => {
+        Variant::PackedFused | Variant::PackedCompositeOps | Variant::PackedBf16 => {
             loss_of(&batch.hidden(model).unwrap()).unwrap().0.backward().unwrap()
         }
         _ => {
@@ -91,18 +95,19 @@ fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-const VARIANTS: [(&str, Variant); 5] = [
+const VARIANTS: [(&str, Variant); 6] = [
     ("padded, composite LM head (before)", Variant::PaddedComposite),
     ("padded, fused LM head", Variant::PaddedFused),
     ("packed, fused head, composite norms/rope/...", Variant::PackedCompositeOps),
     ("packed, fused head and ops (default)", Variant::PackedFused),
     ("packed, fused, gradient checkpointing", Variant::Checkpointed),
+    ("packed, fused, bf16 compute (f32 masters)", Variant::PackedBf16),
 ];
 const OPTIMIZERS: [(&str, bool); 2] = [("tensor ops (before)", false), ("in-place kernel (default)", true)];
 
 fn main() {
     safe::init_threads();
-    // `--run K`: measure variant K (0-4: forward + backward, 5-6: AdamW) in this process; otherwise one child each.
+    // `--run K`: measure variant K (0-5: forward + backward, 6-7: AdamW) in this process; otherwise one child each.
     let args: Vec<String> = std::env::args().collect();
     if let Some(k) = args.iter().position(|a| a == "--run").and_then(|i| args.get(i + 1)).and_then(|k| k.parse().ok()) {
         return safe::on_pool(move || run(k));
@@ -125,7 +130,8 @@ fn run(k: usize) {
     let dev = Device::Cpu;
     let src = ModelSource::parse(&common::gguf_path(), None).expect("run scripts/fetch-smollm2.sh first");
     let loaded = LoadedModel::load(&src, &dev, DType::F32).expect("load SmolLM2");
-    let (model, _) = loaded.into_model(true, &dev, DType::F32).expect("build");
+    let compute = if VARIANTS.get(k).is_some_and(|v| v.1 == Variant::PackedBf16) { DType::BF16 } else { DType::F32 };
+    let (model, _) = loaded.into_model(true, &dev, compute).expect("build");
     let lens = [64usize, 64, 56, 48, 40, 32, 24, 16];
     let prompts: Vec<Vec<u32>> =
         (0..8).map(|r| (0..40).map(|j| 1 + ((r * 131 + j * 17) % 40000) as u32).collect()).collect();

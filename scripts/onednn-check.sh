@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The `onednn` build (the linear layers' f32 matmuls through oneDNN), checked on this machine (CI runs this after
-# the tests): installs Debian's libdnnl-dev when it is missing, then runs that build's oneDNN unit tests (values
-# and gradients against Candle's matmul) and the decoder's parity and gradient tests through it.
+# The `onednn` build (the linear layers' f32 and bf16 matmuls through oneDNN), checked on this machine (CI runs this
+# after the tests): installs Debian's libdnnl-dev when it is missing, then runs that build's oneDNN unit tests
+# (f32 values and gradients against Candle's matmul, bf16 against the f32 products rounded) and the decoder's
+# parity and gradient tests (bf16 included), the GRPO update, exact resume and LoRA through it.
 # Usage: bash scripts/onednn-check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,5 +13,5 @@ if [ ! -f /usr/include/oneapi/dnnl/dnnl.h ]; then
 fi
 echo "== cargo test --features onednn (oneDNN's products, the decoder through them)"
 cargo test --locked --features onednn --lib model::onednn
-cargo test --locked --features onednn --test model_parity --test grpo_update --test train_resume
+cargo test --locked --features onednn --test model_parity --test grpo_update --test train_resume --test lora
 echo "onednn-check: ok"

@@ -80,3 +80,12 @@ pub fn storage_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core
         None => candle_core::bail!("{what} must be contiguous"),
     }
 }
+
+/// The elements of a custom op's contiguous bf16 CPU input; `what` names it in the error.
+pub fn storage_bf16<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [half::bf16]> {
+    let CpuStorage::BF16(data) = s else { candle_core::bail!("{what} must be bf16") };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}

@@ -17,8 +17,10 @@ use rayon::prelude::*;
 pub const ROWS: usize = 256;
 
 /// Log-probs `[n]` of `targets` under `softmax(hidden · weightᵀ / temperature)` and the per-row entropy `[n]` (no
-/// gradient), for `hidden` `[n, h]` and `weight` `[vocab, h]`, both f32 on the CPU. Rows with `active[r] = false`
-/// give 0 for both. Differentiable with respect to `hidden` and `weight`.
+/// gradient), for `hidden` `[n, h]` and `weight` `[vocab, h]` on the CPU, computed in f32: bf16 ones (a bf16
+/// forward's hidden states, a frozen bf16 head) are widened, which is more precise than a bf16 head and, on the
+/// CPU, faster (an f32 master head is used as it is). Rows with `active[r] = false` give 0 for both.
+/// Differentiable with respect to `hidden` and `weight`.
 pub fn head_logprobs(
     hidden: &Tensor,
     weight: &Tensor,
@@ -41,13 +43,14 @@ pub fn head_logprobs(
         inv_t: if temperature > 0.0 { (1.0 / temperature) as f32 } else { 1.0 },
         chunk_rows: chunk_rows.max(1),
     };
+    let (hidden, weight) = (hidden.to_dtype(DType::F32)?, weight.to_dtype(DType::F32)?);
     let out = hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)?;
     Ok((out.narrow(1, 0, 1)?.squeeze(1)?, out.narrow(1, 1, 1)?.squeeze(1)?.detach()))
 }
 
-/// Whether [`head_logprobs`] can run for tensors on `device` in `dtype`.
+/// Whether [`head_logprobs`] can run for tensors on `device` in `dtype` (f32, or bf16 widened to it).
 pub fn supported(device: &Device, dtype: DType) -> bool {
-    device.is_cpu() && dtype == DType::F32
+    device.is_cpu() && matches!(dtype, DType::F32 | DType::BF16)
 }
 
 struct HeadLogprobs {

@@ -34,14 +34,24 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// Whether tensors on `device` in `dtype` take the fused ops (the memory plan counts what they keep).
+/// Whether tensors on `device` in `dtype` take the fused ops (the memory plan counts what they keep). The ops
+/// compute in f32; bf16 tensors are widened into them and their outputs narrowed back ([`widened`]).
 pub fn supported(device: &Device, dtype: DType) -> bool {
-    enabled() && device.is_cpu() && dtype == DType::F32
+    enabled() && device.is_cpu() && matches!(dtype, DType::F32 | DType::BF16)
 }
 
 /// The dispatch point: the fused CPU op when every tensor is [`supported`], the composite ops otherwise.
 fn fused(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| supported(t.device(), t.dtype()))
+}
+
+/// `op` over `ts` widened to f32 (a copy only where one is bf16), its output in the first input's dtype: bf16
+/// forwards take the f32 ops between casts that carry the gradient back, which costs two passes where the
+/// composite ops take several per op, each converting bf16.
+fn widened(ts: &[&Tensor], op: impl FnOnce(&[Tensor]) -> candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
+    let dtype = ts[0].dtype();
+    let wide = ts.iter().map(|t| t.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
+    op(&wide)?.to_dtype(dtype)
 }
 
 /// Rows per parallel task for rows of `width` elements: about 16k elements a task, so small (decode) shapes run
@@ -94,7 +104,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Te
 }
 
 fn fused_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNormOp { eps: eps as f32 })
+    widened(&[x, weight], |t| t[0].contiguous()?.apply_op2(&t[1].contiguous()?, RmsNormOp { eps: eps as f32 }))
 }
 
 fn composite_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
@@ -215,7 +225,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 fn fused_swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SwigluOp)
+    widened(&[gate, up], |t| t[0].contiguous()?.apply_op2(&t[1].contiguous()?, SwigluOp))
 }
 
 fn composite_swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
@@ -304,7 +314,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
 }
 
 fn fused_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RopeOp)
+    widened(&[x, cos, sin], |t| t[0].contiguous()?.apply_op3(&t[1].contiguous()?, &t[2].contiguous()?, RopeOp))
 }
 
 fn composite_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
@@ -409,7 +419,9 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core
 
 fn fused_masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     let s = mask.dim(2)?;
-    scores.contiguous()?.apply_op2(&mask.contiguous()?, SoftmaxOp { scale: scale as f32, s })
+    widened(&[scores, mask], |t| {
+        t[0].contiguous()?.apply_op2(&t[1].contiguous()?, SoftmaxOp { scale: scale as f32, s })
+    })
 }
 
 /// In f32 whatever the scores' dtype (transformers' eager attention does the same), returned in the scores' dtype.
@@ -508,39 +520,43 @@ mod tests {
     use candle_core::Var;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     }
 
     fn max_abs(a: &Tensor) -> f32 {
-        a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        a.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     }
 
-    /// `op(fused, args)` over `vars` fused and composite: the values, and the gradients of Σ out ⊙ weights
-    /// (weights that differ per element, so each element's gradient is checked), agree to `tol` relative to their
-    /// size, and every variable's gradient is non-zero. (The switch is an argument, not [`set_enabled`]: tests run
-    /// side by side in one process.)
-    fn check(vars: &[&Var], op: impl Fn(bool, &[Tensor]) -> Tensor, tol: f32) {
-        let run = |on: bool| {
-            let args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-            let out = op(on, &args);
-            let n = out.elem_count();
-            let w = Tensor::arange(0u32, n as u32, out.device()).unwrap().to_dtype(DType::F32).unwrap();
-            let w = ((w * 0.37).unwrap().sin().unwrap() + 1.5).unwrap().reshape(out.shape()).unwrap();
-            let grads = (&out * w).unwrap().sum_all().unwrap().backward().unwrap();
-            let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v.as_tensor()).unwrap().clone()).collect();
-            (out, g)
-        };
-        let (fused_out, fused_g) = run(true);
-        let (ref_out, ref_g) = run(false);
-        let d = max_diff(&fused_out, &ref_out);
+    /// `op(args)` over `vars`: the output and the gradients of Σ out ⊙ weights (weights that differ per element,
+    /// so each element's gradient is checked).
+    fn run(vars: &[&Var], op: impl Fn(&[Tensor]) -> Tensor) -> (Tensor, Vec<Tensor>) {
+        let args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = op(&args);
+        let n = out.elem_count();
+        let w = Tensor::arange(0u32, n as u32, out.device()).unwrap().to_dtype(DType::F32).unwrap();
+        let w = ((w * 0.37).unwrap().sin().unwrap() + 1.5).unwrap().reshape(out.shape()).unwrap();
+        let grads = (&out * w.to_dtype(out.dtype()).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+        (out, vars.iter().map(|v| grads.get(v.as_tensor()).unwrap().clone()).collect())
+    }
+
+    /// Two runs' values and gradients agree to `tol` relative to their size, and every gradient is non-zero.
+    fn agree((out, g): (Tensor, Vec<Tensor>), (ref_out, ref_g): (Tensor, Vec<Tensor>), tol: f32) {
+        let d = max_diff(&out, &ref_out);
         assert!(d <= tol * max_abs(&ref_out).max(1.0), "values differ by {d}");
-        for (i, (a, b)) in fused_g.iter().zip(&ref_g).enumerate() {
+        for (i, (a, b)) in g.iter().zip(&ref_g).enumerate() {
             assert_eq!(a.dims(), b.dims());
             let scale = max_abs(b);
             assert!(scale > 0.0, "gradient {i} is zero");
             let d = max_diff(a, b);
             assert!(d <= tol * scale.max(1.0), "gradient {i} differs by {d} (scale {scale})");
         }
+    }
+
+    /// `op(fused, args)` over `vars` fused and composite agree to `tol` ([`agree`]). (The switch is an argument,
+    /// not [`set_enabled`]: tests run side by side in one process.)
+    fn check(vars: &[&Var], op: impl Fn(bool, &[Tensor]) -> Tensor, tol: f32) {
+        agree(run(vars, |a| op(true, a)), run(vars, |a| op(false, a)), tol);
     }
 
     fn var(shape: &[usize], std: f32, seed: u64) -> Var {
@@ -632,13 +648,41 @@ mod tests {
         assert!(masked_softmax(z.as_tensor(), &Tensor::cat(&[&shared, &shared], 1).unwrap(), 0.5).is_err());
     }
 
+    /// bf16 takes the fused ops widened to f32: values and gradients in bf16, each the f32 op's on the same values
+    /// rounded (within 2⁻⁶ of the largest: a few bf16 roundings, of the inputs, the sum's weights and the results,
+    /// where a wrong op is off by its whole size). f16 keeps the composite ops.
     #[test]
-    fn other_dtypes_take_the_composite_ops() {
-        let x = Tensor::ones((2, 4), DType::BF16, &Device::Cpu).unwrap();
-        let w = Tensor::ones(4, DType::BF16, &Device::Cpu).unwrap();
+    fn bf16_takes_the_fused_ops_widened_and_f16_the_composite_ones() {
+        let bf = |v: &Var| Var::from_tensor(&v.as_tensor().to_dtype(DType::BF16).unwrap()).unwrap();
+        let wide = |v: &Var| Var::from_tensor(&v.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+        // The op on bf16 values against the op on the same values in f32.
+        let widened_rounds = |vars: &[&Var], op: &dyn Fn(&[Tensor]) -> Tensor| {
+            let wide: Vec<Var> = vars.iter().map(|v| wide(v)).collect();
+            let (out, g) = run(vars, op);
+            assert_eq!(out.dtype(), DType::BF16);
+            agree((out, g), run(&wide.iter().collect::<Vec<_>>(), op), 2f32.powi(-6));
+        };
+        let (x, w) = (bf(&var(&[300, 576], 2.0, 3)), bf(&var(&[576], 1.0, 4)));
+        assert!(fused(&[x.as_tensor(), w.as_tensor()]));
+        widened_rounds(&[&x, &w], &|a| rms_norm(&a[0], &a[1], 1e-6).unwrap());
+        let (a, b) = (bf(&var(&[33, 1536], 4.0, 5)), bf(&var(&[33, 1536], 1.0, 6)));
+        widened_rounds(&[&a, &b], &|t| swiglu(&t[0], &t[1]).unwrap());
+        let x = bf(&var(&[2, 3, 5, 8], 1.0, 7));
+        let angles = var(&[2, 1, 5, 8], 3.0, 8);
+        let (cos, sin) = (angles.as_tensor().cos().unwrap(), angles.as_tensor().sin().unwrap());
+        let bf_table = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().detach();
+        let (cos, sin) = (bf_table(&cos), bf_table(&sin));
+        widened_rounds(&[&x], &|t| {
+            let (c, s) = (cos.to_dtype(t[0].dtype()).unwrap(), sin.to_dtype(t[0].dtype()).unwrap());
+            rope(&t[0], &c, &s).unwrap()
+        });
+        let z = bf(&var(&[1, 1, 300, 300], 2.0, 10));
+        let mask = crate::model::attention_mask(&[vec![true; 300]], 300, None, &Device::Cpu).unwrap();
+        widened_rounds(&[&z], &|a| masked_softmax(&a[0], &mask, 0.125).unwrap());
+
+        let x = Tensor::ones((2, 4), DType::F16, &Device::Cpu).unwrap();
+        let w = Tensor::ones(4, DType::F16, &Device::Cpu).unwrap();
         assert!(!fused(&[&x, &w]));
-        let y = rms_norm(&x, &w, 1e-6).unwrap();
-        assert_eq!(y.dtype(), DType::BF16);
-        assert!(fused(&[&x.to_dtype(DType::F32).unwrap()]));
+        assert_eq!(rms_norm(&x, &w, 1e-6).unwrap().dtype(), DType::F16);
     }
 }

@@ -281,16 +281,21 @@ fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle
         return Tensor::from_vec(out, (rows, n), x.device());
     }
     // A frozen weight (LoRA's base) under a graph: Candle's matmul backward differentiates both operands, which
-    // would compute (and hold until the backward ends) a gradient the size of every base weight. This op's
+    // would compute (and hold until the backward ends) a gradient the size of every base weight. The frozen ops'
     // backward gives the input's gradient only.
-    if x.track_op() && !w.track_op() {
+    let frozen = x.track_op() && !w.track_op();
+    #[cfg(feature = "onednn")]
+    if super::onednn::applies(x, w) {
+        return if frozen {
+            super::onednn::frozen_linear(x, w)
+        } else {
+            super::onednn::linear(x, &weight_in(w, x.dtype())?)
+        };
+    }
+    if frozen {
         return x.apply_op1(FrozenWeightMatmul { w: w.clone() });
     }
     let w = weight_in(w, x.dtype())?;
-    #[cfg(feature = "onednn")]
-    if super::onednn::applies(x, &w) {
-        return super::onednn::linear(x, &w);
-    }
     if rows <= FEW_ROWS {
         w.matmul(&x.t()?)?.t()?.contiguous()
     } else {

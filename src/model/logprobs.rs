@@ -130,7 +130,7 @@ pub fn logprobs_from_hidden(
     // The hidden state at column t predicts the token at column t + 1.
     let (p, c) = (batch.prompt_width, batch.completion_width);
     let hidden = hidden.narrow(1, p - 1, c)?;
-    // On the CPU in f32, one fused op (no `[rows, vocab]` tensor in the graph, nothing computed at padding).
+    // On the CPU, one fused op (no `[rows, vocab]` tensor in the graph, nothing computed at padding), in f32.
     if entropy != Entropy::Differentiable && super::fused_head::supported(hidden.device(), hidden.dtype()) {
         let b = hidden.dim(0)?;
         let flat = hidden.reshape((b * c, hidden.dim(2)?))?;

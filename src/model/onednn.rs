@@ -12,7 +12,9 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-use crate::cpu::storage_f32;
+use half::bf16;
+
+use crate::cpu::{storage_bf16, storage_f32};
 
 #[link(name = "gomp")]
 extern "C" {
@@ -39,6 +41,26 @@ extern "C" {
     ) -> c_int;
 }
 
+// src/model/onednn_bf16.c (built by build.rs): bf16 through the matmul primitive.
+extern "C" {
+    /// One bf16 product `C = op(A)·op(B)` (row-major, f32 accumulation) on this thread; 0 or a status.
+    fn safe_dnnl_bf16_matmul(
+        ta: c_int,
+        tb: c_int,
+        m: i64,
+        n: i64,
+        k: i64,
+        a: *const u16,
+        lda: i64,
+        b: *const u16,
+        ldb: i64,
+        c: *mut u16,
+        ldc: i64,
+    ) -> c_int;
+    /// The name of the implementation oneDNN picks for a bf16 product at a training shape into `name`.
+    fn safe_dnnl_bf16_impl(name: *mut c_char, len: c_int) -> c_int;
+}
+
 /// Rows above which a product leaves the decode kernel and Candle's small-row path for oneDNN.
 const MIN_ROWS: usize = 16;
 
@@ -47,20 +69,129 @@ fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("SAFE_ONEDNN").map_or(true, |v| v != "0"))
 }
 
-/// Whether `x · Wᵀ` (`x: [rows, in]`, `W: [out, in]`) runs here: f32 on the CPU, more than [`MIN_ROWS`] rows.
+/// Whether oneDNN has a real bf16 matmul kernel on this CPU (AVX-512 with or without AVX512-BF16, AMX): its
+/// reference implementation, all that is left on older CPUs, is slower than Candle's widening to f32.
+pub fn bf16_kernels() -> bool {
+    static YES: OnceLock<bool> = OnceLock::new();
+    *YES.get_or_init(|| {
+        let mut name = [0 as c_char; 128];
+        // SAFETY: the shim writes at most `len` bytes, NUL-terminated, into `name`.
+        let ok = unsafe { safe_dnnl_bf16_impl(name.as_mut_ptr(), name.len() as c_int) } == 0;
+        let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy();
+        ok && !name.starts_with("ref")
+    })
+}
+
+/// Whether `x · Wᵀ` (`x: [rows, in]`, `W: [out, in]`, computed in `x`'s dtype) runs here: f32, or bf16 where
+/// [`bf16_kernels`], on the CPU, more than [`MIN_ROWS`] rows; `W` f32 or bf16 (cast to `x`'s dtype by the caller,
+/// or per pass for a frozen weight).
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
     enabled()
         && x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
+        && match x.dtype() {
+            DType::F32 => true,
+            DType::BF16 => bf16_kernels(),
+            _ => false,
+        }
+        && matches!(w.dtype(), DType::F32 | DType::BF16)
         && x.rank() == 2
         && w.rank() == 2
         && x.dim(0).is_ok_and(|r| r > MIN_ROWS)
 }
 
-/// `x · Wᵀ` with its backward (`dx = dy·W`, `dW = dyᵀ·x`) by oneDNN.
+/// `x · Wᵀ` with its backward (`dx = dy·W`, `dW = dyᵀ·x`) by oneDNN; `W` in `x`'s dtype.
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
+}
+
+/// `x · Wᵀ` for a weight that takes no gradient (LoRA's base), by oneDNN: the backward gives `x`'s gradient only.
+/// A `W` in another dtype than `x` (a bf16 base) is cast in each pass and the copy dropped, as
+/// [`super::llama`]'s Candle-side op for other devices does.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() })
+}
+
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "onednn-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = self.w.to_dtype(candle_core::backend::BackendStorage::dtype(s))?.contiguous()?;
+        let (ws, wl) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else { candle_core::bail!("onednn frozen linear: W not on the CPU") };
+        Product { ta: false, tb: true }.cpu_fwd(s, l, ws, wl)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // dx = g·W ([rows, out]·[out, in]).
+        let w = self.w.to_dtype(g.dtype())?;
+        Ok(Some(g.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Product { ta: false, tb: false })?))
+    }
+}
+
+/// An element type oneDNN multiplies here: f32 by `dnnl_sgemm`, bf16 (accumulated in f32) by the matmul
+/// primitive through the C shim.
+trait Element: Copy + Default + Send + Sync {
+    /// Row-major `C (rows × n, stride ldc) = op(A)·op(B)` on this thread, oneDNN's status back (0 = success).
+    ///
+    /// # Safety
+    /// `a`, `b` and `c` hold what the dimensions and leading dimensions address.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        ta: bool,
+        tb: bool,
+        rows: i64,
+        n: i64,
+        k: i64,
+        a: *const Self,
+        lda: i64,
+        b: *const Self,
+        ldb: i64,
+        c: *mut Self,
+        ldc: i64,
+    ) -> c_int;
+}
+
+impl Element for f32 {
+    unsafe fn gemm(
+        ta: bool,
+        tb: bool,
+        rows: i64,
+        n: i64,
+        k: i64,
+        a: *const f32,
+        lda: i64,
+        b: *const f32,
+        ldb: i64,
+        c: *mut f32,
+        ldc: i64,
+    ) -> c_int {
+        let t = |yes: bool| if yes { b'T' as c_char } else { b'N' as c_char };
+        dnnl_sgemm(t(ta), t(tb), rows, n, k, 1.0, a, lda, b, ldb, 0.0, c, ldc)
+    }
+}
+
+impl Element for bf16 {
+    unsafe fn gemm(
+        ta: bool,
+        tb: bool,
+        rows: i64,
+        n: i64,
+        k: i64,
+        a: *const bf16,
+        lda: i64,
+        b: *const bf16,
+        ldb: i64,
+        c: *mut bf16,
+        ldc: i64,
+    ) -> c_int {
+        safe_dnnl_bf16_matmul(ta.into(), tb.into(), rows, n, k, a.cast(), lda, b.cast(), ldb, c.cast(), ldc)
+    }
 }
 
 /// `op(A) · op(B)` for row-major `A`, `B` (`ta`/`tb`: transposed), by oneDNN; `m × n` out.
@@ -68,12 +199,21 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// The rows of the output are split across our rayon pool, each block one single-threaded oneDNN call: oneDNN's
 /// own OpenMP team would spin beside the pool between calls (measured: 13.6% of the update in libgomp, and no gain
 /// over Candle's gemm), where one pool for everything keeps both cores on the work.
-pub fn sgemm(ta: bool, tb: bool, m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> candle_core::Result<Vec<f32>> {
+#[allow(private_bounds)]
+pub fn gemm<T: Element>(
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    b: &[T],
+) -> candle_core::Result<Vec<T>> {
     use rayon::prelude::*;
     if a.len() != m * k || b.len() != k * n {
-        candle_core::bail!("onednn sgemm: {} and {} elements for m {m}, n {n}, k {k}", a.len(), b.len());
+        candle_core::bail!("onednn gemm: {} and {} elements for m {m}, n {n}, k {k}", a.len(), b.len());
     }
-    let mut c = vec![0f32; m * n];
+    let mut c = vec![T::default(); m * n];
     if m == 0 || n == 0 {
         return Ok(c);
     }
@@ -88,7 +228,7 @@ pub fn sgemm(ta: bool, tb: bool, m: usize, n: usize, k: usize, a: &[f32], b: &[f
 
 /// Rows `r0..r0 + rows` of `op(A)·op(B)` into `dst` (`rows × n`), one oneDNN call on this thread alone.
 #[allow(clippy::too_many_arguments)]
-fn block(
+fn block<T: Element>(
     ta: bool,
     tb: bool,
     r0: usize,
@@ -96,38 +236,35 @@ fn block(
     m: usize,
     n: usize,
     k: usize,
-    a: &[f32],
-    b: &[f32],
-    dst: &mut [f32],
+    a: &[T],
+    b: &[T],
+    dst: &mut [T],
 ) -> candle_core::Result<()> {
     thread_local!(static ONE_THREAD: () = unsafe { omp_set_num_threads(1) });
     ONE_THREAD.with(|_| ());
     // Row r of op(A): row r of A `[m, k]` (stride k), or column r of A `[k, m]` (stride m).
     let (a0, lda) = if ta { (r0, m) } else { (r0 * k, k) };
     let ldb = if tb { k } else { n };
-    let t = |yes: bool| if yes { b'T' as c_char } else { b'N' as c_char };
     assert!(dst.len() == rows * n && r0 + rows <= m, "onednn block: rows {r0}+{rows} of {m}");
     // SAFETY: op(A)'s rows r0..r0+rows lie in `a` (m·k elements, checked by the caller) at leading dimension lda,
     // op(B) is all of `b` (k·n), and `dst` holds rows·n (asserted); the call keeps no pointer.
     let status = unsafe {
-        dnnl_sgemm(
-            t(ta),
-            t(tb),
+        T::gemm(
+            ta,
+            tb,
             rows as i64,
             n as i64,
             k as i64,
-            1.0,
             a[a0..].as_ptr(),
             lda as i64,
             b.as_ptr(),
             ldb as i64,
-            0.0,
             dst.as_mut_ptr(),
             n as i64,
         )
     };
     if status != 0 {
-        candle_core::bail!("onednn sgemm failed (status {status}) for rows {rows}, n {n}, k {k}");
+        candle_core::bail!("onednn gemm failed (status {status}) for rows {rows}, n {n}, k {k}");
     }
     Ok(())
 }
@@ -196,9 +333,19 @@ impl CustomOp2 for Product {
                 self.tb
             );
         }
-        let a = storage_f32(s1, l1, "onednn product: lhs")?;
-        let b = storage_f32(s2, l2, "onednn product: rhs")?;
-        Ok((CpuStorage::F32(sgemm(self.ta, self.tb, m, n, k, a, b)?), Shape::from((m, n))))
+        let (ta, tb) = (self.ta, self.tb);
+        let out = match (s1, s2) {
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
+                let (a, b) =
+                    (storage_bf16(s1, l1, "onednn product: lhs")?, storage_bf16(s2, l2, "onednn product: rhs")?);
+                CpuStorage::BF16(gemm(ta, tb, m, n, k, a, b)?)
+            }
+            _ => {
+                let (a, b) = (storage_f32(s1, l1, "onednn product: lhs")?, storage_f32(s2, l2, "onednn product: rhs")?);
+                CpuStorage::F32(gemm(ta, tb, m, n, k, a, b)?)
+            }
+        };
+        Ok((out, Shape::from((m, n))))
     }
 }
 
@@ -245,6 +392,58 @@ mod tests {
         {
             let got = l.apply_op2_no_bwd(r, &Product { ta, tb }).unwrap();
             assert!(close(&got, &want) < 1e-5, "ta {ta}, tb {tb}");
+        }
+    }
+
+    /// Elementwise: each bf16 value is the f32 product of the same (bf16) inputs rounded once — within bf16's
+    /// relative rounding (2^-9) of itself, plus a hair of the largest for f32's other summation order.
+    fn rounds(got: &Tensor, want: &Tensor) -> bool {
+        let got = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| (g - w).abs() <= w.abs() / 256.0 + top * 1e-5)
+    }
+
+    /// bf16 (the matmul primitive, through the C shim): the linear layer's value and both gradients, and products
+    /// in every orientation, are the f32 products of their bf16 inputs, rounded. Where oneDNN has no bf16 kernel,
+    /// the layers keep Candle's matmul.
+    #[test]
+    fn bf16_products_and_gradients_round_the_f32_products() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (40, 576), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let w = Tensor::randn(0f32, 0.05, (192, 576), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        if !bf16_kernels() {
+            assert!(!applies(&x, &w), "bf16 without a kernel must keep Candle's matmul");
+            return;
+        }
+        assert!(applies(&x, &w));
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        for (rows, k, n) in [(17, 64, 48), (100, 576, 192), (33, 1536, 576)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (rows, k), &dev).unwrap().to_dtype(DType::BF16).unwrap())
+                .unwrap();
+            let w = Var::from_tensor(&Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap().to_dtype(DType::BF16).unwrap())
+                .unwrap();
+            let up = Tensor::randn(0f32, 1., (rows, n), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let y = linear(x.as_tensor(), w.as_tensor()).unwrap();
+            assert_eq!(y.dtype(), DType::BF16);
+            assert!(
+                rounds(&y, &f(x.as_tensor()).matmul(&f(w.as_tensor()).t().unwrap()).unwrap()),
+                "y at {rows}×{k}×{n}"
+            );
+            let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let (dx, dw) = (g.get(x.as_tensor()).unwrap(), g.get(w.as_tensor()).unwrap());
+            assert!(rounds(dx, &f(&up).matmul(&f(w.as_tensor())).unwrap()), "dx at {rows}×{k}×{n}");
+            assert!(rounds(dw, &f(&up).t().unwrap().matmul(&f(x.as_tensor())).unwrap()), "dw at {rows}×{k}×{n}");
+        }
+        let a = Tensor::randn(0f32, 1., (20, 30), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let b = Tensor::randn(0f32, 1., (30, 40), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let want = f(&a).matmul(&f(&b)).unwrap();
+        let (at, bt) = (a.t().unwrap().contiguous().unwrap(), b.t().unwrap().contiguous().unwrap());
+        for (ta, tb, l, r) in
+            [(false, false, &a, &b), (true, false, &at, &b), (false, true, &a, &bt), (true, true, &at, &bt)]
+        {
+            let got = l.apply_op2_no_bwd(r, &Product { ta, tb }).unwrap();
+            assert!(rounds(&got, &want), "ta {ta}, tb {tb}");
         }
     }
 }

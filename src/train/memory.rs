@@ -344,12 +344,15 @@ pub fn update_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     let t = sat(shape.max_prompt_tokens) + sat(shape.max_new_tokens);
     let c = sat(shape.max_new_tokens);
     let (heads, layers, vocab) = (sat(cfg.num_heads), sat(cfg.num_layers), sat(cfg.vocab_size));
-    // The composite softmax computes in f32 whatever the activations' dtype.
-    let scores = heads * t * t * sat(4).max(b);
+    // The softmax computes in f32 whatever the activations' dtype. The fused ops compute in f32 too: under bf16
+    // each keeps its widened f32 inputs and output beside the bf16 values the graph holds (counted as both).
+    let widened = shape.fused_ops && shape.dtype_bytes < 4;
+    let (value, scores) =
+        if widened { (b + sat(4), heads * t * t * (b + sat(4))) } else { (b, heads * t * t * sat(4).max(b)) };
     // Linear activations are many tensors of a few MB, below glibc's mmap threshold: they come from malloc's arenas,
     // which keep what the reference's and the last step's forwards freed in their own sizes ([`LINEAR_SLACK`]).
     let counts = layer_counts(shape);
-    let linear = layer_linear(cfg, shape, t) * b * sat(LINEAR_SLACK.0) / LINEAR_SLACK.1;
+    let linear = layer_linear(cfg, shape, t) * value * sat(LINEAR_SLACK.0) / LINEAR_SLACK.1;
     let kept_layer = linear + sat(counts.attn_kept) * scores;
     // Backward of the layer it is in: its attention's gradients and half a layer's linear gradients (they are
     // consumed as they are made).
