@@ -1,6 +1,8 @@
-//! The linear layers' f32 matmuls on the CPU through oneDNN's `dnnl_sgemm` (cargo feature `onednn`, linking the
-//! system's libdnnl: Debian's `libdnnl-dev`). At SmolLM2-135M's training shapes oneDNN ran 189-209 GFLOP/s
-//! against Candle's `gemm` build's 129-195 on a 2-core AMD EPYC (`scripts/matmul-backends.sh`), so the products
+//! The linear layers' matmuls on the CPU through oneDNN (cargo feature `onednn`, linking the system's libdnnl:
+//! Debian's `libdnnl-dev`): f32 by `dnnl_sgemm`, bf16 by the matmul primitive through a C shim
+//! (`onednn_bf16.c`, built by build.rs; oneDNN 2.6 has no BLAS-style bf16 call). At SmolLM2-135M's training
+//! shapes oneDNN ran 189-209 GFLOP/s in f32 against Candle's `gemm` build's 129-195, and 320-357 in bf16
+//! (AVX512-BF16), on a 2-core AMD EPYC (`scripts/matmul-backends.sh`; Candle widens bf16 to f32), so the products
 //! of a linear layer under the autograd graph — forward `x·Wᵀ`, backward `dy·W` and `dyᵀ·x` — and graph-free
 //! products of more than a few rows go through it; decoding rows keep our weight-streaming kernel.
 //!

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The CUDA build on a real GPU (issue 15), in two halves: a lent GPU machine is bare, offline, short-lived (minutes)
+# and has no Rust toolchain, so the binaries are built here and carried there.
+#
+#   bash scripts/gpu-check.sh pack          here: builds `--features cuda` (scripts/cuda-check.sh's toolchain and
+#                                           target directory), strips and xz-compresses `safe` and the `devices`
+#                                           test binary into .gpu/ (git-ignored), and checks they fit the 64 MiB
+#                                           a device call carries.
+#   bash scripts/gpu-check.sh run           there, in the repository root, with .gpu carried: unpacks, finds CUDA's
+#                                           runtime libraries in the machine's image (cuBLAS, cudart and cuRAND
+#                                           from its Python wheels), then
+#                                             1. nvidia-smi and the device tests on the GPU (tests/devices.rs:
+#                                                logits, the update's gradients in f32 and bf16, AdamW, each
+#                                                against the CPU);
+#                                             2. the quickstart on model.device = "cuda" for 20 steps: exit 0, a
+#                                                checkpoint, finite metrics;
+#                                             3. the speed and memory table: GRPO on builtin:random-360m and
+#                                                builtin:random-1.5b (bf16, 8 completions × 64 tokens, 6 steps)
+#                                                with the peak GPU memory nvidia-smi saw, medians of steps 2..N.
+#                                           Logs, metrics and table.md go to $OUT (the device tool's), else
+#                                           target/gpu-check.
+#   bash scripts/gpu-check.sh run --cpu     the same flow on this machine's CPU with `target/release/safe` and the
+#                                           tiny model, to check the script itself without a GPU.
+#
+# A device call, after `pack` (about 3-5 minutes there, most of it the 1.5B model's steps):
+#   command: bash scripts/gpu-check.sh run    carry: [".gpu"]    timeout_s: 420
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-}"
+shift || true
+
+if [ "$mode" = pack ]; then
+  shared="${SAFE_SHARED:-$(cd .. && pwd)/shared}"
+  eval "$(bash "$shared/cuda/install-cuda-toolkit.sh")"
+  target="${SAFE_CUDA_TARGET:-$HOME/.cache/safe-cuda-target}"
+  export CARGO_TARGET_DIR="$target"
+  cargo build --release --features cuda
+  tests=$(cargo test --release --features cuda --test devices --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "devices":
+        print(m["executable"])' | tail -1)
+  [ -n "$tests" ] || { echo "error: no devices test binary" >&2; exit 1; }
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+  rm -rf .gpu && mkdir -p .gpu
+  for pair in "safe:$target/release/safe" "devices:$tests"; do
+    name=${pair%%:*} src=${pair#*:}
+    strip -o ".gpu/$name" "$src"
+    xz -T2 -6 -f ".gpu/$name"
+  done
+  ls -l .gpu
+  total=$(du -cb .gpu/* | tail -1 | cut -f1)
+  echo "pack: $((total / 1048576)) MiB in .gpu (limit 64 MiB with the working tree)"
+  [ "$total" -lt $((56 * 1048576)) ] || { echo "error: .gpu is too large to carry" >&2; exit 1; }
+  exit 0
+fi
+
+[ "$mode" = run ] || { echo "usage: bash scripts/gpu-check.sh pack | run [--cpu]" >&2; exit 2; }
+cpu=0
+[ "${1:-}" = --cpu ] && cpu=1
+out="${OUT:-target/gpu-check}"
+mkdir -p "$out"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"; [ -n "${smi_pid:-}" ] && kill "$smi_pid" 2>/dev/null || true' EXIT
+fail=0
+note() { echo "$*" | tee -a "$out/summary.txt"; }
+
+if [ "$cpu" = 1 ]; then
+  bin=target/release/safe device=cpu speed_models="builtin:tiny" steps=3
+  tests="$(ls -t target/release/deps/devices-* 2>/dev/null | grep -v '\.d$' | head -1 || true)"
+  dtype=f32
+else
+  [ -f .gpu/safe.xz ] || { echo "error: .gpu/safe.xz is missing (run pack here, carry .gpu)" >&2; exit 1; }
+  for f in .gpu/*.xz; do xz -dc "$f" > "$work/$(basename "$f" .xz)"; chmod +x "$work/$(basename "$f" .xz)"; done
+  bin="$work/safe" tests="$work/devices" device=cuda speed_models="builtin:random-360m builtin:random-1.5b" steps=6
+  dtype=bf16
+  # CUDA's runtime libraries as the image's Python wheels hold them (the driver's libcuda comes with the machine).
+  libs=$(python3 - <<'PY'
+import glob, os, site
+dirs = set()
+for root in site.getsitepackages() + [site.getusersitepackages()]:
+    for name in ("libcublas.so.*", "libcublasLt.so.*", "libcudart.so.*", "libcurand.so.*"):
+        for f in glob.glob(os.path.join(root, "nvidia", "**", name), recursive=True):
+            dirs.add(os.path.dirname(f))
+print(":".join(sorted(dirs)))
+PY
+)
+  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  note "CUDA libraries from: $libs"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/summary.txt"
+  ldd "$bin" | grep -E "cuda|cublas|curand|not found" | tee "$out/ldd.txt" || true
+fi
+
+note "== 1. device tests ($tests)"
+if [ -n "$tests" ] && "$tests" --test-threads 1 > "$out/devices.log" 2>&1; then
+  note "devices: $(grep -E '^test result' "$out/devices.log")"
+else
+  note "devices: FAILED (see devices.log)"; tail -20 "$out/devices.log" || true; fail=1
+fi
+
+note "== 2. quickstart on $device"
+if "$bin" train --config configs/quickstart.toml --set model.device="$device" --set run.max_steps=20 \
+  --set run.save_every=20 --set run.output_dir="$work/runs" --resume never > "$out/quickstart.log" 2>&1 &&
+  [ -f "$work/runs/quickstart/checkpoints/step-20/model.safetensors" ]; then
+  cp "$work/runs/quickstart/metrics.jsonl" "$out/quickstart-metrics.jsonl"
+  python3 - "$out/quickstart-metrics.jsonl" <<'PY' | tee -a "$out/summary.txt"
+import json, math, sys
+m = [json.loads(l) for l in open(sys.argv[1])]
+bad = [(r["step"], k) for r in m for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)]
+print(f"quickstart: {len(m)} metric records to step {m[-1]["step"]}, last reward {m[-1]['reward']:.3f}, loss {m[-1]['loss']:.4f}, "
+      f"grad norm {m[-1]['grad_norm']:.4f}; non-finite: {bad or 'none'}")
+sys.exit(1 if bad else 0)
+PY
+else
+  note "quickstart: FAILED"; tail -20 "$out/quickstart.log"; fail=1
+fi
+
+note "== 3. speed and memory ($dtype, 8 completions x 64 tokens, $steps steps)"
+echo "| model | s/step | gen s | gen tok/s | update s | peak GPU MiB | memory plan |" > "$out/table.md"
+echo "|---|---|---|---|---|---|---|" >> "$out/table.md"
+for model in $speed_models; do
+  name=${model#builtin:}
+  rm -f "$work/smi.csv"
+  if [ "$cpu" = 0 ]; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$work/smi.csv" &
+    smi_pid=$!
+  fi
+  if "$bin" train --config configs/quickstart.toml --set model.id="$model" --set model.device="$device" \
+    --set model.dtype="$dtype" --set run.name="$name" --set run.max_steps="$steps" --set run.save_every=0 \
+    --set run.output_dir="$work/runs" --set rollout.prompts_per_step=1 --set rollout.num_generations=8 \
+    --set rollout.max_new_tokens=64 --set algorithm.micro_batch_size=0 --set eval.every=0 --resume never \
+    > "$out/speed-$name.log" 2>&1; then
+    [ -n "${smi_pid:-}" ] && { kill "$smi_pid" 2>/dev/null || true; wait "$smi_pid" 2>/dev/null || true; smi_pid=; }
+    cp "$work/runs/$name/metrics.jsonl" "$out/speed-$name-metrics.jsonl"
+    python3 - "$out/speed-$name-metrics.jsonl" "$name" "$work/smi.csv" "$out/speed-$name.log" <<'PY' >> "$out/table.md"
+import json, os, re, statistics, sys
+path, name, smi, log = sys.argv[1:]
+m = [json.loads(l) for l in open(path)][1:] or [json.loads(l) for l in open(path)]
+med = lambda k: statistics.median(r[k] for r in m)
+peak = max((int(x) for x in open(smi).read().split() if x.isdigit()), default=0) if os.path.exists(smi) else 0
+plan = re.search(r"memory: +(.*)", open(log).read())
+print(f"| {name} | {med('timing/step'):.2f} | {med('timing/rollout'):.2f} | {med('tokens_per_second'):.0f} "
+      f"| {med('timing/update'):.2f} | {peak or 'n/a'} | {plan.group(1) if plan else ''} |")
+PY
+  else
+    [ -n "${smi_pid:-}" ] && { kill "$smi_pid" 2>/dev/null || true; smi_pid=; }
+    echo "| $name | FAILED | | | | | $(grep -o 'error: .*' "$out/speed-$name.log" | head -1 | cut -c8-) |" >> "$out/table.md"
+    fail=1
+  fi
+done
+cat "$out/table.md" | tee -a "$out/summary.txt"
+[ "$fail" = 0 ] && note "gpu-check: ok" || note "gpu-check: FAILED"
+exit "$fail"
