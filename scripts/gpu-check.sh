@@ -108,7 +108,7 @@ if "$bin" train --config configs/quickstart.toml --set model.device="$device" --
 import json, math, sys
 m = [json.loads(l) for l in open(sys.argv[1])]
 bad = [(r["step"], k) for r in m for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)]
-print(f"quickstart: {len(m)} metric records to step {m[-1]["step"]}, last reward {m[-1]['reward']:.3f}, loss {m[-1]['loss']:.4f}, "
+print(f"quickstart: {len(m)} metric records to step {m[-1]['step']}, last reward {m[-1]['reward']:.3f}, loss {m[-1]['loss']:.4f}, "
       f"grad norm {m[-1]['grad_norm']:.4f}; non-finite: {bad or 'none'}")
 sys.exit(1 if bad else 0)
 PY
