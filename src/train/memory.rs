@@ -573,6 +573,18 @@ fn too_big(cfg: &ModelConfig, shape: &StepShape, micro: usize, budget: u64, auto
     )
 }
 
+/// Memory the plan may use on `device`: [`available_cpu_bytes`] on the CPU, the GPU's free memory
+/// (`cuMemGetInfo`, read before any model is loaded) on CUDA; `None` where it cannot be read (Metal, or a CUDA
+/// query that fails), and then the plan does not bound the device's memory.
+pub fn available_bytes(device: &candle_core::Device) -> Option<u64> {
+    match device {
+        candle_core::Device::Cpu => available_cpu_bytes(),
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(gpu) => gpu.cuda_stream().context().mem_get_info().ok().map(|(free, _)| free as u64),
+        _ => None,
+    }
+}
+
 /// Memory available to this process on the CPU: `MemAvailable` from /proc/meminfo, capped by a cgroup limit.
 /// `None` where it cannot be read.
 pub fn available_cpu_bytes() -> Option<u64> {

@@ -30,7 +30,7 @@ impl Trainer {
         // Read before anything is loaded: the plan counts the model's own memory.
         let device = recipe.model.device.device()?;
         let host = memory::available_cpu_bytes();
-        let available = if device.is_cpu() { host } else { None };
+        let available = memory::available_bytes(&device);
         let dtype = recipe.model.dtype.resolve(&device);
         let checkpoint = match &start {
             Start::From(c) => Some(c),
