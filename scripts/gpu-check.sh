@@ -35,6 +35,7 @@ if [ "$mode" = pack ]; then
   target="${SAFE_CUDA_TARGET:-$HOME/.cache/safe-cuda-target}"
   export CARGO_TARGET_DIR="$target"
   cargo build --release --features cuda
+  cargo test --release --features cuda --test devices --no-run # its errors, if any, in plain text
   tests=$(cargo test --release --features cuda --test devices --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for l in sys.stdin:
@@ -104,14 +105,20 @@ if "$bin" train --config configs/quickstart.toml --set model.device="$device" --
   --set run.save_every=20 --set run.output_dir="$work/runs" --resume never > "$out/quickstart.log" 2>&1 &&
   [ -f "$work/runs/quickstart/checkpoints/step-20/model.safetensors" ]; then
   cp "$work/runs/quickstart/metrics.jsonl" "$out/quickstart-metrics.jsonl"
-  python3 - "$out/quickstart-metrics.jsonl" <<'PY' | tee -a "$out/summary.txt"
+  # metrics.jsonl writes a non-finite value as null.
+  if python3 - "$out/quickstart-metrics.jsonl" > "$work/qs.txt" <<'PY'; then
 import json, math, sys
 m = [json.loads(l) for l in open(sys.argv[1])]
-bad = [(r["step"], k) for r in m for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)]
-print(f"quickstart: {len(m)} metric records to step {m[-1]['step']}, last reward {m[-1]['reward']:.3f}, loss {m[-1]['loss']:.4f}, "
-      f"grad norm {m[-1]['grad_norm']:.4f}; non-finite: {bad or 'none'}")
-sys.exit(1 if bad else 0)
+bad = [(r.get("step"), k) for r in m for k, v in r.items() if v is None or (isinstance(v, float) and not math.isfinite(v))]
+last = m[-1] if m else {}
+print(f"quickstart: {len(m)} metric records to step {last.get('step')}, last reward {last.get('reward')}, "
+      f"loss {last.get('loss')}, grad norm {last.get('grad_norm')}; non-finite: {bad or 'none'}")
+sys.exit(1 if bad or not m else 0)
 PY
+    note "$(cat "$work/qs.txt")"
+  else
+    note "$(cat "$work/qs.txt") FAILED"; fail=1
+  fi
 else
   note "quickstart: FAILED"; tail -20 "$out/quickstart.log"; fail=1
 fi
@@ -128,12 +135,12 @@ for model in $speed_models; do
   fi
   if "$bin" train --config configs/quickstart.toml --set model.id="$model" --set model.device="$device" \
     --set model.dtype="$dtype" --set run.name="$name" --set run.max_steps="$steps" --set run.save_every=0 \
-    --set run.output_dir="$work/runs" --set rollout.prompts_per_step=1 --set rollout.num_generations=8 \
+    --set run.output_dir="$work/runs" --set run.log_every=1 --set rollout.prompts_per_step=1 --set rollout.num_generations=8 \
     --set rollout.max_new_tokens=64 --set algorithm.micro_batch_size=0 --set eval.every=0 --resume never \
     > "$out/speed-$name.log" 2>&1; then
     [ -n "${smi_pid:-}" ] && { kill "$smi_pid" 2>/dev/null || true; wait "$smi_pid" 2>/dev/null || true; smi_pid=; }
     cp "$work/runs/$name/metrics.jsonl" "$out/speed-$name-metrics.jsonl"
-    python3 - "$out/speed-$name-metrics.jsonl" "$name" "$work/smi.csv" "$out/speed-$name.log" <<'PY' >> "$out/table.md"
+    python3 - "$out/speed-$name-metrics.jsonl" "$name" "$work/smi.csv" "$out/speed-$name.log" <<'PY' >> "$out/table.md" || fail=1
 import json, os, re, statistics, sys
 path, name, smi, log = sys.argv[1:]
 m = [json.loads(l) for l in open(path)][1:] or [json.loads(l) for l in open(path)]

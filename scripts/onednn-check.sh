@@ -2,7 +2,7 @@
 # The `onednn` build (the linear layers' f32 and bf16 matmuls through oneDNN), checked on this machine (CI runs this
 # after the tests): installs Debian's libdnnl-dev when it is missing, then runs that build's oneDNN unit tests
 # (f32 values and gradients against Candle's matmul, bf16 against the f32 products rounded) and the decoder's
-# parity and gradient tests (bf16 included), the GRPO update, exact resume and LoRA through it.
+# parity and gradient tests (bf16 included), the GRPO update, exact resume, LoRA and the device tests through it.
 # Usage: bash scripts/onednn-check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,5 +13,5 @@ if [ ! -f /usr/include/oneapi/dnnl/dnnl.h ]; then
 fi
 echo "== cargo test --features onednn (oneDNN's products, the decoder through them)"
 cargo test --locked --features onednn --lib model::onednn
-cargo test --locked --features onednn --test model_parity --test grpo_update --test train_resume --test lora
+cargo test --locked --features onednn --test model_parity --test grpo_update --test train_resume --test lora --test devices
 echo "onednn-check: ok"

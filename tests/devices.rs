@@ -70,12 +70,14 @@ fn trainable_tiny(device: &Device, compute: DType) -> CausalLm {
     CausalLm::from_tensors(&cfg, w, true, device, DType::F32).unwrap().with_compute_dtype(compute)
 }
 
-/// A policy-gradient loss over two sequences of unequal lengths (padding and packing exercised) on `model`, and its
-/// gradient: the loss, and each variable's gradient as a host vector.
+/// A policy-gradient loss over two sequences of unequal lengths (padding and packing exercised; 35 real tokens, so
+/// the linear layers take the many-row paths, oneDNN's under `--features onednn`) on `model`, and its gradient:
+/// the loss, and each variable's gradient as a host vector.
 fn pg_loss_and_grads(model: &CausalLm) -> (f32, candle_core::backprop::GradStore, Vec<Vec<f32>>) {
     let device = model.device().clone();
-    let prompts = vec![vec![257u32, 50, 43, 51], vec![257, 61]];
-    let completions = vec![vec![62u32, 63, 258], vec![70u32, 71, 72, 73, 74]];
+    let prompts = vec![vec![257u32, 50, 43, 51, 44, 52, 45, 53, 46, 54], vec![257, 61, 47, 55, 48, 56]];
+    let completions =
+        vec![vec![62u32, 63, 64, 65, 66, 67, 68, 258], vec![70u32, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80]];
     let batch = SequenceBatch::new(&prompts, &completions, 0, None, &device).unwrap();
     let (lp, _) = completion_logprobs(model, &batch, 0.9, 0, false).unwrap();
     let adv = Tensor::new(&[1.0f32, -0.5], &device).unwrap().unsqueeze(1).unwrap();
@@ -122,12 +124,17 @@ fn update_gradients_agree_on_every_device() {
     }
 }
 
-/// One AdamW step (the fused in-place kernel where the device has it) moves the weights the same on every device.
+/// Two AdamW steps (the fused in-place kernel where the device has it) over the same gradients (the CPU's, copied
+/// to each device) move the weights the same on every device.
 #[test]
 fn an_optimizer_step_agrees_on_every_device() {
+    let (_, _, cpu_grads) = pg_loss_and_grads(&trainable_tiny(&Device::Cpu, DType::F32));
     let step = |device: &Device| -> Vec<Vec<f32>> {
         let model = trainable_tiny(device, DType::F32);
-        let (_, grads, _) = pg_loss_and_grads(&model);
+        let (_, mut grads, _) = pg_loss_and_grads(&model);
+        for ((_, v), g) in model.vars().iter().zip(&cpu_grads) {
+            grads.insert(v.as_tensor(), Tensor::from_slice(g, v.shape(), device).unwrap());
+        }
         let cfg = AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..Default::default() };
         let mut opt = AdamW::new(model.vars().to_vec(), cfg).unwrap();
         opt.step(&grads).unwrap();
@@ -148,8 +155,8 @@ fn an_optimizer_step_agrees_on_every_device() {
     for device in devices().iter().skip(1) {
         for (i, (a, b)) in step(device).iter().zip(&cpu).enumerate() {
             let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            // Two steps of lr 1e-2: Adam's normalised update is ±lr where gradients agree to their sign.
-            assert!(worst <= 1e-4, "{device:?}: variable {i} after two steps differs by {worst}");
+            // The same gradients: only f32 rounding of the update's arithmetic differs (weights are O(0.1)).
+            assert!(worst <= 1e-6, "{device:?}: variable {i} after two steps differs by {worst}");
         }
     }
 }

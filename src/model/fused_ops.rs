@@ -94,7 +94,8 @@ fn read3<R>(
 // ---------------------------------------------------------------------------------------------------------------
 // RMSNorm
 
-/// RMSNorm over the last dimension, `x / rms(x) · weight`, computed in f32 as transformers does.
+/// RMSNorm over the last dimension, `x / rms(x) · weight`, computed in f32 as transformers does; `weight` in any
+/// float dtype (an f32 master under a bf16 `x`), the result in `x`'s.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     if fused(&[x, weight]) {
         fused_rms_norm(x, weight, eps)
@@ -111,7 +112,7 @@ fn composite_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Res
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    xf.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(weight)
+    xf.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(&weight.to_dtype(dtype)?)
 }
 
 struct RmsNormOp {

@@ -556,7 +556,8 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        fused_ops::rms_norm(x, &weight_in(&self.weight, x.dtype())?, self.eps)
+        // The f32 master as it is: the fused op widens to f32 anyway, the composite one casts it to x's dtype.
+        fused_ops::rms_norm(x, &self.weight, self.eps)
     }
 }
 

@@ -309,6 +309,18 @@ fn resident_state(cfg: &ModelConfig, shape: &StepShape) -> Sat {
     policy + critic + reference + bf16
 }
 
+/// Bytes per activation value and per attention score. The softmax computes in f32 whatever the activations'
+/// dtype; the fused ops compute in f32 too, so under bf16 each keeps its widened f32 inputs and output beside the
+/// bf16 values (counted as both).
+fn value_bytes(shape: &StepShape) -> (Sat, Sat) {
+    let b = sat(shape.dtype_bytes);
+    if shape.fused_ops && shape.dtype_bytes < 4 {
+        (b + sat(4), b + sat(4))
+    } else {
+        (b, sat(4).max(b))
+    }
+}
+
 /// Activations of one layer for T tokens that are not attention scores ([`LayerCounts::linear`]).
 fn layer_linear(cfg: &ModelConfig, shape: &StepShape, t: Sat) -> Sat {
     let (h, i) = (sat(cfg.hidden_size), sat(cfg.intermediate_size));
@@ -344,11 +356,8 @@ pub fn update_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     let t = sat(shape.max_prompt_tokens) + sat(shape.max_new_tokens);
     let c = sat(shape.max_new_tokens);
     let (heads, layers, vocab) = (sat(cfg.num_heads), sat(cfg.num_layers), sat(cfg.vocab_size));
-    // The softmax computes in f32 whatever the activations' dtype. The fused ops compute in f32 too: under bf16
-    // each keeps its widened f32 inputs and output beside the bf16 values the graph holds (counted as both).
-    let widened = shape.fused_ops && shape.dtype_bytes < 4;
-    let (value, scores) =
-        if widened { (b + sat(4), heads * t * t * (b + sat(4))) } else { (b, heads * t * t * sat(4).max(b)) };
+    let (value, score) = value_bytes(shape);
+    let scores = heads * t * t * score;
     // Linear activations are many tensors of a few MB, below glibc's mmap threshold: they come from malloc's arenas,
     // which keep what the reference's and the last step's forwards freed in their own sizes ([`LINEAR_SLACK`]).
     let counts = layer_counts(shape);
@@ -370,8 +379,11 @@ pub fn update_bytes(cfg: &ModelConfig, shape: &StepShape, micro: usize) -> u64 {
     let mask = t * t * sat(4);
     // The fused head keeps only its chunk buffers (logits, and in backward the input gradient); the composite head
     // keeps its logits in the graph for every row.
+    // Under bf16 a LoRA policy's frozen bf16 head is widened to an f32 copy the graph keeps.
+    let head_copy =
+        if shape.lora.is_some() && shape.dtype_bytes < 4 { vocab * sat(cfg.hidden_size) * sat(4) } else { sat(0) };
     let (head_fixed, head_row) = if shape.fused_head {
-        (sat(2) * sat(crate::model::fused_head::ROWS) * vocab * sat(4), sat(0))
+        (sat(2) * sat(crate::model::fused_head::ROWS) * vocab * sat(4) + head_copy, sat(0))
     } else {
         (sat(0), sat(4) * c * vocab * sat(4))
     };
@@ -401,13 +413,14 @@ pub fn rollout_bytes(cfg: &ModelConfig, shape: &StepShape, batch: usize) -> u64 
     // Prefill of the distinct prompts: their cache, one layer's attention, its mask, linear activations and the
     // last column's logits; then the cache copied to every row.
     let graph_free = sat(layer_counts(shape).attn_graph_free);
-    let prefill = d * (cache_per * p + graph_free * heads * p * p * b + p * p * sat(4))
-        + d * (layer_linear(cfg, shape, p) * b + vocab * sat(4))
+    let (value, score) = value_bytes(shape);
+    let prefill = d * (cache_per * p + graph_free * heads * p * p * score + p * p * sat(4))
+        + d * (layer_linear(cfg, shape, p) * value + vocab * sat(4))
         + rows * cache_per * p;
     // The end of decoding: the cache at T positions plus one layer's copy while it grows, logits and their table,
     // the step's attention, and one row's sampling buffers (f64 scores and probabilities, the candidates).
-    let decode = rows * (cache_per * t + sat(2) * kv * t * b + sat(8) * vocab + graph_free * heads * t * b)
-        + rows * layer_linear(cfg, shape, sat(1)) * b
+    let decode = rows * (cache_per * t + sat(2) * kv * t * b + sat(8) * vocab + graph_free * heads * t * score)
+        + rows * layer_linear(cfg, shape, sat(1)) * value
         + vocab * sat(40);
     (fixed(cfg, shape) + resident_state(cfg, shape) + max(prefill, decode)).0
 }
