@@ -74,16 +74,16 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 
 /// The elements of a custom op's contiguous f32 CPU input; `what` names it in the error.
 pub fn storage_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else { candle_core::bail!("{what} must be f32") };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what} must be contiguous"),
-    }
+    storage(s, l, what)
 }
 
-/// The elements of a custom op's contiguous bf16 CPU input; `what` names it in the error.
-pub fn storage_bf16<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [half::bf16]> {
-    let CpuStorage::BF16(data) = s else { candle_core::bail!("{what} must be bf16") };
+/// The elements of a custom op's contiguous CPU input of element type `T`; `what` names it in the error.
+pub fn storage<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    let Ok(data) = s.as_slice::<T>() else { candle_core::bail!("{what} must be {}", T::DTYPE.as_str()) };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{what} must be contiguous"),

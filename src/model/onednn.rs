@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use half::bf16;
 
-use crate::cpu::{storage_bf16, storage_f32};
+use crate::cpu::storage;
 
 #[link(name = "gomp")]
 extern "C" {
@@ -335,17 +335,18 @@ impl CustomOp2 for Product {
                 self.tb
             );
         }
+        // The same product for either element type, each read through `storage`.
         let (ta, tb) = (self.ta, self.tb);
+        fn of<T: Element + candle_core::WithDType>(
+            (ta, tb, m, n, k): (bool, bool, usize, usize, usize),
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+        ) -> candle_core::Result<Vec<T>> {
+            gemm(ta, tb, m, n, k, storage(s1, l1, "onednn product: lhs")?, storage(s2, l2, "onednn product: rhs")?)
+        }
         let out = match (s1, s2) {
-            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
-                let (a, b) =
-                    (storage_bf16(s1, l1, "onednn product: lhs")?, storage_bf16(s2, l2, "onednn product: rhs")?);
-                CpuStorage::BF16(gemm(ta, tb, m, n, k, a, b)?)
-            }
-            _ => {
-                let (a, b) = (storage_f32(s1, l1, "onednn product: lhs")?, storage_f32(s2, l2, "onednn product: rhs")?);
-                CpuStorage::F32(gemm(ta, tb, m, n, k, a, b)?)
-            }
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => CpuStorage::BF16(of((ta, tb, m, n, k), (s1, l1), (s2, l2))?),
+            _ => CpuStorage::F32(of((ta, tb, m, n, k), (s1, l1), (s2, l2))?),
         };
         Ok((out, Shape::from((m, n))))
     }
