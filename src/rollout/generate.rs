@@ -3,12 +3,13 @@
 //! keeps only live rows), so no compute goes to padding after a row stops.
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, D};
 use indicatif::ProgressBar;
 use serde::Serialize;
 
 use super::rng::{RowKey, RowRng};
 use super::sampling::{sample, SamplingParams};
+use super::tensor_sampling::{self, RowDraw, TensorSampler};
 use crate::model::{attention_mask, positions_from_mask, CausalLm, KvCache, Tokenizer};
 
 /// Why a completion ended.
@@ -87,7 +88,8 @@ pub fn generate(
     for (chunk_no, chunk) in requests.chunks(cfg.batch_size).enumerate() {
         crate::signal::check()?;
         let base = chunk_no * cfg.batch_size;
-        for (i, c) in generate_batch(model, tokenizer, chunk, cfg)?.into_iter().enumerate() {
+        let on_device = tensor_sampling::on_device(model.device());
+        for (i, c) in generate_batch(model, tokenizer, chunk, cfg, on_device)?.into_iter().enumerate() {
             out[base + i] = Some(c);
         }
         if let Some(p) = progress {
@@ -102,6 +104,7 @@ fn generate_batch(
     tokenizer: Option<&Tokenizer>,
     requests: &[Request],
     cfg: &GenerationConfig,
+    on_device: bool,
 ) -> Result<Vec<Completion>> {
     let dev = model.device();
     let width = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
@@ -158,13 +161,13 @@ fn generate_batch(
         logits = logits.index_select(&slots, 0)?;
     }
 
+    let sampler = if on_device { Some(TensorSampler::new(logits.dim(D::Minus1)?, dev)?) } else { None };
     while !rows.is_empty() {
         // A stop request abandons the rollout (the step is not finished, so nothing of it is kept).
         crate::signal::check()?;
-        let table: Vec<Vec<f32>> = logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2()?;
+        let picks = choose(sampler.as_ref(), &logits.squeeze(1)?, &cfg.sampling, &mut rows)?;
         let mut keep = Vec::with_capacity(rows.len());
-        for (slot, (row, row_logits)) in rows.iter_mut().zip(&table).enumerate() {
-            let (token, lp) = sample(row_logits, &cfg.sampling, &row.history, &mut row.rng);
+        for (slot, (row, (token, lp))) in rows.iter_mut().zip(picks).enumerate() {
             row.ids.push(token);
             row.logprobs.push(lp);
             row.history.push(token);
@@ -219,6 +222,29 @@ fn generate_batch(
     Ok(done.into_iter().map(|c| c.expect("every row finished")).collect())
 }
 
+/// Each live row's next token and its log-prob: on the device by `sampler` when there is one (only ids and
+/// log-probs come back), else on the host from the logits read in place. Both draw the same uniform from the row's
+/// stream (none when greedy).
+fn choose(
+    sampler: Option<&TensorSampler>,
+    logits: &Tensor,
+    params: &SamplingParams,
+    rows: &mut [Row],
+) -> Result<Vec<(u32, f32)>> {
+    match sampler {
+        Some(sampler) => {
+            let us: Vec<f64> =
+                rows.iter_mut().map(|r| if params.is_greedy() { 0.0 } else { r.rng.next_f64() }).collect();
+            let draws: Vec<RowDraw> = rows.iter().zip(us).map(|(r, u)| RowDraw { history: &r.history, u }).collect();
+            sampler.sample(logits, params, &draws)
+        }
+        None => {
+            let table: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+            Ok(rows.iter_mut().zip(&table).map(|(r, l)| sample(l, params, &r.history, &mut r.rng)).collect())
+        }
+    }
+}
+
 /// Whether the decoded completion contains a stop string. Only the tail can newly match, so decode just enough
 /// trailing tokens to cover the longest stop string (a token decodes to at least one byte, or to nothing).
 fn hits_stop(tokenizer: Option<&Tokenizer>, ids: &[u32], stops: &[String]) -> Result<bool> {
@@ -227,4 +253,48 @@ fn hits_stop(tokenizer: Option<&Tokenizer>, ids: &[u32], stops: &[String]) -> Re
     let tail = &ids[ids.len().saturating_sub(longest + 2)..];
     let text = tok.decode(tail, false)?;
     Ok(stops.iter().any(|s| text.contains(s.as_str())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::builtin;
+    use candle_core::Device;
+
+    /// The tensor sampler (a GPU's path) run on the CPU through the whole decode loop gives the host sampler's
+    /// completions: same ids, finish reasons, and log-probs to f32 rounding (both draw from the same row streams).
+    #[test]
+    fn tensor_sampling_generates_what_host_sampling_does() {
+        let cfg = builtin::config("tiny").unwrap();
+        let w = builtin::weights(&cfg, 7, &Device::Cpu, DType::F32).unwrap();
+        let model = CausalLm::from_tensors(&cfg, w, false, &Device::Cpu, DType::F32).unwrap();
+        let requests: Vec<Request> = (0..6u64)
+            .map(|i| Request {
+                prompt: vec![257, 50 + i as u32, 43, 51][..2 + i as usize % 3].to_vec(),
+                key: RowKey { seed: 5, step: 1, prompt: i / 2, sample: i % 2 },
+            })
+            .collect();
+        let settings = [
+            SamplingParams::default(),
+            SamplingParams::greedy(),
+            SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.9, min_p: 0.02, repetition_penalty: 1.2 },
+        ];
+        for sampling in settings {
+            let gen = GenerationConfig {
+                sampling: sampling.clone(),
+                max_new_tokens: 24,
+                eos_ids: cfg.eos_token_ids.clone(),
+                stop_strings: vec![],
+                batch_size: 6,
+                pad_id: 0,
+            };
+            let host = generate_batch(&model, None, &requests, &gen, false).unwrap();
+            let tensor = generate_batch(&model, None, &requests, &gen, true).unwrap();
+            for (h, t) in host.iter().zip(&tensor) {
+                assert_eq!((&h.ids, h.finish), (&t.ids, t.finish), "{sampling:?}");
+                let worst = h.logprobs.iter().zip(&t.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst < 1e-4, "{sampling:?}: log-probs differ by {worst}");
+            }
+        }
+    }
 }

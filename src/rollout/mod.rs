@@ -5,6 +5,7 @@ pub mod generate;
 pub mod replay;
 pub mod rng;
 pub mod sampling;
+pub mod tensor_sampling;
 
 pub use batch::{Rollouts, Sample};
 pub use generate::{generate, Completion, FinishReason, GenerationConfig, Request};

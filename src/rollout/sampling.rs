@@ -87,7 +87,7 @@ fn draw(scores: &[f64], params: &SamplingParams, u: f64) -> u32 {
     if !filtered {
         return inverse_cdf(probs.iter().copied().enumerate(), probs.iter().sum(), u);
     }
-    // Candidates most likely first (ties by id), so the draw is deterministic.
+    // Candidates most likely first (ties by id), so the filters' cuts are deterministic.
     let mut cand: Vec<(usize, f64)> = probs.iter().copied().enumerate().collect();
     let by_prob = |a: &(usize, f64), b: &(usize, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if params.top_k > 0 && params.top_k < cand.len() {
@@ -115,6 +115,9 @@ fn draw(scores: &[f64], params: &SamplingParams, u: f64) -> u32 {
         let threshold = params.min_p * cand[0].1 / total;
         cand.retain(|c| c.1 / total >= threshold);
     }
+    // Draw over the kept ids in id order, as the unfiltered draw does and as the tensor sampler (which has no
+    // sort) must: the same distribution as walking them most likely first, and the same token on either path.
+    cand.sort_unstable_by_key(|c| c.0);
     let total = cand.iter().map(|c| c.1).sum();
     inverse_cdf(cand.into_iter(), total, u)
 }
