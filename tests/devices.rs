@@ -107,8 +107,12 @@ fn update_gradients_agree_on_every_device() {
     let (cpu_loss, _, cpu) = pg_loss_and_grads(&trainable_tiny(&Device::Cpu, DType::F32));
     assert!(cpu_loss.is_finite() && cpu_loss != 0.0);
     for device in devices() {
-        let (loss, _, got) = pg_loss_and_grads(&trainable_tiny(&device, DType::F32));
+        let model = trainable_tiny(&device, DType::F32);
+        let (loss, grads, got) = pg_loss_and_grads(&model);
         assert!((loss - cpu_loss).abs() <= 1e-4 * cpu_loss.abs().max(1.0), "{device:?}: loss {loss} vs {cpu_loss}");
+        let norm = safe::optim::grad_norm_and_scale(&grads, model.vars(), 1.0).unwrap().0;
+        let cpu_norm = cpu.iter().flatten().map(|&g| (g as f64).powi(2)).sum::<f64>().sqrt();
+        assert!((norm - cpu_norm).abs() <= 1e-5 * cpu_norm, "{device:?}: gradient norm {norm} vs {cpu_norm}");
         for (i, (a, b)) in got.iter().zip(&cpu).enumerate() {
             let top = b.iter().fold(0f32, |m, x| m.max(x.abs()));
             assert!(top > 0.0, "variable {i} has a zero gradient on the CPU");

@@ -1,7 +1,7 @@
 //! Global gradient-norm clipping, as `torch.nn.utils.clip_grad_norm_` (L2, `error_if_nonfinite = False`).
 
 use anyhow::Result;
-use candle_core::{backprop::GradStore, DType, Var};
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 
 /// Added to the norm in the scale, as torch does, so a zero norm cannot divide by zero.
 const NORM_EPS: f64 = 1e-6;
@@ -48,18 +48,24 @@ pub fn clipped_step(
 
 /// The global L2 norm of the gradients of `vars`, and the factor that clips it to `max_norm` (None when no clipping
 /// applies, including a non-finite norm), without changing the gradients: [`crate::optim::AdamW::step_scaled`]
-/// applies the factor inside its update. Sums of squares are accumulated in f64 (directly over the storage for CPU
-/// f32 gradients, so no squared copy of each gradient is made).
+/// applies the factor inside its update. Sums of squares are accumulated in f64 directly over the storage for CPU
+/// f32 gradients (no squared copy of each gradient is made); on a GPU each gradient's sum of squares is an f32
+/// reduction there (as torch's per-tensor norms are) and all of them come back in one read, not one per tensor.
 pub fn grad_norm_and_scale(grads: &GradStore, vars: &[(String, Var)], max_norm: f64) -> Result<(f64, Option<f64>)> {
     let mut sum_sq = 0.0f64;
+    let mut on_device = Vec::new();
     for (_, var) in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
-            sum_sq += if crate::cpu::is_cpu_f32(g) {
-                crate::cpu::with_f32(g, |g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())?
+            if crate::cpu::is_cpu_f32(g) {
+                sum_sq += crate::cpu::with_f32(g, |g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())?;
             } else {
-                g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?
-            };
+                on_device.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
+            }
         }
+    }
+    if !on_device.is_empty() {
+        let partial: Vec<f32> = Tensor::stack(&on_device, 0)?.to_device(&Device::Cpu)?.to_vec1()?;
+        sum_sq += partial.iter().map(|&s| s as f64).sum::<f64>();
     }
     let norm = sum_sq.sqrt();
     let scale = max_norm / (norm + NORM_EPS);
@@ -99,6 +105,19 @@ mod tests {
         let (mut grads, vars) = setup();
         assert!((clip_grad_norm(&mut grads, &vars, 100.0).unwrap() - 13.0).abs() < 1e-12);
         assert_eq!(grads.get(vars[0].1.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![3.0, 4.0]);
+    }
+
+    #[test]
+    fn gradients_off_the_fast_path_are_reduced_together_to_the_same_norm() {
+        // f64 gradients skip the CPU f32 pass and take the device path (per-tensor sums, one read): still 13.
+        let (mut grads, vars) = setup();
+        for (_, v) in &vars {
+            let g = grads.get(v.as_tensor()).unwrap().to_dtype(DType::F64).unwrap();
+            grads.insert(v.as_tensor(), g);
+        }
+        let (norm, scale) = grad_norm_and_scale(&grads, &vars, 6.5).unwrap();
+        assert!((norm - 13.0).abs() < 1e-6, "{norm}");
+        assert!((scale.unwrap() - 6.5 / (13.0 + 1e-6)).abs() < 1e-7);
     }
 
     #[test]
