@@ -7,7 +7,8 @@
 //! Variants: the padded forward with the composite LM head (log-softmax over `[rows, vocab]` logits in the graph),
 //! the fused LM-head op, the packed forward (no per-token work on padding), the fused norm/RoPE/softmax/SwiGLU
 //! ops against their composite forms, gradient checkpointing, bf16 compute over f32 master weights
-//! (`model.dtype = "bf16"`; with `--features onednn` its matmuls run in bf16 where the CPU has the kernels); AdamW
+//! (`model.dtype = "bf16"`; with `--features onednn` its matmuls run in bf16 where the CPU has the kernels), LoRA
+//! adapters (rank 16 on every linear module, the base frozen); AdamW
 //! through tensor ops vs the in-place kernel.
 
 mod common;
@@ -49,6 +50,10 @@ enum Variant {
     Checkpointed,
     /// PackedFused computing in bf16 over f32 master weights (`model.dtype = "bf16"`).
     PackedBf16,
+    /// PackedFused with LoRA adapters (rank 16, every linear module) the only trainable tensors.
+    PackedLora,
+    /// PackedLora computing in bf16.
+    PackedLoraBf16,
 }
 
 /// Forward + backward of Σ mask·adv·logp / tokens; returns the gradients.
@@ -70,9 +75,11 @@ fn backward(model: &CausalLm, batch: &SequenceBatch, adv: &Tensor, v: Variant) -
                 .unwrap()
                 .0
         }
-        Variant::PackedFused | Variant::PackedCompositeOps | Variant::PackedBf16 => {
-            loss_of(&batch.hidden(model).unwrap()).unwrap().0.backward().unwrap()
-        }
+        Variant::PackedFused
+        | Variant::PackedCompositeOps
+        | Variant::PackedBf16
+        | Variant::PackedLora
+        | Variant::PackedLoraBf16 => loss_of(&batch.hidden(model).unwrap()).unwrap().0.backward().unwrap(),
         _ => {
             let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, &batch.mask, None).unwrap();
             loss_of(&hidden).unwrap().0.backward().unwrap()
@@ -95,19 +102,21 @@ fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-const VARIANTS: [(&str, Variant); 6] = [
+const VARIANTS: [(&str, Variant); 8] = [
     ("padded, composite LM head (before)", Variant::PaddedComposite),
     ("padded, fused LM head", Variant::PaddedFused),
     ("packed, fused head, composite norms/rope/...", Variant::PackedCompositeOps),
     ("packed, fused head and ops (default)", Variant::PackedFused),
     ("packed, fused, gradient checkpointing", Variant::Checkpointed),
     ("packed, fused, bf16 compute (f32 masters)", Variant::PackedBf16),
+    ("packed, fused, LoRA r16 all-linear", Variant::PackedLora),
+    ("packed, fused, LoRA r16, bf16 compute", Variant::PackedLoraBf16),
 ];
 const OPTIMIZERS: [(&str, bool); 2] = [("tensor ops (before)", false), ("in-place kernel (default)", true)];
 
 fn main() {
     safe::init_threads();
-    // `--run K`: measure variant K (0-5: forward + backward, 6-7: AdamW) in this process; otherwise one child each.
+    // `--run K`: measure variant K (0-7: forward + backward, 8-9: AdamW) in this process; otherwise one child each.
     let args: Vec<String> = std::env::args().collect();
     if let Some(k) = args.iter().position(|a| a == "--run").and_then(|i| args.get(i + 1)).and_then(|k| k.parse().ok()) {
         return safe::on_pool(move || run(k));
@@ -130,8 +139,25 @@ fn run(k: usize) {
     let dev = Device::Cpu;
     let src = ModelSource::parse(&common::gguf_path(), None).expect("run scripts/fetch-smollm2.sh first");
     let loaded = LoadedModel::load(&src, &dev, DType::F32).expect("load SmolLM2");
-    let compute = if VARIANTS.get(k).is_some_and(|v| v.1 == Variant::PackedBf16) { DType::BF16 } else { DType::F32 };
-    let (model, _) = loaded.into_model(true, &dev, compute).expect("build");
+    let bf16 = VARIANTS.get(k).is_some_and(|v| matches!(v.1, Variant::PackedBf16 | Variant::PackedLoraBf16));
+    let compute = if bf16 { DType::BF16 } else { DType::F32 };
+    let lora = VARIANTS.get(k).is_some_and(|v| matches!(v.1, Variant::PackedLora | Variant::PackedLoraBf16));
+    let (mut model, _) = loaded.into_model(!lora, &dev, compute).expect("build");
+    if lora {
+        let spec = safe::model::lora::LoraSpec {
+            rank: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                .map(String::from)
+                .to_vec(),
+            rslora: false,
+            base_dtype: None,
+            seed: 0,
+            base_model: "SmolLM2-135M".into(),
+        };
+        model.add_lora(&spec, None).expect("adapters");
+    }
     let lens = [64usize, 64, 56, 48, 40, 32, 24, 16];
     let prompts: Vec<Vec<u32>> =
         (0..8).map(|r| (0..40).map(|j| 1 + ((r * 131 + j * 17) % 40000) as u32).collect()).collect();

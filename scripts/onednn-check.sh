@@ -12,6 +12,6 @@ if [ ! -f /usr/include/oneapi/dnnl/dnnl.h ]; then
     || { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q libdnnl-dev >/dev/null; }
 fi
 echo "== cargo test --features onednn (oneDNN's products, the decoder through them)"
-cargo test --locked --features onednn --lib model::onednn
+cargo test --locked --features onednn --lib -- model::onednn model::llama
 cargo test --locked --features onednn --test model_parity --test grpo_update --test train_resume --test lora --test devices
 echo "onednn-check: ok"

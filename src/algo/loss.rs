@@ -272,7 +272,8 @@ pub fn aggregate_tensor(per_token: &Tensor, mask: &Tensor, agg: &Aggregation) ->
 
 /// Scalar tensor → f64 (for metrics).
 pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    // Widened on the host: Metal has no f64.
+    Ok(t.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 #[cfg(test)]

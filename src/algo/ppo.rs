@@ -226,7 +226,8 @@ pub struct PpoMetrics {
 
 /// Rows `[b][C]` of a `[b, C]` tensor.
 fn rows(t: &Tensor) -> Result<Vec<Vec<f64>>> {
-    Ok(t.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?)
+    // Widened on the host: Metal has no f64.
+    Ok(t.to_device(&candle_core::Device::Cpu)?.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?)
 }
 
 /// Tensor `[b, C]` from rows of f64 (f32).

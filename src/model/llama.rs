@@ -283,17 +283,12 @@ fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle
     // A frozen weight (LoRA's base) under a graph: Candle's matmul backward differentiates both operands, which
     // would compute (and hold until the backward ends) a gradient the size of every base weight. The frozen ops'
     // backward gives the input's gradient only.
-    let frozen = x.track_op() && !w.track_op();
+    if x.track_op() && !w.track_op() {
+        return x.contiguous()?.apply_op1(FrozenWeightMatmul { w: w.clone() });
+    }
     #[cfg(feature = "onednn")]
     if super::onednn::applies(x, w) {
-        return if frozen {
-            super::onednn::frozen_linear(x, w)
-        } else {
-            super::onednn::linear(x, &weight_in(w, x.dtype())?)
-        };
-    }
-    if frozen {
-        return x.apply_op1(FrozenWeightMatmul { w: w.clone() });
+        return super::onednn::linear(x, &weight_in(w, x.dtype())?);
     }
     let w = weight_in(w, x.dtype())?;
     if rows <= FEW_ROWS {
@@ -303,9 +298,39 @@ fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle
     }
 }
 
+/// `x · Wᵀ` of a frozen weight on the CPU, `W` already in `x`'s dtype: oneDNN's kernels where they apply (under
+/// `--features onednn`), else Candle's. The one choice for the frozen products' forwards ([`FrozenWeightMatmul`],
+/// [`LoraMatmul`]'s base term).
+fn frozen_product_cpu(
+    x: &candle_core::CpuStorage,
+    lx: &candle_core::Layout,
+    w: &candle_core::CpuStorage,
+    lw: &candle_core::Layout,
+) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    #[cfg(feature = "onednn")]
+    if lx.is_contiguous()
+        && lw.is_contiguous()
+        && super::onednn::applies_to(candle_core::backend::BackendStorage::dtype(x), lx.shape().dims2()?.0)
+    {
+        return super::onednn::weight_product(x, lx, w, lw);
+    }
+    FrozenWeightMatmul::fwd(x, lx, w, lw)
+}
+
+/// `g · W`, the input's gradient through a frozen weight (cast to `g`'s dtype for the pass): the same choice as
+/// [`frozen_product_cpu`], on every device.
+fn frozen_input_grad(g: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let w = weight_in(w, g.dtype())?;
+    #[cfg(feature = "onednn")]
+    if super::onednn::applies(g, &w) {
+        return super::onednn::times(g, &w);
+    }
+    g.matmul(&w)
+}
+
 /// `x · Wᵀ` for a weight `W: [out, in]` (held by the op) that takes no gradient: the backward returns `x`'s only.
 /// A bf16 `W` (`lora.base_dtype`) is widened to `x`'s dtype in each pass and the copy dropped, so the graph keeps
-/// the bf16 weight alone. Forward and backward are Candle's own matmuls, on every device.
+/// the bf16 weight alone. Candle's matmuls on every device, oneDNN's on the CPU where they apply.
 struct FrozenWeightMatmul {
     w: Tensor,
 }
@@ -335,10 +360,10 @@ impl candle_core::CustomOp1 for FrozenWeightMatmul {
         s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let w = weight_in(&self.w, candle_core::backend::BackendStorage::dtype(s))?;
+        let w = weight_in(&self.w, candle_core::backend::BackendStorage::dtype(s))?.contiguous()?;
         let (w, lw) = w.storage_and_layout();
         match &*w {
-            candle_core::Storage::Cpu(w) => Self::fwd(s, l, w, lw),
+            candle_core::Storage::Cpu(w) => frozen_product_cpu(s, l, w, lw),
             _ => candle_core::bail!("frozen matmul: the weight is not on the CPU"),
         }
     }
@@ -370,7 +395,7 @@ impl candle_core::CustomOp1 for FrozenWeightMatmul {
     }
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // d(x·Wᵀ)/dx · g = g · W
-        Ok(Some(grad.matmul(&weight_in(&self.w, grad.dtype())?)?))
+        Ok(Some(frozen_input_grad(grad, &self.w)?))
     }
 }
 
@@ -378,8 +403,8 @@ impl candle_core::CustomOp1 for FrozenWeightMatmul {
 /// [`FrozenWeightMatmul`]) and a LoRA adapter `A: [r, in]`, `Bs = s · B: [out, r]`, as one node of the graph. Composed from Candle's ops, the adapter term would keep three
 /// `[rows, out]` tensors per layer alive until backward (the base product, `B(Ax)` and its scaled copy, each an
 /// input of the next op): more memory than the full fine-tuning it replaces. This op keeps only its inputs (and
-/// `x` is kept anyway); backward recomputes the small `x · Aᵀ`. Forward and backward are Candle's own matmuls, on
-/// every device.
+/// `x` is kept anyway); backward recomputes the small `x · Aᵀ`. The base term's products are [`FrozenWeightMatmul`]'s
+/// (oneDNN's on the CPU where they apply); the adapter's rank-r products are Candle's, on every device.
 struct LoraMatmul {
     w: Tensor,
     /// `lora.dropout`: the adapter term reads `x ⊙ mask` (the base term `x`); the mask is drawn again in
@@ -396,18 +421,16 @@ impl LoraMatmul {
         la: &candle_core::Layout,
         bs: &S,
         lbs: &candle_core::Layout,
-        w: &S,
-        lw: &candle_core::Layout,
+        (xw, lxw): (S, candle_core::Shape),
         mask: Option<(&S, &candle_core::Layout)>,
     ) -> candle_core::Result<(S, candle_core::Shape)> {
         let (m, k) = lx.shape().dims2()?;
-        let (n, kw) = lw.shape().dims2()?;
+        let (mw, n) = lxw.dims2()?;
         let (r, ka) = la.shape().dims2()?;
         let (nb, rb) = lbs.shape().dims2()?;
-        if k != kw || k != ka || n != nb || r != rb {
-            candle_core::bail!("lora matmul: x {m}x{k}, W {n}x{kw}, A {r}x{ka}, B {nb}x{rb}");
+        if m != mw || k != ka || n != nb || r != rb {
+            candle_core::bail!("lora matmul: x {m}x{k}, x·Wᵀ {mw}x{n}, A {r}x{ka}, B {nb}x{rb}");
         }
-        let xw = x.matmul(w, (1, m, n, k), lx, &lw.transpose(0, 1)?)?;
         let xa = match mask {
             Some((ms, lm)) => {
                 let xd = x.binary_impl::<candle_core::op::Mul>(ms, lx, lm)?;
@@ -444,7 +467,7 @@ impl candle_core::CustomOp3 for LoraMatmul {
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let dtype = candle_core::backend::BackendStorage::dtype(s1);
-        let w = weight_in(&self.w, dtype)?;
+        let w = weight_in(&self.w, dtype)?.contiguous()?;
         let mask = self.mask_tensor(l1, dtype)?;
         let mask = mask.as_ref().map(|m| m.storage_and_layout());
         let mask = match &mask {
@@ -456,7 +479,7 @@ impl candle_core::CustomOp3 for LoraMatmul {
         };
         let (w, lw) = w.storage_and_layout();
         match &*w {
-            candle_core::Storage::Cpu(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw, mask),
+            candle_core::Storage::Cpu(w) => Self::fwd(s1, l1, s2, l2, s3, l3, frozen_product_cpu(s1, l1, w, lw)?, mask),
             _ => candle_core::bail!("lora matmul: the base weight is not on the CPU"),
         }
     }
@@ -471,7 +494,7 @@ impl candle_core::CustomOp3 for LoraMatmul {
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         let dtype = candle_core::backend::BackendStorage::dtype(s1);
-        let w = weight_in(&self.w, dtype)?;
+        let w = weight_in(&self.w, dtype)?.contiguous()?;
         let mask = self.mask_tensor(l1, dtype)?;
         let mask = mask.as_ref().map(|m| m.storage_and_layout());
         let mask = match &mask {
@@ -483,7 +506,9 @@ impl candle_core::CustomOp3 for LoraMatmul {
         };
         let (w, lw) = w.storage_and_layout();
         match &*w {
-            candle_core::Storage::Cuda(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw, mask),
+            candle_core::Storage::Cuda(w) => {
+                Self::fwd(s1, l1, s2, l2, s3, l3, FrozenWeightMatmul::fwd(s1, l1, w, lw)?, mask)
+            }
             _ => candle_core::bail!("lora matmul: the base weight is not on the GPU"),
         }
     }
@@ -498,7 +523,7 @@ impl candle_core::CustomOp3 for LoraMatmul {
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
         let dtype = candle_core::backend::BackendStorage::dtype(s1);
-        let w = weight_in(&self.w, dtype)?;
+        let w = weight_in(&self.w, dtype)?.contiguous()?;
         let mask = self.mask_tensor(l1, dtype)?;
         let mask = mask.as_ref().map(|m| m.storage_and_layout());
         let mask = match &mask {
@@ -510,7 +535,9 @@ impl candle_core::CustomOp3 for LoraMatmul {
         };
         let (w, lw) = w.storage_and_layout();
         match &*w {
-            candle_core::Storage::Metal(w) => Self::fwd(s1, l1, s2, l2, s3, l3, w, lw, mask),
+            candle_core::Storage::Metal(w) => {
+                Self::fwd(s1, l1, s2, l2, s3, l3, FrozenWeightMatmul::fwd(s1, l1, w, lw)?, mask)
+            }
             _ => candle_core::bail!("lora matmul: the base weight is not on the GPU"),
         }
     }
@@ -534,7 +561,7 @@ impl candle_core::CustomOp3 for LoraMatmul {
             Some(m) => (gb.matmul(a)? * m)?,
             None => gb.matmul(a)?,
         };
-        let dx = (g.matmul(&weight_in(&self.w, g.dtype())?)? + gx)?;
+        let dx = (frozen_input_grad(g, &self.w)? + gx)?;
         let da = gb.t()?.matmul(&xd)?;
         let dbs = g.t()?.matmul(&xd.matmul(&a.t()?)?)?;
         Ok((Some(dx), Some(da), Some(dbs)))
@@ -1294,7 +1321,7 @@ impl CausalLm {
         // The head: final norm, `head`'s loss.
         let leaf = Var::from_tensor(&inputs.pop().unwrap())?;
         let (loss, extra) = head(&packing.unpack(&self.norm.forward(leaf.as_tensor())?)?)?;
-        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let loss_value = loss.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_value.is_finite() {
             return Ok((GradStore::default(), extra, loss_value));
         }
@@ -1453,6 +1480,8 @@ mod tests {
     #[test]
     fn lora_matmul_matches_the_composite_ops_and_their_gradients() {
         lora_matmul_against_the_composite(5, 8, 6, 3, None);
+        // Many rows: the base term's products by oneDNN under `--features onednn`.
+        lora_matmul_against_the_composite(40, 64, 48, 4, None);
     }
 
     /// With dropout, the mask drawn again in backward.
@@ -1460,6 +1489,42 @@ mod tests {
     fn lora_matmul_with_dropout_matches_the_composite_ops_and_their_gradients() {
         let mask = Mask { key: DropoutKey { p: 0.4, key: 9 }, layer: 1, module: 2 };
         lora_matmul_against_the_composite(6, 16, 5, 3, Some(mask));
+        lora_matmul_against_the_composite(33, 64, 24, 4, Some(mask));
+    }
+
+    /// In bf16 compute (bf16 input and factors, the f32 base weight cast per pass; oneDNN's bf16 kernels under the
+    /// feature where the CPU has them) the op follows its f32 self: output and every gradient within bf16's
+    /// rounding of the largest.
+    #[test]
+    fn lora_matmul_in_bf16_follows_f32() {
+        let (rows, inp, out, r, s) = (40, 64, 96, 4, 1.5);
+        let x = var(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1, (rows, inp));
+        let w = var(|i| ((i * 5 % 13) as f32 - 6.0) * 0.05, (out, inp)).as_detached_tensor();
+        let a = var(|i| ((i * 3 % 7) as f32 - 3.0) * 0.2, (r, inp));
+        let b = var(|i| ((i * 11 % 5) as f32 - 2.0) * 0.3, (out, r));
+        let c = var(|i| (i % 4) as f32 - 1.5, (rows, out)).as_detached_tensor();
+        let run = |dtype: DType| {
+            let cast = |v: &Var| v.as_tensor().to_dtype(dtype).unwrap();
+            let y = cast(&x)
+                .apply_op3(&cast(&a), &cast(&b).affine(s, 0.0).unwrap(), LoraMatmul { w: w.clone(), mask: None })
+                .unwrap();
+            assert_eq!(y.dtype(), dtype);
+            let g = (y.to_dtype(DType::F32).unwrap() * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads: Vec<Vec<f32>> =
+                [&x, &a, &b].iter().map(|v| flat(&g.get(v).unwrap().to_dtype(DType::F32).unwrap())).collect();
+            (flat(&y.to_dtype(DType::F32).unwrap()), grads)
+        };
+        let (y32, g32) = run(DType::F32);
+        let (y16, g16) = run(DType::BF16);
+        let near = |p: &[f32], q: &[f32], what: &str| {
+            let top = q.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = p.iter().zip(q).map(|(u, v)| (u - v).abs()).fold(0.0f32, f32::max);
+            assert!(top > 0.0 && d <= 2e-2 * top, "{what}: {d} of {top}");
+        };
+        near(&y16, &y32, "output");
+        for (i, what) in ["dx", "dA", "dB"].iter().enumerate() {
+            near(&g16[i], &g32[i], what);
+        }
     }
 
     /// A bf16 frozen weight (`lora.base_dtype = "bf16"`) in both graph ops: the outputs and input gradients of an

@@ -6,7 +6,9 @@
 //! of a linear layer under the autograd graph — forward `x·Wᵀ`, backward `dy·W` and `dyᵀ·x` — and graph-free
 //! products of more than a few rows go through it; decoding rows keep our weight-streaming kernel.
 //!
-//! [`applies`] is the one dispatch point ([`super::llama`]'s `matmul_by_weight_t` asks it). `SAFE_ONEDNN=0` turns
+//! [`applies`] is the one dispatch point ([`super::llama`]'s `matmul_by_weight_t` asks it for trained weights, its
+//! frozen-weight products, the plain ones and LoRA's base term, ask it through `frozen_product_cpu` and
+//! `frozen_input_grad`). `SAFE_ONEDNN=0` turns
 //! it off at run time (for side-by-side benchmarks of one build).
 
 use std::os::raw::{c_char, c_int};
@@ -86,19 +88,24 @@ pub fn bf16_kernels() -> bool {
 
 /// Whether `x · Wᵀ` (`x: [rows, in]`, `W: [out, in]`, computed in `x`'s dtype) runs here: f32, or bf16 where
 /// [`bf16_kernels`], on the CPU, more than [`MIN_ROWS`] rows; `W` f32 or bf16 (cast to `x`'s dtype by the caller,
-/// or per pass for a frozen weight).
+/// per pass for a frozen weight).
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu()
+        && matches!(w.dtype(), DType::F32 | DType::BF16)
+        && x.rank() == 2
+        && w.rank() == 2
+        && x.dim(0).is_ok_and(|rows| applies_to(x.dtype(), rows))
+}
+
+/// [`applies`] for a custom op's CPU input of `rows` rows in `dtype` (its weight already cast to that dtype).
+pub fn applies_to(dtype: DType, rows: usize) -> bool {
     enabled()
-        && x.device().is_cpu()
-        && match x.dtype() {
+        && rows > MIN_ROWS
+        && match dtype {
             DType::F32 => true,
             DType::BF16 => bf16_kernels(),
             _ => false,
         }
-        && matches!(w.dtype(), DType::F32 | DType::BF16)
-        && x.rank() == 2
-        && w.rank() == 2
-        && x.dim(0).is_ok_and(|r| r > MIN_ROWS)
 }
 
 /// `x · Wᵀ` with its backward (`dx = dy·W`, `dW = dyᵀ·x`) by oneDNN; `W` in `x`'s dtype.
@@ -106,34 +113,20 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
 }
 
-/// `x · Wᵀ` for a weight that takes no gradient (LoRA's base), by oneDNN: the backward gives `x`'s gradient only.
-/// A `W` in another dtype than `x` (a bf16 base) is cast in each pass and the copy dropped, as
-/// [`super::llama`]'s Candle-side op for other devices does.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() })
+/// `x · Wᵀ` at the storage level, for a custom op's forward (a frozen weight's product, LoRA's base term): `x`
+/// `[rows, in]` and `W` `[out, in]` contiguous, in one dtype, where [`applies_to`] says so.
+pub fn weight_product(
+    x: &CpuStorage,
+    lx: &Layout,
+    w: &CpuStorage,
+    lw: &Layout,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    Product { ta: false, tb: true }.cpu_fwd(x, lx, w, lw)
 }
 
-struct FrozenLinear {
-    w: Tensor,
-}
-
-impl candle_core::CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "onednn-frozen-linear"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = self.w.to_dtype(candle_core::backend::BackendStorage::dtype(s))?.contiguous()?;
-        let (ws, wl) = w.storage_and_layout();
-        let candle_core::Storage::Cpu(ws) = &*ws else { candle_core::bail!("onednn frozen linear: W not on the CPU") };
-        Product { ta: false, tb: true }.cpu_fwd(s, l, ws, wl)
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // dx = g·W ([rows, out]·[out, in]).
-        let w = self.w.to_dtype(g.dtype())?;
-        Ok(Some(g.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Product { ta: false, tb: false })?))
-    }
+/// `g · W` without a backward (the input's gradient through a frozen weight), where [`applies`] says so.
+pub fn times(g: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    g.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Product { ta: false, tb: false })
 }
 
 /// An element type oneDNN multiplies here: f32 by `dnnl_sgemm`, bf16 (accumulated in f32) by the matmul
