@@ -15,8 +15,9 @@
 #                                             2. the quickstart on model.device = "cuda" for 20 steps: exit 0, a
 #                                                checkpoint, finite metrics;
 #                                             3. the speed and memory table: GRPO on builtin:random-360m and
-#                                                builtin:random-1.5b (bf16, 8 completions × 64 tokens, 6 steps)
-#                                                with the peak GPU memory nvidia-smi saw, medians of steps 2..N.
+#                                                builtin:random-1.5b (bf16, 8 completions × 64 tokens, 6 steps),
+#                                                the 360M again decoding from bf16 copies (rollout.weights), with
+#                                                the peak GPU memory nvidia-smi saw, medians of steps 2..N.
 #                                           Logs, metrics and table.md go to $OUT (the device tool's), else
 #                                           target/gpu-check.
 #   bash scripts/gpu-check.sh run --cpu     the same flow on this machine's CPU with `target/release/safe` and the
@@ -68,13 +69,13 @@ fail=0
 note() { echo "$*" | tee -a "$out/summary.txt"; }
 
 if [ "$cpu" = 1 ]; then
-  bin=target/release/safe device=cpu speed_models="builtin:tiny" steps=3
+  bin=target/release/safe device=cpu speed_models="builtin:tiny builtin:tiny+bf16" steps=3
   tests="$(ls -t target/release/deps/devices-* 2>/dev/null | grep -v '\.d$' | head -1 || true)"
   dtype=f32
 else
   [ -f .gpu/safe.xz ] || { echo "error: .gpu/safe.xz is missing (run pack here, carry .gpu)" >&2; exit 1; }
   for f in .gpu/*.xz; do xz -dc "$f" > "$work/$(basename "$f" .xz)"; chmod +x "$work/$(basename "$f" .xz)"; done
-  bin="$work/safe" tests="$work/devices" device=cuda speed_models="builtin:random-360m builtin:random-1.5b" steps=6
+  bin="$work/safe" tests="$work/devices" device=cuda speed_models="builtin:random-360m builtin:random-360m+bf16 builtin:random-1.5b" steps=6
   dtype=bf16
   # CUDA's runtime libraries as the image's Python wheels hold them (the driver's libcuda comes with the machine).
   libs=$(python3 - <<'PY'
@@ -126,8 +127,10 @@ fi
 note "== 3. speed and memory ($dtype, 8 completions x 64 tokens, $steps steps)"
 echo "| model | s/step | gen s | gen tok/s | update s | peak GPU MiB | memory plan |" > "$out/table.md"
 echo "|---|---|---|---|---|---|---|" >> "$out/table.md"
-for model in $speed_models; do
-  name=${model#builtin:}
+for run in $speed_models; do
+  # MODEL+bf16: decoding from bf16 copies of the f32 masters (rollout.weights = "bf16").
+  model=${run%+bf16} weights=model name=${model#builtin:}
+  [ "$model" != "$run" ] && { weights=bf16; name=$name-bf16-decode; }
   rm -f "$work/smi.csv"
   if [ "$cpu" = 0 ]; then
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$work/smi.csv" &
@@ -136,7 +139,8 @@ for model in $speed_models; do
   if "$bin" train --config configs/quickstart.toml --set model.id="$model" --set model.device="$device" \
     --set model.dtype="$dtype" --set run.name="$name" --set run.max_steps="$steps" --set run.save_every=0 \
     --set run.output_dir="$work/runs" --set run.log_every=1 --set rollout.prompts_per_step=1 --set rollout.num_generations=8 \
-    --set rollout.max_new_tokens=64 --set algorithm.micro_batch_size=0 --set eval.every=0 --resume never \
+    --set rollout.max_new_tokens=64 --set rollout.weights="$weights" --set algorithm.micro_batch_size=0 \
+    --set eval.every=0 --resume never \
     > "$out/speed-$name.log" 2>&1; then
     [ -n "${smi_pid:-}" ] && { kill "$smi_pid" 2>/dev/null || true; wait "$smi_pid" 2>/dev/null || true; smi_pid=; }
     cp "$work/runs/$name/metrics.jsonl" "$out/speed-$name-metrics.jsonl"

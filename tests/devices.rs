@@ -202,3 +202,34 @@ fn sampled_generation_agrees_on_every_device() {
         }
     }
 }
+
+/// `rollout.weights = "bf16"` on every device: decoding from bf16 copies of an f32 model (the host kernel's on the
+/// CPU, tensors and the device's bf16 matmul on a GPU) stays within bf16's rounding of the f32 logits.
+#[test]
+fn bf16_decode_copies_follow_f32_on_every_device() {
+    let cfg = builtin::config("tiny").unwrap();
+    let want = tiny_logits(&Device::Cpu);
+    let top = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for device in devices() {
+        let w = builtin::weights(&cfg, 7, &device, DType::F32).unwrap();
+        let mut model = CausalLm::from_tensors(&cfg, w, false, &device, DType::F32).unwrap();
+        model.enable_decode_copies(true).unwrap();
+        let ids = Tensor::new(&[257u32, 50, 43, 51, 61, 258][..], &device).unwrap().unsqueeze(0).unwrap();
+        let pos = Tensor::new(&[0u32, 1, 2, 3, 4, 5][..], &device).unwrap().unsqueeze(0).unwrap();
+        let mask = attention_mask(&[vec![true; 6]], 6, None, &device).unwrap();
+        let got: Vec<f32> = model
+            .forward(&ids, &pos, &mask, None)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let worst = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst > 0.0, "{device:?}: the copies are bf16, not the f32 weights");
+        assert!(worst < 2e-2 * top, "{device:?}: max |Δlogit| = {worst} (top {top})");
+    }
+}

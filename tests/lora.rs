@@ -337,6 +337,27 @@ fn decoding_includes_the_adapters() {
     merged.refresh_decode_copies().unwrap();
     let got: Vec<f32> = merged.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert!(diff(&got, &want) < 1e-5, "refreshed merged copies: {}", diff(&got, &want));
+    // The same copies as tensors (a GPU's kind, here on the CPU): merged f32 gives the logits, refreshed too;
+    // bf16 (activations cast to bf16 as well) stays as close as the host's bf16 copies.
+    let mut on_device = model.frozen_view().unwrap();
+    on_device.enable_decode_copies_on_device(false).unwrap();
+    let got: Vec<f32> = on_device.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(diff(&got, &want) < 1e-5, "merged f32 device copies: {}", diff(&got, &want));
+    for (name, var) in model.vars() {
+        if name.ends_with("lora_B.weight") {
+            var.set(&(var.as_tensor() * 0.5).unwrap()).unwrap();
+        }
+    }
+    let want: Vec<f32> = model.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let stale: Vec<f32> = on_device.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(diff(&stale, &want) > 1e-4, "the copies hold the weights of their last refresh");
+    on_device.refresh_decode_copies().unwrap();
+    let got: Vec<f32> = on_device.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(diff(&got, &want) < 1e-5, "refreshed device copies: {}", diff(&got, &want));
+    let mut bf16_device = model.frozen_view().unwrap();
+    bf16_device.enable_decode_copies_on_device(true).unwrap();
+    let got: Vec<f32> = bf16_device.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(diff(&got, &want) < 0.1 * diff(&want, &base), "bf16 device copies: {}", diff(&got, &want));
 }
 
 const LORA: &str = "\n[lora]\nrank = 4\nalpha = 8.0\ntargets = [\"all-linear\"]\n";

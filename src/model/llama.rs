@@ -131,18 +131,55 @@ struct Shadow {
 enum ShadowData {
     Bf16(Vec<half::bf16>),
     F32(Vec<f32>),
+    /// A tensor on the weight's device in `dtype` (`None` until refreshed), for the device's own matmul.
+    Tensor {
+        dtype: DType,
+        copy: Option<Tensor>,
+    },
 }
 
 impl Shadow {
+    /// A host copy, for the CPU's weight-streaming kernel.
     fn new(bf16: bool, merged: bool) -> Self {
         let data = if bf16 { ShadowData::Bf16(Vec::new()) } else { ShadowData::F32(Vec::new()) };
         Self { data: std::sync::Arc::new(std::sync::RwLock::new(data)), merged }
+    }
+
+    /// A copy as a tensor in `dtype` on the weight's device.
+    fn tensor(dtype: DType, merged: bool) -> Self {
+        let data = ShadowData::Tensor { dtype, copy: None };
+        Self { data: std::sync::Arc::new(std::sync::RwLock::new(data)), merged }
+    }
+
+    /// Whether `x` decodes from this copy: few rows without a gradient; for a host copy, the CPU kernel's inputs
+    /// ([`decode_rows`]).
+    fn decodes(&self, x: &Tensor, w: &Tensor) -> bool {
+        match &*self.data.read().expect("shadow lock") {
+            ShadowData::Tensor { .. } => x.dim(0).is_ok_and(|r| r <= super::gemv::MAX_ROWS) && !x.track_op(),
+            _ => decode_rows(x, w),
+        }
+    }
+
+    /// The tensor copy, for a copy kept as one (an error if it was never refreshed); `None` for a host copy.
+    fn device_copy(&self) -> Option<candle_core::Result<Tensor>> {
+        match &*self.data.read().expect("shadow lock") {
+            ShadowData::Tensor { copy, .. } => {
+                Some(copy.clone().ok_or_else(|| candle_core::Error::Msg("decode copies were not refreshed".into())))
+            }
+            _ => None,
+        }
     }
 
     /// Copy `weight` (the layer's weight, or [`Linear::merged_weight`] for a merged copy) into this copy's dtype.
     fn refresh(&self, weight: &Tensor) -> Result<()> {
         use rayon::prelude::*;
         let mut dst = self.data.write().expect("shadow lock");
+        if let ShadowData::Tensor { dtype, copy } = &mut *dst {
+            // A fresh tensor even in the weight's own dtype: the weight is updated in place by the optimizer.
+            let t = if weight.dtype() == *dtype { weight.copy()? } else { weight.to_dtype(*dtype)? };
+            *copy = Some(t.detach());
+            return Ok(());
+        }
         crate::cpu::with_f32(weight, |w| match &mut *dst {
             ShadowData::Bf16(d) => {
                 d.resize(w.len(), half::bf16::ZERO);
@@ -156,6 +193,7 @@ impl Shadow {
                 d.clear();
                 d.extend_from_slice(w);
             }
+            ShadowData::Tensor { .. } => unreachable!("handled above"),
         })
     }
 
@@ -166,6 +204,7 @@ impl Shadow {
         crate::cpu::with_f32(x, |xs| match &*w {
             ShadowData::Bf16(w) if w.len() == n * k => Ok(super::gemv::matmul_t_bf16(xs, w, rows, k, n)),
             ShadowData::F32(w) if w.len() == n * k => Ok(super::gemv::matmul_t(xs, w, rows, k, n)),
+            ShadowData::Tensor { .. } => bail!("a device decode copy read by the host kernel"),
             _ => bail!("decode copies of the weights were not refreshed"),
         })?
     }
@@ -188,9 +227,9 @@ impl Linear {
         }
     }
 
-    /// Whether `x` takes the decode path ([`matmul_by_weight_t`]'s kernel) over a copy with the adapter merged in.
+    /// Whether `x` takes the decode path ([`matmul_by_weight_t`]'s) over a copy with the adapter merged in.
     fn decodes_merged(&self, x: &Tensor) -> bool {
-        self.shadow.as_ref().is_some_and(|s| s.merged) && decode_rows(x, &self.weight)
+        self.shadow.as_ref().is_some_and(|s| s.merged && s.decodes(x, &self.weight))
     }
 }
 
@@ -262,6 +301,11 @@ pub(crate) fn weight_in(w: &Tensor, dtype: DType) -> candle_core::Result<Tensor>
 fn matmul_by_weight_t(x: &Tensor, w: &Tensor, shadow: Option<&Shadow>) -> candle_core::Result<Tensor> {
     const FEW_ROWS: usize = 16; // measured by benches/matmul.rs: W·xᵀ wins up to 16 rows, x·Wᵀ from 32
     let rows = x.dim(0)?;
+    // Decoding from a copy on the device (a GPU): the device's matmul in the copy's dtype.
+    if let Some(copy) = shadow.filter(|s| s.decodes(x, w)).and_then(Shadow::device_copy) {
+        let copy = copy?;
+        return x.to_dtype(copy.dtype())?.matmul(&copy.t()?)?.to_dtype(x.dtype());
+    }
     // Decoding (few rows, no gradient, CPU f32): the weight-streaming kernel, over the decode copy when there is one.
     if decode_rows(x, w) {
         let x = x.contiguous()?;
@@ -1139,23 +1183,40 @@ impl CausalLm {
     /// stream per token; `rollout.weights = "bf16"`); and with LoRA, every adapted layer's copy holds `W + s·B·A`
     /// (f32 without `bf16`), so a token costs one product per layer instead of three. Prefill and every forward
     /// with a graph keep the weights and adapters as they are. The copies must be remade after the weights
-    /// change, by [`Self::refresh_decode_copies`]. Nothing to do (and no copy made) without `bf16` or adapters,
-    /// or off the CPU, where decoding reads the weights themselves.
+    /// change, by [`Self::refresh_decode_copies`]. Nothing to do (and no copy made) without `bf16` or adapters.
+    ///
+    /// Off the CPU (a GPU) the copies are tensors on the device ([`Self::enable_decode_copies_on_device`]).
     pub fn enable_decode_copies(&mut self, bf16: bool) -> Result<()> {
+        if !self.embed_tokens.device().is_cpu() {
+            return self.enable_decode_copies_on_device(bf16);
+        }
         if !crate::cpu::is_cpu_f32(&self.embed_tokens) {
             if bf16 {
                 bail!("bf16 decoding copies need an f32 model on the CPU");
             }
             return Ok(());
         }
+        self.add_decode_copies(bf16, |merged| Shadow::new(bf16, merged))
+    }
+
+    /// [`Self::enable_decode_copies`] with the copies as tensors on the model's device, decoded by its own
+    /// matmul (cuBLAS on CUDA; the activations cast to a bf16 copy's dtype and back, as a bf16 forward computes):
+    /// what a GPU uses, and on the CPU a check of that path against the host copies. A model already in bf16
+    /// needs no bf16 copy.
+    pub fn enable_decode_copies_on_device(&mut self, bf16: bool) -> Result<()> {
+        let copy_dtype = if bf16 { DType::BF16 } else { DType::F32 };
+        self.add_decode_copies(bf16, |merged| Shadow::tensor(copy_dtype, merged))
+    }
+
+    fn add_decode_copies(&mut self, bf16: bool, make: impl Fn(bool) -> Shadow) -> Result<()> {
         for (_, _, l) in self.linears_mut() {
             // A base weight held in bf16 (lora.base_dtype) decodes as it is: a bf16 copy would hold the same values.
             if l.lora.is_some() || (bf16 && l.weight.dtype() != DType::BF16) {
-                l.shadow = Some(Shadow::new(bf16, l.lora.is_some()));
+                l.shadow = Some(make(l.lora.is_some()));
             }
         }
-        if bf16 {
-            self.head_shadow = Some(Shadow::new(true, false));
+        if bf16 && self.lm_head_weight().dtype() != DType::BF16 {
+            self.head_shadow = Some(make(false));
         }
         self.refresh_decode_copies()
     }

@@ -641,7 +641,7 @@ pub static KEYS: &[KeySpec] = &[
         "rollout.weights",
         Kind::Choice(RolloutWeights::NAMES),
         "\"model\"",
-        "Weights decoding reads: the policy's own (\"model\": exact on-policy samples), or a bf16 copy refreshed every step (\"bf16\", CPU f32 GRPO: half the bytes per token; the loss recomputes log-probs in f32 and corrects the mismatch by truncated importance sampling, as TRL does for vLLM rollouts).",
+        "Weights decoding reads: the policy's own (\"model\": exact on-policy samples), or a bf16 copy refreshed every step (\"bf16\", GRPO with f32 weights: half the bytes per token, on the CPU by our decode kernel, on a GPU by its bf16 matmul; the loss recomputes log-probs in f32 and corrects the mismatch by truncated importance sampling, as TRL does for vLLM rollouts).",
     ),
     KeySpec {
         path: "rollout.importance_cap",
