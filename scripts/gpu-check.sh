@@ -13,7 +13,8 @@
 #                                                logits, the update's gradients in f32 and bf16, AdamW, each
 #                                                against the CPU);
 #                                             2. the quickstart on model.device = "cuda" for 20 steps: exit 0, a
-#                                                checkpoint, finite metrics;
+#                                                checkpoint, finite metrics; and 6 steps straight against 3 resumed
+#                                                to 6: the same metrics and checkpoint bytes (exact resume);
 #                                             3. the speed and memory table: GRPO on builtin:random-360m and
 #                                                builtin:random-1.5b (bf16, 8 completions × 64 tokens, 6 steps),
 #                                                the 360M again decoding from bf16 copies (rollout.weights), with
@@ -122,6 +123,35 @@ PY
   fi
 else
   note "quickstart: FAILED"; tail -20 "$out/quickstart.log"; fail=1
+fi
+
+note "== 2b. exact resume on $device (6 steps straight against 3, then resumed to 6)"
+resume_run() { "$bin" train --config configs/quickstart.toml --set model.device="$device" --set run.save_every=3 \
+  --set run.output_dir="$work/resume" --set eval.every=0 --set run.log_every=1 --set run.name="$1" --set run.max_steps="$2" --resume "$3" \
+  >> "$out/resume.log" 2>&1; }
+if resume_run straight 6 never && resume_run split 3 never && resume_run split 6 auto; then
+  if python3 - "$work/resume" > "$work/resume.txt" <<'PY'; then
+import hashlib, json, sys
+root = sys.argv[1]
+# Training's metrics by step, without wall-clock figures and the end-of-run evaluation (each half has its own).
+keep = lambda k: not k.startswith(("timing/", "eval/")) and k != "tokens_per_second"
+strip = lambda path: [{k: v for k, v in json.loads(l).items() if keep(k)} for l in open(path)]
+by_step = lambda rows: {r["step"]: r for r in rows}
+a, b = by_step(strip(f"{root}/straight/metrics.jsonl")), by_step(strip(f"{root}/split/metrics.jsonl"))
+digest = lambda run, f: hashlib.sha256(open(f"{root}/{run}/checkpoints/step-6/{f}", "rb").read()).hexdigest()
+files = [f for f in ("model.safetensors", "optimizer.safetensors") if digest("straight", f) != digest("split", f)]
+first = next((k for k in sorted(a) if a[k] != b.get(k)), None)
+same = not files and first is None and len(a) >= 6
+print(f"resume: {'bit-exact' if same else 'DIFFERS'} ({len(a)} metric records; differing files: {files or 'none'}; "
+      f"first differing step: {first})")
+sys.exit(0 if same else 1)
+PY
+    note "$(cat "$work/resume.txt")"
+  else
+    note "$(cat "$work/resume.txt") FAILED"; fail=1
+  fi
+else
+  note "resume: FAILED (see resume.log)"; tail -20 "$out/resume.log"; fail=1
 fi
 
 note "== 3. speed and memory ($dtype, 8 completions x 64 tokens, $steps steps)"
