@@ -12,6 +12,9 @@
 #                                             1. nvidia-smi and the device tests on the GPU (tests/devices.rs:
 #                                                logits, the update's gradients in f32 and bf16, AdamW, each
 #                                                against the CPU);
+#                                             1b. per-token log-probs of the tiny model and a random one of
+#                                                SmolLM2's shape (`safe logprobs`, f32 and bf16) against
+#                                                transformers on the same GPU (python3 there has torch);
 #                                             2. the quickstart on model.device = "cuda" for 20 steps: exit 0, a
 #                                                checkpoint, finite metrics; and 6 steps straight against 3 resumed
 #                                                to 6: the same metrics and checkpoint bytes (exact resume);
@@ -22,7 +25,9 @@
 #                                           Logs, metrics and table.md go to $OUT (the device tool's), else
 #                                           target/gpu-check.
 #   bash scripts/gpu-check.sh run --cpu     the same flow on this machine's CPU with `target/release/safe` and the
-#                                           tiny model, to check the script itself without a GPU.
+#                                           tiny model, to check the script itself without a GPU (PYTHON: an
+#                                           interpreter with torch and transformers, e.g. bench-vs-trl's venv;
+#                                           PARITY_MODELS="tiny random-360m" for the larger parity check too).
 #
 # A device call, after `pack` (about 3-5 minutes there, most of it the 1.5B model's steps):
 #   command: bash scripts/gpu-check.sh run    carry: [".gpu"]    timeout_s: 420
@@ -70,13 +75,13 @@ fail=0
 note() { echo "$*" | tee -a "$out/summary.txt"; }
 
 if [ "$cpu" = 1 ]; then
-  bin=target/release/safe device=cpu speed_models="builtin:tiny builtin:tiny+bf16" steps=3
+  bin=target/release/safe device=cpu speed_models="builtin:tiny builtin:tiny+bf16" parity_models="${PARITY_MODELS:-tiny}" steps=3
   tests="$(ls -t target/release/deps/devices-* 2>/dev/null | grep -v '\.d$' | head -1 || true)"
   dtype=f32
 else
   [ -f .gpu/safe.xz ] || { echo "error: .gpu/safe.xz is missing (run pack here, carry .gpu)" >&2; exit 1; }
   for f in .gpu/*.xz; do xz -dc "$f" > "$work/$(basename "$f" .xz)"; chmod +x "$work/$(basename "$f" .xz)"; done
-  bin="$work/safe" tests="$work/devices" device=cuda speed_models="builtin:random-360m builtin:random-360m+bf16 builtin:random-1.5b" steps=6
+  bin="$work/safe" tests="$work/devices" device=cuda speed_models="builtin:random-360m builtin:random-360m+bf16 builtin:random-1.5b" parity_models="tiny random-360m" steps=6
   dtype=bf16
   # CUDA's runtime libraries as the image's Python wheels hold them (the driver's libcuda comes with the machine).
   libs=$(python3 - <<'PY'
@@ -101,6 +106,63 @@ if [ -n "$tests" ] && "$tests" --test-threads 1 > "$out/devices.log" 2>&1; then
 else
   note "devices: FAILED (see devices.log)"; tail -20 "$out/devices.log" || true; fail=1
 fi
+
+note "== 1b. log-probs against transformers on $device (torch on the same device)"
+# The tiny model and a random one of SmolLM2's shape as HF checkpoints (one training step writes one), then the
+# per-token log-probs of fixed sequences by `safe logprobs` and by transformers, in f32 and bf16.
+python=${PYTHON:-python3}
+"$python" - "$work/parity-in.jsonl" <<'PY'
+import json, sys
+with open(sys.argv[1], "w") as f:
+    for r in range(4):
+        prompt = [(r * 37 + j * 11) % 250 + 3 for j in range(5 + 3 * r)]
+        completion = [(r * 53 + j * 29) % 250 + 3 for j in range(24 - 4 * r)]
+        f.write(json.dumps({"prompt_ids": prompt, "completion_ids": completion}) + "\n")
+PY
+for shape in $parity_models; do
+  if "$bin" train --config configs/quickstart.toml --set model.id="builtin:$shape" --set model.device="$device" \
+    --set model.dtype=f32 --set run.max_steps=1 --set run.save_every=1 --set run.output_dir="$work/parity" \
+    --set run.name="$shape" --set eval.every=0 --set rollout.prompts_per_step=1 --set rollout.num_generations=2 \
+    --set rollout.max_new_tokens=8 --resume never >> "$out/parity.log" 2>&1; then
+    ckpt="$work/parity/$shape/checkpoints/step-1"
+    for dtype in f32 bf16; do
+      if "$bin" logprobs --model "$ckpt" --input "$work/parity-in.jsonl" --device "$device" --dtype "$dtype" \
+        --output "$work/parity-$shape-$dtype.jsonl" >> "$out/parity.log" 2>&1 &&
+        "$python" - "$ckpt" "$work/parity-$shape-$dtype.jsonl" "$device" "$dtype" "$shape" > "$work/parity.txt" 2>> "$out/parity.log" <<'PY'; then
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+ckpt, path, device, dtype, shape = sys.argv[1:]
+torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
+try:
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype)
+except TypeError:
+    model = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch_dtype)
+model = model.to(device).eval()
+worst, n = 0.0, 0
+for line in open(path):
+    r = json.loads(line)
+    p, c = r["prompt_ids"], r["completion_ids"]
+    ids = torch.tensor([p + c], device=device)
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(p) - 1 : -1].float()  # f32 log-softmax, as TRL takes it
+    want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c, device=device)[:, None])[:, 0].cpu()
+    got = torch.tensor(r["logprobs"])
+    worst, n = max(worst, (want - got).abs().max().item()), n + len(c)
+# f32: summation order only; bf16: both sides round the weights and activations to bf16, in different orders.
+tol = {"f32": 2e-3, "bf16": 0.15}[dtype]
+print(f"parity {shape} {dtype}: max |Δ log-prob| {worst:.2e} over {n} tokens (tolerance {tol})")
+sys.exit(0 if worst <= tol else 1)
+PY
+        note "$(cat "$work/parity.txt")"
+      else
+        note "parity $shape $dtype: FAILED $(cat "$work/parity.txt" 2>/dev/null) (see parity.log)"; tail -5 "$out/parity.log"; fail=1
+      fi
+    done
+  else
+    note "parity $shape: FAILED to write the checkpoint (see parity.log)"; tail -5 "$out/parity.log"; fail=1
+  fi
+done
 
 note "== 2. quickstart on $device"
 if "$bin" train --config configs/quickstart.toml --set model.device="$device" --set run.max_steps=20 \
