@@ -38,17 +38,27 @@ fn an_explicit_cuda_device_without_a_gpu_is_an_error_naming_it() {
     assert!(!e.contains("candle_core::"), "no backtrace in the message: {e}");
 }
 
-/// The tiny model's logits on `device` in f32, as a host vector.
-fn tiny_logits(device: &Device) -> Vec<f32> {
+/// The tiny model (f32, no gradient) on `device`.
+fn frozen_tiny(device: &Device) -> CausalLm {
     let cfg = builtin::config("tiny").unwrap();
     let w = builtin::weights(&cfg, 7, device, DType::F32).unwrap();
-    let model = CausalLm::from_tensors(&cfg, w, false, device, DType::F32).unwrap();
+    CausalLm::from_tensors(&cfg, w, false, device, DType::F32).unwrap()
+}
+
+/// `model`'s logits over one fixed 6-token row, in f32, as a host vector.
+fn logits_of(model: &CausalLm) -> Vec<f32> {
+    let device = model.device();
     let ids: [u32; 6] = [257, 50, 43, 51, 61, 258];
     let ids = Tensor::new(&ids[..], device).unwrap().unsqueeze(0).unwrap();
     let pos = Tensor::new(&[0u32, 1, 2, 3, 4, 5][..], device).unwrap().unsqueeze(0).unwrap();
     let mask = attention_mask(&[vec![true; 6]], 6, None, device).unwrap();
     let logits = model.forward(&ids, &pos, &mask, None).unwrap();
     logits.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_device(&Device::Cpu).unwrap().to_vec1().unwrap()
+}
+
+/// The tiny model's logits on `device` in f32, as a host vector.
+fn tiny_logits(device: &Device) -> Vec<f32> {
+    logits_of(&frozen_tiny(device))
 }
 
 #[test]
@@ -187,11 +197,7 @@ fn sampled_generation_agrees_on_every_device() {
         batch_size: 8,
         pad_id: 0,
     };
-    let run = |device: &Device| {
-        let w = builtin::weights(&cfg, 7, device, DType::F32).unwrap();
-        let model = CausalLm::from_tensors(&cfg, w, false, device, DType::F32).unwrap();
-        generate(&model, None, &requests, &gen, None).unwrap()
-    };
+    let run = |device: &Device| generate(&frozen_tiny(device), None, &requests, &gen, None).unwrap();
     let cpu = run(&Device::Cpu);
     assert!(cpu.iter().any(|c| c.ids.len() > 4), "the completions are not all trivially short");
     for device in devices().iter().skip(1) {
@@ -207,27 +213,12 @@ fn sampled_generation_agrees_on_every_device() {
 /// CPU, tensors and the device's bf16 matmul on a GPU) stays within bf16's rounding of the f32 logits.
 #[test]
 fn bf16_decode_copies_follow_f32_on_every_device() {
-    let cfg = builtin::config("tiny").unwrap();
     let want = tiny_logits(&Device::Cpu);
     let top = want.iter().fold(0f32, |m, x| m.max(x.abs()));
     for device in devices() {
-        let w = builtin::weights(&cfg, 7, &device, DType::F32).unwrap();
-        let mut model = CausalLm::from_tensors(&cfg, w, false, &device, DType::F32).unwrap();
+        let mut model = frozen_tiny(&device);
         model.enable_decode_copies(true).unwrap();
-        let ids = Tensor::new(&[257u32, 50, 43, 51, 61, 258][..], &device).unwrap().unsqueeze(0).unwrap();
-        let pos = Tensor::new(&[0u32, 1, 2, 3, 4, 5][..], &device).unwrap().unsqueeze(0).unwrap();
-        let mask = attention_mask(&[vec![true; 6]], 6, None, &device).unwrap();
-        let got: Vec<f32> = model
-            .forward(&ids, &pos, &mask, None)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = logits_of(&model);
         let worst = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst > 0.0, "{device:?}: the copies are bf16, not the f32 weights");
         assert!(worst < 2e-2 * top, "{device:?}: max |Δlogit| = {worst} (top {top})");

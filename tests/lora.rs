@@ -310,21 +310,24 @@ fn decoding_includes_the_adapters() {
     let ids = Tensor::new(&[[5u32, 80, 33]], &dev).unwrap();
     let pos = Tensor::new(&[[0u32, 1, 2]], &dev).unwrap();
     let mask = attention_mask(&[vec![true; 3]], 3, None, &dev).unwrap();
+    let out = |m: &CausalLm| -> Vec<f32> {
+        m.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
     // The graph path (trainable variables) vs the no-grad view's decode kernels, f32 and bf16 copies.
-    let want: Vec<f32> = model.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let base: Vec<f32> = tiny().forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let want = out(&model);
+    let base = out(&tiny());
     let mut view = model.frozen_view().unwrap();
-    let got: Vec<f32> = view.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let got = out(&view);
     let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     assert!(diff(&want, &base) > 1e-3, "the adapters change the logits");
     assert!(diff(&got, &want) < 1e-5, "decode without the adapters? {}", diff(&got, &want));
     // Decode copies with the adapters merged in (f32): the same logits.
     let mut merged = model.frozen_view().unwrap();
     merged.enable_decode_copies(false).unwrap();
-    let got: Vec<f32> = merged.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let got = out(&merged);
     assert!(diff(&got, &want) < 1e-5, "merged f32 decode copies: {}", diff(&got, &want));
     view.enable_decode_copies(true).unwrap();
-    let bf16: Vec<f32> = view.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let bf16 = out(&view);
     assert!(diff(&bf16, &want) < 0.1 * diff(&want, &base), "bf16 decode: {}", diff(&bf16, &want));
     // After the adapters change (an optimizer step), a refresh merges the new values: the copies never decode a
     // stale policy once refreshed.
@@ -333,30 +336,30 @@ fn decoding_includes_the_adapters() {
             var.set(&(var.as_tensor() * -2.0).unwrap()).unwrap();
         }
     }
-    let want: Vec<f32> = model.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let want = out(&model);
     merged.refresh_decode_copies().unwrap();
-    let got: Vec<f32> = merged.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let got = out(&merged);
     assert!(diff(&got, &want) < 1e-5, "refreshed merged copies: {}", diff(&got, &want));
     // The same copies as tensors (a GPU's kind, here on the CPU): merged f32 gives the logits, refreshed too;
     // bf16 (activations cast to bf16 as well) stays as close as the host's bf16 copies.
     let mut on_device = model.frozen_view().unwrap();
     on_device.enable_decode_copies_on_device(false).unwrap();
-    let got: Vec<f32> = on_device.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let got = out(&on_device);
     assert!(diff(&got, &want) < 1e-5, "merged f32 device copies: {}", diff(&got, &want));
     for (name, var) in model.vars() {
         if name.ends_with("lora_B.weight") {
             var.set(&(var.as_tensor() * 0.5).unwrap()).unwrap();
         }
     }
-    let want: Vec<f32> = model.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let stale: Vec<f32> = on_device.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let want = out(&model);
+    let stale = out(&on_device);
     assert!(diff(&stale, &want) > 1e-4, "the copies hold the weights of their last refresh");
     on_device.refresh_decode_copies().unwrap();
-    let got: Vec<f32> = on_device.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let got = out(&on_device);
     assert!(diff(&got, &want) < 1e-5, "refreshed device copies: {}", diff(&got, &want));
     let mut bf16_device = model.frozen_view().unwrap();
     bf16_device.enable_decode_copies_on_device(true).unwrap();
-    let got: Vec<f32> = bf16_device.forward(&ids, &pos, &mask, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let got = out(&bf16_device);
     assert!(diff(&got, &want) < 0.1 * diff(&want, &base), "bf16 device copies: {}", diff(&got, &want));
 }
 

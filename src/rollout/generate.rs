@@ -85,10 +85,10 @@ pub fn generate(
         bail!("stop strings need a tokenizer");
     }
     let mut out: Vec<Option<Completion>> = vec![None; requests.len()];
+    let on_device = tensor_sampling::on_device(model.device());
     for (chunk_no, chunk) in requests.chunks(cfg.batch_size).enumerate() {
         crate::signal::check()?;
         let base = chunk_no * cfg.batch_size;
-        let on_device = tensor_sampling::on_device(model.device());
         for (i, c) in generate_batch(model, tokenizer, chunk, cfg, on_device)?.into_iter().enumerate() {
             out[base + i] = Some(c);
         }

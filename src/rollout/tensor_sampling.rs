@@ -74,17 +74,17 @@ fn sample_rows(ids: &Tensor, logits: &Tensor, params: &SamplingParams, rows: &[R
         if params.top_k > 0 && params.top_k < vocab {
             let k = scalar(params.top_k as f64, &dev)?;
             let tau = bisect(&d, &kept, |m| Ok(m.sum_keepdim(D::Minus1)?.broadcast_ge(&k)?))?;
-            kept = (kept * d.broadcast_ge(&tau)?.to_dtype(DType::F32)?)?;
+            kept = at_least(&kept, &d, &tau)?;
         }
         let p = (d.exp()? * &kept)?;
         if params.top_p < 1.0 {
             let need = (p.sum_keepdim(D::Minus1)? * params.top_p)?;
             let tau = bisect(&d, &kept, |m| Ok((&p * m)?.sum_keepdim(D::Minus1)?.ge(&need)?))?;
-            kept = (kept * d.broadcast_ge(&tau)?.to_dtype(DType::F32)?)?;
+            kept = at_least(&kept, &d, &tau)?;
         }
         if params.min_p > 0.0 {
             // The maximum has p = 1 and is always kept, so the host's `p / total ≥ min_p · p_max / total` is this.
-            kept = (kept * d.broadcast_ge(&scalar(params.min_p.ln(), &dev)?)?.to_dtype(DType::F32)?)?;
+            kept = at_least(&kept, &d, &scalar(params.min_p.ln(), &dev)?)?;
         }
         let p = (p * kept)?;
         let u: Vec<f32> = rows.iter().map(|r| r.u as f32).collect();
@@ -133,6 +133,11 @@ fn penalised(logits: &Tensor, params: &SamplingParams, rows: &[RowDraw], vocab: 
     Ok(logits.scatter(&idx, &source, D::Minus1)?)
 }
 
+/// The mask `kept` (1/0 as f32) narrowed to ids with `d ≥ tau` (`tau` per row, or one for all).
+fn at_least(kept: &Tensor, d: &Tensor, tau: &Tensor) -> Result<Tensor> {
+    Ok((kept * d.broadcast_ge(tau)?.to_dtype(DType::F32)?)?)
+}
+
 /// The largest τ in [-LOG_FLOOR, 0] (per row) with `holds(kept · [d ≥ τ])`, where `holds` is monotone: true for
 /// small τ (the whole kept set), false above the maximum. Returns (rows, 1).
 fn bisect(d: &Tensor, kept: &Tensor, holds: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
@@ -142,7 +147,7 @@ fn bisect(d: &Tensor, kept: &Tensor, holds: impl Fn(&Tensor) -> Result<Tensor>) 
     let mut hi = scalar(1.0, dev)?.broadcast_as((n, 1))?.contiguous()?;
     for _ in 0..BISECTION_STEPS {
         let mid = ((&lo + &hi)? * 0.5)?;
-        let mask = (kept * d.broadcast_ge(&mid)?.to_dtype(DType::F32)?)?;
+        let mask = at_least(kept, d, &mid)?;
         let ok = holds(&mask)?;
         lo = ok.where_cond(&mid, &lo)?;
         hi = ok.where_cond(&hi, &mid)?;
@@ -162,11 +167,13 @@ fn inverse_cdf(ids: &Tensor, p: &Tensor, target: &Tensor) -> Result<Tensor> {
         Tensor::cat(&[p, &Tensor::zeros((n, blocks * BLOCK - vocab), DType::F32, dev)?], 1)?
     };
     let grid = padded.reshape((n, blocks, BLOCK))?;
-    let block_cum = grid.sum(D::Minus1)?.cumsum(D::Minus1)?; // (n, blocks)
+    let block_sums = grid.sum(D::Minus1)?; // (n, blocks)
+    let block_cum = block_sums.cumsum(D::Minus1)?;
     let below = block_cum.broadcast_le(target)?.to_dtype(DType::F32)?.sum_keepdim(D::Minus1)?;
     let block = below.broadcast_minimum(&scalar((blocks - 1) as f64, dev)?)?; // (n, 1): the block holding target
     let block_ids = block.to_dtype(DType::U32)?;
-    let before = (block_cum.gather(&block_ids, D::Minus1)? - grid.sum(D::Minus1)?.gather(&block_ids, D::Minus1)?)?; // mass of the blocks before it
+    // The mass of the blocks before it.
+    let before = (block_cum.gather(&block_ids, D::Minus1)? - block_sums.gather(&block_ids, D::Minus1)?)?;
     let pick = block_ids.unsqueeze(2)?.broadcast_as((n, 1, BLOCK))?.contiguous()?;
     let inner = grid.gather(&pick, 1)?.squeeze(1)?.cumsum(D::Minus1)?.broadcast_add(&before)?; // (n, BLOCK)
     let within = inner.broadcast_le(target)?.to_dtype(DType::F32)?.sum_keepdim(D::Minus1)?;
