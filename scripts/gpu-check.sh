@@ -9,6 +9,10 @@
 #   bash scripts/gpu-check.sh run           there, in the repository root, with .gpu carried: unpacks, finds CUDA's
 #                                           runtime libraries in the machine's image (cuBLAS, cudart and cuRAND
 #                                           from its Python wheels), then
+#                                             0. the versions of Python and the packages a TRL side-by-side needs
+#                                                (TRL needs datasets, pandas and pyarrow: pyarrow 26.0.1 and
+#                                                pandas 3.1.1 for CPython 3.11 are 67 MB of wheels, more than a
+#                                                call carries, so staging waits on what the machine has);
 #                                             1. nvidia-smi and the device tests on the GPU (tests/devices.rs:
 #                                                logits, the update's gradients in f32 and bf16, AdamW, each
 #                                                against the CPU);
@@ -100,6 +104,18 @@ PY
   ldd "$bin" | grep -E "cuda|cublas|curand|not found" | tee "$out/ldd.txt" || true
 fi
 
+python=${PYTHON:-python3}
+note "== 0. the machine's Python packages (what a TRL side-by-side there would need staged beside it)"
+"$python" - <<'PY' | tr '\n' ' ' | tee -a "$out/summary.txt"; echo | tee -a "$out/summary.txt"
+import importlib.metadata as md, sys
+print("python", sys.version.split()[0])
+for p in ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "pandas", "pyarrow", "numpy", "safetensors"):
+    try:
+        print(p, md.version(p))
+    except md.PackageNotFoundError:
+        print(p, "missing")
+PY
+
 note "== 1. device tests ($tests)"
 if [ -n "$tests" ] && "$tests" --test-threads 1 > "$out/devices.log" 2>&1; then
   note "devices: $(grep -E '^test result' "$out/devices.log")"
@@ -110,7 +126,6 @@ fi
 note "== 1b. log-probs against transformers on $device (torch on the same device)"
 # The tiny model and a random one of SmolLM2's shape as HF checkpoints (one training step writes one), then the
 # per-token log-probs of fixed sequences by `safe logprobs` and by transformers, in f32 and bf16.
-python=${PYTHON:-python3}
 "$python" - "$work/parity-in.jsonl" <<'PY'
 import json, sys
 with open(sys.argv[1], "w") as f:

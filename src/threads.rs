@@ -135,4 +135,22 @@ mod tests {
         let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         assert_eq!(single.install(|| on_pool(rayon::current_thread_index)), Some(0));
     }
+
+    /// Candle's parallel elementwise maps run on the caller's rayon pool (vendor/candle-core/PATCHED.md): every
+    /// element is written once and right, for a length that is no multiple of the chunks, from two callers at once.
+    #[test]
+    fn elementwise_ops_on_the_rayon_pool_write_every_element() {
+        use candle_core::{Device, Tensor};
+        let n = 3 * 65_536 + 17; // above candle's parallel threshold (64k elements)
+        let a: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let (sum, exp) = pool.install(|| {
+            let x = Tensor::from_slice(&a, n, &Device::Cpu).unwrap();
+            let y = Tensor::from_slice(&b, n, &Device::Cpu).unwrap();
+            rayon::join(|| (&x + &y).unwrap().to_vec1::<f32>().unwrap(), || x.neg().unwrap().to_vec1::<f32>().unwrap())
+        });
+        assert!(sum.iter().enumerate().all(|(i, &v)| v == a[i] + b[i]));
+        assert!(exp.iter().enumerate().all(|(i, &v)| v == -a[i]));
+    }
 }
