@@ -12,6 +12,11 @@
 //!
 //! Together: 250 → 300 GFLOP/s beside the busy process, no change quiet; in a GRPO run, decoding beside it slowed
 //! 4% instead of 20%.
+//!
+//! Two more, in the vendored crates: Candle's elementwise ops run on this pool rather than on a second one that
+//! spun on the shared core (vendor/candle-core/PATCHED.md), and an idle rayon worker spins instead of yielding
+//! its core to the other process (vendor/rayon-core/PATCHED.md): a GRPO step beside a `nice -n 19` busy loop
+//! 5.39 → 4.94 s on a 2-core AMD EPYC (medians of three alternated runs each, the spin alone).
 
 /// The slice asked for, in microseconds (the kernel's minimum is 100); `SAFE_SCHED_SLICE_US` overrides, 0 leaves
 /// the kernel's default.
@@ -22,7 +27,8 @@ fn env_usize(name: &str) -> Option<usize> {
 }
 
 /// Fix the threads once, before any other thread exists: the rayon pool (`RAYON_NUM_THREADS` if set, else the
-/// CPUs this process may use), Candle's elementwise pool (`CANDLE_NUM_THREADS`, default the same) and the short
+/// CPUs this process may use; it runs Candle's elementwise ops too, vendor/candle-core/PATCHED.md), the pool of
+/// Candle's quantized kernels (`CANDLE_NUM_THREADS`, default the same) and the short
 /// scheduling slice, which threads started later inherit. Candle reads `RAYON_NUM_THREADS` on every matmul and,
 /// unset, recomputes the CPU count from /proc and /sys each time (a quarter of batch-1 decode time), so it is
 /// always set here.
