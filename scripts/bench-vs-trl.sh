@@ -55,6 +55,8 @@ fi
 cargo bench --quiet --bench matmul -- --summary > "$out/matmul.json"
 python3 scripts/bench/make_inputs.py "$out" "$gguf" "$steps" "$beta"
 
+# The report reads every round-* folder: an earlier benchmark's extra rounds must not join this one's.
+rm -rf "$out"/round-*
 for r in $(seq 1 "$rounds"); do
   rd="$out/round-$r"
   rm -rf "$rd" && mkdir -p "$rd"
