@@ -59,7 +59,7 @@ python3 scripts/bench/make_inputs.py "$out" "$gguf" "$steps" "$beta"
 rm -rf "$out"/round-*
 for r in $(seq 1 "$rounds"); do
   rd="$out/round-$r"
-  rm -rf "$rd" && mkdir -p "$rd"
+  mkdir -p "$rd"
   if [ "$trl" = 1 ]; then
     echo "round $r: TRL" >&2
     /usr/bin/time -v -o "$rd/trl.time" "$venv/bin/python" scripts/bench/trl_grpo_bench.py --model "$out/smollm2-hf" \
