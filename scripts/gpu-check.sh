@@ -106,14 +106,18 @@ fi
 
 python=${PYTHON:-python3}
 note "== 0. the machine's Python packages (what a TRL side-by-side there would need staged beside it)"
-"$python" - <<'PY' | tr '\n' ' ' | tee -a "$out/summary.txt"; echo | tee -a "$out/summary.txt"
+# A record, not a check: no interpreter there must not stop the run.
+"$python" - <<'PY' | tee -a "$out/summary.txt" || note "python: $python did not run"
 import importlib.metadata as md, sys
-print("python", sys.version.split()[0])
-for p in ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "pandas", "pyarrow", "numpy", "safetensors"):
+
+def version(p):
     try:
-        print(p, md.version(p))
+        return md.version(p)
     except md.PackageNotFoundError:
-        print(p, "missing")
+        return "missing"
+
+names = ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "pandas", "pyarrow", "numpy", "safetensors")
+print("python", sys.version.split()[0], *(f"{p} {version(p)}" for p in names))
 PY
 
 note "== 1. device tests ($tests)"
@@ -140,10 +144,10 @@ for shape in $parity_models; do
     --set run.name="$shape" --set eval.every=0 --set rollout.prompts_per_step=1 --set rollout.num_generations=2 \
     --set rollout.max_new_tokens=8 --resume never >> "$out/parity.log" 2>&1; then
     ckpt="$work/parity/$shape/checkpoints/step-1"
-    for dtype in f32 bf16; do
-      if "$bin" logprobs --model "$ckpt" --input "$work/parity-in.jsonl" --device "$device" --dtype "$dtype" \
-        --output "$work/parity-$shape-$dtype.jsonl" >> "$out/parity.log" 2>&1 &&
-        "$python" - "$ckpt" "$work/parity-$shape-$dtype.jsonl" "$device" "$dtype" "$shape" > "$work/parity.txt" 2>> "$out/parity.log" <<'PY'; then
+    for precision in f32 bf16; do
+      if "$bin" logprobs --model "$ckpt" --input "$work/parity-in.jsonl" --device "$device" --dtype "$precision" \
+        --output "$work/parity-$shape-$precision.jsonl" >> "$out/parity.log" 2>&1 &&
+        "$python" - "$ckpt" "$work/parity-$shape-$precision.jsonl" "$device" "$precision" "$shape" > "$work/parity.txt" 2>> "$out/parity.log" <<'PY'; then
 import json, sys
 import torch
 from transformers import AutoModelForCausalLM
@@ -171,7 +175,7 @@ sys.exit(0 if worst <= tol else 1)
 PY
         note "$(cat "$work/parity.txt")"
       else
-        note "parity $shape $dtype: FAILED $(cat "$work/parity.txt" 2>/dev/null) (see parity.log)"; tail -5 "$out/parity.log"; fail=1
+        note "parity $shape $precision: FAILED $(cat "$work/parity.txt" 2>/dev/null) (see parity.log)"; tail -5 "$out/parity.log"; fail=1
       fi
     done
   else
